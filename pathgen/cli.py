@@ -1,0 +1,107 @@
+"""The ``pathgen`` command.
+
+Exit codes: 0 when at least one slide succeeded, 1 when none did, 2 for bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+# Offline by default: no telemetry calls from the ephemeral Prefect server the CLI may start.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from pathgen.settings import SettingsError, load_settings, parse_assignments  # noqa: E402
+
+EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML settings file")
+    parser.add_argument(
+        "--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
+        help="override one setting, e.g. --set patch.target_mpp=0.5 (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathgen", description="PathGen Factory: slides to image-text pairs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    extract = sub.add_parser("extract", help="extract tissue patches from slides into the store")
+    extract.add_argument("sources", nargs="*", metavar="SOURCE",
+                         help="slide file, folder, glob, s3:// prefix, GDC manifest or PathGen JSON")
+    extract.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    extract.add_argument("--threads", action="store_true", help="run slide groups in threads, not processes")
+    _settings_args(extract)
+
+    inspect = sub.add_parser("inspect", help="show what a store or a shard holds and write a contact sheet")
+    inspect.add_argument("url", metavar="URL", help="store root or a .parquet shard")
+    inspect.add_argument("--out", metavar="PNG", default="contact-sheet.png", help="contact sheet path")
+    inspect.add_argument("--samples", type=int, default=24, help="patches on the contact sheet")
+    inspect.add_argument("--rows", type=int, default=5, help="sample rows printed")
+
+    settings = sub.add_parser("settings", help="print the effective settings as YAML")
+    _settings_args(settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "extract":
+            return _extract(args)
+        if args.command == "inspect":
+            from pathgen.inspect import inspect_url
+
+            return inspect_url(args.url, out=args.out, samples=args.samples, rows=args.rows)
+        if args.command == "settings":
+            import yaml
+
+            settings = load_settings(args.config, parse_assignments(args.assignments))
+            print(yaml.safe_dump(settings.model_dump(), sort_keys=False), end="")
+            return EXIT_OK
+    except SettingsError as exc:
+        print(f"pathgen: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE
+
+
+def _extract(args: argparse.Namespace) -> int:
+    overrides = parse_assignments(args.assignments)
+    if args.store:
+        overrides["store"] = args.store
+    settings = load_settings(args.config, overrides)  # fails here, before Prefect starts, on a bad setting
+    sources = args.sources or settings.sources
+    if not sources:
+        print("pathgen extract: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
+        return EXIT_USAGE
+
+    from flows.extract import extract_flow
+
+    state = extract_flow(
+        sources=list(sources), config=args.config, overrides=overrides, processes=not args.threads,
+        return_state=True,
+    )
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        print(f"pathgen extract: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, SettingsError) else EXIT_NONE_SUCCEEDED
+    _print_summary(state.result())
+    return EXIT_OK
+
+
+def _print_summary(summary: dict) -> None:
+    store = summary["store"]
+    print(
+        f"\nextracted {summary['slides']} slides: {summary['ok']} ok, {summary['skipped']} already done, "
+        f"{summary['failed']} failed; {summary['patches']} patches"
+    )
+    print(f"store: {store}")
+    print(f"  patch shards:  {store}/patches/<slide_id>.parquet")
+    print(f"  per slide:     {store}/slides/<slide_id>/slide.json and thumbnail.png")
+    for failed in summary["failed_slides"]:
+        print(f"failed: {failed['slide_id']}: {failed['error']}")
+    print(f"look at them:  pathgen inspect {store}")

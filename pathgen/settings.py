@@ -1,0 +1,231 @@
+"""One settings model for the whole factory.
+
+Precedence, lowest to highest: defaults < YAML file < ``PATHGEN_*`` environment < ``--set key=value``.
+Nested fields use dots on the command line (``patch.target_mpp=0.25``) and double underscores in the
+environment (``PATHGEN_PATCH__TARGET_MPP=0.25``). Credentials never live here: they come from the environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "PATHGEN_"
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; raised before any work starts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PatchSettings(_Section):
+    target_mpp: float = Field(0.5, gt=0.0, le=64.0, description="microns per pixel of the saved patches")
+    patch_px: int = Field(672, ge=32, le=4096, description="side of a saved patch in pixels")
+    jpeg_quality: int = Field(90, ge=50, le=100)
+    positions_box_px: int = Field(
+        672, ge=16, description="level-0 side of the boxes named by a PathGen JSON source (the paper read 672 px)"
+    )
+
+
+class TissueSettings(_Section):
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum tissue fraction of a grid cell")
+    mask_downsample: float = Field(32.0, ge=1.0, description="mask resolution relative to level 0")
+    min_saturation: int = Field(
+        20, ge=0, le=255, description="Otsu's threshold never goes below this (plain glass has only noise)"
+    )
+    median_px: int = Field(7, ge=1, description="median blur kernel on the mask image (odd)")
+    closing_px: int = Field(5, ge=1, description="morphological closing kernel on the mask")
+    min_area_um2: float = Field(50_000.0, ge=0.0, description="tissue pieces smaller than this are dropped")
+    min_background_value: int = Field(
+        150,
+        ge=0,
+        le=255,
+        description="bright-field glass is bright: a slide whose background is darker is not bright-field",
+    )
+
+    @field_validator("median_px")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd (a median kernel has a centre)")
+        return value
+
+
+class QualitySettings(_Section):
+    enabled: bool = True
+    analysis_px: int = Field(224, ge=32, description="patches are scored at this size to keep scoring cheap")
+    max_background_fraction: float = Field(0.6, ge=0.0, le=1.0)
+    min_sharpness: float = Field(
+        25.0, ge=0.0, description="minimum variance of the Laplacian (at analysis_px); lower is blurred"
+    )
+    max_pen_fraction: float = Field(0.05, ge=0.0, le=1.0, description="maximum share of pen-mark coloured pixels")
+
+
+class SelectionSettings(_Section):
+    method: Literal["all", "random"] = "random"
+    max_per_slide: int = Field(256, ge=1, description="cap for the random selector")
+    seed: int = 0
+
+
+class SlideSettings(_Section):
+    default_mpp: float | None = Field(
+        None, gt=0.0, description="MPP assumed for slides that carry none; unset means such slides fail"
+    )
+    mpp_overrides: dict[str, float] = Field(
+        default_factory=dict, description="slide_id (or file name) -> MPP, wins over the slide's own metadata"
+    )
+    roots: list[str] = Field(
+        default_factory=list,
+        description="folders or URLs searched for slides named by a GDC manifest or a PathGen JSON file",
+    )
+
+
+class ExtractSettings(_Section):
+    concurrency: int = Field(2, ge=1, le=256, description="slide groups processed at once")
+    group_size: int = Field(4, ge=1, description="slides per Prefect task")
+    io_retries: int = Field(3, ge=0, le=20, description="retries of an I/O error, with backoff")
+    io_backoff_seconds: float = Field(1.0, ge=0.0)
+    thumbnail_px: int = Field(1024, ge=64, description="longest side of thumbnail.png")
+
+
+class S3Settings(_Section):
+    # Endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from here.
+    connect_timeout: float = Field(5.0, gt=0.0)
+    read_timeout: float = Field(60.0, gt=0.0)
+    max_attempts: int = Field(3, ge=1, le=20)
+
+
+class Settings(_Section):
+    store: str = Field("file://./store", description="fsspec URL of the store root")
+    sources: list[str] = Field(default_factory=list)
+    patch: PatchSettings = Field(default_factory=PatchSettings)
+    tissue: TissueSettings = Field(default_factory=TissueSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    slides: SlideSettings = Field(default_factory=SlideSettings)
+    extract: ExtractSettings = Field(default_factory=ExtractSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+    def extraction_hash(self) -> str:
+        """Hash of everything that changes which patches a slide yields (not where they are stored)."""
+        relevant = self.model_dump(include={"patch", "tissue", "quality", "selection", "slides"})
+        relevant["slides"].pop("roots", None)
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths.extend(_field_paths(annotation, f"{prefix}{name}."))
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+ALL_KEYS = _field_paths(Settings)
+
+
+def _unknown_key_error(key: str) -> SettingsError:
+    leaf = key.split(".")[-1]
+    suggestions = [k for k in ALL_KEYS if k.split(".")[-1] == leaf] or difflib.get_close_matches(key, ALL_KEYS, 3)
+    hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+    return SettingsError(f"unknown setting {key!r}{hint} (see `pathgen settings` for every key)")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    if key not in ALL_KEYS and not any(k.startswith(key + ".") for k in ALL_KEYS):
+        raise _unknown_key_error(key)
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars give the natural types: 0.25, 672, true, null, [a, b], {k: v}.
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """``["patch.patch_px=512", ...]`` -> ``{"patch.patch_px": 512}``."""
+    parsed: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--set expects key=value, got {item!r} (for example --set patch.target_mpp=0.5)")
+        parsed[key.strip()] = _parse_value(value)
+    return parsed
+
+
+def _env_assignments(environ: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if key in ALL_KEYS or any(k.startswith(key + ".") for k in ALL_KEYS):
+            out[key] = _parse_value(value)
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"])
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        if item["type"] == "extra_forbidden":
+            lines.append(str(_unknown_key_error(field)))
+        else:
+            lines.append(f"setting {field!r}: {item['msg']}{got_text}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def load_settings(
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from a YAML file, the environment and ``key=value`` overrides; fail naming the field."""
+    tree: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"config file {str(path)!r} must hold a mapping of settings at the top level")
+        tree = loaded
+    layered = dict(_env_assignments(os.environ if environ is None else environ))
+    if overrides:
+        layered.update(overrides if isinstance(overrides, Mapping) else parse_assignments(overrides))
+    for key, value in layered.items():
+        _set_dotted(tree, key, value)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as err:
+        raise SettingsError(_format_validation_error(err)) from None

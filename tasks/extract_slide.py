@@ -1,0 +1,342 @@
+"""Extraction of one slide: open, MPP, tissue mask, grid, read, quality filters, select, write.
+
+``extract_slide`` never raises for a bad slide: it records ``slide.json`` with ``status: failed`` and a one-sentence
+reason, and returns. I/O errors are retried with backoff first. Commit order is shard, thumbnail, then
+``slide.json``: a ``slide.json`` with ``status: ok`` means everything it names is committed and whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import imagecodecs
+from prefect import get_run_logger, task
+
+from pathgen import __version__
+from pathgen.settings import Settings
+from tasks.errors import SlideError, TransientIOError, is_transient, retry_io
+from tasks.patch_shard import SCHEMA_VERSION, PatchRecord, PatchShardWriter, patch_id_for
+from tasks.quality import rejection_reason, score_patch
+from tasks.selection import ReadBatch, SelectionPlan, plan_selection
+from tasks.slide_reader import SlideReader, missing_mpp_message
+from tasks.sources import SlideRef
+from tasks.store import Store, storage_options
+from tasks.tissue import GridCell, draw_thumbnail, grid_cells, mask_fraction, tissue_mask
+
+log = logging.getLogger("pathgen.extract")
+
+
+@dataclass
+class SlideOutcome:
+    slide_id: str
+    status: str  # ok | failed | skipped (already committed with the same settings)
+    patches: int
+    seconds: float
+    error: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def slide_json_key(slide_id: str) -> str:
+    return f"slides/{slide_id}/slide.json"
+
+
+def thumbnail_key(slide_id: str) -> str:
+    return f"slides/{slide_id}/thumbnail.png"
+
+
+def shard_key(slide_id: str) -> str:
+    return f"patches/{slide_id}.parquet"
+
+
+def _committed(store: Store, slide_id: str, settings_hash: str) -> dict[str, Any] | None:
+    key = slide_json_key(slide_id)
+    if not store.exists(key):
+        return None
+    record = store.read_json(key)
+    if record.get("status") == "ok" and record.get("settings_hash") == settings_hash:
+        if store.exists(shard_key(slide_id)):
+            return record
+    return None
+
+
+def extract_slide(ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger | None = None) -> SlideOutcome:
+    """Extract one slide into the store; a bad slide becomes a failed ``slide.json``, never an exception."""
+    logger = logger or log
+    settings_hash = settings.extraction_hash()
+    start = time.perf_counter()
+    done = retry_io(
+        lambda: _committed(store, ref.slide_id, settings_hash),
+        retries=settings.extract.io_retries,
+        backoff_seconds=settings.extract.io_backoff_seconds,
+        what=f"reading the store for {ref.slide_id}",
+    )
+    if done is not None:
+        logger.info("%s: already committed with these settings, skipped", ref.slide_id)
+        return SlideOutcome(ref.slide_id, "skipped", int(done["counts"]["kept"]), 0.0, None, done)
+
+    base = _base_record(ref, settings, settings_hash)
+
+    partial = dict(base)  # what the last attempt learned (vendor, levels, MPP) survives into a failed record
+
+    def attempt() -> dict[str, Any]:
+        partial.clear()
+        partial.update(base)
+        return _extract(ref, settings, store, logger, partial)
+
+    def on_retry(n: int, exc: BaseException) -> None:
+        logger.warning("%s: I/O error (%s), retry %d of %d", ref.slide_id, type(exc).__name__, n,
+                       settings.extract.io_retries)
+
+    try:
+        record = retry_io(
+            attempt,
+            retries=settings.extract.io_retries,
+            backoff_seconds=settings.extract.io_backoff_seconds,
+            what=f"reading slide {ref.slide_id}",
+            on_retry=on_retry,
+        )
+    except (SlideError, TransientIOError) as exc:
+        record = _failed(partial, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one broken slide must never sink the batch
+        logger.exception("%s: unexpected error", ref.slide_id)
+        record = _failed(partial, f"unexpected {type(exc).__name__} ({exc}); report it with this slide attached")
+    record["seconds"]["total"] = round(time.perf_counter() - start, 3)
+    record["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if record["status"] == "failed":
+        logger.warning("%s: failed: %s", ref.slide_id, record["error"])
+        # A shard from an earlier, different run would contradict this record: remove it.
+        retry_io(lambda: store.delete(shard_key(ref.slide_id)), retries=settings.extract.io_retries,
+                 backoff_seconds=settings.extract.io_backoff_seconds, what="cleaning the store")
+    retry_io(
+        lambda: store.write_json(slide_json_key(ref.slide_id), record),
+        retries=settings.extract.io_retries,
+        backoff_seconds=settings.extract.io_backoff_seconds,
+        what=f"writing slide.json for {ref.slide_id}",
+    )
+    return SlideOutcome(
+        ref.slide_id, record["status"], int(record["counts"].get("kept", 0)), record["seconds"]["total"],
+        record["error"], record,
+    )
+
+
+def _base_record(ref: SlideRef, settings: Settings, settings_hash: str) -> dict[str, Any]:
+    return {
+        "slide_id": ref.slide_id,
+        "status": "failed",
+        "error": None,
+        "source_uri": ref.uri,
+        "origin": ref.origin,
+        "project": ref.project,
+        "file_id": ref.file_id,
+        "md5": ref.md5,
+        "target_mpp": settings.patch.target_mpp,
+        "patch_px": settings.patch.patch_px,
+        "selection": settings.selection.model_dump() if ref.positions is None else {"method": "positions"},
+        "tissue_threshold": settings.tissue.threshold,
+        "random_weights": False,
+        "counts": {"kept": 0},
+        "seconds": {},
+        "settings_hash": settings_hash,
+        "schema_version": SCHEMA_VERSION,
+        "factory_version": __version__,
+    }
+
+
+def _failed(base: dict[str, Any], error: str) -> dict[str, Any]:
+    record = dict(base)
+    record.update(status="failed", error=error, counts={"kept": 0}, seconds={})
+    return record
+
+
+def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
+    overrides = settings.slides.mpp_overrides
+    for key in (ref.slide_id, reader.uri.rsplit("/", 1)[-1]):
+        if key in overrides:
+            reader.info.mpp = float(overrides[key])
+            reader.info.extra["mpp_source"] = "mpp_overrides"
+            return
+    if reader.info.mpp is None:
+        if settings.slides.default_mpp is None:
+            raise SlideError(missing_mpp_message(ref.uri))
+        reader.info.mpp = settings.slides.default_mpp
+        reader.info.extra["mpp_source"] = "default_mpp"
+
+
+def _extract(
+    ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, record: dict[str, Any]
+) -> dict[str, Any]:
+    if ref.missing_reason:
+        raise SlideError(ref.missing_reason)
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
+        _resolve_mpp(ref, reader, settings)
+        info = reader.info
+        record.update(
+            vendor=info.vendor,
+            backend=info.backend,
+            tile_reader=info.fast_tiles,
+            width=info.width,
+            height=info.height,
+            levels=[
+                {"level": i, "width": w, "height": h, "downsample": round(ds, 4)}
+                for i, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True))
+            ],
+            mpp=info.mpp,
+            mpp_source=info.extra.get("mpp_source"),
+            objective_power=info.objective_power,
+        )
+        timings["open"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        overview, downsample = reader.overview(settings.tissue.mask_downsample)
+        mask = tissue_mask(overview, downsample, info.mpp, settings.tissue)
+        cell = settings.patch.patch_px * settings.patch.target_mpp / info.mpp
+        if ref.positions is not None:
+            side = settings.patch.positions_box_px
+            cells = [
+                GridCell(x, y, side, side, round(mask_fraction(mask, downsample, (x, y, side, side)), 4))
+                for x, y in ref.positions
+            ]
+            plan = SelectionPlan("positions", None, iter([ReadBatch(cells, list(range(len(cells))))]))
+        else:
+            cells = grid_cells(mask, downsample, (info.width, info.height), cell, settings.tissue.threshold)
+            if not cells:
+                raise SlideError(
+                    f"no {settings.patch.patch_px} px cell at {settings.patch.target_mpp} µm/px reaches the tissue "
+                    f"threshold {settings.tissue.threshold}; the tissue is smaller than one patch: lower "
+                    "tissue.threshold or patch.patch_px"
+                )
+            plan = plan_selection(cells, settings.selection, ref.slide_id)
+        timings["mask"] = time.perf_counter() - tick
+        record["read_level"] = reader.best_level(settings.patch.target_mpp)
+
+        tick = time.perf_counter()
+        kept_boxes, counts = _write_patches(ref, settings, store, reader, plan)
+        timings["patches"] = time.perf_counter() - tick
+        counts["tissue_cells"] = len(cells)
+        counts["grid_cells"] = int(info.width // cell) * int(info.height // cell)
+
+        tick = time.perf_counter()
+        thumb_downsample = max(1.0, max(info.width, info.height) / settings.extract.thumbnail_px)
+        picture, picture_downsample = overview, downsample
+        if thumb_downsample < downsample * 0.8:  # the mask overview is too coarse to look at
+            picture, picture_downsample = reader.overview(thumb_downsample)
+        mask_big = cv2.resize(mask.astype("uint8"), (picture.shape[1], picture.shape[0]),
+                              interpolation=cv2.INTER_NEAREST)
+        thumb = draw_thumbnail(picture, mask_big, picture_downsample, kept_boxes, settings.extract.thumbnail_px)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
+        store.write_bytes(thumbnail_key(ref.slide_id), png.tobytes())
+        timings["thumbnail"] = time.perf_counter() - tick
+
+    logger.info(
+        "%s: %d patches kept of %d tissue cells (%s, level %d, %.1fs)",
+        ref.slide_id, counts["kept"], len(cells), plan.name, record["read_level"], timings["patches"],
+    )
+    record.update(
+        status="ok",
+        counts=counts,
+        seconds={k: round(v, 3) for k, v in timings.items()},
+        shard=shard_key(ref.slide_id),
+        thumbnail=thumbnail_key(ref.slide_id),
+    )
+    return record
+
+
+def _write_patches(
+    ref: SlideRef, settings: Settings, store: Store, reader: SlideReader, plan: SelectionPlan
+) -> tuple[list[tuple[int, int, int, int]], dict[str, Any]]:
+    patch_cfg, quality_cfg = settings.patch, settings.quality
+    positional = plan.name == "positions"
+    caption_at = dict(zip(ref.positions or [], ref.captions or [], strict=False))
+    read_level = reader.best_level(patch_cfg.target_mpp)
+    rejected: Counter[str] = Counter()
+    kept_boxes: list[tuple[int, int, int, int]] = []
+    read = 0
+    metadata = {
+        "pathgen.slide_id": ref.slide_id,
+        "pathgen.settings_hash": settings.extraction_hash(),
+        "pathgen.selection": plan.name,
+    }
+    with store.staged_file(shard_key(ref.slide_id)) as local:
+        writer = PatchShardWriter(local, metadata)
+        try:
+            for batch in plan.batches:
+                if plan.cap is not None and len(kept_boxes) >= plan.cap:
+                    break
+                survivors: list[tuple[int, PatchRecord]] = []
+                boxes = [c.box for c in batch.cells]
+                patches = reader.read_boxes(boxes, patch_cfg.target_mpp, patch_cfg.patch_px)
+                for cell, rank, rgb in zip(batch.cells, batch.ranks, patches, strict=True):
+                    read += 1
+                    scores = score_patch(rgb, quality_cfg.analysis_px)
+                    reason = None if positional else rejection_reason(scores, quality_cfg)
+                    if reason:
+                        rejected[reason] += 1
+                        continue
+                    survivors.append((rank, PatchRecord(
+                        patch_id=patch_id_for(ref.slide_id, cell.box, patch_cfg.target_mpp, patch_cfg.patch_px),
+                        slide_id=ref.slide_id,
+                        source_uri=ref.uri,
+                        project=ref.project,
+                        file_id=ref.file_id,
+                        x=cell.x, y=cell.y, w0=cell.w0, h0=cell.h0,
+                        level=read_level,
+                        mpp=patch_cfg.target_mpp,
+                        slide_mpp=float(reader.info.mpp),
+                        patch_px=patch_cfg.patch_px,
+                        tissue_fraction=cell.tissue_fraction,
+                        background_fraction=scores.background_fraction,
+                        sharpness=scores.sharpness,
+                        pen_fraction=scores.pen_fraction,
+                        image=imagecodecs.jpeg8_encode(rgb, level=patch_cfg.jpeg_quality),
+                        selected_by=[plan.name],
+                        source_caption=caption_at.get((cell.x, cell.y)),
+                    )))
+                if plan.cap is not None:
+                    room = plan.cap - len(kept_boxes)
+                    survivors = sorted(survivors, key=lambda s: s[0])[:room]
+                    survivors.sort(key=lambda s: (s[1].y, s[1].x))
+                writer.add([r for _, r in survivors])
+                kept_boxes.extend((r.x, r.y, r.w0, r.h0) for _, r in survivors)
+        finally:
+            writer.close()
+        if not kept_boxes:
+            raise SlideError(
+                f"no patch passed the quality filters ({read} read; rejected: {dict(rejected)}); check the slide "
+                "or relax quality.max_background_fraction, quality.min_sharpness or quality.max_pen_fraction"
+            )
+    counts = {"read": read, "rejected": dict(rejected), "kept": len(kept_boxes)}
+    return kept_boxes, counts
+
+
+def extract_slides(refs: list[SlideRef], settings: Settings, logger: logging.Logger | None = None) -> list[SlideOutcome]:
+    """A group of slides in one worker: one store client and, per slide, one reader opened and closed."""
+    store = Store(settings.store, settings.s3)
+    return [extract_slide(ref, settings, store, logger) for ref in refs]
+
+
+def _infrastructure_failure(task, task_run, state) -> bool:
+    """Retry a group only for I/O trouble; bad slides were already recorded and never raise."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - we only classify it
+        return isinstance(exc, TransientIOError) or is_transient(exc)
+    return False
+
+
+@task(
+    name="extract-slides",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_infrastructure_failure,
+    tags=["extract"],
+)
+def extract_slides_task(refs: list[SlideRef], settings: Settings) -> list[SlideOutcome]:
+    return extract_slides(refs, settings, get_run_logger())

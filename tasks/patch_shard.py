@@ -1,0 +1,112 @@
+"""The patch record (architecture document, "Record contracts") and its Parquet shard writer."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pathgen import __version__
+
+SCHEMA_VERSION = "1"
+ROWS_PER_GROUP = 64  # ~5 MB of JPEG per row group: readers can stream a shard without loading it whole
+
+PATCH_SCHEMA = pa.schema(
+    [
+        pa.field("patch_id", pa.string(), nullable=False),
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("project", pa.string()),
+        pa.field("file_id", pa.string()),
+        pa.field("x", pa.int64(), nullable=False),
+        pa.field("y", pa.int64(), nullable=False),
+        pa.field("w0", pa.int32(), nullable=False),
+        pa.field("h0", pa.int32(), nullable=False),
+        pa.field("level", pa.int16(), nullable=False),
+        pa.field("mpp", pa.float32(), nullable=False),
+        pa.field("slide_mpp", pa.float32(), nullable=False),
+        pa.field("patch_px", pa.int32(), nullable=False),
+        pa.field("tissue_fraction", pa.float32(), nullable=False),
+        pa.field("background_fraction", pa.float32()),
+        pa.field("sharpness", pa.float32()),
+        pa.field("pen_fraction", pa.float32()),
+        pa.field("selected_by", pa.list_(pa.string())),
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("source_caption", pa.string()),
+        pa.field("image", pa.binary(), nullable=False),
+    ]
+)
+
+
+def patch_id_for(slide_id: str, box: tuple[int, int, int, int], target_mpp: float, patch_px: int) -> str:
+    """Stable across runs and machines: the same slide, box and scale always give the same id."""
+    key = f"{slide_id}|{box[0]},{box[1]},{box[2]},{box[3]}|{target_mpp:.6g}|{patch_px}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+@dataclass
+class PatchRecord:
+    patch_id: str
+    slide_id: str
+    source_uri: str
+    project: str | None
+    file_id: str | None
+    x: int
+    y: int
+    w0: int
+    h0: int
+    level: int
+    mpp: float
+    slide_mpp: float
+    patch_px: int
+    tissue_fraction: float
+    background_fraction: float | None
+    sharpness: float | None
+    pen_fraction: float | None
+    image: bytes
+    selected_by: list[str] = field(default_factory=list)
+    embedding: list[float] | None = None
+    source_caption: str | None = None
+
+
+def shard_metadata(kind: str, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
+    meta = {"pathgen.schema_version": SCHEMA_VERSION, "pathgen.kind": kind, "pathgen.factory_version": __version__}
+    meta.update(extra or {})
+    return {k.encode(): str(v).encode() for k, v in meta.items()}
+
+
+class PatchShardWriter:
+    """Streams patch records into one Parquet file in row groups; commit is the caller's (Store.staged_file)."""
+
+    def __init__(self, local_path: str, metadata: dict[str, str]) -> None:
+        schema = PATCH_SCHEMA.with_metadata(shard_metadata("patches", metadata))
+        # JPEG bytes do not compress further: leave them uncompressed and dictionary-free.
+        self._writer = pq.ParquetWriter(
+            local_path,
+            schema,
+            compression={name: ("NONE" if name == "image" else "ZSTD") for name in schema.names},
+            use_dictionary=[n for n in schema.names if n not in ("image", "embedding", "patch_id")],
+        )
+        self._schema = schema
+        self._pending: list[PatchRecord] = []
+        self.rows = 0
+
+    def add(self, records: list[PatchRecord]) -> None:
+        self._pending.extend(records)
+        while len(self._pending) >= ROWS_PER_GROUP:
+            self._flush(self._pending[:ROWS_PER_GROUP])
+            self._pending = self._pending[ROWS_PER_GROUP:]
+
+    def _flush(self, records: list[PatchRecord]) -> None:
+        if not records:
+            return
+        columns = {name: [getattr(r, name) for r in records] for name in self._schema.names}
+        self._writer.write_table(pa.Table.from_pydict(columns, schema=self._schema))
+        self.rows += len(records)
+
+    def close(self) -> None:
+        self._flush(self._pending)
+        self._pending = []
+        self._writer.close()

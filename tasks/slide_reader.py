@@ -1,0 +1,371 @@
+"""Units-aware whole-slide reading: read a level-0 box at a target MPP, whatever the file.
+
+Backends: openslide for local files it supports; tiffslide for remote URLs (ranged reads, no download) and for
+TIFFs that openslide refuses. Where a level is a tiled TIFF page (Aperio SVS, generic pyramidal TIFF), a tile
+reader decodes each touched tile once and serves overlapping patches from an LRU tile cache, which is what makes
+extraction several times faster than per-patch ``read_region``. Neither library is safe to share across threads
+in all cases: open one reader per worker (thread or process) and close it when done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from tasks.errors import SlideError
+from tasks.store import is_remote, local_path, storage_options
+
+# Levels whose MPP is within this relative tolerance of the target are read without resampling.
+MPP_TOLERANCE = 0.02
+TILE_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass
+class SlideInfo:
+    uri: str
+    vendor: str
+    backend: str
+    width: int
+    height: int
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    mpp: float | None
+    objective_power: float | None
+    fast_tiles: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def level_mpp(self, level: int) -> float:
+        assert self.mpp is not None
+        return self.mpp * self.level_downsamples[level]
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+class _TileLevel:
+    """Decodes tiles of one tiled TIFF page on demand, with an LRU cache shared by the reader."""
+
+    def __init__(self, page, filehandle, cache: _TileCache, key: int) -> None:
+        self.page = page
+        self.fh = filehandle
+        self.cache = cache
+        self.key = key
+        self.tile_w = int(page.tilewidth)
+        self.tile_h = int(page.tilelength)
+        self.width = int(page.imagewidth)
+        self.height = int(page.imagelength)
+        self.tiles_across = math.ceil(self.width / self.tile_w)
+        self.jpegtables = getattr(page, "jpegtables", None)
+
+    def _tile(self, tx: int, ty: int) -> np.ndarray:
+        cache_key = (self.key, tx, ty)
+        tile = self.cache.get(cache_key)
+        if tile is not None:
+            return tile
+        index = ty * self.tiles_across + tx
+        offset = self.page.dataoffsets[index]
+        count = self.page.databytecounts[index]
+        if count == 0:  # sparse tile: the writer left it empty, it is background
+            tile = np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
+        else:
+            self.fh.seek(offset)
+            data = self.fh.read(count)
+            if len(data) != count:
+                raise SlideError(
+                    f"tile {index} ends past the end of the file: the slide is truncated; download it again"
+                )
+            try:
+                decoded, _, _ = self.page.decode(data, index, jpegtables=self.jpegtables)
+            except Exception as exc:  # noqa: BLE001 - any codec failure means corrupt data
+                raise SlideError(
+                    f"tile {index} cannot be decoded ({exc}); the slide is corrupt: download it again"
+                ) from None
+            tile = decoded[0, :, :, :3]
+        self.cache.put(cache_key, tile)
+        return tile
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB pixels of a box in this level's coordinates; outside the image is white."""
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
+            for tx in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
+                tile = self._tile(tx, ty)
+                gx, gy = tx * self.tile_w, ty * self.tile_h
+                sx0, sy0 = max(x0, gx), max(y0, gy)
+                sx1, sy1 = min(x1, gx + self.tile_w), min(y1, gy + self.tile_h)
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy : sy1 - gy, sx0 - gx : sx1 - gx]
+        return out
+
+
+class _TileCache:
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity = capacity_bytes
+        self.used = 0
+        self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        tile = self.items.get(key)
+        if tile is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return tile
+
+    def put(self, key: tuple, tile: np.ndarray) -> None:
+        self.items[key] = tile
+        self.used += tile.nbytes
+        while self.used > self.capacity and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.used -= old.nbytes
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.used = 0
+
+
+class SlideReader:
+    """Reads boxes of a slide at a physical resolution. Not thread-safe: one per worker."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        mpp_override: float | None = None,
+        storage_opts: dict[str, Any] | None = None,
+        tile_cache_bytes: int = TILE_CACHE_BYTES,
+        fast_tiles: bool = True,
+    ) -> None:
+        self.uri = str(uri)
+        self._slide: Any = None
+        self._tiff: Any = None
+        self._fh: Any = None
+        self._levels: list[_TileLevel] | None = None
+        self._cache = _TileCache(tile_cache_bytes)
+        remote = is_remote(self.uri)
+        opts = storage_opts if storage_opts is not None else storage_options(self.uri)
+        if remote:
+            self._open_remote(opts)
+        else:
+            self._open_local()
+        if fast_tiles:
+            self._levels = self._tile_levels()
+        self.info.fast_tiles = self._levels is not None
+        if mpp_override is not None:
+            self.info.mpp = float(mpp_override)
+            self.info.extra["mpp_source"] = "override"
+
+    # -- opening -------------------------------------------------------------------------------------------
+
+    def _open_local(self) -> None:
+        import openslide
+
+        path = local_path(self.uri)
+        if not os.path.exists(path):
+            raise SlideError(f"slide {path} does not exist; check the path or the source list")
+        if os.path.isdir(path):
+            raise SlideError(f"{path} is a folder, not a slide; pass the folder as a source to extract its slides")
+        if os.path.getsize(path) == 0:
+            raise SlideError(f"slide {path} is an empty (zero-byte) file; download it again")
+        self._path = path
+        try:
+            self._slide = openslide.OpenSlide(path)
+            self._backend = "openslide"
+        except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as first:
+            try:
+                import tiffslide
+
+                self._slide = tiffslide.TiffSlide(path)
+                self._backend = "tiffslide"
+            except Exception as second:  # noqa: BLE001 - both readers refused: say why, in one sentence
+                raise SlideError(
+                    f"{os.path.basename(path)} is not a readable whole-slide image (openslide: {first}; "
+                    f"tiffslide: {type(second).__name__}: {second}); check that the file is a complete "
+                    "SVS, NDPI or pyramidal TIFF"
+                ) from None
+        self._read_metadata()
+
+    def _open_remote(self, opts: dict[str, Any]) -> None:
+        import tiffslide
+
+        # tiffslide reads the TIFF structure and tiles with ranged requests through fsspec: no full download.
+        try:
+            self._slide = tiffslide.TiffSlide(self.uri, storage_options=opts)
+        except FileNotFoundError:
+            raise SlideError(f"slide {self.uri} does not exist; check the URL or the source list") from None
+        except Exception as exc:
+            if _is_transient(exc):
+                raise
+            raise SlideError(
+                f"{self.uri} is not a readable whole-slide image ({type(exc).__name__}: {exc}); "
+                "check that the object is a complete SVS or pyramidal TIFF"
+            ) from None
+        self._backend = "tiffslide"
+        self._read_metadata()
+
+    def _read_metadata(self) -> None:
+        props = dict(self._slide.properties)
+        prefix = "openslide" if self._backend == "openslide" else "tiffslide"
+        mpp_x = _float_or_none(props.get(f"{prefix}.mpp-x"))
+        mpp_y = _float_or_none(props.get(f"{prefix}.mpp-y"))
+        mpp = (mpp_x + mpp_y) / 2 if mpp_x and mpp_y else (mpp_x or mpp_y)
+        vendor = props.get(f"{prefix}.vendor") or "unknown"
+        dims = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
+        self.info = SlideInfo(
+            uri=self.uri,
+            vendor=str(vendor),
+            backend=self._backend,
+            width=dims[0][0],
+            height=dims[0][1],
+            level_dimensions=dims,
+            level_downsamples=[float(d) for d in self._slide.level_downsamples],
+            mpp=mpp,
+            objective_power=_float_or_none(props.get(f"{prefix}.objective-power")),
+            extra={"mpp_source": "metadata" if mpp else None},
+        )
+
+    def _tile_levels(self) -> list[_TileLevel] | None:
+        """Tile-level access where every pyramid level is a tiled TIFF page that tifffile decodes."""
+        if self.info.vendor in ("hamamatsu", "mirax", "ventana", "philips", "leica", "zeiss"):
+            return None
+        import tifffile
+
+        try:
+            if self._backend == "tiffslide":
+                tiff = self._slide.ts_tifffile
+            else:
+                tiff = self._tiff = tifffile.TiffFile(self._path)
+            levels = tiff.series[0].levels
+            pages = [lvl.keyframe for lvl in levels]
+            if len(pages) != len(self.info.level_dimensions):
+                return None
+            for page, (w, h) in zip(pages, self.info.level_dimensions, strict=True):
+                if not page.is_tiled or (page.imagewidth, page.imagelength) != (w, h):
+                    return None
+                if page.planarconfig != 1 or page.samplesperpixel < 3 or page.dtype != np.uint8:
+                    return None
+                if getattr(page, "is_ndpi", False) or page.imagedepth != 1:
+                    return None
+            fh = tiff.filehandle
+            return [_TileLevel(page, fh, self._cache, i) for i, page in enumerate(pages)]
+        except Exception:  # noqa: BLE001 - the fast path is optional; the backend still reads everything
+            return None
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def best_level(self, mpp: float) -> int:
+        """The coarsest level that is still at least as fine as ``mpp`` (never upsample when avoidable)."""
+        best = 0
+        for level in range(len(self.info.level_downsamples)):
+            if self.info.level_mpp(level) <= mpp * (1 + MPP_TOLERANCE):
+                best = level
+        return best
+
+    def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """RGB pixels of a box given in the coordinates of ``level``."""
+        if self._levels is not None:
+            return self._levels[level].read(x, y, w, h)
+        ds = self.info.level_downsamples[level]
+        try:
+            region = self._slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        except Exception as exc:
+            if _is_transient(exc):
+                raise
+            raise SlideError(f"reading {self.uri} failed ({exc}); the slide is corrupt or truncated") from None
+        rgba = np.asarray(region)
+        if rgba.shape[-1] == 4:
+            # Transparent pixels (outside the scanned area) are glass: white.
+            rgb = rgba[..., :3].copy()
+            rgb[rgba[..., 3] == 0] = 255
+            return rgb
+        return np.ascontiguousarray(rgba[..., :3])
+
+    def read_rect(
+        self, location: tuple[int, int], size: tuple[int, int], resolution: float, units: str = "mpp"
+    ) -> np.ndarray:
+        """RGB image of ``size`` pixels at ``resolution`` whose top-left corner is ``location`` at level 0."""
+        if units != "mpp":
+            raise ValueError(f"units={units!r} is not supported; use units='mpp'")
+        if self.info.mpp is None:
+            raise SlideError(missing_mpp_message(self.uri))
+        level = self.best_level(resolution)
+        level_mpp = self.info.level_mpp(level)
+        ds = self.info.level_downsamples[level]
+        scale = resolution / level_mpp
+        read_w = max(1, int(round(size[0] * scale)))
+        read_h = max(1, int(round(size[1] * scale)))
+        pixels = self.read_level(level, int(location[0] // ds), int(location[1] // ds), read_w, read_h)
+        if (read_w, read_h) == tuple(size):
+            return pixels
+        interp = cv2.INTER_AREA if read_w > size[0] else cv2.INTER_LINEAR
+        return cv2.resize(pixels, tuple(size), interpolation=interp)
+
+    def read_boxes(
+        self, boxes: Iterable[tuple[int, int, int, int]], resolution: float, size_px: int
+    ) -> Iterator[np.ndarray]:
+        """Patches for level-0 boxes ``(x, y, w0, h0)``; raster-ordered boxes make every tile decode once."""
+        for x, y, _w0, _h0 in boxes:
+            yield self.read_rect((x, y), (size_px, size_px), resolution)
+
+    def overview(self, downsample: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about ``downsample`` x level 0: (RGB image, its exact downsample in x)."""
+        level = 0
+        for i, ds in enumerate(self.info.level_downsamples):
+            if ds <= downsample * (1 + MPP_TOLERANCE):
+                level = i
+        w, h = self.info.level_dimensions[level]
+        pixels = self.read_level(level, 0, 0, w, h)
+        out_w = max(1, int(round(self.info.width / downsample)))
+        out_h = max(1, int(round(self.info.height / downsample)))
+        if (out_w, out_h) != (w, h):
+            pixels = cv2.resize(pixels, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        self._cache.clear()
+        return pixels, self.info.width / out_w
+
+    def close(self) -> None:
+        for handle in (self._tiff, self._slide):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # noqa: BLE001 - closing a broken handle must not hide the real error
+                pass
+        self._cache.clear()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def missing_mpp_message(uri: str) -> str:
+    name = os.path.basename(str(uri).rstrip("/"))
+    return (
+        f"{name} records no microns-per-pixel (MPP), so patches cannot be cut at a physical scale; "
+        f"set slides.mpp_overrides.{name.rsplit('.', 1)[0]}=<mpp> for this slide or slides.default_mpp=<mpp> "
+        "for all such slides"
+    )
+
+
+def _is_transient(exc: BaseException) -> bool:
+    from tasks.errors import is_transient
+
+    return is_transient(exc)

@@ -1,0 +1,157 @@
+"""Tissue detection on a low-resolution overview and the patch grid at a physical scale.
+
+The mask follows the usual bright-field recipe (and the paper's): Otsu on HSV saturation of a ~32x downsampled
+overview, median blur, morphological closing, small pieces removed, holes filled. Glass in bright-field is bright
+and unsaturated; a dark background means fluorescence or dark-field, which this factory does not caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pathgen.settings import TissueSettings
+from tasks.errors import SlideError
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """A candidate patch: its level-0 box and the share of it the mask calls tissue."""
+
+    x: int
+    y: int
+    w0: int
+    h0: int
+    tissue_fraction: float
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x, self.y, self.w0, self.h0)
+
+
+def tissue_mask(overview_rgb: np.ndarray, downsample: float, mpp: float | None, cfg: TissueSettings) -> np.ndarray:
+    """Boolean tissue mask of an overview image; raises SlideError when there is no bright-field tissue."""
+    hsv = cv2.cvtColor(overview_rgb, cv2.COLOR_RGB2HSV)
+    saturation, value = hsv[..., 1], hsv[..., 2]
+    background_value = float(np.percentile(value, 75))
+    if background_value < cfg.min_background_value:
+        raise SlideError(
+            "no bright-field tissue found: the slide's background is dark (brightness "
+            f"{background_value:.0f}/255), as in a fluorescence or dark-field scan; PathGen extracts bright-field "
+            "(H&E) slides only, so leave this slide out (or lower tissue.min_background_value if it is bright-field)"
+        )
+    blurred = cv2.medianBlur(saturation, cfg.median_px)
+    otsu, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    threshold = max(float(otsu), float(cfg.min_saturation))
+    mask = (blurred > threshold).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.closing_px, cfg.closing_px))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    mask = _drop_small_pieces(mask, _min_area_px(downsample, mpp, cfg.min_area_um2))
+    mask = _fill_holes(mask)
+    if not mask.any():
+        raise SlideError(
+            "no tissue found: the slide looks like empty glass (no stained region above saturation "
+            f"{threshold:.0f}); check the slide, or lower tissue.min_saturation for very faint stains"
+        )
+    return mask.astype(bool)
+
+
+def _min_area_px(downsample: float, mpp: float | None, min_area_um2: float) -> int:
+    if not mpp:
+        return 0
+    mask_um_per_px = mpp * downsample
+    return int(min_area_um2 / (mask_um_per_px**2))
+
+
+def _drop_small_pieces(mask: np.ndarray, min_area_px: int) -> np.ndarray:
+    if min_area_px <= 1:
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = np.zeros(count, np.uint8)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_area_px
+    return keep[labels]
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    # Flood the background from a padded border: whatever the flood cannot reach is a hole inside tissue.
+    padded = np.pad(mask, 1, constant_values=0).astype(np.uint8)
+    flood = padded.copy()
+    ff_mask = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(flood, ff_mask, (0, 0), 1)
+    holes = (flood == 0)[1:-1, 1:-1]
+    return (mask.astype(bool) | holes).astype(np.uint8)
+
+
+def grid_cells(
+    mask: np.ndarray,
+    mask_downsample: float,
+    slide_size: tuple[int, int],
+    cell_level0: float,
+    threshold: float,
+) -> list[GridCell]:
+    """Full cells of side ``cell_level0`` (level-0 px) in raster order whose tissue fraction reaches threshold."""
+    width, height = slide_size
+    cols = int(width // cell_level0)
+    rows = int(height // cell_level0)
+    if cols == 0 or rows == 0:
+        return []
+    integral = cv2.integral(mask.astype(np.uint8))  # (h+1, w+1) running sums: any box sum in O(1)
+    mh, mw = mask.shape
+    side = int(round(cell_level0))
+    cells: list[GridCell] = []
+    for row in range(rows):
+        y = int(round(row * cell_level0))
+        my0 = min(mh, int(y / mask_downsample))
+        my1 = min(mh, max(my0 + 1, int(round((y + side) / mask_downsample))))
+        for col in range(cols):
+            x = int(round(col * cell_level0))
+            mx0 = min(mw, int(x / mask_downsample))
+            mx1 = min(mw, max(mx0 + 1, int(round((x + side) / mask_downsample))))
+            area = (my1 - my0) * (mx1 - mx0)
+            if area <= 0:
+                continue
+            inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
+            fraction = float(inside) / area
+            if fraction >= threshold and fraction > 0:
+                cells.append(GridCell(x, y, side, side, round(fraction, 4)))
+    return cells
+
+
+def mask_fraction(mask: np.ndarray, mask_downsample: float, box: tuple[int, int, int, int]) -> float:
+    """Tissue fraction of an arbitrary level-0 box (for boxes named by a source rather than the grid)."""
+    x, y, w, h = box
+    mh, mw = mask.shape
+    x0, y0 = max(0, int(x / mask_downsample)), max(0, int(y / mask_downsample))
+    x1 = min(mw, max(x0 + 1, int(round((x + w) / mask_downsample))))
+    y1 = min(mh, max(y0 + 1, int(round((y + h) / mask_downsample))))
+    if x1 <= x0 or y1 <= y0:
+        return 0.0
+    return float(mask[y0:y1, x0:x1].mean())
+
+
+def draw_thumbnail(
+    overview_rgb: np.ndarray,
+    mask: np.ndarray | None,
+    downsample: float,
+    kept_boxes: list[tuple[int, int, int, int]],
+    max_px: int,
+) -> np.ndarray:
+    """The overview with the tissue outline (green) and the kept patch grid (blue) drawn on it."""
+    scale = min(1.0, max_px / max(overview_rgb.shape[:2]))
+    image = overview_rgb
+    if scale < 1.0:
+        size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    image = np.ascontiguousarray(image)
+    if mask is not None:
+        small = cv2.resize(mask.astype(np.uint8), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(image, contours, -1, (0, 170, 0), 2)
+    factor = scale / downsample
+    for x, y, w, h in kept_boxes:
+        p0 = (int(x * factor), int(y * factor))
+        p1 = (int((x + w) * factor), int((y + h) * factor))
+        cv2.rectangle(image, p0, p1, (30, 60, 220), 1)
+    return image

@@ -10,6 +10,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from tasks.patch_shard import read_shard
 from tasks.store import Store
 
 TILE_PX = 160
@@ -45,7 +46,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
     print(f"\n{len(shards)} patch shard(s):")
     for key in shards:
         with store.open(key) as handle:
-            shard = pq.ParquetFile(handle)
+            shard = pq.ParquetFile(handle, pre_buffer=False)
             count = shard.metadata.num_rows
             total += count
             meta = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
@@ -53,7 +54,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
                   f"selection {meta.get('pathgen.selection', '?')}")
     print(f"{total} patches in all")
     with store.open(shards[0]) as handle:
-        table = pq.read_table(handle)
+        table = read_shard(handle)
     print(f"\nschema of {shards[0]}:")
     for field in table.schema:
         print(f"  {field.name}: {field.type}")
@@ -66,7 +67,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
         if len(images) >= samples:
             break
         with store.open(key) as handle:
-            part = pq.read_table(handle, columns=["slide_id", "x", "y", "image"])
+            part = read_shard(handle, columns=["slide_id", "x", "y", "image"])
         step = max(1, part.num_rows // per_shard)
         for i in range(0, part.num_rows, step)[:per_shard]:
             images.append(part["image"][i].as_py())

@@ -97,6 +97,9 @@ class ExtractSettings(_Section):
     io_retries: int = Field(3, ge=0, le=20, description="retries of an I/O error, with backoff")
     io_backoff_seconds: float = Field(1.0, ge=0.0)
     thumbnail_px: int = Field(1024, ge=64, description="longest side of thumbnail.png")
+    read_ahead: int = Field(
+        4, ge=0, le=64, description="patches one reader thread decodes ahead while the worker encodes (0: off)"
+    )
 
 
 class S3Settings(_Section):

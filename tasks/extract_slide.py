@@ -272,7 +272,9 @@ def _write_patches(
                     break
                 survivors: list[tuple[int, PatchRecord]] = []
                 boxes = [c.box for c in batch.cells]
-                patches = reader.read_boxes(boxes, patch_cfg.target_mpp, patch_cfg.patch_px)
+                patches = reader.read_boxes(
+                    boxes, patch_cfg.target_mpp, patch_cfg.patch_px, settings.extract.read_ahead
+                )
                 for cell, rank, rgb in zip(batch.cells, batch.ranks, patches, strict=True):
                     read += 1
                     scores = score_patch(rgb, quality_cfg.analysis_px)

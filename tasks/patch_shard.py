@@ -88,6 +88,8 @@ class PatchShardWriter:
             schema,
             compression={name: ("NONE" if name == "image" else "ZSTD") for name in schema.names},
             use_dictionary=[n for n in schema.names if n not in ("image", "embedding", "patch_id")],
+            # min/max statistics over megabytes of JPEG bytes cost time and help no query
+            write_statistics=[n for n in schema.names if n not in ("image", "embedding")],
         )
         self._schema = schema
         self._pending: list[PatchRecord] = []
@@ -110,3 +112,9 @@ class PatchShardWriter:
         self._flush(self._pending)
         self._pending = []
         self._writer.close()
+
+
+def read_shard(handle, columns: list[str] | None = None) -> pa.Table:
+    """Read a shard from an open (fsspec) file. ``pre_buffer`` off: pyarrow's background pre-buffering over a
+    Python file object can leave C++ threads running at interpreter exit and abort the process."""
+    return pq.read_table(handle, columns=columns, pre_buffer=False)

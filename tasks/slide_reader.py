@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,9 +99,11 @@ class _TileLevel:
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB pixels of a box in this level's coordinates; outside the image is white."""
-        out = np.full((h, w, 3), 255, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        # Fresh pages cost as much as a tile decode: fill with white only when the box leaves the image.
+        inside = x0 == x and y0 == y and x1 == x + w and y1 == y + h
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
         for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
@@ -160,6 +163,7 @@ class SlideReader:
         self._fh: Any = None
         self._levels: list[_TileLevel] | None = None
         self._cache = _TileCache(tile_cache_bytes)
+        self._max_cache = tile_cache_bytes
         remote = is_remote(self.uri)
         opts = storage_opts if storage_opts is not None else storage_options(self.uri)
         if remote:
@@ -319,11 +323,42 @@ class SlideReader:
         return cv2.resize(pixels, tuple(size), interpolation=interp)
 
     def read_boxes(
-        self, boxes: Iterable[tuple[int, int, int, int]], resolution: float, size_px: int
+        self, boxes: Iterable[tuple[int, int, int, int]], resolution: float, size_px: int, read_ahead: int = 0
     ) -> Iterator[np.ndarray]:
-        """Patches for level-0 boxes ``(x, y, w0, h0)``; raster-ordered boxes make every tile decode once."""
-        for x, y, _w0, _h0 in boxes:
-            yield self.read_rect((x, y), (size_px, size_px), resolution)
+        """Patches for level-0 boxes ``(x, y, w0, h0)``; raster-ordered boxes make every tile decode once.
+
+        With ``read_ahead > 0`` one helper thread reads up to that many patches ahead while the caller scores and
+        encodes; the reader is then used by that thread alone, so it is never shared. The codecs release the GIL.
+        """
+        if self._levels is not None:
+            self._cache.capacity = self._band_cache_bytes(resolution, size_px)
+        locations = [(x, y) for x, y, _w0, _h0 in boxes]
+        size = (size_px, size_px)
+        if read_ahead <= 0:
+            for location in locations:
+                yield self.read_rect(location, size, resolution)
+            return
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathgen-read") as pool:
+            try:
+                for location in locations:
+                    pending.append(pool.submit(self.read_rect, location, size, resolution))
+                    if len(pending) > read_ahead:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def _band_cache_bytes(self, resolution: float, size_px: int) -> int:
+        """Enough tiles for one band of patches across the slide plus the next: raster order then decodes each
+        tile once, and memory stays bounded by the slide's width, not its area."""
+        level = self._levels[self.best_level(resolution)]
+        read_h = size_px * resolution / self.info.level_mpp(self.best_level(resolution))
+        rows = math.ceil(read_h / level.tile_h) + 2
+        tile_bytes = level.tile_w * level.tile_h * 3
+        return int(min(self._max_cache, max(32 * 2**20, rows * level.tiles_across * tile_bytes * 1.1)))
 
     def overview(self, downsample: float) -> tuple[np.ndarray, float]:
         """The whole slide at about ``downsample`` x level 0: (RGB image, its exact downsample in x)."""

@@ -68,8 +68,10 @@ def run_ours(slide: str, store: str, repeats: int = 2, read_ahead: int | None = 
 
 
 def _worker(slide: str, store: str, read_ahead: int | None = None) -> subprocess.Popen:
-    code = f"import json,sys; sys.path.insert(0,{str(ROOT)!r}); from bench.extract import run_ours; " \
-           f"r=run_ours({slide!r},{store!r},read_ahead={read_ahead!r}); r.pop('boxes'); print(json.dumps(r))"
+    code = (
+        f"import json,sys; sys.path.insert(0,{str(ROOT)!r}); from bench.extract import run_ours; "
+        f"r=run_ours({slide!r},{store!r},read_ahead={read_ahead!r}); r.pop('boxes'); print(json.dumps(r))"
+    )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
 
@@ -96,9 +98,14 @@ def run_limit(slide: str, boxes: list, quality: int) -> tuple[float, int]:
         page = tiff.series[0].levels[0].keyframe
         tw, th = page.tilewidth, page.tilelength
         across = math.ceil(page.imagewidth / tw)
-        touched = sorted({(ty, tx) for x, y, w, h in boxes
-                          for ty in range(y // th, (y + h - 1) // th + 1)
-                          for tx in range(x // tw, (x + w - 1) // tw + 1)})
+        touched = sorted(
+            {
+                (ty, tx)
+                for x, y, w, h in boxes
+                for ty in range(y // th, (y + h - 1) // th + 1)
+                for tx in range(x // tw, (x + w - 1) // tw + 1)
+            }
+        )
         fh = tiff.filehandle
         chunks = []
         for ty, tx in touched:
@@ -113,8 +120,10 @@ def run_limit(slide: str, boxes: list, quality: int) -> tuple[float, int]:
     import openslide
 
     with openslide.OpenSlide(slide) as reference:
-        patches = [np.asarray(reference.read_region((x, y), 0, (PATCH_PX, PATCH_PX)).convert("RGB"))
-                   for x, y, _w, _h in boxes[:64]]
+        patches = [
+            np.asarray(reference.read_region((x, y), 0, (PATCH_PX, PATCH_PX)).convert("RGB"))
+            for x, y, _w, _h in boxes[:64]
+        ]
     start = time.perf_counter()
     for i in range(len(boxes)):
         imagecodecs.jpeg8_encode(patches[i % len(patches)], level=quality)
@@ -153,12 +162,18 @@ def main() -> None:
 
     print(f"kept patches: {kept} of 672 px; level-0 tiles they touch: {tiles}")
     serial_rate = serial["patches"] / serial["seconds"]
-    print(f"ours, 1 process:   {ours_rate:8.1f} patches/s {ours_rate * mp:8.1f} MP/s  peak {one['peak_mb']:.0f} MB"
-          f"  (with its reader thread decoding ahead, extract.read_ahead={ExtractSettings().read_ahead})")
-    print(f"ours, 1 process, 1 thread: {serial_rate:8.1f} patches/s {serial_rate * mp:8.1f} MP/s"
-          f"  (extract.read_ahead=0; fraction_of_limit {serial_rate / limit_rate:.2f})")
-    print(f"ours, 2 processes: {two_rate:8.1f} patches/s {two_rate * mp:8.1f} MP/s  "
-          f"peak {max(r['peak_mb'] for r in results):.0f} MB per process")
+    print(
+        f"ours, 1 process:   {ours_rate:8.1f} patches/s {ours_rate * mp:8.1f} MP/s  peak {one['peak_mb']:.0f} MB"
+        f"  (with its reader thread decoding ahead, extract.read_ahead={ExtractSettings().read_ahead})"
+    )
+    print(
+        f"ours, 1 process, 1 thread: {serial_rate:8.1f} patches/s {serial_rate * mp:8.1f} MP/s"
+        f"  (extract.read_ahead=0; fraction_of_limit {serial_rate / limit_rate:.2f})"
+    )
+    print(
+        f"ours, 2 processes: {two_rate:8.1f} patches/s {two_rate * mp:8.1f} MP/s  "
+        f"peak {max(r['peak_mb'] for r in results):.0f} MB per process"
+    )
     print(f"openslide per-patch read_region + JPEG: {openslide_rate:8.1f} patches/s {openslide_rate * mp:8.1f} MP/s")
     print(f"limit (decode touched tiles once + encode once): {limit_rate:8.1f} patches/s {limit_rate * mp:8.1f} MP/s")
     print(f"speedup_vs_openslide={ours_rate / openslide_rate:.2f} fraction_of_limit={ours_rate / limit_rate:.2f}")

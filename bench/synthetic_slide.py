@@ -41,13 +41,20 @@ class _Layout:
                 if rng.random() < 0.2:
                     continue  # glass
                 jx, jy = rng.integers(0, 400, size=2)
-                self.placements[(col, row)] = (col * self.cell_w + int(jx), row * self.cell_h + int(jy),
-                                               int(rng.integers(0, 4)))
+                self.placements[(col, row)] = (
+                    col * self.cell_w + int(jx),
+                    row * self.cell_h + int(jy),
+                    int(rng.integers(0, 4)),
+                )
 
 
 def _level_tiles(layout: _Layout, islands: list[np.ndarray], width: int, height: int, ds: int, noise: np.ndarray):
-    scaled = [cv2.resize(im, (max(1, im.shape[1] // ds), max(1, im.shape[0] // ds)), interpolation=cv2.INTER_AREA)
-              if ds > 1 else im for im in islands]
+    scaled = [
+        cv2.resize(im, (max(1, im.shape[1] // ds), max(1, im.shape[0] // ds)), interpolation=cv2.INTER_AREA)
+        if ds > 1
+        else im
+        for im in islands
+    ]
     lw, lh = math.ceil(width / ds), math.ceil(height / ds)
     for ty in range(math.ceil(lh / TILE)):
         for tx in range(math.ceil(lw / TILE)):
@@ -67,13 +74,29 @@ def _level_tiles(layout: _Layout, islands: list[np.ndarray], width: int, height:
                     ax0, ay0 = max(x0, px), max(y0, py)
                     ax1, ay1 = min(x0 + TILE, px + iw, lw), min(y0 + TILE, py + ih, lh)
                     if ax0 < ax1 and ay0 < ay1:
-                        tile[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = island[ay0 - py : ay1 - py, ax0 - px : ax1 - px]
+                        tile[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = island[
+                            ay0 - py : ay1 - py, ax0 - px : ax1 - px
+                        ]
             yield tile
 
 
+def _thumbnail(layout: _Layout, islands: list[np.ndarray], width: int, height: int, noise: np.ndarray) -> np.ndarray:
+    ds = max(1, max(width, height) // 1024)
+    lw, lh = math.ceil(width / ds), math.ceil(height / ds)
+    cols = math.ceil(lw / TILE)
+    tiles = list(_level_tiles(layout, islands, width, height, ds, noise))
+    rows = [np.concatenate(tiles[r : r + cols], axis=1) for r in range(0, len(tiles), cols)]
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)[:lh, :lw])
+
+
 def build_slide(
-    path: str | os.PathLike, width: int = 40_000, height: int = 30_000, mpp: float = 0.25, quality: int = 85,
-    seed: int = 0, source: Path = CMU,
+    path: str | os.PathLike,
+    width: int = 40_000,
+    height: int = 30_000,
+    mpp: float = 0.25,
+    quality: int = 85,
+    seed: int = 0,
+    source: Path = CMU,
 ) -> Path:
     """Write the benchmark slide (skipped when an identical one exists) and return its path."""
     path = Path(path)
@@ -94,17 +117,15 @@ def build_slide(
         for index, ds in enumerate(DOWNSAMPLES):
             lw, lh = math.ceil(width / ds), math.ceil(height / ds)
             tif.write(
-                _level_tiles(layout, islands, width, height, ds, noise), shape=(lh, lw, 3), dtype=np.uint8,
-                tile=(TILE, TILE), compression="jpeg", compressionargs={"level": quality}, **common,
+                _level_tiles(layout, islands, width, height, ds, noise),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                compression="jpeg",
+                compressionargs={"level": quality},
+                **common,
             )
             if index == 0:  # Aperio puts a stripped thumbnail right after the base level
-                thumb_ds = max(width, height) // 1024
-                thumb = np.concatenate(
-                    [np.stack(list(_level_tiles(layout, islands, width, height, thumb_ds, noise)))], axis=0
-                )
-                tw, th = math.ceil(width / thumb_ds), math.ceil(height / thumb_ds)
-                cols = math.ceil(tw / TILE)
-                rows = [np.concatenate(list(thumb[r * cols : (r + 1) * cols]), axis=1) for r in range(len(thumb) // cols)]
-                tif.write(np.ascontiguousarray(np.concatenate(rows, axis=0)[:th, :tw]), compression="jpeg", **common)
+                tif.write(_thumbnail(layout, islands, width, height, noise), compression="jpeg", **common)
     os.replace(tmp, path)
     return path

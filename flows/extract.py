@@ -81,8 +81,10 @@ def extract_flow(
             try:
                 done = future.result()
             except Exception as exc:  # noqa: BLE001 - a lost worker fails its group, not the run
-                done = [SlideOutcome(r.slide_id, "failed", 0, 0.0, f"worker failed: {type(exc).__name__}: {exc}")
-                        for r in group]
+                done = [
+                    SlideOutcome(r.slide_id, "failed", 0, 0.0, f"worker failed: {type(exc).__name__}: {exc}")
+                    for r in group
+                ]
             outcomes.extend(done)
             bar.update(bar_task, advance=len(group))
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(refs))
@@ -90,8 +92,13 @@ def extract_flow(
     outcomes.sort(key=lambda o: o.slide_id)
     create_table_artifact(
         [
-            {"slide": o.slide_id, "status": o.status, "patches": o.patches, "seconds": o.seconds,
-             "error": o.error or ""}
+            {
+                "slide": o.slide_id,
+                "status": o.status,
+                "patches": o.patches,
+                "seconds": o.seconds,
+                "error": o.error or "",
+            }
             for o in outcomes
         ],
         key="extract-slides",
@@ -102,7 +109,11 @@ def extract_flow(
         logger.warning("failed: %s: %s", failed["slide_id"], failed["error"])
     logger.info(
         "%d ok, %d already done, %d failed; %d patches in %s",
-        summary["ok"], summary["skipped"], summary["failed"], summary["patches"], summary["store"],
+        summary["ok"],
+        summary["skipped"],
+        summary["failed"],
+        summary["patches"],
+        summary["store"],
     )
     if summary["ok"] + summary["skipped"] == 0:
         raise NoSlideSucceeded(f"no slide succeeded ({summary['failed']} failed); see the errors above")
@@ -114,8 +125,13 @@ class _progress_bar:
 
     def __init__(self, total: int) -> None:
         self.progress = Progress(
-            TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=False,
+            TextColumn("extract"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not sys.stderr.isatty(),
+            transient=False,
         )
         self.total = total
 

@@ -21,7 +21,11 @@ EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
 def _settings_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML settings file")
     parser.add_argument(
-        "--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
+        "--set",
+        dest="assignments",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
         help="override one setting, e.g. --set patch.target_mpp=0.5 (repeatable)",
     )
 
@@ -31,8 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     extract = sub.add_parser("extract", help="extract tissue patches from slides into the store")
-    extract.add_argument("sources", nargs="*", metavar="SOURCE",
-                         help="slide file, folder, glob, s3:// prefix, GDC manifest or PathGen JSON")
+    extract.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="slide file, folder, glob, s3:// prefix, GDC manifest or PathGen JSON",
+    )
     extract.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
     extract.add_argument("--threads", action="store_true", help="run slide groups in threads, not processes")
     _settings_args(extract)
@@ -82,7 +90,10 @@ def _extract(args: argparse.Namespace) -> int:
     from flows.extract import extract_flow
 
     state = extract_flow(
-        sources=list(sources), config=args.config, overrides=overrides, processes=not args.threads,
+        sources=list(sources),
+        config=args.config,
+        overrides=overrides,
+        processes=not args.threads,
         return_state=True,
     )
     if not state.is_completed():

@@ -50,8 +50,10 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
             count = shard.metadata.num_rows
             total += count
             meta = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
-            print(f"  {key}: {count} patches, schema {meta.get('pathgen.schema_version', '?')}, "
-                  f"selection {meta.get('pathgen.selection', '?')}")
+            print(
+                f"  {key}: {count} patches, schema {meta.get('pathgen.schema_version', '?')}, "
+                f"selection {meta.get('pathgen.selection', '?')}"
+            )
     print(f"{total} patches in all")
     with store.open(shards[0]) as handle:
         table = read_shard(handle)
@@ -81,8 +83,7 @@ def _print_slides(store: Store) -> None:
     keys = store.list("slides", "slide.json")
     records = [store.read_json(k) for k in keys]
     statuses = Counter(r.get("status") for r in records)
-    print(f"store {store.url}: {len(records)} slide(s): "
-          + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
+    print(f"store {store.url}: {len(records)} slide(s): " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     for record in records:
         line = f"  {record['slide_id']}: {record['status']}, {record.get('counts', {}).get('kept', 0)} patches"
         if record.get("error"):

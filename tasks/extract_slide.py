@@ -59,13 +59,13 @@ def _committed(store: Store, slide_id: str, settings_hash: str) -> dict[str, Any
     if not store.exists(key):
         return None
     record = store.read_json(key)
-    if record.get("status") == "ok" and record.get("settings_hash") == settings_hash:
-        if store.exists(shard_key(slide_id)):
-            return record
-    return None
+    same = record.get("status") == "ok" and record.get("settings_hash") == settings_hash
+    return record if same and store.exists(shard_key(slide_id)) else None
 
 
-def extract_slide(ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger | None = None) -> SlideOutcome:
+def extract_slide(
+    ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger | None = None
+) -> SlideOutcome:
     """Extract one slide into the store; a bad slide becomes a failed ``slide.json``, never an exception."""
     logger = logger or log
     settings_hash = settings.extraction_hash()
@@ -90,8 +90,9 @@ def extract_slide(ref: SlideRef, settings: Settings, store: Store, logger: loggi
         return _extract(ref, settings, store, logger, partial)
 
     def on_retry(n: int, exc: BaseException) -> None:
-        logger.warning("%s: I/O error (%s), retry %d of %d", ref.slide_id, type(exc).__name__, n,
-                       settings.extract.io_retries)
+        logger.warning(
+            "%s: I/O error (%s), retry %d of %d", ref.slide_id, type(exc).__name__, n, settings.extract.io_retries
+        )
 
     try:
         record = retry_io(
@@ -111,8 +112,12 @@ def extract_slide(ref: SlideRef, settings: Settings, store: Store, logger: loggi
     if record["status"] == "failed":
         logger.warning("%s: failed: %s", ref.slide_id, record["error"])
         # A shard from an earlier, different run would contradict this record: remove it.
-        retry_io(lambda: store.delete(shard_key(ref.slide_id)), retries=settings.extract.io_retries,
-                 backoff_seconds=settings.extract.io_backoff_seconds, what="cleaning the store")
+        retry_io(
+            lambda: store.delete(shard_key(ref.slide_id)),
+            retries=settings.extract.io_retries,
+            backoff_seconds=settings.extract.io_backoff_seconds,
+            what="cleaning the store",
+        )
     retry_io(
         lambda: store.write_json(slide_json_key(ref.slide_id), record),
         retries=settings.extract.io_retries,
@@ -120,8 +125,12 @@ def extract_slide(ref: SlideRef, settings: Settings, store: Store, logger: loggi
         what=f"writing slide.json for {ref.slide_id}",
     )
     return SlideOutcome(
-        ref.slide_id, record["status"], int(record["counts"].get("kept", 0)), record["seconds"]["total"],
-        record["error"], record,
+        ref.slide_id,
+        record["status"],
+        int(record["counts"].get("kept", 0)),
+        record["seconds"]["total"],
+        record["error"],
+        record,
     )
 
 
@@ -228,8 +237,9 @@ def _extract(
         picture, picture_downsample = overview, downsample
         if thumb_downsample < downsample * 0.8:  # the mask overview is too coarse to look at
             picture, picture_downsample = reader.overview(thumb_downsample)
-        mask_big = cv2.resize(mask.astype("uint8"), (picture.shape[1], picture.shape[0]),
-                              interpolation=cv2.INTER_NEAREST)
+        mask_big = cv2.resize(
+            mask.astype("uint8"), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST
+        )
         thumb = draw_thumbnail(picture, mask_big, picture_downsample, kept_boxes, settings.extract.thumbnail_px)
         ok, png = cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
         store.write_bytes(thumbnail_key(ref.slide_id), png.tobytes())
@@ -237,7 +247,12 @@ def _extract(
 
     logger.info(
         "%s: %d patches kept of %d tissue cells (%s, level %d, %.1fs)",
-        ref.slide_id, counts["kept"], len(cells), plan.name, record["read_level"], timings["patches"],
+        ref.slide_id,
+        counts["kept"],
+        len(cells),
+        plan.name,
+        record["read_level"],
+        timings["patches"],
     )
     record.update(
         status="ok",
@@ -282,25 +297,33 @@ def _write_patches(
                     if reason:
                         rejected[reason] += 1
                         continue
-                    survivors.append((rank, PatchRecord(
-                        patch_id=patch_id_for(ref.slide_id, cell.box, patch_cfg.target_mpp, patch_cfg.patch_px),
-                        slide_id=ref.slide_id,
-                        source_uri=ref.uri,
-                        project=ref.project,
-                        file_id=ref.file_id,
-                        x=cell.x, y=cell.y, w0=cell.w0, h0=cell.h0,
-                        level=read_level,
-                        mpp=patch_cfg.target_mpp,
-                        slide_mpp=float(reader.info.mpp),
-                        patch_px=patch_cfg.patch_px,
-                        tissue_fraction=cell.tissue_fraction,
-                        background_fraction=scores.background_fraction,
-                        sharpness=scores.sharpness,
-                        pen_fraction=scores.pen_fraction,
-                        image=imagecodecs.jpeg8_encode(rgb, level=patch_cfg.jpeg_quality),
-                        selected_by=[plan.name],
-                        source_caption=caption_at.get((cell.x, cell.y)),
-                    )))
+                    survivors.append(
+                        (
+                            rank,
+                            PatchRecord(
+                                patch_id=patch_id_for(ref.slide_id, cell.box, patch_cfg.target_mpp, patch_cfg.patch_px),
+                                slide_id=ref.slide_id,
+                                source_uri=ref.uri,
+                                project=ref.project,
+                                file_id=ref.file_id,
+                                x=cell.x,
+                                y=cell.y,
+                                w0=cell.w0,
+                                h0=cell.h0,
+                                level=read_level,
+                                mpp=patch_cfg.target_mpp,
+                                slide_mpp=float(reader.info.mpp),
+                                patch_px=patch_cfg.patch_px,
+                                tissue_fraction=cell.tissue_fraction,
+                                background_fraction=scores.background_fraction,
+                                sharpness=scores.sharpness,
+                                pen_fraction=scores.pen_fraction,
+                                image=imagecodecs.jpeg8_encode(rgb, level=patch_cfg.jpeg_quality),
+                                selected_by=[plan.name],
+                                source_caption=caption_at.get((cell.x, cell.y)),
+                            ),
+                        )
+                    )
                 if plan.cap is not None:
                     room = plan.cap - len(kept_boxes)
                     survivors = sorted(survivors, key=lambda s: s[0])[:room]
@@ -318,7 +341,9 @@ def _write_patches(
     return kept_boxes, counts
 
 
-def extract_slides(refs: list[SlideRef], settings: Settings, logger: logging.Logger | None = None) -> list[SlideOutcome]:
+def extract_slides(
+    refs: list[SlideRef], settings: Settings, logger: logging.Logger | None = None
+) -> list[SlideOutcome]:
     """A group of slides in one worker: one store client and, per slide, one reader opened and closed."""
     store = Store(settings.store, settings.s3)
     return [extract_slide(ref, settings, store, logger) for ref in refs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from tasks.quality import rejection_reason, score_patch
 from tasks.selection import ReadBatch, SelectionPlan, plan_selection
 from tasks.slide_reader import SlideReader, missing_mpp_message
 from tasks.sources import SlideRef
-from tasks.store import Store, storage_options
+from tasks.store import Store, is_remote, storage_options
 from tasks.tissue import GridCell, draw_thumbnail, grid_cells, mask_fraction, tissue_mask
 
 log = logging.getLogger("pathgen.extract")
@@ -163,6 +164,18 @@ def _failed(base: dict[str, Any], error: str) -> dict[str, Any]:
     return record
 
 
+def _check_size(ref: SlideRef) -> None:
+    """A manifest that states the size catches a truncated download before any decoding."""
+    if ref.size is None or is_remote(ref.uri) or not os.path.isfile(ref.uri):
+        return
+    actual = os.path.getsize(ref.uri)
+    if actual != ref.size:
+        raise SlideError(
+            f"{os.path.basename(ref.uri)} has {actual} bytes but the manifest says {ref.size}: the download is "
+            "truncated or the wrong file; download it again"
+        )
+
+
 def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
     overrides = settings.slides.mpp_overrides
     for key in (ref.slide_id, reader.uri.rsplit("/", 1)[-1]):
@@ -182,6 +195,7 @@ def _extract(
 ) -> dict[str, Any]:
     if ref.missing_reason:
         raise SlideError(ref.missing_reason)
+    _check_size(ref)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:

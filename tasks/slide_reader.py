@@ -199,12 +199,10 @@ class SlideReader:
 
                 self._slide = tiffslide.TiffSlide(path)
                 self._backend = "tiffslide"
+                self._read_metadata()
+                return
             except Exception as second:  # noqa: BLE001 - both readers refused: say why, in one sentence
-                raise SlideError(
-                    f"{os.path.basename(path)} is not a readable whole-slide image (openslide: {first}; "
-                    f"tiffslide: {type(second).__name__}: {second}); check that the file is a complete "
-                    "SVS, NDPI or pyramidal TIFF"
-                ) from None
+                raise SlideError(_unreadable_message(path, first, second)) from None
         self._read_metadata()
 
     def _open_remote(self, opts: dict[str, Any]) -> None:
@@ -389,6 +387,25 @@ class SlideReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _unreadable_message(path: str, first: BaseException, second: BaseException) -> str:
+    name = os.path.basename(path)
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    size = os.path.getsize(path)
+    if head in TIFF_MAGIC:
+        return (
+            f"{name} starts like a TIFF but its structure cannot be read ({size} bytes; openslide: {first}; "
+            f"tiffslide: {type(second).__name__}): it is probably truncated or corrupt; download it again"
+        )
+    return (
+        f"{name} is not a readable whole-slide image (openslide: {first}; tiffslide: {type(second).__name__}); "
+        "check that the file is a complete SVS, NDPI or pyramidal TIFF"
+    )
 
 
 def missing_mpp_message(uri: str) -> str:

@@ -1,0 +1,1 @@
+"""Prefect flows: parameters, fan-out over shards, artifacts. No image or model code."""

@@ -1,0 +1,1 @@
+"""Units of work: pure, typed functions plus thin Prefect @task wrappers."""

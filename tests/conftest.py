@@ -123,28 +123,42 @@ def seaweed(tmp_path_factory) -> dict[str, str]:
     """A real S3 endpoint on 127.0.0.1 for the session; killed at the end (and by `timeout` if pytest dies)."""
     workdir = tmp_path_factory.mktemp("seaweedfs")
     config = workdir / "s3.json"
-    identity = {"name": "tests", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    identity = {
+        "name": "tests",
+        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
     config.write_text(json.dumps({"identities": [identity]}))
     ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
     command = [
-        "timeout", "3600", _weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir}",
-        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.config={config}", "-master.volumeSizeLimitMB=32", "-volume.max=64",
+        "timeout",
+        "3600",
+        _weed_binary(),
+        "server",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-dir={workdir}",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.config={config}",
+        "-master.volumeSizeLimitMB=32",
+        "-volume.max=64",
     ]
-    log = open(workdir / "weed.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    try:
-        _wait_for_s3(endpoint, process, workdir)
-        yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    with open(workdir / "weed.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            process.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+            _wait_for_s3(endpoint, process, workdir)
+            yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET}
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _wait_for_s3(endpoint: str, process: subprocess.Popen, workdir: Path) -> None:
@@ -156,8 +170,9 @@ def _wait_for_s3(endpoint: str, process: subprocess.Popen, workdir: Path) -> Non
         if process.poll() is not None:
             raise RuntimeError(f"SeaweedFS exited early; see {workdir / 'weed.log'}")
         try:
-            fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": endpoint},
-                                   skip_instance_cache=True)
+            fs = s3fs.S3FileSystem(
+                key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True
+            )
             if not fs.exists(bucket):
                 fs.mkdir(bucket)
             fs.pipe(f"{bucket}/ready", b"1")  # volumes are allocated lazily: a write proves the server is up

@@ -49,8 +49,9 @@ def test_cmu_patches_thumbnail_and_slide_json(tmp_path):
     assert row["patch_id"] == patch_id_for("CMU-1-Small-Region", (row["x"], row["y"], row["w0"], row["h0"]), 0.5, 224)
     assert row["w0"] == row["h0"] == round(224 * 0.5 / 0.499)
     assert row["tissue_fraction"] >= 0.5 and row["selected_by"] == ["all"]
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     image = Image.open(io.BytesIO(row["image"]))
     assert image.format == "JPEG" and image.size == (224, 224)
@@ -177,9 +178,10 @@ def test_pathgen_json_positions_are_re_extracted_exactly(tmp_path):
         table = pq.read_table(handle, pre_buffer=False)
     assert sorted(zip(table["x"].to_pylist(), table["y"].to_pylist(), strict=True)) == positions
     assert set(table["w0"].to_pylist()) == {672} and sorted(table["source_caption"].to_pylist())[0] == "caption 0"
+    import io
+
     import openslide
     from PIL import Image
-    import io
 
     row = table.slice(0, 1).to_pylist()[0]
     with openslide.OpenSlide(str(CMU)) as slide:

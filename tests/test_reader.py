@@ -65,11 +65,14 @@ def test_missing_mpp_names_both_fixes(bad_slides):
             reader.read_rect((0, 0), (10, 10), 0.5)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("zero", "zero-byte"),
-    ("text", "not a readable whole-slide image"),
-    ("missing", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("zero", "zero-byte"),
+        ("text", "not a readable whole-slide image"),
+        ("missing", "does not exist"),
+    ],
+)
 def test_unreadable_files_raise_slide_errors(bad_slides, kind, message):
     with pytest.raises(SlideError, match=message):
         SlideReader(str(bad_slides[kind]))

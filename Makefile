@@ -1,0 +1,37 @@
+# Two entry points on a fresh clone:  make demo  (set up, extract the shared slides into ./store)
+#                                     make test  (set up, run the whole test suite)
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+SLIDES ?= ../shared/data/slides
+STORE  ?= ./store
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/pathgen extract $(SLIDES) --store $(STORE)
+	$(BIN)/pathgen inspect $(STORE) --out $(STORE)/contact-sheet.png
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/extract.py
+
+clean:
+	rm -rf $(VENV) $(STORE) bench/_work .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from pathgen.cli import main
+
+sys.exit(main())

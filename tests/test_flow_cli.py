@@ -1,0 +1,101 @@
+"""The extract flow on a real Prefect API, and the `pathgen` command's contract (exit codes, output)."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flows.extract import extract_flow
+
+from .conftest import CMU, DAPI, SLIDES
+
+pytestmark = pytest.mark.prefect
+
+
+def _artifact(key):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return found[0] if found else None
+
+    return asyncio.run(read())
+
+
+def test_flow_completes_and_lists_failed_slides(prefect_api, tmp_path):
+    state = extract_flow(
+        sources=[str(SLIDES), str(tmp_path / "missing.svs")],
+        store=str(tmp_path / "store"),
+        overrides={"extract.group_size": 1, "extract.io_retries": 0},
+        processes=False,
+        return_state=True,
+    )
+    assert state.is_completed()
+    summary = state.result()
+    assert (summary["ok"], summary["failed"], summary["slides"]) == (1, 2, 3)
+    assert {f["slide_id"] for f in summary["failed_slides"]} == {"missing", DAPI.stem}
+    table = _artifact("extract-slides")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["slide"]: r["status"] for r in rows} == {CMU.stem: "ok", DAPI.stem: "failed", "missing": "failed"}
+    progress = _artifact("extract-progress")
+    assert float(progress.data) == 100.0
+
+
+def test_flow_fails_when_no_slide_succeeds(prefect_api, tmp_path):
+    state = extract_flow(sources=[str(DAPI)], store=str(tmp_path / "store"), processes=False, return_state=True)
+    assert state.is_failed()
+    assert "no slide succeeded" in str(state.result(raise_on_failure=False))
+
+
+def test_flow_fails_on_wrong_settings_before_any_work(prefect_api, tmp_path):
+    state = extract_flow(
+        sources=[str(CMU)], store=str(tmp_path / "store"), overrides={"tissue.threshold": 2}, return_state=True
+    )
+    assert state.is_failed()
+    assert "tissue.threshold" in str(state.result(raise_on_failure=False))
+    assert not (tmp_path / "store").exists()
+
+
+def _pathgen(args, api_url, cwd):
+    env = dict(os.environ, PREFECT_API_URL=api_url, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return subprocess.run(
+        [sys.executable, "-m", "pathgen", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_extract_exit_codes_and_inspect(prefect_api, tmp_path):
+    store = tmp_path / "store"
+    ok = _pathgen(
+        ["extract", str(SLIDES), "--store", str(store), "--set", "extract.group_size=1"], prefect_api, tmp_path
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "1 ok" in ok.stdout and "1 failed" in ok.stdout and "no bright-field tissue" in ok.stdout
+    assert f"pathgen inspect file://{store}" in ok.stdout
+    assert (store / "patches" / f"{CMU.stem}.parquet").exists()
+    assert json.loads((store / "slides" / DAPI.stem / "slide.json").read_text())["status"] == "failed"
+
+    again = _pathgen(["extract", str(CMU), "--store", str(store)], prefect_api, tmp_path)
+    assert again.returncode == 0 and "1 already done" in again.stdout
+
+    none = _pathgen(["extract", str(DAPI), "--store", str(store)], prefect_api, tmp_path)
+    assert none.returncode == 1 and "no slide succeeded" in none.stderr
+
+    bad = _pathgen(["extract", str(CMU), "--set", "selection.method=best"], prefect_api, tmp_path)
+    assert bad.returncode == 2 and "selection.method" in bad.stderr and "'random'" in bad.stderr
+    usage = _pathgen(["extract"], prefect_api, tmp_path)
+    assert usage.returncode == 2
+
+    sheet = tmp_path / "sheet.png"
+    shown = _pathgen(["inspect", str(store), "--out", str(sheet)], prefect_api, tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 slide(s): 1 failed, 1 ok" in shown.stdout and "image: binary" in shown.stdout
+    from PIL import Image
+
+    assert Image.open(sheet).size[0] > 0
+    one = _pathgen(["inspect", f"{store}/patches/{CMU.stem}.parquet", "--out", str(sheet)], prefect_api, tmp_path)
+    assert one.returncode == 0 and "1 patch shard(s)" in one.stdout

@@ -43,7 +43,13 @@ def tissue_mask(overview_rgb: np.ndarray, downsample: float, mpp: float | None, 
             "(H&E) slides only, so leave this slide out (or lower tissue.min_background_value if it is bright-field)"
         )
     blurred = cv2.medianBlur(saturation, cfg.median_px)
+    # H&E has two stained populations, pale eosin-only stroma and dense hematoxylin-rich tissue, so a single Otsu
+    # on saturation often splits stroma from nuclei instead of tissue from glass. Otsu again on the lower class
+    # separates glass from pale stroma; the floor keeps glass noise out when there is no pale class.
     otsu, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    lower = blurred[blurred <= otsu]
+    if lower.size > 16:
+        otsu, _ = cv2.threshold(lower.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = max(float(otsu), float(cfg.min_saturation))
     mask = (blurred > threshold).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.closing_px, cfg.closing_px))

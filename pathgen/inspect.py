@@ -63,7 +63,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
     print(f"\nsample rows of {shards[0]}:")
     shown = table.drop_columns([c for c in ("image", "embedding") if c in table.column_names])
     for row in shown.slice(0, rows).to_pylist():
-        print("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("source_uri",)))
+        print("  " + ", ".join(f"{k}={_short(v)}" for k, v in row.items() if k not in ("source_uri",)))
     per_shard = max(1, math.ceil(samples / len(shards)))
     for key in shards:
         if len(images) >= samples:
@@ -77,6 +77,10 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
     _contact_sheet(images[:samples], labels[:samples], out)
     print(f"\ncontact sheet of {len(images[:samples])} patches: {out}")
     return 0
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def _print_slides(store: Store) -> None:

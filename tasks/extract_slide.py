@@ -25,7 +25,7 @@ from tasks.errors import SlideError, TransientIOError, is_transient, retry_io
 from tasks.patch_shard import SCHEMA_VERSION, PatchRecord, PatchShardWriter, patch_id_for
 from tasks.quality import rejection_reason, score_patch
 from tasks.selection import ReadBatch, SelectionPlan, plan_selection
-from tasks.slide_reader import SlideReader, missing_mpp_message
+from tasks.slide_reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
 from tasks.sources import SlideRef
 from tasks.store import Store, is_remote, storage_options
 from tasks.tissue import GridCell, draw_thumbnail, grid_cells, mask_fraction, tissue_mask
@@ -216,6 +216,15 @@ def _extract(
             objective_power=info.objective_power,
         )
         timings["open"] = time.perf_counter() - tick
+        record["upsampled"] = settings.patch.target_mpp < info.mpp * (1 - MPP_TOLERANCE)
+        if record["upsampled"]:
+            logger.warning(
+                "%s: target_mpp %.3g is finer than the scan (%.3g µm/px): patches are upsampled and hold no more "
+                "detail than the slide",
+                ref.slide_id,
+                settings.patch.target_mpp,
+                info.mpp,
+            )
 
         tick = time.perf_counter()
         overview, downsample = reader.overview(settings.tissue.mask_downsample)

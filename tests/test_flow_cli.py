@@ -15,13 +15,16 @@ from .conftest import CMU, DAPI, SLIDES
 pytestmark = pytest.mark.prefect
 
 
-def _artifact(key):
+def _artifact(key, flow_run_id):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     async def read():
+        query = ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+        )
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            found = await client.read_artifacts(artifact_filter=query)
             return found[0] if found else None
 
     return asyncio.run(read())
@@ -39,10 +42,11 @@ def test_flow_completes_and_lists_failed_slides(prefect_api, tmp_path):
     summary = state.result()
     assert (summary["ok"], summary["failed"], summary["slides"]) == (1, 2, 3)
     assert {f["slide_id"] for f in summary["failed_slides"]} == {"missing", DAPI.stem}
-    table = _artifact("extract-slides")
+    run_id = state.state_details.flow_run_id
+    table = _artifact("extract-slides", run_id)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert {r["slide"]: r["status"] for r in rows} == {CMU.stem: "ok", DAPI.stem: "failed", "missing": "failed"}
-    progress = _artifact("extract-progress")
+    progress = _artifact("extract-progress", run_id)
     assert float(progress.data) == 100.0
 
 

@@ -95,3 +95,16 @@ def test_unanswering_store_fails_early_with_a_clear_error(monkeypatch):
     with pytest.raises(StoreError, match="cannot be reached") as err:
         Store(settings.store, settings.s3).check()
     assert "very-secret-value" not in str(err.value)
+
+
+def test_extract_flow_writes_to_s3_and_reports(prefect_api, bucket):
+    from flows.extract import extract_flow
+
+    from .conftest import DAPI
+
+    summary = extract_flow(sources=[str(CMU), str(DAPI)], store=f"{bucket}/flow", processes=False)
+    assert (summary["ok"], summary["failed"]) == (1, 1)
+    assert summary["store"] == f"{bucket}/flow"
+    store = Store(f"{bucket}/flow")
+    assert store.list("patches") == ["patches/CMU-1-Small-Region.parquet"]
+    assert store.read_json(slide_json_key(DAPI.stem))["status"] == "failed"

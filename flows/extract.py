@@ -49,6 +49,8 @@ def _summary(settings: Settings, outcomes: list[SlideOutcome]) -> dict[str, Any]
         "failed": len(by_status["failed"]),
         "patches": sum(o.patches for o in outcomes if o.status != "failed"),
         "failed_slides": [{"slide_id": o.slide_id, "error": o.error} for o in by_status["failed"]],
+        "selection": settings.selection.method,
+        "random_weights": any(o.record.get("random_weights") for o in outcomes),
     }
 
 
@@ -75,7 +77,10 @@ def extract_flow(
     outcomes: list[SlideOutcome] = []
     runner = ProcessPoolTaskRunner(max_workers=workers) if processes and workers > 1 else ThreadPoolTaskRunner(1)
     with runner, _progress_bar(len(refs)) as (bar, bar_task):
-        futures = {runner.submit(extract_slides_task, {"refs": g, "settings": settings}): g for g in groups}
+        # Representative selection embeds patches: tagged gpu, so a tag concurrency limit can match the GPUs.
+        gpu = settings.selection.method == "representative"
+        task = extract_slides_task.with_options(tags=["extract", "gpu"]) if gpu else extract_slides_task
+        futures = {runner.submit(task, {"refs": g, "settings": settings}): g for g in groups}
         for future in as_completed(list(futures)):
             group = futures[future]
             try:
@@ -94,6 +99,7 @@ def extract_flow(
         [
             {
                 "slide": o.slide_id,
+                "random_weights": bool(o.record.get("random_weights")),
                 "status": o.status,
                 "patches": o.patches,
                 "seconds": o.seconds,
@@ -115,6 +121,8 @@ def extract_flow(
         summary["patches"],
         summary["store"],
     )
+    if summary["random_weights"]:
+        logger.warning("selection used random-weight embeddings (tiny-random): the picks are noise, not a selection")
     if summary["ok"] + summary["skipped"] == 0:
         raise NoSlideSucceeded(f"no slide succeeded ({summary['failed']} failed); see the errors above")
     return summary

@@ -113,6 +113,11 @@ def _print_summary(summary: dict) -> None:
     print(f"store: {store}")
     print(f"  patch shards:  {store}/patches/<slide_id>.parquet")
     print(f"  per slide:     {store}/slides/<slide_id>/slide.json and thumbnail.png")
+    if summary.get("selection") == "representative":
+        print(f"  selection:     {store}/slides/<slide_id>/selection.png")
+    if summary.get("random_weights"):
+        print("  RANDOM WEIGHTS: selection used the tiny-random embedding model, so its picks are noise;")
+        print("  set embedding.model and embedding.pretrained for a real selection")
     for failed in summary["failed_slides"]:
         print(f"failed: {failed['slide_id']}: {failed['error']}")
     print(f"look at them:  pathgen inspect {store}")

@@ -73,9 +73,28 @@ class QualitySettings(_Section):
 
 
 class SelectionSettings(_Section):
-    method: Literal["all", "random"] = "random"
-    max_per_slide: int = Field(256, ge=1, description="cap for the random selector")
+    method: Literal["representative", "random", "all"] = Field(
+        "representative", description="representative (CLIP clusters + prompt retrieval), seeded random, or all"
+    )
+    max_per_slide: int = Field(256, ge=1, description="cap on patches kept per slide")
     seed: int = 0
+    clusters: int | None = Field(None, ge=1, description="fixed k for k-means; unset uses the paper's rule")
+    cluster_rule_factor: float = Field(
+        1.6, gt=0.0, description="k = ceil(sqrt(factor * N / 128)) for N candidates (PathGen-1.6M)"
+    )
+    retrieval_top_k: int = Field(16, ge=0, description="K: top patches by attribute prompts, and by findings")
+    prompts_file: str | None = Field(None, description="YAML of extra or replacement attribute prompts per project")
+    findings_file: str | None = Field(None, description="JSON map slide_id -> report finding sentences")
+    duplicate_threshold: float = Field(
+        0.88, gt=0.0, le=1.0, description="a patch this similar (cosine) to a kept one is dropped"
+    )
+
+
+class EmbeddingSettings(_Section):
+    model: str | None = Field(None, description="open_clip model name; unset builds the tiny-random model")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    batch_size: int = Field(64, ge=1, le=4096)
 
 
 class SlideSettings(_Section):
@@ -85,6 +104,8 @@ class SlideSettings(_Section):
     mpp_overrides: dict[str, float] = Field(
         default_factory=dict, description="slide_id (or file name) -> MPP, wins over the slide's own metadata"
     )
+    project: str | None = Field(None, description="TCGA project of every slide (e.g. TCGA-BRCA) unless mapped")
+    projects: dict[str, str] = Field(default_factory=dict, description="slide_id -> TCGA project")
     roots: list[str] = Field(
         default_factory=list,
         description="folders or URLs searched for slides named by a GDC manifest or a PathGen JSON file",
@@ -116,13 +137,16 @@ class Settings(_Section):
     tissue: TissueSettings = Field(default_factory=TissueSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     slides: SlideSettings = Field(default_factory=SlideSettings)
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
 
     def extraction_hash(self) -> str:
         """Hash of everything that changes which patches a slide yields (not where they are stored)."""
-        relevant = self.model_dump(include={"patch", "tissue", "quality", "selection", "slides"})
+        relevant = self.model_dump(include={"patch", "tissue", "quality", "selection", "slides", "embedding"})
+        relevant["embedding"].pop("device", None)
+        relevant["embedding"].pop("batch_size", None)
         relevant["slides"].pop("roots", None)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

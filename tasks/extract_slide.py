@@ -11,24 +11,23 @@ import datetime as dt
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
-import imagecodecs
 from prefect import get_run_logger, task
 
 from pathgen import __version__
 from pathgen.settings import Settings
 from tasks.errors import SlideError, TransientIOError, is_transient, retry_io
-from tasks.patch_shard import SCHEMA_VERSION, PatchRecord, PatchShardWriter, patch_id_for
-from tasks.quality import rejection_reason, score_patch
+from tasks.patch_passes import PassResult, SlidePass, write_planned, write_representative
+from tasks.patch_shard import SCHEMA_VERSION, PatchShardWriter
+from tasks.pictures import draw_selection, draw_thumbnail
 from tasks.selection import ReadBatch, SelectionPlan, plan_selection
 from tasks.slide_reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
 from tasks.sources import SlideRef
 from tasks.store import Store, is_remote, storage_options
-from tasks.tissue import GridCell, draw_thumbnail, grid_cells, mask_fraction, tissue_mask
+from tasks.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
 
 log = logging.getLogger("pathgen.extract")
 
@@ -49,6 +48,10 @@ def slide_json_key(slide_id: str) -> str:
 
 def thumbnail_key(slide_id: str) -> str:
     return f"slides/{slide_id}/thumbnail.png"
+
+
+def selection_key(slide_id: str) -> str:
+    return f"slides/{slide_id}/selection.png"
 
 
 def shard_key(slide_id: str) -> str:
@@ -250,10 +253,15 @@ def _extract(
         record["read_level"] = reader.best_level(settings.patch.target_mpp)
 
         tick = time.perf_counter()
-        kept_boxes, counts = _write_patches(ref, settings, store, reader, plan)
+        slide = SlidePass(ref, settings, reader, logger)
+        result = _write_shard(slide, store, plan, cells)
         timings["patches"] = time.perf_counter() - tick
-        counts["tissue_cells"] = len(cells)
-        counts["grid_cells"] = int(info.width // cell) * int(info.height // cell)
+        counts = dict(
+            result.counts, tissue_cells=len(cells), grid_cells=int(info.width // cell) * int(info.height // cell)
+        )
+        if result.selection:
+            record["selection"] = dict(record["selection"], **result.selection)
+        record["random_weights"] = result.random_weights
 
         tick = time.perf_counter()
         thumb_downsample = max(1.0, max(info.width, info.height) / settings.extract.thumbnail_px)
@@ -263,9 +271,19 @@ def _extract(
         mask_big = cv2.resize(
             mask.astype("uint8"), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST
         )
-        thumb = draw_thumbnail(picture, mask_big, picture_downsample, kept_boxes, settings.extract.thumbnail_px)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR))
-        store.write_bytes(thumbnail_key(ref.slide_id), png.tobytes())
+        kept_boxes = [k.box for k in result.kept]
+        _write_png(
+            store,
+            thumbnail_key(ref.slide_id),
+            draw_thumbnail(picture, mask_big, picture_downsample, kept_boxes, settings.extract.thumbnail_px),
+        )
+        if plan.name == "representative":
+            _write_png(
+                store,
+                selection_key(ref.slide_id),
+                draw_selection(picture, picture_downsample, result.kept, settings.extract.thumbnail_px),
+            )
+            record["selection_png"] = selection_key(ref.slide_id)
         timings["thumbnail"] = time.perf_counter() - tick
 
     logger.info(
@@ -287,16 +305,14 @@ def _extract(
     return record
 
 
-def _write_patches(
-    ref: SlideRef, settings: Settings, store: Store, reader: SlideReader, plan: SelectionPlan
-) -> tuple[list[tuple[int, int, int, int]], dict[str, Any]]:
-    patch_cfg, quality_cfg = settings.patch, settings.quality
-    positional = plan.name == "positions"
-    caption_at = dict(zip(ref.positions or [], ref.captions or [], strict=False))
-    read_level = reader.best_level(patch_cfg.target_mpp)
-    rejected: Counter[str] = Counter()
-    kept_boxes: list[tuple[int, int, int, int]] = []
-    read = 0
+def _write_png(store: Store, key: str, rgb) -> None:
+    ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    store.write_bytes(key, png.tobytes())
+
+
+def _write_shard(slide: SlidePass, store: Store, plan: SelectionPlan, cells: list[GridCell]) -> PassResult:
+    """Write the slide's patch shard through a staged file: it is committed whole or not at all."""
+    ref, settings = slide.ref, slide.settings
     metadata = {
         "pathgen.slide_id": ref.slide_id,
         "pathgen.settings_hash": settings.extraction_hash(),
@@ -305,63 +321,19 @@ def _write_patches(
     with store.staged_file(shard_key(ref.slide_id)) as local:
         writer = PatchShardWriter(local, metadata)
         try:
-            for batch in plan.batches:
-                if plan.cap is not None and len(kept_boxes) >= plan.cap:
-                    break
-                survivors: list[tuple[int, PatchRecord]] = []
-                boxes = [c.box for c in batch.cells]
-                patches = reader.read_boxes(
-                    boxes, patch_cfg.target_mpp, patch_cfg.patch_px, settings.extract.read_ahead
-                )
-                for cell, rank, rgb in zip(batch.cells, batch.ranks, patches, strict=True):
-                    read += 1
-                    scores = score_patch(rgb, quality_cfg.analysis_px)
-                    reason = None if positional else rejection_reason(scores, quality_cfg)
-                    if reason:
-                        rejected[reason] += 1
-                        continue
-                    survivors.append(
-                        (
-                            rank,
-                            PatchRecord(
-                                patch_id=patch_id_for(ref.slide_id, cell.box, patch_cfg.target_mpp, patch_cfg.patch_px),
-                                slide_id=ref.slide_id,
-                                source_uri=ref.uri,
-                                project=ref.project,
-                                file_id=ref.file_id,
-                                x=cell.x,
-                                y=cell.y,
-                                w0=cell.w0,
-                                h0=cell.h0,
-                                level=read_level,
-                                mpp=patch_cfg.target_mpp,
-                                slide_mpp=float(reader.info.mpp),
-                                patch_px=patch_cfg.patch_px,
-                                tissue_fraction=cell.tissue_fraction,
-                                background_fraction=scores.background_fraction,
-                                sharpness=scores.sharpness,
-                                pen_fraction=scores.pen_fraction,
-                                image=imagecodecs.jpeg8_encode(rgb, level=patch_cfg.jpeg_quality),
-                                selected_by=[plan.name],
-                                source_caption=caption_at.get((cell.x, cell.y)),
-                            ),
-                        )
-                    )
-                if plan.cap is not None:
-                    room = plan.cap - len(kept_boxes)
-                    survivors = sorted(survivors, key=lambda s: s[0])[:room]
-                    survivors.sort(key=lambda s: (s[1].y, s[1].x))
-                writer.add([r for _, r in survivors])
-                kept_boxes.extend((r.x, r.y, r.w0, r.h0) for _, r in survivors)
+            if plan.name == "representative":
+                result = write_representative(slide, cells, writer)
+            else:
+                result = write_planned(slide, plan, writer)
         finally:
             writer.close()
-        if not kept_boxes:
+        if not result.kept:
             raise SlideError(
-                f"no patch passed the quality filters ({read} read; rejected: {dict(rejected)}); check the slide "
-                "or relax quality.max_background_fraction, quality.min_sharpness or quality.max_pen_fraction"
+                f"no patch passed the quality filters ({result.counts['read']} read; rejected: "
+                f"{result.counts['rejected']}); check the slide or relax quality.max_background_fraction, "
+                "quality.min_sharpness or quality.max_pen_fraction"
             )
-    counts = {"read": read, "rejected": dict(rejected), "kept": len(kept_boxes)}
-    return kept_boxes, counts
+    return result
 
 
 def extract_slides(

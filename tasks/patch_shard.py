@@ -33,6 +33,9 @@ PATCH_SCHEMA = pa.schema(
         pa.field("sharpness", pa.float32()),
         pa.field("pen_fraction", pa.float32()),
         pa.field("selected_by", pa.list_(pa.string())),
+        pa.field("cluster", pa.int32()),
+        pa.field("attribute_score", pa.float32()),
+        pa.field("findings_score", pa.float32()),
         pa.field("embedding", pa.list_(pa.float32())),
         pa.field("source_caption", pa.string()),
         pa.field("image", pa.binary(), nullable=False),
@@ -67,6 +70,9 @@ class PatchRecord:
     pen_fraction: float | None
     image: bytes
     selected_by: list[str] = field(default_factory=list)
+    cluster: int | None = None
+    attribute_score: float | None = None
+    findings_score: float | None = None
     embedding: list[float] | None = None
     source_caption: str | None = None
 

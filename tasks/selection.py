@@ -62,4 +62,7 @@ def plan_selection(cells: list[GridCell], cfg: SelectionSettings, slide_id: str)
             for i in range(0, len(order), size)
         )
         return SelectionPlan("random", cfg.max_per_slide, batches)
+    if cfg.method == "representative":
+        # Every candidate is read and embedded; write_representative makes its own two passes over them.
+        return SelectionPlan("representative", cfg.max_per_slide, iter(()))
     raise ValueError(f"unknown selection method {cfg.method!r}")

@@ -135,29 +135,3 @@ def mask_fraction(mask: np.ndarray, mask_downsample: float, box: tuple[int, int,
     if x1 <= x0 or y1 <= y0:
         return 0.0
     return float(mask[y0:y1, x0:x1].mean())
-
-
-def draw_thumbnail(
-    overview_rgb: np.ndarray,
-    mask: np.ndarray | None,
-    downsample: float,
-    kept_boxes: list[tuple[int, int, int, int]],
-    max_px: int,
-) -> np.ndarray:
-    """The overview with the tissue outline (green) and the kept patch grid (blue) drawn on it."""
-    scale = min(1.0, max_px / max(overview_rgb.shape[:2]))
-    image = overview_rgb
-    if scale < 1.0:
-        size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    image = np.ascontiguousarray(image)
-    if mask is not None:
-        small = cv2.resize(mask.astype(np.uint8), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
-        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(image, contours, -1, (0, 170, 0), 2)
-    factor = scale / downsample
-    for x, y, w, h in kept_boxes:
-        p0 = (int(x * factor), int(y * factor))
-        p1 = (int((x + w) * factor), int((y + h) * factor))
-        cv2.rectangle(image, p0, p1, (30, 60, 220), 1)
-    return image

@@ -6,6 +6,7 @@ import pytest
 
 from pathgen.settings import load_settings
 from tasks import extract_slide as extract_module
+from tasks import patch_passes as passes_module
 from tasks.extract_slide import extract_slide, shard_key, slide_json_key, thumbnail_key
 from tasks.patch_shard import SCHEMA_VERSION, patch_id_for
 from tasks.sources import resolve_sources
@@ -121,7 +122,7 @@ def test_default_mpp_and_per_slide_override_rescue_a_slide_without_mpp(tmp_path,
 
 def test_a_crash_mid_shard_leaves_no_partial_shard(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = extract_module.score_patch
+    real = passes_module.score_patch
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -129,7 +130,7 @@ def test_a_crash_mid_shard_leaves_no_partial_shard(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash in the middle of a shard")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "score_patch", flaky)
+    monkeypatch.setattr(passes_module, "score_patch", flaky)
     outcome, store = _run(CMU, _settings(tmp_path / "store", **{"selection.method": "all"}))
     assert outcome.status == "failed" and "simulated crash" in outcome.error
     assert not store.exists(shard_key("CMU-1-Small-Region"))

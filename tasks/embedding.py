@@ -1,0 +1,194 @@
+"""open_clip image and text embeddings for patch selection.
+
+Any open_clip model name works, with ``pretrained`` as a tag (``openai``) or a local checkpoint path. With no model
+configured the named config ``tiny-random`` (``tasks/data/open_clip/tiny-random.json``) is built with seeded random
+weights so that every command runs offline; its embeddings carry no meaning, and every run that uses it says so.
+Images go through the model's own preprocessing transform; embeddings are L2-normalised float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pathgen.settings import EmbeddingSettings
+
+TINY_RANDOM = "tiny-random"
+MODEL_CONFIGS = Path(__file__).parent / "data" / "open_clip"
+RANDOM_WEIGHTS_WARNING = (
+    "selection embeddings come from the tiny-random open_clip model (random weights): clusters and retrieval picks "
+    "are noise; set embedding.model and embedding.pretrained for real selection"
+)
+
+log = logging.getLogger("pathgen.embedding")
+_models: dict[tuple, EmbeddingModel] = {}
+_models_lock = threading.Lock()
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    if TINY_RANDOM not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIGS)
+
+
+@dataclass(eq=False)  # identity hash: one loaded model per process, usable as a cache key
+class EmbeddingModel:
+    name: str
+    pretrained: str | None
+    device: str
+    random_weights: bool
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    image_size: int
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "device": self.device,
+            "random_weights": self.random_weights,
+        }
+
+    def prepare(self, rgb: np.ndarray):
+        """One patch -> the model's input tensor. Shrinking with cv2 first keeps the transform's resize cheap."""
+        from PIL import Image
+
+        if rgb.shape[0] != self.image_size or rgb.shape[1] != self.image_size:
+            rgb = cv2.resize(rgb, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        return self.preprocess(Image.fromarray(rgb))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            tokens = self.tokenizer(texts).to(self.device)
+            features = self.model.encode_text(tokens).float()
+            features = torch.nn.functional.normalize(features, dim=-1)
+        return features.cpu().numpy().astype(np.float32)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else -1
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None = None) -> EmbeddingModel:
+    """The configured model, loaded once per process (workers embed many slides with one model)."""
+    logger = logger or log
+    name = cfg.model or TINY_RANDOM
+    device = resolve_device(cfg.device)
+    key = (name, cfg.pretrained, device)
+    with _models_lock:
+        if key in _models:
+            return _models[key]
+        import open_clip
+        import torch
+
+        _register_configs()
+        random_weights = cfg.model is None or (name == TINY_RANDOM and not cfg.pretrained)
+        if random_weights:
+            logger.warning(RANDOM_WEIGHTS_WARNING)
+        if cfg.pretrained and Path(cfg.pretrained).suffix and not Path(cfg.pretrained).exists():
+            raise FileNotFoundError(
+                f"embedding.pretrained {cfg.pretrained!r} looks like a checkpoint path but does not exist; "
+                "give an existing file or an open_clip pretrained tag such as 'openai'"
+            )
+        # Seeded so that the random-weight model, and thus a test or demo run, is the same in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=cfg.pretrained or None, device=device
+            )
+        model.eval()
+        size = model.visual.image_size
+        image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        loaded = EmbeddingModel(
+            name=name,
+            pretrained=cfg.pretrained,
+            device=device,
+            random_weights=random_weights,
+            model=model,
+            preprocess=preprocess,
+            tokenizer=open_clip.get_tokenizer(name),
+            image_size=image_size,
+        )
+        _models[key] = loaded
+        return loaded
+
+
+class PatchEmbedder:
+    """Collects preprocessed patches and embeds them a batch at a time, so memory never holds more than a batch.
+
+    On CUDA out-of-memory the batch is halved and retried (down to one patch) rather than failing the slide.
+    """
+
+    def __init__(self, model: EmbeddingModel, batch_size: int, logger: logging.Logger | None = None) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.logger = logger or log
+        self._pending: list[Any] = []
+        self._done: list[np.ndarray] = []
+
+    def add(self, rgb: np.ndarray) -> None:
+        self._pending.append(self.model.prepare(rgb))
+        if len(self._pending) >= self.batch_size:
+            self._flush()
+
+    def finish(self) -> np.ndarray:
+        self._flush()
+        if not self._done:
+            return np.zeros((0, max(self.model.dim, 0)), np.float32)
+        return np.concatenate(self._done, axis=0)
+
+    def _flush(self) -> None:
+        while self._pending:
+            chunk = self._pending[: self.batch_size]
+            try:
+                self._done.append(self._forward(chunk))
+            except Exception as exc:
+                if not _is_out_of_memory(exc) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                self.logger.warning("GPU out of memory while embedding: batch size halved to %d", self.batch_size)
+                _empty_cuda_cache()
+                continue
+            self._pending = self._pending[len(chunk) :]
+
+    def _forward(self, tensors: list[Any]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.stack(tensors).to(self.model.device)
+            features = self.model.model.encode_image(batch).float()
+            features = torch.nn.functional.normalize(features, dim=-1)
+        return features.cpu().numpy().astype(np.float32)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,218 @@
+"""Reading a slide's candidate cells into patch records, one selection method at a time.
+
+``write_planned`` serves ``all``, ``random`` and the exact positions of a PathGen JSON source in one pass: read,
+score, encode, write. ``write_representative`` takes two passes so that memory never holds the candidates' pixels:
+the first reads every candidate, scores it and embeds it (a batch at a time), the selection runs on the
+embeddings alone, and the second pass re-reads only the chosen patches to encode and write them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import imagecodecs
+import numpy as np
+
+from pathgen.settings import Settings
+from tasks.embedding import EmbeddingModel, PatchEmbedder, load_embedding_model
+from tasks.patch_shard import PatchRecord, PatchShardWriter, patch_id_for
+from tasks.quality import QualityScores, rejection_reason, score_patch
+from tasks.representative import select_representative
+from tasks.retrieval import prompts_for, retrieval_scores
+from tasks.selection import SelectionPlan
+from tasks.slide_reader import SlideReader
+from tasks.sources import SlideRef
+from tasks.tissue import GridCell
+
+RASTER_BATCH = 512
+
+
+@dataclass(frozen=True)
+class KeptPatch:
+    box: tuple[int, int, int, int]
+    selected_by: tuple[str, ...]
+    cluster: int | None = None
+
+
+@dataclass
+class PassResult:
+    kept: list[KeptPatch]
+    counts: dict[str, Any]
+    selection: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+
+
+@dataclass
+class SlidePass:
+    """What every pass needs about one slide: where to read, how to score, how to make a record."""
+
+    ref: SlideRef
+    settings: Settings
+    reader: SlideReader
+    logger: logging.Logger
+
+    def read(self, cells: list[GridCell]) -> Iterator[tuple[GridCell, np.ndarray]]:
+        patch = self.settings.patch
+        boxes = [c.box for c in cells]
+        pixels = self.reader.read_boxes(boxes, patch.target_mpp, patch.patch_px, self.settings.extract.read_ahead)
+        yield from zip(cells, pixels, strict=True)
+
+    def score(self, rgb: np.ndarray) -> tuple[QualityScores, str | None]:
+        scores = score_patch(rgb, self.settings.quality.analysis_px)
+        return scores, rejection_reason(scores, self.settings.quality)
+
+    def record(
+        self, cell: GridCell, scores: QualityScores, rgb: np.ndarray, selected_by: list[str], **extra
+    ) -> PatchRecord:
+        patch = self.settings.patch
+        return PatchRecord(
+            patch_id=patch_id_for(self.ref.slide_id, cell.box, patch.target_mpp, patch.patch_px),
+            slide_id=self.ref.slide_id,
+            source_uri=self.ref.uri,
+            project=self.ref.project,
+            file_id=self.ref.file_id,
+            x=cell.x,
+            y=cell.y,
+            w0=cell.w0,
+            h0=cell.h0,
+            level=self.reader.best_level(patch.target_mpp),
+            mpp=patch.target_mpp,
+            slide_mpp=float(self.reader.info.mpp),
+            patch_px=patch.patch_px,
+            tissue_fraction=cell.tissue_fraction,
+            background_fraction=scores.background_fraction,
+            sharpness=scores.sharpness,
+            pen_fraction=scores.pen_fraction,
+            image=imagecodecs.jpeg8_encode(rgb, level=patch.jpeg_quality),
+            selected_by=selected_by,
+            **extra,
+        )
+
+
+def write_planned(slide: SlidePass, plan: SelectionPlan, writer: PatchShardWriter) -> PassResult:
+    """One pass for ``all``, ``random`` and exact positions: read, score, encode and write as cells come."""
+    positional = plan.name == "positions"
+    caption_at = dict(zip(slide.ref.positions or [], slide.ref.captions or [], strict=False))
+    rejected: Counter[str] = Counter()
+    kept: list[KeptPatch] = []
+    read = 0
+    for batch in plan.batches:
+        if plan.cap is not None and len(kept) >= plan.cap:
+            break
+        survivors: list[tuple[int, PatchRecord]] = []
+        ranks = dict(zip(batch.cells, batch.ranks, strict=True))
+        for cell, rgb in slide.read(batch.cells):
+            read += 1
+            scores, reason = slide.score(rgb)
+            if reason and not positional:  # exact positions are kept whatever they show; scores are recorded
+                rejected[reason] += 1
+                continue
+            record = slide.record(cell, scores, rgb, [plan.name], source_caption=caption_at.get((cell.x, cell.y)))
+            survivors.append((ranks[cell], record))
+        if plan.cap is not None:  # only the last batch can overshoot: drop its worst-ranked survivors
+            survivors = sorted(survivors, key=lambda s: s[0])[: plan.cap - len(kept)]
+            survivors.sort(key=lambda s: (s[1].y, s[1].x))
+        writer.add([r for _, r in survivors])
+        kept.extend(KeptPatch((r.x, r.y, r.w0, r.h0), (plan.name,)) for _, r in survivors)
+    return PassResult(kept, {"read": read, "rejected": dict(rejected), "kept": len(kept)})
+
+
+@lru_cache(maxsize=64)
+def _text_embeddings(model: EmbeddingModel, texts: tuple[str, ...]) -> np.ndarray:
+    return model.embed_texts(list(texts))
+
+
+def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchShardWriter) -> PassResult:
+    settings, cfg = slide.settings, slide.settings.selection
+    model = load_embedding_model(settings.embedding, slide.logger)
+    # Random-weight embeddings of H&E patches are nearly collinear (cosine ~0.97 for unrelated tissue), so a
+    # similarity filter on them would discard almost everything for no reason: it is skipped, and said so.
+    threshold = None if model.random_weights else cfg.duplicate_threshold
+    if model.random_weights:
+        slide.logger.warning(
+            "%s: selection uses random-weight embeddings (tiny-random): clusters and retrieval picks are noise, "
+            "and the near-duplicate filter is skipped",
+            slide.ref.slide_id,
+        )
+    embedder = PatchEmbedder(model, settings.embedding.batch_size, slide.logger)
+    rejected: Counter[str] = Counter()
+    candidates: list[tuple[GridCell, QualityScores]] = []
+    for start in range(0, len(cells), RASTER_BATCH):
+        for cell, rgb in slide.read(cells[start : start + RASTER_BATCH]):
+            scores, reason = slide.score(rgb)
+            if reason:
+                rejected[reason] += 1
+                continue
+            candidates.append((cell, scores))
+            embedder.add(rgb)
+    embeddings = embedder.finish()
+
+    project = slide.ref.project or settings.slides.projects.get(slide.ref.slide_id) or settings.slides.project
+    prompts = prompts_for(slide.ref.slide_id, project, cfg.prompts_file, cfg.findings_file, slide.logger)
+    attributes, findings = retrieval_scores(
+        embeddings, _text_embeddings(model, prompts.attributes), _text_embeddings(model, prompts.findings)
+    )
+    chosen = select_representative(
+        embeddings,
+        attributes,
+        findings,
+        max_per_slide=cfg.max_per_slide,
+        top_k=cfg.retrieval_top_k,
+        duplicate_threshold=threshold,
+        seed=cfg.seed,
+        clusters=cfg.clusters,
+        cluster_rule_factor=cfg.cluster_rule_factor,
+    )
+
+    order = sorted(chosen.indices, key=lambda i: (candidates[i][0].y, candidates[i][0].x))  # raster: tiles once
+    by_cell = {candidates[i][0]: i for i in order}
+    kept: list[KeptPatch] = []
+    for start in range(0, len(order), RASTER_BATCH):
+        records = []
+        for cell, rgb in slide.read([candidates[i][0] for i in order[start : start + RASTER_BATCH]]):
+            i = by_cell[cell]
+            reasons = chosen.reasons[i]
+            records.append(
+                slide.record(
+                    cell,
+                    candidates[i][1],
+                    rgb,
+                    reasons,
+                    cluster=int(chosen.labels[i]),
+                    attribute_score=float(attributes[i]),
+                    findings_score=None if findings is None else float(findings[i]),
+                    embedding=embeddings[i].tolist(),
+                )
+            )
+            kept.append(KeptPatch(cell.box, tuple(reasons), int(chosen.labels[i])))
+        writer.add(records)
+    selection = {
+        "method": "representative",
+        "candidates": len(candidates),
+        "k": chosen.k,
+        "K": cfg.retrieval_top_k,
+        "max_per_slide": cfg.max_per_slide,
+        "duplicate_threshold": cfg.duplicate_threshold,
+        "duplicate_filter": "applied" if threshold is not None else "skipped: random-weight embeddings",
+        "dropped_duplicates": chosen.dropped_duplicates,
+        "seed": cfg.seed,
+        "picks": chosen.picks,
+        "prompts": {
+            "project": prompts.project,
+            "attributes": len(prompts.attributes),
+            "findings": len(prompts.findings),
+        },
+        "embedding": model.describe(),
+    }
+    counts = {
+        "read": len(cells) + len(order),
+        "candidates": len(candidates),
+        "rejected": dict(rejected),
+        "kept": len(kept),
+    }
+    return PassResult(kept, counts, selection, model.random_weights)

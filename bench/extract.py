@@ -31,7 +31,7 @@ PATCH_PX = 672
 OVERRIDES = {"selection.method": "all", "patch.patch_px": PATCH_PX, "extract.io_retries": 0}
 
 
-def run_ours(slide: str, store: str, repeats: int = 2, read_ahead: int | None = None) -> dict:
+def run_ours(slide: str, store: str, repeats: int = 2, overrides: dict | None = None) -> dict:
     """One extraction in this process; returns counts, seconds, peak RSS and the kept boxes."""
     import resource
 
@@ -44,10 +44,7 @@ def run_ours(slide: str, store: str, repeats: int = 2, read_ahead: int | None = 
 
     with SlideReader(slide) as reader:
         mpp = reader.info.mpp
-    overrides = {**OVERRIDES, "store": store, "patch.target_mpp": mpp}
-    if read_ahead is not None:
-        overrides["extract.read_ahead"] = read_ahead
-    settings = load_settings(overrides=overrides)
+    settings = load_settings(overrides={**OVERRIDES, "store": store, "patch.target_mpp": mpp, **(overrides or {})})
     ref = resolve_sources([slide], settings)[0]
     # Steady state, as in a worker that has already done slides: imports, codec set-up and first-touch memory
     # are not timed. Best of `repeats` runs, each into a fresh store (a committed slide would be skipped).
@@ -64,13 +61,20 @@ def run_ours(slide: str, store: str, repeats: int = 2, read_ahead: int | None = 
         table = read_shard(handle, columns=["x", "y", "w0", "h0"])
     boxes = list(zip(*(table[c].to_pylist() for c in ("x", "y", "w0", "h0")), strict=True))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"patches": outcome.patches, "seconds": seconds, "peak_mb": peak_mb, "boxes": boxes}
+    return {
+        "patches": outcome.patches,
+        "seconds": seconds,
+        "peak_mb": peak_mb,
+        "boxes": boxes,
+        "counts": outcome.record["counts"],
+    }
 
 
-def _worker(slide: str, store: str, read_ahead: int | None = None) -> subprocess.Popen:
+def worker(slide: str, store: str, overrides: dict | None = None) -> subprocess.Popen:
+    """run_ours in a fresh interpreter (its peak memory is its own); read its JSON from stdout."""
     code = (
         f"import json,sys; sys.path.insert(0,{str(ROOT)!r}); from bench.extract import run_ours; "
-        f"r=run_ours({slide!r},{store!r},read_ahead={read_ahead!r}); r.pop('boxes'); print(json.dumps(r))"
+        f"r=run_ours({slide!r},{store!r},overrides={overrides!r}); r.pop('boxes'); print(json.dumps(r))"
     )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
 
@@ -147,9 +151,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="pathgen-bench-") as tmp:
         boxes = run_ours(slide, os.path.join(tmp, "boxes"), repeats=0)["boxes"]  # also warms the page cache
-        one = json.loads(_worker(slide, os.path.join(tmp, "one")).communicate()[0])
-        serial = json.loads(_worker(slide, os.path.join(tmp, "serial"), read_ahead=0).communicate()[0])
-        pair = [_worker(slide, os.path.join(tmp, f"two-{i}")) for i in range(2)]
+        one = json.loads(worker(slide, os.path.join(tmp, "one")).communicate()[0])
+        serial = json.loads(worker(slide, os.path.join(tmp, "serial"), {"extract.read_ahead": 0}).communicate()[0])
+        pair = [worker(slide, os.path.join(tmp, f"two-{i}")) for i in range(2)]
         results = [json.loads(p.communicate()[0]) for p in pair]
     kept = one["patches"]
     ours_rate = kept / one["seconds"]

@@ -30,6 +30,20 @@ def _artifact(key, flow_run_id):
     return asyncio.run(read())
 
 
+def _task_tags(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return [set(r.tags) for r in runs]
+
+    tags = asyncio.run(read())
+    assert tags
+    return tags
+
+
 def test_flow_completes_and_lists_failed_slides(prefect_api, tmp_path):
     state = extract_flow(
         sources=[str(SLIDES), str(tmp_path / "missing.svs")],
@@ -48,6 +62,8 @@ def test_flow_completes_and_lists_failed_slides(prefect_api, tmp_path):
     assert {r["slide"]: r["status"] for r in rows} == {CMU.stem: "ok", DAPI.stem: "failed", "missing": "failed"}
     progress = _artifact("extract-progress", run_id)
     assert float(progress.data) == 100.0
+    # Representative selection (the default) embeds patches: its tasks carry the gpu tag.
+    assert all("gpu" in tags for tags in _task_tags(run_id))
 
 
 def test_flow_fails_when_no_slide_succeeds(prefect_api, tmp_path):

@@ -90,6 +90,8 @@ def _print_slides(store: Store) -> None:
     print(f"store {store.url}: {len(records)} slide(s): " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
     for record in records:
         line = f"  {record['slide_id']}: {record['status']}, {record.get('counts', {}).get('kept', 0)} patches"
+        if record.get("random_weights"):
+            line += " (selected with RANDOM-WEIGHT embeddings: picks are noise)"
         if record.get("error"):
             line += f" ({record['error']})"
         print(line)

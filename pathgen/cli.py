@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--threads", action="store_true", help="run slide groups in threads, not processes")
     _settings_args(extract)
 
+    caption = sub.add_parser("caption", help="caption the selected patches: describe, revise, summarize")
+    caption.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    _settings_args(caption)
+
+    export = sub.add_parser("export", help="write pairs in an interchange format")
+    export.add_argument("format", choices=["pathgen-json"], help="pathgen-json: the PathGen-1.6M JSON format")
+    export.add_argument("--out", metavar="FILE", required=True)
+    export.add_argument("--store", metavar="URL")
+    export.add_argument("--agents-hash", metavar="HASH", help="which pairs (needed when the store holds several)")
+    _settings_args(export)
+
     inspect = sub.add_parser("inspect", help="show what a store or a shard holds and write a contact sheet")
     inspect.add_argument("url", metavar="URL", help="store root or a .parquet shard")
     inspect.add_argument("--out", metavar="PNG", default="contact-sheet.png", help="contact sheet path")
@@ -61,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "extract":
             return _extract(args)
+        if args.command == "caption":
+            return _caption(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "inspect":
             from pathgen.inspect import inspect_url
 
@@ -102,6 +117,50 @@ def _extract(args: argparse.Namespace) -> int:
         return EXIT_USAGE if isinstance(error, SettingsError) else EXIT_NONE_SUCCEEDED
     _print_summary(state.result())
     return EXIT_OK
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    overrides = parse_assignments(args.assignments)
+    if args.store:
+        overrides["store"] = args.store
+    load_settings(args.config, overrides)  # fail here, before Prefect starts, on a bad setting
+    return overrides
+
+
+def _caption(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    from flows.caption import caption_flow
+
+    state = caption_flow(config=args.config, overrides=overrides, return_state=True)
+    if not state.is_completed():
+        print(f"pathgen caption: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return EXIT_NONE_SUCCEEDED
+    summary = state.result()
+    print(
+        f"\ncaptioned {summary['pairs']} patches in {summary['shards']} shards "
+        f"({summary['already_done']} already done); {summary['failed']} failed {summary['failures'] or ''}"
+    )
+    print(f"pairs: {summary['pairs_prefix']}/<shard>.parquet, failed items beside them as <shard>.failed.parquet")
+    print(f"longest caption: {summary['max_tokens']} CLIP tokens")
+    if summary["random_weights"]:
+        print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise;")
+        print("set agents.describe.model, agents.revise.model and agents.summarize.model for real captions")
+    print(f"export them:  pathgen export pathgen-json --store {summary['store']} --out pairs.json")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tasks.export import export_pathgen_json
+    from tasks.store import Store
+
+    settings = load_settings(args.config, _overrides(args))
+    try:
+        count = export_pathgen_json(Store(settings.store, settings.s3), args.out, args.agents_hash)
+    except ValueError as exc:
+        print(f"pathgen export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {count} records to {args.out}")
+    return EXIT_OK if count else EXIT_NONE_SUCCEEDED
 
 
 def _print_summary(summary: dict) -> None:

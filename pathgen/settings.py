@@ -130,6 +130,47 @@ class S3Settings(_Section):
     max_attempts: int = Field(3, ge=1, le=20)
 
 
+class RoleSettings(_Section):
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    model: str | None = Field(
+        None, description="hub id, local folder or served model name; unset: a tiny random-weight model (offline)"
+    )
+    prompt: str = Field(..., description="versioned prompt under agents/prompts (e.g. describe.v1) or a .txt path")
+    temperature: float = Field(0.2, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(..., ge=1, le=8192)
+    max_words: int = Field(..., ge=1, description="a longer reply is rejected as over-long")
+    seed: int = 0
+
+
+class AgentsSettings(_Section):
+    describe: RoleSettings = Field(
+        default_factory=lambda: RoleSettings(prompt="describe.v1", max_new_tokens=384, max_words=400)
+    )
+    revise: RoleSettings = Field(
+        default_factory=lambda: RoleSettings(prompt="revise.v1", max_new_tokens=448, max_words=450)
+    )
+    summarize: RoleSettings = Field(
+        default_factory=lambda: RoleSettings(prompt="summarize.v1", max_new_tokens=96, max_words=120)
+    )
+    shorten_prompt: str = "shorten.v1"
+    max_caption_tokens: int = Field(77, ge=8, le=77, description="CLIP tokens, start and end included")
+    shorten_attempts: int = Field(2, ge=0, le=5, description="re-asks with the measured count before trimming")
+    shard_size: int = Field(1024, ge=1, description="patches per caption shard (one Prefect task)")
+    concurrency: int = Field(1, ge=1, description="caption shards at once (one model per worker)")
+    batch_size: int = Field(16, ge=1, description="transformers backend: requests per generate call")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    openai_base_url: str | None = Field(None, description="e.g. http://gpu-node:8000/v1; key from OPENAI_API_KEY")
+    openai_concurrency: int = Field(16, ge=1, le=1024)
+    openai_timeout_seconds: float = Field(120.0, gt=0.0)
+    openai_retries: int = Field(4, ge=0, le=20)
+    vllm_max_model_len: int = Field(4096, ge=256)
+    vllm_max_image_pixels: int = Field(672 * 672, ge=64 * 64, description="images are shrunk to at most this")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    model_cache: str | None = Field(None, description="where tiny offline models are built (default ~/.cache)")
+
+
 class Settings(_Section):
     store: str = Field("file://./store", description="fsspec URL of the store root")
     sources: list[str] = Field(default_factory=list)
@@ -138,6 +179,7 @@ class Settings(_Section):
     quality: QualitySettings = Field(default_factory=QualitySettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    agents: AgentsSettings = Field(default_factory=AgentsSettings)
     slides: SlideSettings = Field(default_factory=SlideSettings)
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
@@ -229,6 +271,15 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid settings: " + "; ".join(lines)
 
 
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and base[key]:
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def load_settings(
     config_file: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
@@ -247,6 +298,8 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise SettingsError(f"config file {str(path)!r} must hold a mapping of settings at the top level")
         tree = loaded
+    # Start from the defaults so that setting one field of a section (agents.summarize.model) keeps the others.
+    tree = _deep_merge(Settings().model_dump(), tree)
     layered = dict(_env_assignments(os.environ if environ is None else environ))
     if overrides:
         layered.update(overrides if isinstance(overrides, Mapping) else parse_assignments(overrides))

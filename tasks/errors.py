@@ -85,3 +85,12 @@ def retry_io(
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return text[:200]
+
+
+def retry_only_transient(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry a task for infrastructure trouble, never for bad input (recorded)."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - classified only
+        return isinstance(exc, TransientIOError) or is_transient(exc)
+    return False

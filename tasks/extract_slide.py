@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 
 from pathgen import __version__
 from pathgen.settings import Settings
-from tasks.errors import SlideError, TransientIOError, is_transient, retry_io
+from tasks.errors import SlideError, TransientIOError, retry_io, retry_only_transient
 from tasks.patch_passes import PassResult, SlidePass, write_planned, write_representative
 from tasks.patch_shard import SCHEMA_VERSION, PatchShardWriter
 from tasks.pictures import draw_selection, draw_thumbnail
@@ -344,20 +344,11 @@ def extract_slides(
     return [extract_slide(ref, settings, store, logger) for ref in refs]
 
 
-def _infrastructure_failure(task, task_run, state) -> bool:
-    """Retry a group only for I/O trouble; bad slides were already recorded and never raise."""
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - we only classify it
-        return isinstance(exc, TransientIOError) or is_transient(exc)
-    return False
-
-
 @task(
     name="extract-slides",
     retries=2,
     retry_delay_seconds=[10, 60],
-    retry_condition_fn=_infrastructure_failure,
+    retry_condition_fn=retry_only_transient,
     tags=["extract"],
 )
 def extract_slides_task(refs: list[SlideRef], settings: Settings) -> list[SlideOutcome]:

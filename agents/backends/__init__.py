@@ -1,0 +1,89 @@
+"""Model backends behind one protocol (agents.protocol.ChatBackend), and the one factory that builds them.
+
+Backends are cached per process: roles that name the same backend and model share one loaded model.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+from agents.protocol import ChatBackend, ChatRequest
+from pathgen.settings import AgentsSettings, RoleSettings
+
+_backends: dict[tuple, ChatBackend] = {}
+_lock = threading.Lock()
+
+
+def shrink_jpeg(image: bytes, max_pixels: int) -> bytes:
+    """Cap an image's pixel count (vision encoders' memory grows with it); small images pass through untouched."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image)) as picture:
+        width, height = picture.size
+        if width * height <= max_pixels:
+            return image
+        scale = (max_pixels / (width * height)) ** 0.5
+        smaller = picture.convert("RGB").resize((max(1, int(width * scale)), max(1, int(height * scale))))
+        out = io.BytesIO()
+        smaller.save(out, format="JPEG", quality=90)
+        return out.getvalue()
+
+
+def openai_messages(request: ChatRequest, max_pixels: int) -> list[dict]:
+    """OpenAI chat format, as served by vLLM, SGLang and hosted APIs; the image is a base64 data URL."""
+    parts: list[dict] = []
+    if request.before_image:
+        parts.append({"type": "text", "text": request.before_image})
+    if request.image is not None:
+        data = base64.b64encode(shrink_jpeg(request.image, max_pixels)).decode()
+        parts.append({"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}})
+    if request.after_image:
+        parts.append({"type": "text", "text": request.after_image})
+    messages = [{"role": "system", "content": request.system}] if request.system else []
+    messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def backend_for(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> ChatBackend:
+    """The backend a role's settings name, loaded once per process."""
+    key = (role.backend, role.model, needs_image if role.model is None else None, agents.device)
+    with _lock:
+        if key not in _backends:
+            _backends[key] = _build(role, agents, needs_image)
+        return _backends[key]
+
+
+def _build(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> ChatBackend:
+    if role.backend == "transformers":
+        from agents.backends.hf import TransformersBackend
+
+        if role.model is None:
+            from pathlib import Path
+
+            from agents.tiny import TINY_LM, TINY_VLM, build_tiny_models
+
+            cache = Path(agents.model_cache).expanduser() if agents.model_cache else None
+            paths = build_tiny_models(cache)
+            path = paths[TINY_VLM if needs_image else TINY_LM]
+            return TransformersBackend(str(path), agents.device, agents.batch_size, random_weights=True)
+        return TransformersBackend(role.model, agents.device, agents.batch_size)
+    if role.model is None:
+        raise ValueError(f"the {role.backend} backend needs a model name: set agents.<role>.model")
+    if role.backend == "openai":
+        from agents.backends.openai_compat import OpenAIBackend
+
+        if not agents.openai_base_url:
+            raise ValueError("the openai backend needs agents.openai_base_url (e.g. http://gpu-node:8000/v1)")
+        return OpenAIBackend(
+            agents.openai_base_url,
+            role.model,
+            agents.openai_concurrency,
+            agents.openai_timeout_seconds,
+            agents.openai_retries,
+            agents.vllm_max_image_pixels,
+        )
+    from agents.backends.vllm_engine import VLLMBackend
+
+    return VLLMBackend(role.model, agents)

@@ -1,0 +1,99 @@
+"""Any OpenAI-compatible ``/chat/completions`` server (vLLM's, SGLang, a hosted API): async requests with bounded
+concurrency, a timeout, and retries with exponential backoff on 429, 5xx and dropped connections. The API key comes
+from the environment (PATHGEN_OPENAI_API_KEY or OPENAI_API_KEY) and never appears in an error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+
+import httpx
+
+from agents.backends import openai_messages
+from agents.protocol import ChatReply, ChatRequest, Sampling
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+def api_key() -> str | None:
+    return os.environ.get("PATHGEN_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+class OpenAIBackend:
+    name = "openai"
+    random_weights = False
+
+    def __init__(
+        self,
+        base_url: str,
+        model_id: str,
+        concurrency: int = 16,
+        timeout: float = 120.0,
+        retries: int = 4,
+        max_image_pixels: int = 672 * 672,
+        backoff_seconds: float = 1.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model_id = model_id
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.retries = retries
+        self.max_image_pixels = max_image_pixels
+        self.backoff_seconds = backoff_seconds
+
+    def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
+        coroutine = self._generate_all(requests, sampling)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coroutine)
+        # Called from inside an event loop (a notebook, an async flow): run ours in a thread of its own.
+        result: list[list[ChatReply]] = []
+        thread = threading.Thread(target=lambda: result.append(asyncio.run(coroutine)))
+        thread.start()
+        thread.join()
+        return result[0]
+
+    async def _generate_all(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
+        headers = {"Authorization": f"Bearer {api_key()}"} if api_key() else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        gate = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
+
+            async def one(index: int, request: ChatRequest) -> ChatReply:
+                async with gate:
+                    return await self._one(client, request, sampling, index)
+
+            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    async def _one(self, client: httpx.AsyncClient, request: ChatRequest, sampling: Sampling, index: int) -> ChatReply:
+        body = {
+            "model": self.model_id,
+            "messages": openai_messages(request, self.max_image_pixels),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_new_tokens,
+            "seed": sampling.seed + index,
+        }
+        problem = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random()))
+            try:
+                response = await client.post(f"{self.base_url}/chat/completions", json=body)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                problem = f"{type(exc).__name__} talking to {self.base_url}"
+                continue
+            if response.status_code in RETRY_STATUS:
+                problem = f"HTTP {response.status_code} from {self.base_url}"
+                continue
+            if response.status_code != 200:
+                return ChatReply(None, f"HTTP {response.status_code} from {self.base_url}: {response.text[:200]}")
+            try:
+                choice = response.json()["choices"][0]
+                return ChatReply(choice["message"].get("content") or "", None, choice.get("finish_reason"))
+            except (ValueError, KeyError, IndexError) as exc:
+                return ChatReply(None, f"malformed reply from {self.base_url} ({type(exc).__name__})")
+        return ChatReply(None, f"{problem}, after {self.retries + 1} attempts")

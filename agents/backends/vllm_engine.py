@@ -1,0 +1,56 @@
+"""The vLLM backend: one offline ``vllm.LLM`` engine per worker process, a whole batch per ``LLM.chat`` call,
+images as image parts, prefix caching on (the shared instructions come before the image), bounded image pixels
+and context length. vllm lives in the ``gpu`` extra and is imported only when this backend is built."""
+
+from __future__ import annotations
+
+from agents.backends import openai_messages
+from agents.protocol import ChatReply, ChatRequest, Sampling
+from pathgen.settings import AgentsSettings
+
+
+def engine_arguments(model_id: str, agents: AgentsSettings) -> dict:
+    return {
+        "model": model_id,
+        "enable_prefix_caching": True,
+        "max_model_len": agents.vllm_max_model_len,
+        "gpu_memory_utilization": agents.vllm_gpu_memory_utilization,
+        "tensor_parallel_size": agents.vllm_tensor_parallel_size,
+        "limit_mm_per_prompt": {"image": 1},
+    }
+
+
+class VLLMBackend:
+    name = "vllm"
+    random_weights = False
+
+    def __init__(self, model_id: str, agents: AgentsSettings) -> None:
+        from vllm import LLM
+
+        self.model_id = model_id
+        self.max_image_pixels = agents.vllm_max_image_pixels
+        self.llm = LLM(**engine_arguments(model_id, agents))
+
+    def conversations(self, requests: list[ChatRequest]) -> list[list[dict]]:
+        return [openai_messages(r, self.max_image_pixels) for r in requests]
+
+    def sampling_params(self, sampling: Sampling):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+        )
+
+    def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
+        try:
+            outputs = self.llm.chat(self.conversations(requests), self.sampling_params(sampling), use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - a failed batch becomes one error per request, recorded
+            return [ChatReply(None, f"vLLM failed on the batch: {type(exc).__name__}: {exc}")] * len(requests)
+        replies = []
+        for output in outputs:
+            completion = output.outputs[0]
+            replies.append(ChatReply(completion.text.strip(), None, completion.finish_reason))
+        return replies

@@ -1,0 +1,223 @@
+"""The describe -> revise -> summarize loop over a whole batch of patches.
+
+Each stage sends the whole batch to its backend at once (vLLM and batched ``generate`` are fast that way). A reply
+that fails validation is asked for once more; if it fails again the item is recorded as failed, with its stage and
+reason, and goes no further. Summaries over the CLIP budget are re-asked with their measured token count, then, as a
+last resort, cut at a sentence boundary and flagged ``caption_trimmed``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agents.backends import backend_for
+from agents.clip_tokens import clip_token_count, trim_to_tokens
+from agents.prompts import Prompt, load_prompt
+from agents.protocol import ChatBackend, ChatRequest, Sampling
+from agents.validation import problem, tidy
+from pathgen.settings import AgentsSettings, RoleSettings
+
+log = logging.getLogger("pathgen.agents")
+ROLES = ("describe", "revise", "summarize")
+UNCHANGED = re.compile(r"^\W*unchanged\W*$", re.IGNORECASE)
+
+
+@dataclass
+class Failure:
+    key: str
+    stage: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Caption:
+    description: str
+    revised_description: str
+    revise_changed: bool
+    revise_change: float  # 0 = identical, 1 = nothing in common (word-level)
+    caption: str
+    caption_tokens: int
+    caption_trimmed: bool
+    shorten_rounds: int
+
+
+@dataclass
+class BatchResult:
+    captions: dict[str, Caption]
+    failures: list[Failure]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Role:
+    settings: RoleSettings
+    prompt: Prompt
+    backend: ChatBackend
+
+    @property
+    def sampling(self) -> Sampling:
+        s = self.settings
+        return Sampling(s.temperature, s.top_p, s.max_new_tokens, s.seed)
+
+
+def _word_change(a: str, b: str) -> float:
+    return round(1.0 - difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio(), 4)
+
+
+class CaptionAgents:
+    """The three roles with their prompts, sampling and backends (roles naming the same model share it)."""
+
+    def __init__(
+        self,
+        settings: AgentsSettings,
+        logger: logging.Logger | None = None,
+        backends: dict[str, ChatBackend] | None = None,
+    ) -> None:
+        """``backends`` maps a role to a ready backend, in place of the one its settings name."""
+        self.settings = settings
+        self.logger = logger or log
+        self.roles: dict[str, _Role] = {}
+        for name in ROLES:
+            role = getattr(settings, name)
+            prompt = load_prompt(role.prompt)
+            backend = (backends or {}).get(name) or backend_for(role, settings, needs_image=prompt.has_image)
+            self.roles[name] = _Role(role, prompt, backend)
+        self.shorten = load_prompt(settings.shorten_prompt)
+        if self.random_weights:
+            self.logger.warning(
+                "captioning with tiny RANDOM-WEIGHT models: descriptions and captions are noise; set "
+                "agents.describe.model, agents.revise.model and agents.summarize.model for real captions"
+            )
+
+    @property
+    def random_weights(self) -> bool:
+        return any(r.backend.random_weights for r in self.roles.values())
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced a pair: models, prompt versions and sampling of every role (hashed into agents_hash)."""
+        roles = {
+            name: {
+                "backend": role.backend.name,
+                "model": role.backend.model_id
+                if role.settings.model
+                else role.backend.model_id.rsplit("/", 1)[-1] + " (random weights)",
+                "prompt": role.prompt.version,
+                "sampling": {
+                    "temperature": role.settings.temperature,
+                    "top_p": role.settings.top_p,
+                    "max_new_tokens": role.settings.max_new_tokens,
+                    "seed": role.settings.seed,
+                },
+            }
+            for name, role in self.roles.items()
+        }
+        return {
+            "roles": roles,
+            "shorten_prompt": self.shorten.version,
+            "max_caption_tokens": self.settings.max_caption_tokens,
+            "shorten_attempts": self.settings.shorten_attempts,
+            "random_weights": self.random_weights,
+        }
+
+    def agents_hash(self) -> str:
+        blob = json.dumps(self.provenance(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    # -- stages --------------------------------------------------------------------------------------------
+
+    def _ask(self, stage: str, requests: dict[str, ChatRequest], failures: list[Failure]) -> dict[str, str]:
+        """Send a batch; re-ask the invalid ones once (new seed); record the twice-invalid as failures."""
+        role = self.roles[stage]
+        keys = list(requests)
+        texts: dict[str, str] = {}
+        pending = keys
+        for attempt in range(2):
+            sampling = role.sampling if attempt == 0 else replace(role.sampling, seed=role.sampling.seed + 1)
+            replies = role.backend.generate([requests[k] for k in pending], sampling)
+            retry = []
+            for key, reply in zip(pending, replies, strict=True):
+                reason = problem(reply, role.settings.max_words)
+                if reason is None:
+                    texts[key] = tidy(reply)
+                elif attempt == 0:
+                    retry.append(key)
+                else:
+                    detail = reply.error or (reply.text or "")[:300]
+                    failures.append(Failure(key, stage, reason, detail))
+            pending = retry
+            if not pending:
+                break
+        return texts
+
+    def run(self, images: dict[str, bytes]) -> BatchResult:
+        failures: list[Failure] = []
+        seconds: dict[str, float] = {}
+        limit = self.settings.max_caption_tokens
+
+        tick = time.perf_counter()
+        describe = self.roles["describe"].prompt
+        descriptions = self._ask("describe", {k: describe.request(img) for k, img in images.items()}, failures)
+        seconds["describe"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        revise = self.roles["revise"].prompt
+        revised_raw = self._ask(
+            "revise", {k: revise.request(images[k], description=d) for k, d in descriptions.items()}, failures
+        )
+        revised = {k: (descriptions[k] if UNCHANGED.match(text) else text) for k, text in revised_raw.items()}
+        seconds["revise"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        summarize = self.roles["summarize"].prompt
+        words = int(limit * 0.6)
+        captions = self._ask(
+            "summarize",
+            {k: summarize.request(None, description=d, limit=limit, words=words) for k, d in revised.items()},
+            failures,
+        )
+        rounds = dict.fromkeys(captions, 0)
+        for _ in range(self.settings.shorten_attempts):
+            over = {k: c for k, c in captions.items() if clip_token_count(c) > limit}
+            if not over:
+                break
+            shorter = self._ask(
+                "summarize",
+                {
+                    k: self.shorten.request(None, tokens=clip_token_count(c), limit=limit, caption=c)
+                    for k, c in over.items()
+                },
+                [],  # a failed re-ask keeps the earlier caption, to be trimmed below
+            )
+            for key, text in shorter.items():
+                rounds[key] += 1
+                if clip_token_count(text) < clip_token_count(captions[key]):
+                    captions[key] = text
+        seconds["summarize"] = time.perf_counter() - tick
+
+        results: dict[str, Caption] = {}
+        for key, caption in captions.items():
+            trimmed = clip_token_count(caption) > limit
+            if trimmed:
+                caption = trim_to_tokens(caption, limit)
+            if not caption:
+                failures.append(Failure(key, "summarize", "over-long", "no sentence or word prefix fits the budget"))
+                continue
+            results[key] = Caption(
+                description=descriptions[key],
+                revised_description=revised[key],
+                revise_changed=revised[key].strip() != descriptions[key].strip(),
+                revise_change=_word_change(descriptions[key], revised[key]),
+                caption=caption,
+                caption_tokens=clip_token_count(caption),
+                caption_trimmed=trimmed,
+                shorten_rounds=rounds[key],
+            )
+        return BatchResult(results, failures, seconds)

@@ -212,3 +212,32 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+# -- tiny agent models ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny random-weight VLM and LM, built here from the project's own text; never downloaded."""
+    from agents.tiny import build_tiny_models
+
+    cache = tmp_path_factory.mktemp("models")
+    return cache, build_tiny_models(cache)
+
+
+@pytest.fixture(scope="session")
+def extracted_store(tmp_path_factory):
+    """A store holding 12 selected 224 px patches of CMU-1-Small-Region, for the caption tests."""
+    from pathgen.settings import load_settings
+    from tasks.extract_slide import extract_slide
+    from tasks.sources import resolve_sources
+    from tasks.store import Store
+
+    root = tmp_path_factory.mktemp("captions") / "store"
+    settings = load_settings(
+        overrides={"store": str(root), "patch.patch_px": 224, "selection.max_per_slide": 12}, environ={}
+    )
+    outcome = extract_slide(resolve_sources([str(CMU)], settings)[0], settings, Store(settings.store))
+    assert outcome.status == "ok" and outcome.patches == 12
+    return root

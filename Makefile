@@ -1,4 +1,4 @@
-# Two entry points on a fresh clone:  make demo  (set up, extract the shared slides into ./store)
+# Two entry points on a fresh clone:  make demo  (set up, extract the shared slides into ./store, caption them)
 #                                     make test  (set up, run the whole test suite)
 PYTHON ?= python3.11
 VENV   := .venv
@@ -22,6 +22,8 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/pathgen extract $(SLIDES) --store $(STORE)
 	$(BIN)/pathgen inspect $(STORE) --out $(STORE)/contact-sheet.png
+	$(BIN)/pathgen caption --store $(STORE)
+	$(BIN)/pathgen export pathgen-json --store $(STORE) --out $(STORE)/pairs.json
 
 lint: setup
 	$(BIN)/ruff check .
@@ -32,6 +34,8 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/select.py
+	$(BIN)/python bench/caption.py
 
 clean:
 	rm -rf $(VENV) $(STORE) bench/_work .pytest_cache

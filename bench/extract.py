@@ -13,12 +13,16 @@ Run: ``python bench/extract.py`` (builds the slide under bench/_work on first us
 
 from __future__ import annotations
 
+import sys
+
+# bench/select.py would shadow the standard library's `select` module: keep this folder off the import path.
+sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
+
 import argparse
 import json
 import math
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

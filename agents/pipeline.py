@@ -72,6 +72,46 @@ def _word_change(a: str, b: str) -> float:
     return round(1.0 - difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio(), 4)
 
 
+def _model_name(role: RoleSettings, prompt: Prompt) -> str:
+    if role.model:
+        return role.model
+    from agents.tiny import TINY_LM, TINY_VLM
+
+    return (TINY_VLM if prompt.has_image else TINY_LM) + " (random weights)"
+
+
+def provenance(settings: AgentsSettings) -> dict[str, Any]:
+    """What produces a pair: backend, model, prompt version and sampling of every role, and the caption budget.
+    Derived from the settings alone, so a flow can name its output (agents_hash) without loading any model."""
+    roles = {}
+    for name in ROLES:
+        role = getattr(settings, name)
+        prompt = load_prompt(role.prompt)
+        roles[name] = {
+            "backend": role.backend,
+            "model": _model_name(role, prompt),
+            "prompt": prompt.version,
+            "sampling": {
+                "temperature": role.temperature,
+                "top_p": role.top_p,
+                "max_new_tokens": role.max_new_tokens,
+                "seed": role.seed,
+            },
+        }
+    return {
+        "roles": roles,
+        "shorten_prompt": load_prompt(settings.shorten_prompt).version,
+        "max_caption_tokens": settings.max_caption_tokens,
+        "shorten_attempts": settings.shorten_attempts,
+        "random_weights": any(getattr(settings, name).model is None for name in ROLES),
+    }
+
+
+def agents_hash(settings: AgentsSettings) -> str:
+    blob = json.dumps(provenance(settings), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
 class CaptionAgents:
     """The three roles with their prompts, sampling and backends (roles naming the same model share it)."""
 
@@ -102,34 +142,10 @@ class CaptionAgents:
         return any(r.backend.random_weights for r in self.roles.values())
 
     def provenance(self) -> dict[str, Any]:
-        """What produced a pair: models, prompt versions and sampling of every role (hashed into agents_hash)."""
-        roles = {
-            name: {
-                "backend": role.backend.name,
-                "model": role.backend.model_id
-                if role.settings.model
-                else role.backend.model_id.rsplit("/", 1)[-1] + " (random weights)",
-                "prompt": role.prompt.version,
-                "sampling": {
-                    "temperature": role.settings.temperature,
-                    "top_p": role.settings.top_p,
-                    "max_new_tokens": role.settings.max_new_tokens,
-                    "seed": role.settings.seed,
-                },
-            }
-            for name, role in self.roles.items()
-        }
-        return {
-            "roles": roles,
-            "shorten_prompt": self.shorten.version,
-            "max_caption_tokens": self.settings.max_caption_tokens,
-            "shorten_attempts": self.settings.shorten_attempts,
-            "random_weights": self.random_weights,
-        }
+        return provenance(self.settings)
 
     def agents_hash(self) -> str:
-        blob = json.dumps(self.provenance(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return agents_hash(self.settings)
 
     # -- stages --------------------------------------------------------------------------------------------
 

@@ -142,6 +142,8 @@ def _caption(args: argparse.Namespace) -> int:
     )
     print(f"pairs: {summary['pairs_prefix']}/<shard>.parquet, failed items beside them as <shard>.failed.parquet")
     print(f"longest caption: {summary['max_tokens']} CLIP tokens")
+    for lost in summary["failed_shards"]:
+        print(f"shard failed (its patches stay pending for the next run): {lost['shard']}: {lost['error']}")
     if summary["random_weights"]:
         print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise;")
         print("set agents.describe.model, agents.revise.model and agents.summarize.model for real captions")

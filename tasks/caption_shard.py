@@ -87,7 +87,7 @@ class CaptionShard:
 @dataclass
 class ShardOutcome:
     shard_id: str
-    status: str  # ok | skipped
+    status: str  # ok | skipped | failed
     pairs: int
     failures: dict[str, int] = field(default_factory=dict)
     tokens_mean: float = 0.0
@@ -95,6 +95,7 @@ class ShardOutcome:
     changed_share: float = 0.0
     trimmed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
 
 
 def _column(store: Store, key: str, name: str) -> list:

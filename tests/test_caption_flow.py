@@ -93,3 +93,26 @@ def test_cli_caption_and_pathgen_json_export(prefect_api, tiny_models, store, tm
     assert records[0]["wsi_id"] == "CMU-1-Small-Region" and all(isinstance(v, str) for v in records[0]["position"])
     bad = pathgen("caption", "--store", str(store), "--set", "agents.describe.backend=llama")
     assert bad.returncode == 2 and "agents.describe.backend" in bad.stderr
+
+
+def test_a_lost_shard_is_reported_and_the_others_complete(prefect_api, tiny_models, store, monkeypatch):
+    import tasks.caption_shard as caption_module
+
+    cache, _ = tiny_models
+    real = caption_module._load_patches
+    calls = {"n": 0}
+
+    def flaky(store_, items):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("simulated unreadable patch shard")
+        return real(store_, items)
+
+    monkeypatch.setattr(caption_module, "_load_patches", flaky)
+    summary = caption_flow(store=str(store), overrides={"agents.model_cache": str(cache), "agents.shard_size": 6})
+    assert summary["shards"] == 2 and len(summary["failed_shards"]) == 1
+    assert "simulated unreadable" in summary["failed_shards"][0]["error"]
+    assert summary["pairs"] + summary["failed"] == 6  # the other shard completed
+    monkeypatch.setattr(caption_module, "_load_patches", real)
+    again = caption_flow(store=str(store), overrides={"agents.model_cache": str(cache), "agents.shard_size": 6})
+    assert again["shards"] == 1 and again["already_done"] == 6  # the lost shard's patches were still pending

@@ -8,7 +8,8 @@ Run: ``python bench/select.py`` (builds the slide under bench/_work on first use
   timing is what matters), clusters, retrieves, and re-reads only the chosen patches to encode and write them.
   Both in fresh processes, steady state (best of two after a warm-up run), as in bench/extract.py.
 - k-means plus the near-duplicate filter alone for 50,000 candidates of 768 dimensions (ViT-L-14's embedding
-  width), clustered synthetic embeddings, paper settings (k by the rule, K=16, threshold 0.88, cap 256).
+  width), clustered synthetic embeddings with a fifth near-copies, paper settings (k by the rule, K=16,
+  threshold 0.88, cap 256).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def cluster_seconds(n: int = 50_000, dim: int = 768, seed: int = 0) -> tuple[flo
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(60, dim)).astype(np.float32)
     x = centres[rng.integers(0, len(centres), n)] + 0.7 * rng.normal(size=(n, dim)).astype(np.float32)
+    # A fifth of the candidates are near-copies of others (overlapping tissue, re-scans), as on real slides.
+    copies = rng.choice(n, n // 5, replace=False)
+    x[copies] = x[rng.integers(0, n, len(copies))] + 0.05 * rng.normal(size=(len(copies), dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     attributes = (x @ centres[:20].T).max(axis=1)
     start = time.perf_counter()

@@ -114,7 +114,9 @@ def _extract(args: argparse.Namespace) -> int:
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         print(f"pathgen extract: {error}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, SettingsError) else EXIT_NONE_SUCCEEDED
+        from tasks.sources import SourceError
+
+        return EXIT_USAGE if isinstance(error, SettingsError | SourceError) else EXIT_NONE_SUCCEEDED
     _print_summary(state.result())
     return EXIT_OK
 

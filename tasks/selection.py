@@ -3,8 +3,8 @@
 ``all`` keeps every cell that passes the quality filters. ``random`` keeps at most ``max_per_slide``: cells are
 ranked by a permutation seeded from the settings seed and the slide id, read in batches of that rank (each batch
 in raster order, so every tile still decodes once), and the best-ranked survivors are kept. Only the last batch
-can overshoot the cap, so kept patches stream straight to the shard. Representative selection (CLIP embeddings,
-retrieval, k-means) plugs in here as another selector.
+can overshoot the cap, so kept patches stream straight to the shard. ``representative`` plans no batches: it reads
+every candidate itself, in two passes (tasks/patch_passes.py), and chooses with tasks/representative.py.
 """
 
 from __future__ import annotations

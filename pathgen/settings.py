@@ -128,6 +128,9 @@ class S3Settings(_Section):
     connect_timeout: float = Field(5.0, gt=0.0)
     read_timeout: float = Field(60.0, gt=0.0)
     max_attempts: int = Field(3, ge=1, le=20)
+    block_size: int = Field(
+        4 * 2**20, ge=2**16, description="bytes per ranged read of a remote slide (kept in an LRU block cache)"
+    )
 
 
 class RoleSettings(_Section):

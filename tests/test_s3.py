@@ -108,3 +108,24 @@ def test_extract_flow_writes_to_s3_and_reports(prefect_api, bucket):
     store = Store(f"{bucket}/flow")
     assert store.list("patches") == ["patches/CMU-1-Small-Region.parquet"]
     assert store.read_json(slide_json_key(DAPI.stem))["status"] == "failed"
+
+
+def test_remote_reads_fetch_tiles_not_the_whole_slide(bucket, tmp_path):
+    from bench.synthetic_slide import build_slide
+    from tasks.slide_reader import SlideReader
+
+    local = build_slide(tmp_path / "big.svs", width=12_000, height=9_000)
+    fs = Store(bucket).fs
+    remote = f"{bucket}/big.svs"
+    fs.put_file(str(local), remote[5:])
+    from pathgen.settings import S3Settings
+    from tasks.store import storage_options
+
+    with SlideReader(remote, storage_opts=storage_options(remote, S3Settings(block_size=2**18))) as reader:
+        assert reader.info.backend == "tiffslide" and reader.info.fast_tiles
+        patches = list(reader.read_boxes([(4000, 3000, 512, 512), (4512, 3000, 512, 512)], 0.25, 512))
+        handle = reader._slide.ts_tifffile.filehandle._fh
+        fetched = handle.cache.total_requested_bytes
+    size = local.stat().st_size
+    assert len(patches) == 2 and patches[0].shape == (512, 512, 3)
+    assert fetched < 0.5 * size, f"fetched {fetched} of {size} bytes"

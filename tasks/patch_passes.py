@@ -1,9 +1,10 @@
 """Reading a slide's candidate cells into patch records, one selection method at a time.
 
 ``write_planned`` serves ``all``, ``random`` and the exact positions of a PathGen JSON source in one pass: read,
-score, encode, write. ``write_representative`` takes two passes so that memory never holds the candidates' pixels:
-the first reads every candidate, scores it and embeds it (a batch at a time), the selection runs on the
-embeddings alone, and the second pass re-reads only the chosen patches to encode and write them.
+score, encode, write. ``write_representative`` reads every candidate, scores it and embeds it (a batch at a time),
+chooses on the embeddings alone, then writes the chosen patches: re-read and encoded when the slide is large, or
+taken from JPEGs encoded during the first pass when there are few candidates per kept patch. Memory never holds
+more than a batch of pixels, nor more than a few times ``max_per_slide`` JPEGs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tasks.sources import SlideRef
 from tasks.tissue import GridCell
 
 RASTER_BATCH = 512
+REREAD_FACTOR = 3  # up to this many candidates per kept patch, encode all candidates rather than re-read
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,13 @@ class SlidePass:
         scores = score_patch(rgb, self.settings.quality.analysis_px)
         return scores, rejection_reason(scores, self.settings.quality)
 
+    def encode(self, rgb: np.ndarray) -> bytes:
+        return imagecodecs.jpeg8_encode(rgb, level=self.settings.patch.jpeg_quality)
+
     def record(
-        self, cell: GridCell, scores: QualityScores, rgb: np.ndarray, selected_by: list[str], **extra
+        self, cell: GridCell, scores: QualityScores, pixels: np.ndarray | bytes, selected_by: list[str], **extra
     ) -> PatchRecord:
+        """A patch record; ``pixels`` is the RGB patch, or its JPEG when it was encoded already."""
         patch = self.settings.patch
         return PatchRecord(
             patch_id=patch_id_for(self.ref.slide_id, cell.box, patch.target_mpp, patch.patch_px),
@@ -88,7 +94,7 @@ class SlidePass:
             background_fraction=scores.background_fraction,
             sharpness=scores.sharpness,
             pen_fraction=scores.pen_fraction,
-            image=imagecodecs.jpeg8_encode(rgb, level=patch.jpeg_quality),
+            image=pixels if isinstance(pixels, bytes) else self.encode(pixels),
             selected_by=selected_by,
             **extra,
         )
@@ -140,6 +146,12 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
             slide.ref.slide_id,
         )
     embedder = PatchEmbedder(model, settings.embedding.batch_size, slide.logger)
+    # Choosing needs every candidate's embedding, so the chosen patches are either encoded now, while their pixels
+    # are at hand, or read again afterwards. Encoding costs ~1 ms a patch and re-reading ~3 ms (its tiles decode
+    # again), so a slide with few candidates per kept patch (biopsies) encodes all of them now; a large one
+    # re-reads only what is kept.
+    encode_now = len(cells) <= REREAD_FACTOR * cfg.max_per_slide
+    jpegs: list[bytes] = []
     rejected: Counter[str] = Counter()
     candidates: list[tuple[GridCell, QualityScores]] = []
     for start in range(0, len(cells), RASTER_BATCH):
@@ -150,6 +162,8 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
                 continue
             candidates.append((cell, scores))
             embedder.add(rgb)
+            if encode_now:
+                jpegs.append(slide.encode(rgb))
     embeddings = embedder.finish()
 
     project = slide.ref.project or settings.slides.projects.get(slide.ref.slide_id) or settings.slides.project
@@ -173,15 +187,17 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
     by_cell = {candidates[i][0]: i for i in order}
     kept: list[KeptPatch] = []
     for start in range(0, len(order), RASTER_BATCH):
+        batch = [candidates[i][0] for i in order[start : start + RASTER_BATCH]]
+        pixels = ((cell, jpegs[by_cell[cell]]) for cell in batch) if encode_now else slide.read(batch)
         records = []
-        for cell, rgb in slide.read([candidates[i][0] for i in order[start : start + RASTER_BATCH]]):
+        for cell, image in pixels:
             i = by_cell[cell]
             reasons = chosen.reasons[i]
             records.append(
                 slide.record(
                     cell,
                     candidates[i][1],
-                    rgb,
+                    image,
                     reasons,
                     cluster=int(chosen.labels[i]),
                     attribute_score=float(attributes[i]),
@@ -210,7 +226,7 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
         "embedding": model.describe(),
     }
     counts = {
-        "read": len(cells) + len(order),
+        "read": len(cells) + (0 if encode_now else len(order)),
         "candidates": len(candidates),
         "rejected": dict(rejected),
         "kept": len(kept),

@@ -198,3 +198,16 @@ def test_findings_and_a_local_checkpoint(tmp_path):
     assert record["selection"]["embedding"]["pretrained"] == str(checkpoint)
     assert record["selection"]["prompts"]["findings"] == 2
     assert any(FINDINGS in r["selected_by"] for r in table.to_pylist())
+
+
+def test_large_slides_re_read_the_chosen_patches_and_get_the_same_shard(tmp_path, monkeypatch):
+    import tasks.patch_passes as passes
+
+    few = {"selection.max_per_slide": 8}  # 46 candidates > 3 x 8: chosen patches are read again
+    record, reread, _ = _extract(tmp_path, "reread", **few)
+    assert record["counts"]["read"] == record["counts"]["candidates"] + 8
+    monkeypatch.setattr(passes, "REREAD_FACTOR", 100)  # now encoded during the first pass
+    record, encoded, _ = _extract(tmp_path, "encoded", **few)
+    assert record["counts"]["read"] == record["counts"]["candidates"]
+    assert reread["patch_id"].to_pylist() == encoded["patch_id"].to_pylist()
+    assert reread["image"].to_pylist() == encoded["image"].to_pylist()

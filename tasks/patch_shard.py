@@ -121,6 +121,7 @@ class PatchShardWriter:
 
 
 def read_shard(handle, columns: list[str] | None = None) -> pa.Table:
-    """Read a shard from an open (fsspec) file. ``pre_buffer`` off: pyarrow's background pre-buffering over a
-    Python file object can leave C++ threads running at interpreter exit and abort the process."""
-    return pq.read_table(handle, columns=columns, pre_buffer=False)
+    """Read a shard from an open (fsspec) file. Through ParquetFile, not read_table: read_table goes through
+    pyarrow.dataset, which brings up pyarrow's S3 client, whose C++ threads can abort the interpreter at exit
+    ("terminate called without an active exception"); pre-buffering over a Python file object can do the same."""
+    return pq.ParquetFile(handle, pre_buffer=False).read(columns=columns)

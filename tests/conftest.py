@@ -241,3 +241,14 @@ def extracted_store(tmp_path_factory):
     outcome = extract_slide(resolve_sources([str(CMU)], settings)[0], settings, Store(settings.store))
     assert outcome.status == "ok" and outcome.patches == 12
     return root
+
+
+def pytest_unconfigure(config):
+    # pyarrow's S3 client, once up, keeps C++ threads that can abort the interpreter at exit ("terminate called
+    # without an active exception"), which would turn a green run red: shut it down first.
+    try:
+        import pyarrow.fs
+
+        pyarrow.fs.finalize_s3()
+    except Exception:  # noqa: BLE001 - nothing to finalize
+        pass

@@ -7,11 +7,11 @@ import shutil
 import subprocess
 import sys
 
-import pyarrow.parquet as pq
 import pytest
 
 from flows.caption import caption_flow
 from tasks.caption_shard import PAIR_SCHEMA
+from tasks.patch_shard import read_shard
 
 pytestmark = pytest.mark.prefect
 
@@ -24,7 +24,7 @@ def store(extracted_store, tmp_path):
 
 
 def _tables(root, suffix):
-    return {p.name: pq.read_table(p) for p in sorted(root.glob(f"pairs/*/*{suffix}"))}
+    return {p.name: read_shard(p) for p in sorted(root.glob(f"pairs/*/*{suffix}"))}
 
 
 def test_caption_shards_with_budget_provenance_and_reruns(prefect_api, tiny_models, store):

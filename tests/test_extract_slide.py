@@ -8,7 +8,7 @@ from pathgen.settings import load_settings
 from tasks import extract_slide as extract_module
 from tasks import patch_passes as passes_module
 from tasks.extract_slide import extract_slide, shard_key, slide_json_key, thumbnail_key
-from tasks.patch_shard import SCHEMA_VERSION, patch_id_for
+from tasks.patch_shard import SCHEMA_VERSION, patch_id_for, read_shard
 from tasks.sources import resolve_sources
 from tasks.store import Store
 
@@ -67,7 +67,7 @@ def test_random_selection_is_capped_and_deterministic(tmp_path):
     ids = []
     for store in (store_a, store_b, store_c):
         with store.open(shard_key("CMU-1-Small-Region")) as handle:
-            ids.append(pq.read_table(handle, pre_buffer=False)["patch_id"].to_pylist())
+            ids.append(read_shard(handle)["patch_id"].to_pylist())
     assert a.patches == 7 and len(ids[0]) == 7
     assert ids[0] == ids[1]
     assert ids[0] != ids[2]
@@ -176,7 +176,7 @@ def test_pathgen_json_positions_are_re_extracted_exactly(tmp_path):
     assert outcomes[0].status == "ok" and outcomes[0].patches == 3
     assert outcomes[1].status == "failed" and "was not found under" in outcomes[1].error
     with store.open(shard_key("CMU-1-Small-Region")) as handle:
-        table = pq.read_table(handle, pre_buffer=False)
+        table = read_shard(handle)
     assert sorted(zip(table["x"].to_pylist(), table["y"].to_pylist(), strict=True)) == positions
     assert set(table["w0"].to_pylist()) == {672} and sorted(table["source_caption"].to_pylist())[0] == "caption 0"
     import io

@@ -3,11 +3,11 @@
 import socket
 
 import fsspec
-import pyarrow.parquet as pq
 import pytest
 
 from pathgen.settings import load_settings
 from tasks.extract_slide import extract_slide, shard_key, slide_json_key, thumbnail_key
+from tasks.patch_shard import read_shard
 from tasks.sources import resolve_sources
 from tasks.store import Store, StoreError
 
@@ -40,7 +40,7 @@ def test_extract_cmu_into_s3_then_skip_on_rerun(bucket):
     assert store.exists(thumbnail_key(ref.slide_id))
     assert store.read_json(slide_json_key(ref.slide_id))["counts"]["kept"] == first.patches
     with store.open(shard_key(ref.slide_id)) as handle:
-        assert pq.read_table(handle, pre_buffer=False).num_rows == first.patches
+        assert read_shard(handle).num_rows == first.patches
     assert extract_slide(ref, settings, store).status == "skipped"
     assert all(".tmp-" not in p for p in store.fs.find(store.root))
 
@@ -58,7 +58,7 @@ def test_slides_read_from_s3_with_ranged_reads_match_local(bucket, tmp_path):
     assert remote.record["backend"] == "tiffslide" and remote.record["tile_reader"]
     tables = []
     for store in (tmp_path / "remote", tmp_path / "local"):
-        tables.append(pq.read_table(store / "patches" / "CMU-1-Small-Region.parquet"))
+        tables.append(read_shard(store / "patches" / "CMU-1-Small-Region.parquet"))
     assert tables[0]["patch_id"].to_pylist() == tables[1]["patch_id"].to_pylist()
     assert tables[0]["image"].to_pylist() == tables[1]["image"].to_pylist()
 

@@ -4,12 +4,12 @@ import json
 import logging
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from pathgen.settings import EmbeddingSettings, load_settings
 from tasks.embedding import PatchEmbedder, load_embedding_model
 from tasks.extract_slide import extract_slide, selection_key, shard_key, slide_json_key
+from tasks.patch_shard import read_shard
 from tasks.representative import ATTRIBUTES, FINDINGS, cluster_count, kmeans, select_representative
 from tasks.retrieval import load_prompts, prompts_for
 from tasks.sources import resolve_sources
@@ -143,7 +143,7 @@ def _extract(tmp_path, name, **overrides):
     outcome = extract_slide(resolve_sources([str(CMU)], settings)[0], settings, store)
     assert outcome.status == "ok", outcome.error
     with store.open(shard_key(CMU.stem)) as handle:
-        table = pq.read_table(handle, pre_buffer=False)
+        table = read_shard(handle)
     return store.read_json(slide_json_key(CMU.stem)), table, store
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.errors import SlideError
+from tasks.errors import SlideError, is_transient
 from tasks.store import is_remote, local_path, storage_options
 
 # Levels whose MPP is within this relative tolerance of the target are read without resampling.
@@ -214,7 +214,7 @@ class SlideReader:
         except FileNotFoundError:
             raise SlideError(f"slide {self.uri} does not exist; check the URL or the source list") from None
         except Exception as exc:
-            if _is_transient(exc):
+            if is_transient(exc):
                 raise
             raise SlideError(
                 f"{self.uri} is not a readable whole-slide image ({type(exc).__name__}: {exc}); "
@@ -289,7 +289,7 @@ class SlideReader:
         try:
             region = self._slide.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
         except Exception as exc:
-            if _is_transient(exc):
+            if is_transient(exc):
                 raise
             raise SlideError(f"reading {self.uri} failed ({exc}); the slide is corrupt or truncated") from None
         rgba = np.asarray(region)
@@ -415,9 +415,3 @@ def missing_mpp_message(uri: str) -> str:
         f"set slides.mpp_overrides.{name.rsplit('.', 1)[0]}=<mpp> for this slide or slides.default_mpp=<mpp> "
         "for all such slides"
     )
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from tasks.errors import is_transient
-
-    return is_transient(exc)

@@ -39,22 +39,26 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
             return 1
         shards = store.list("patches", ".parquet")
         _print_slides(store)
+        _print_pairs(store)
     if not shards:
         print("no patch shards yet: run `pathgen extract SOURCE... --store " + store.url + "`")
         return 0
     total, images, labels = 0, [], []
-    print(f"\n{len(shards)} patch shard(s):")
+    print(f"\n{len(shards)} shard(s):")
     for key in shards:
         with store.open(key) as handle:
             shard = pq.ParquetFile(handle, pre_buffer=False)
             count = shard.metadata.num_rows
             total += count
             meta = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
-            print(
-                f"  {key}: {count} patches, schema {meta.get('pathgen.schema_version', '?')}, "
-                f"selection {meta.get('pathgen.selection', '?')}"
+            kind = meta.get("pathgen.kind", "patches")
+            detail = (
+                f"agents {meta.get('pathgen.agents_hash', '?')}"
+                if kind in ("pairs", "failed")
+                else f"selection {meta.get('pathgen.selection', '?')}"
             )
-    print(f"{total} patches in all")
+            print(f"  {key}: {count} {kind}, schema {meta.get('pathgen.schema_version', '?')}, {detail}")
+    print(f"{total} rows in all")
     with store.open(shards[0]) as handle:
         table = read_shard(handle)
     print(f"\nschema of {shards[0]}:")
@@ -95,6 +99,23 @@ def _print_slides(store: Store) -> None:
         if record.get("error"):
             line += f" ({record['error']})"
         print(line)
+
+
+def _print_pairs(store: Store) -> None:
+    keys = store.list("pairs", ".parquet")
+    for agents_hash in sorted({k.split("/")[1] for k in keys}):
+        pairs = [k for k in keys if k.split("/")[1] == agents_hash and not k.endswith(".failed.parquet")]
+        failed = [k for k in keys if k.split("/")[1] == agents_hash and k.endswith(".failed.parquet")]
+        counts = []
+        for group in (pairs, failed):
+            total = 0
+            for key in group:
+                with store.open(key) as handle:
+                    total += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
+            counts.append(total)
+        print(f"pairs/{agents_hash}: {len(pairs)} shard(s), {counts[0]} pairs, {counts[1]} failed items")
+        if pairs:
+            print(f"  look at them: pathgen inspect {store.uri(pairs[0])}")
 
 
 def _contact_sheet(images: list[bytes], labels: list[str], out: str) -> None:

@@ -3,6 +3,7 @@ re-runs, regeneration under a new agents_hash, and the CLI with the PathGen JSON
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,11 @@ def test_cli_caption_and_pathgen_json_export(prefect_api, tiny_models, store, tm
     records = json.loads(out.read_text())
     assert records and set(records[0]) == {"wsi_id", "position", "caption"}
     assert records[0]["wsi_id"] == "CMU-1-Small-Region" and all(isinstance(v, str) for v in records[0]["position"])
+    shown = pathgen("inspect", str(store), "--out", str(tmp_path / "sheet.png"))
+    assert shown.returncode == 0, shown.stderr
+    found = re.search(r"pairs/[0-9a-f]{12}: 1 shard\(s\), (\d+) pairs, (\d+) failed items", shown.stdout)
+    assert found and int(found.group(1)) + int(found.group(2)) == 12
+    assert int(found.group(1)) == len(records)
     bad = pathgen("caption", "--store", str(store), "--set", "agents.describe.backend=llama")
     assert bad.returncode == 2 and "agents.describe.backend" in bad.stderr
 

@@ -118,4 +118,4 @@ def test_cli_extract_exit_codes_and_inspect(prefect_api, tmp_path):
 
     assert Image.open(sheet).size[0] > 0
     one = _pathgen(["inspect", f"{store}/patches/{CMU.stem}.parquet", "--out", str(sheet)], prefect_api, tmp_path)
-    assert one.returncode == 0 and "1 patch shard(s)" in one.stdout
+    assert one.returncode == 0 and "1 shard(s)" in one.stdout and "patches, schema 1" in one.stdout

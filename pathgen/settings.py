@@ -160,7 +160,12 @@ class AgentsSettings(_Section):
     max_caption_tokens: int = Field(77, ge=8, le=77, description="CLIP tokens, start and end included")
     shorten_attempts: int = Field(2, ge=0, le=5, description="re-asks with the measured count before trimming")
     shard_size: int = Field(1024, ge=1, description="patches per caption shard (one Prefect task)")
-    concurrency: int = Field(1, ge=1, description="caption shards at once (one model per worker)")
+    concurrency: int = Field(
+        1,
+        ge=1,
+        description="caption shards at once in one worker; above 1 only for the openai backend (a local "
+        "model, vLLM or transformers, serves one batch at a time)",
+    )
     batch_size: int = Field(16, ge=1, description="transformers backend: requests per generate call")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     openai_base_url: str | None = Field(None, description="e.g. http://gpu-node:8000/v1; key from OPENAI_API_KEY")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pathgen.settings import Settings, load_settings
-from tasks.extract_slide import SlideOutcome, extract_slides_task
+from tasks.extract_slide import SlideOutcome, extract_slides_task, record_failures
 from tasks.sources import resolve_sources
 from tasks.store import Store
 
@@ -86,10 +86,8 @@ def extract_flow(
             try:
                 done = future.result()
             except Exception as exc:  # noqa: BLE001 - a lost worker fails its group, not the run
-                done = [
-                    SlideOutcome(r.slide_id, "failed", 0, 0.0, f"worker failed: {type(exc).__name__}: {exc}")
-                    for r in group
-                ]
+                error = f"the worker running this slide failed ({type(exc).__name__}: {exc}); run again to retry it"
+                done = record_failures(group, settings, error)
             outcomes.extend(done)
             bar.update(bar_task, advance=len(group))
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / len(refs))

@@ -336,6 +336,22 @@ def _write_shard(slide: SlidePass, store: Store, plan: SelectionPlan, cells: lis
     return result
 
 
+def record_failures(refs: list[SlideRef], settings: Settings, error: str) -> list[SlideOutcome]:
+    """Failed records for slides whose worker was lost before it could record them itself (best effort)."""
+    store = Store(settings.store, settings.s3)
+    outcomes = []
+    for ref in refs:
+        record = _failed(_base_record(ref, settings, settings.extraction_hash()), error)
+        record["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        try:
+            if not _committed(store, ref.slide_id, record["settings_hash"]):
+                store.write_json(slide_json_key(ref.slide_id), record)
+        except Exception:  # noqa: BLE001 - the store may be what failed; the run summary still lists the slide
+            log.warning("%s: could not record the failure in the store", ref.slide_id)
+        outcomes.append(SlideOutcome(ref.slide_id, "failed", 0, 0.0, error, record))
+    return outcomes
+
+
 def extract_slides(
     refs: list[SlideRef], settings: Settings, logger: logging.Logger | None = None
 ) -> list[SlideOutcome]:

@@ -119,3 +119,25 @@ def test_cli_extract_exit_codes_and_inspect(prefect_api, tmp_path):
     assert Image.open(sheet).size[0] > 0
     one = _pathgen(["inspect", f"{store}/patches/{CMU.stem}.parquet", "--out", str(sheet)], prefect_api, tmp_path)
     assert one.returncode == 0 and "1 shard(s)" in one.stdout and "patches, schema 1" in one.stdout
+
+
+def test_a_lost_worker_fails_its_slides_on_record_and_the_run_goes_on(prefect_api, tmp_path, monkeypatch):
+    import tasks.extract_slide as extract_module
+
+    real = extract_module.extract_slides
+
+    def dies_on_dapi(refs, settings, logger=None):
+        if any(r.slide_id == DAPI.stem for r in refs):
+            raise MemoryError("worker killed")
+        return real(refs, settings, logger)
+
+    monkeypatch.setattr(extract_module, "extract_slides", dies_on_dapi)
+    summary = extract_flow(
+        sources=[str(CMU), str(DAPI)],
+        store=str(tmp_path / "store"),
+        overrides={"extract.group_size": 1},
+        processes=False,
+    )
+    assert (summary["ok"], summary["failed"]) == (1, 1)
+    record = json.loads((tmp_path / "store" / "slides" / DAPI.stem / "slide.json").read_text())
+    assert record["status"] == "failed" and "worker running this slide failed" in record["error"]

@@ -173,7 +173,9 @@ class AgentsSettings(_Section):
     openai_timeout_seconds: float = Field(120.0, gt=0.0)
     openai_retries: int = Field(4, ge=0, le=20)
     vllm_max_model_len: int = Field(4096, ge=256)
-    vllm_max_image_pixels: int = Field(672 * 672, ge=64 * 64, description="images are shrunk to at most this")
+    max_image_pixels: int = Field(
+        672 * 672, ge=64 * 64, description="vllm and openai backends: images are shrunk to at most this many pixels"
+    )
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     vllm_tensor_parallel_size: int = Field(1, ge=1)
     model_cache: str | None = Field(None, description="where tiny offline models are built (default ~/.cache)")

@@ -82,7 +82,7 @@ def _build(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> Cha
             agents.openai_concurrency,
             agents.openai_timeout_seconds,
             agents.openai_retries,
-            agents.vllm_max_image_pixels,
+            agents.max_image_pixels,
         )
     from agents.backends.vllm_engine import VLLMBackend
 

@@ -28,7 +28,7 @@ class VLLMBackend:
         from vllm import LLM
 
         self.model_id = model_id
-        self.max_image_pixels = agents.vllm_max_image_pixels
+        self.max_image_pixels = agents.max_image_pixels
         self.llm = LLM(**engine_arguments(model_id, agents))
 
     def conversations(self, requests: list[ChatRequest]) -> list[list[dict]]:

@@ -12,6 +12,7 @@ S3_PORT=${S3_PORT:-8333}
 POOL=${POOL:-pathgen-local}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
+export PREFECT_HOME="$PWD/$STATE/prefect"  # the stack's own database, apart from the user's default one
 
 up() {
   mkdir -p "$STATE/s3"

@@ -97,11 +97,11 @@ def extract_flow(
         [
             {
                 "slide": o.slide_id,
-                "random_weights": bool(o.record.get("random_weights")),
                 "status": o.status,
                 "patches": o.patches,
                 "seconds": o.seconds,
                 "error": o.error or "",
+                "random_weights": bool(o.record.get("random_weights")),
             }
             for o in outcomes
         ],

@@ -55,11 +55,11 @@ def _tokenizer():
     )
 
 
-def _text_config(vocab_size: int, tokenizer):
+def _text_config(tokenizer):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -90,11 +90,10 @@ def build_tiny_models(cache: Path | None = None) -> dict[str, Path]:
     )
 
     tokenizer = _tokenizer()
-    vocab = len(tokenizer)
     staging = root.with_name(root.name + f".partial-{os.getpid()}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        lm = LlamaForCausalLM(_text_config(vocab, tokenizer))
+        lm = LlamaForCausalLM(_text_config(tokenizer))
         lm.generation_config.pad_token_id = tokenizer.pad_token_id
         lm.save_pretrained(staging / TINY_LM)
         tokenizer.save_pretrained(staging / TINY_LM)
@@ -108,7 +107,7 @@ def build_tiny_models(cache: Path | None = None) -> dict[str, Path]:
                 image_size=224,
                 patch_size=32,
             ),
-            text_config=_text_config(vocab, tokenizer),
+            text_config=_text_config(tokenizer),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_select_strategy="default",
             image_seq_length=49,

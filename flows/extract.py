@@ -39,10 +39,10 @@ def _groups(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _summary(settings: Settings, outcomes: list[SlideOutcome]) -> dict[str, Any]:
+def _summary(settings: Settings, store_url: str, outcomes: list[SlideOutcome]) -> dict[str, Any]:
     by_status = {s: [o for o in outcomes if o.status == s] for s in ("ok", "skipped", "failed")}
     return {
-        "store": Store(settings.store).url,
+        "store": store_url,
         "slides": len(outcomes),
         "ok": len(by_status["ok"]),
         "skipped": len(by_status["skipped"]),
@@ -108,7 +108,7 @@ def extract_flow(
         key="extract-slides",
         description=f"Extraction into {target.url}",
     )
-    summary = _summary(settings, outcomes)
+    summary = _summary(settings, target.url, outcomes)
     for failed in summary["failed_slides"]:
         logger.warning("failed: %s: %s", failed["slide_id"], failed["error"])
     logger.info(

@@ -210,14 +210,8 @@ def caption_shard(shard: CaptionShard, settings: Settings, logger: logging.Logge
         "pathgen.provenance": json.dumps(provenance),
     }
     # Failed table first, pair shard last: the pair shard's presence is what marks the shard as committed.
-    store.write_bytes(
-        failed_key(agents_hash, shard.shard_id),
-        _parquet(pa.Table.from_pylist(failed, FAILED_SCHEMA.with_metadata(shard_metadata("failed", meta)))),
-    )
-    store.write_bytes(
-        pair_key(agents_hash, shard.shard_id),
-        _parquet(pa.Table.from_pylist(pairs, PAIR_SCHEMA.with_metadata(shard_metadata("pairs", meta)))),
-    )
+    _commit_table(store, failed_key(agents_hash, shard.shard_id), failed, FAILED_SCHEMA, "failed", meta)
+    _commit_table(store, pair_key(agents_hash, shard.shard_id), pairs, PAIR_SCHEMA, "pairs", meta)
     tokens = [p["caption_tokens"] for p in pairs]
     reasons: dict[str, int] = {}
     for f in result.failures:
@@ -235,12 +229,15 @@ def caption_shard(shard: CaptionShard, settings: Settings, logger: logging.Logge
     )
 
 
-def _parquet(table: pa.Table) -> bytes:
+def _commit_table(
+    store: Store, key: str, rows: list[dict[str, Any]], schema: pa.Schema, kind: str, meta: dict[str, str]
+) -> None:
+    """Write rows as one Parquet file through the store's staged file: committed whole, never held as bytes."""
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression={n: ("NONE" if n == "image" else "ZSTD") for n in table.schema.names})
-    return sink.getvalue().to_pybytes()
+    table = pa.Table.from_pylist(rows, schema.with_metadata(shard_metadata(kind, meta)))
+    with store.staged_file(key) as local:
+        pq.write_table(table, local, compression={n: ("NONE" if n == "image" else "ZSTD") for n in schema.names})
 
 
 @task(

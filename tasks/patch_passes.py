@@ -58,6 +58,9 @@ class SlidePass:
     reader: SlideReader
     logger: logging.Logger
 
+    def __post_init__(self) -> None:
+        self.read_level = self.reader.best_level(self.settings.patch.target_mpp)  # once, not per patch
+
     def read(self, cells: list[GridCell]) -> Iterator[tuple[GridCell, np.ndarray]]:
         patch = self.settings.patch
         boxes = [c.box for c in cells]
@@ -86,7 +89,7 @@ class SlidePass:
             y=cell.y,
             w0=cell.w0,
             h0=cell.h0,
-            level=self.reader.best_level(patch.target_mpp),
+            level=self.read_level,
             mpp=patch.target_mpp,
             slide_mpp=float(self.reader.info.mpp),
             patch_px=patch.patch_px,

@@ -14,7 +14,7 @@ TINY_VLM = "tiny-random-vlm"
 TINY_LM = "tiny-random-lm"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
-    Path(__file__).resolve().parents[1] / "tasks" / "data" / "tcga_prompts.yaml",
+    Path(__file__).resolve().parents[1] / "tasks" / "selection" / "data" / "tcga_prompts.yaml",
     *sorted((Path(__file__).parent / "prompts").glob("*.txt")),
 ]
 

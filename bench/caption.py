@@ -84,10 +84,10 @@ def main() -> None:
 
     from agents import pipeline
     from pathgen.settings import load_settings
-    from tasks.caption_shard import caption_shard, plan_caption_shards
-    from tasks.extract_slide import extract_slide
-    from tasks.sources import resolve_sources
-    from tasks.store import Store
+    from tasks.captions.shard import caption_shard, plan_caption_shards
+    from tasks.slides.extract import extract_slide
+    from tasks.slides.sources import resolve_sources
+    from tasks.store.objects import Store
 
     with tempfile.TemporaryDirectory(prefix="pathgen-bench-caption-") as tmp:
         overrides = {

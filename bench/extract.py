@@ -40,11 +40,11 @@ def run_ours(slide: str, store: str, repeats: int = 2, overrides: dict | None = 
     import resource
 
     from pathgen.settings import load_settings
-    from tasks.extract_slide import extract_slide, shard_key
-    from tasks.patch_shard import read_shard
-    from tasks.slide_reader import SlideReader
-    from tasks.sources import resolve_sources
-    from tasks.store import Store
+    from tasks.slides.extract import extract_slide, shard_key
+    from tasks.slides.reader import SlideReader
+    from tasks.slides.shard import read_shard
+    from tasks.slides.sources import resolve_sources
+    from tasks.store.objects import Store
 
     with SlideReader(slide) as reader:
         mpp = reader.info.mpp

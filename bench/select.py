@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def cluster_seconds(n: int = 50_000, dim: int = 768, seed: int = 0) -> tuple[float, dict]:
-    from tasks.representative import select_representative
+    from tasks.selection.representative import select_representative
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(60, dim)).astype(np.float32)

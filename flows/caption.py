@@ -16,8 +16,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from agents.pipeline import agents_hash as agents_hash_of
 from agents.pipeline import provenance
 from flows.extract import build_settings
-from tasks.caption_shard import ShardOutcome, caption_shard_task, pairs_prefix, plan_caption_shards
-from tasks.store import Store
+from tasks.captions.shard import ShardOutcome, caption_shard_task, pairs_prefix, plan_caption_shards
+from tasks.store.objects import Store
 
 
 @flow(name="caption", description="Selected patches to pair shards (pairs/<agents_hash>/ in the store).")

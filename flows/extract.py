@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pathgen.settings import Settings, load_settings
-from tasks.extract_slide import SlideOutcome, extract_slides_task, record_failures
-from tasks.sources import resolve_sources
-from tasks.store import Store
+from tasks.slides.extract import SlideOutcome, extract_slides_task, record_failures
+from tasks.slides.sources import resolve_sources
+from tasks.store.objects import Store
 
 
 class NoSlideSucceeded(RuntimeError):

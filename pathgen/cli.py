@@ -114,7 +114,7 @@ def _extract(args: argparse.Namespace) -> int:
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         print(f"pathgen extract: {error}", file=sys.stderr)
-        from tasks.sources import SourceError
+        from tasks.slides.sources import SourceError
 
         return EXIT_USAGE if isinstance(error, SettingsError | SourceError) else EXIT_NONE_SUCCEEDED
     _print_summary(state.result())
@@ -154,8 +154,8 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tasks.export import export_pathgen_json
-    from tasks.store import Store
+    from tasks.captions.export import export_pathgen_json
+    from tasks.store.objects import Store
 
     settings = load_settings(args.config, _overrides(args))
     try:

@@ -10,8 +10,8 @@ from collections import Counter
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from tasks.patch_shard import read_shard
-from tasks.store import Store
+from tasks.slides.shard import read_shard
+from tasks.store.objects import Store
 
 TILE_PX = 160
 

@@ -230,9 +230,9 @@ def tiny_models(tmp_path_factory):
 def extracted_store(tmp_path_factory):
     """A store holding 12 selected 224 px patches of CMU-1-Small-Region, for the caption tests."""
     from pathgen.settings import load_settings
-    from tasks.extract_slide import extract_slide
-    from tasks.sources import resolve_sources
-    from tasks.store import Store
+    from tasks.slides.extract import extract_slide
+    from tasks.slides.sources import resolve_sources
+    from tasks.store.objects import Store
 
     root = tmp_path_factory.mktemp("captions") / "store"
     settings = load_settings(

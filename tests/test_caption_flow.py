@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from flows.caption import caption_flow
-from tasks.caption_shard import PAIR_SCHEMA
-from tasks.patch_shard import read_shard
+from tasks.captions.shard import PAIR_SCHEMA
+from tasks.slides.shard import read_shard
 
 pytestmark = pytest.mark.prefect
 
@@ -102,7 +102,7 @@ def test_cli_caption_and_pathgen_json_export(prefect_api, tiny_models, store, tm
 
 
 def test_a_lost_shard_is_reported_and_the_others_complete(prefect_api, tiny_models, store, monkeypatch):
-    import tasks.caption_shard as caption_module
+    import tasks.captions.shard as caption_module
 
     cache, _ = tiny_models
     real = caption_module._load_patches

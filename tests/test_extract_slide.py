@@ -5,12 +5,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pathgen.settings import load_settings
-from tasks import extract_slide as extract_module
-from tasks import patch_passes as passes_module
-from tasks.extract_slide import extract_slide, shard_key, slide_json_key, thumbnail_key
-from tasks.patch_shard import SCHEMA_VERSION, patch_id_for, read_shard
-from tasks.sources import resolve_sources
-from tasks.store import Store
+from tasks.slides import extract as extract_module
+from tasks.slides import passes as passes_module
+from tasks.slides.extract import extract_slide, shard_key, slide_json_key, thumbnail_key
+from tasks.slides.shard import SCHEMA_VERSION, patch_id_for, read_shard
+from tasks.slides.sources import resolve_sources
+from tasks.store.objects import Store
 
 from .conftest import CMU, DAPI
 

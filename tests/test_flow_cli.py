@@ -122,7 +122,7 @@ def test_cli_extract_exit_codes_and_inspect(prefect_api, tmp_path):
 
 
 def test_a_lost_worker_fails_its_slides_on_record_and_the_run_goes_on(prefect_api, tmp_path, monkeypatch):
-    import tasks.extract_slide as extract_module
+    import tasks.slides.extract as extract_module
 
     real = extract_module.extract_slides
 

@@ -3,7 +3,7 @@ import openslide
 import pytest
 
 from tasks.errors import SlideError
-from tasks.slide_reader import SlideReader
+from tasks.slides.reader import SlideReader
 
 from .conftest import CMU, DAPI
 

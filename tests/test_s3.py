@@ -6,10 +6,10 @@ import fsspec
 import pytest
 
 from pathgen.settings import load_settings
-from tasks.extract_slide import extract_slide, shard_key, slide_json_key, thumbnail_key
-from tasks.patch_shard import read_shard
-from tasks.sources import resolve_sources
-from tasks.store import Store, StoreError
+from tasks.slides.extract import extract_slide, shard_key, slide_json_key, thumbnail_key
+from tasks.slides.shard import read_shard
+from tasks.slides.sources import resolve_sources
+from tasks.store.objects import Store, StoreError
 
 from .conftest import CMU
 
@@ -112,14 +112,14 @@ def test_extract_flow_writes_to_s3_and_reports(prefect_api, bucket):
 
 def test_remote_reads_fetch_tiles_not_the_whole_slide(bucket, tmp_path):
     from bench.synthetic_slide import build_slide
-    from tasks.slide_reader import SlideReader
+    from tasks.slides.reader import SlideReader
 
     local = build_slide(tmp_path / "big.svs", width=12_000, height=9_000)
     fs = Store(bucket).fs
     remote = f"{bucket}/big.svs"
     fs.put_file(str(local), remote[5:])
     from pathgen.settings import S3Settings
-    from tasks.store import storage_options
+    from tasks.store.objects import storage_options
 
     with SlideReader(remote, storage_opts=storage_options(remote, S3Settings(block_size=2**18))) as reader:
         assert reader.info.backend == "tiffslide" and reader.info.fast_tiles

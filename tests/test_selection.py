@@ -7,13 +7,13 @@ import numpy as np
 import torch
 
 from pathgen.settings import EmbeddingSettings, load_settings
-from tasks.embedding import PatchEmbedder, load_embedding_model
-from tasks.extract_slide import extract_slide, selection_key, shard_key, slide_json_key
-from tasks.patch_shard import read_shard
-from tasks.representative import ATTRIBUTES, FINDINGS, cluster_count, kmeans, select_representative
-from tasks.retrieval import load_prompts, prompts_for
-from tasks.sources import resolve_sources
-from tasks.store import Store
+from tasks.selection.embedding import PatchEmbedder, load_embedding_model
+from tasks.selection.representative import ATTRIBUTES, FINDINGS, cluster_count, kmeans, select_representative
+from tasks.selection.retrieval import load_prompts, prompts_for
+from tasks.slides.extract import extract_slide, selection_key, shard_key, slide_json_key
+from tasks.slides.shard import read_shard
+from tasks.slides.sources import resolve_sources
+from tasks.store.objects import Store
 
 from .conftest import CMU
 
@@ -201,7 +201,7 @@ def test_findings_and_a_local_checkpoint(tmp_path):
 
 
 def test_large_slides_re_read_the_chosen_patches_and_get_the_same_shard(tmp_path, monkeypatch):
-    import tasks.patch_passes as passes
+    import tasks.slides.passes as passes
 
     few = {"selection.max_per_slide": 8}  # 46 candidates > 3 x 8: chosen patches are read again
     record, reread, _ = _extract(tmp_path, "reread", **few)

@@ -3,7 +3,7 @@ import os
 import pytest
 
 from pathgen.settings import load_settings
-from tasks.sources import SourceError, resolve_sources
+from tasks.slides.sources import SourceError, resolve_sources
 
 from .conftest import CMU, SLIDES
 

@@ -3,9 +3,9 @@ import pytest
 
 from pathgen.settings import QualitySettings, TissueSettings
 from tasks.errors import SlideError
-from tasks.quality import rejection_reason, score_patch
-from tasks.slide_reader import SlideReader
-from tasks.tissue import grid_cells, tissue_mask
+from tasks.slides.quality import rejection_reason, score_patch
+from tasks.slides.reader import SlideReader
+from tasks.slides.tissue import grid_cells, tissue_mask
 
 from .conftest import CMU, DAPI
 

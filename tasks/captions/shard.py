@@ -26,8 +26,8 @@ from agents.pipeline import CaptionAgents
 from pathgen import __version__
 from pathgen.settings import Settings
 from tasks.errors import retry_only_transient
-from tasks.patch_shard import PATCH_SCHEMA, read_shard, shard_metadata
-from tasks.store import Store
+from tasks.slides.shard import PATCH_SCHEMA, read_shard, shard_metadata
+from tasks.store.objects import Store
 
 PATCH_FIELDS = [f for f in PATCH_SCHEMA if f.name != "embedding"]
 PAIR_SCHEMA = pa.schema(

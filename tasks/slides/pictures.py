@@ -8,7 +8,7 @@ import colorsys
 import cv2
 import numpy as np
 
-from tasks.patch_passes import KeptPatch
+from tasks.slides.passes import KeptPatch
 
 
 def _fit(image: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from pathgen.settings import Settings
-from tasks.store import is_remote, local_path, storage_options
+from tasks.store.objects import is_remote, local_path, storage_options
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 GDC_COLUMNS = ("id", "filename", "md5", "size", "state")

@@ -20,15 +20,15 @@ import imagecodecs
 import numpy as np
 
 from pathgen.settings import Settings
-from tasks.embedding import EmbeddingModel, PatchEmbedder, load_embedding_model
-from tasks.patch_shard import PatchRecord, PatchShardWriter, patch_id_for
-from tasks.quality import QualityScores, rejection_reason, score_patch
-from tasks.representative import select_representative
-from tasks.retrieval import prompts_for, retrieval_scores
-from tasks.selection import SelectionPlan
-from tasks.slide_reader import SlideReader
-from tasks.sources import SlideRef
-from tasks.tissue import GridCell
+from tasks.selection.embedding import EmbeddingModel, PatchEmbedder, load_embedding_model
+from tasks.selection.plan import SelectionPlan
+from tasks.selection.representative import select_representative
+from tasks.selection.retrieval import prompts_for, retrieval_scores
+from tasks.slides.quality import QualityScores, rejection_reason, score_patch
+from tasks.slides.reader import SlideReader
+from tasks.slides.shard import PatchRecord, PatchShardWriter, patch_id_for
+from tasks.slides.sources import SlideRef
+from tasks.slides.tissue import GridCell
 
 RASTER_BATCH = 512
 REREAD_FACTOR = 3  # up to this many candidates per kept patch, encode all candidates rather than re-read

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from tasks.errors import SlideError, is_transient
-from tasks.store import is_remote, local_path, storage_options
+from tasks.store.objects import is_remote, local_path, storage_options
 
 # Levels whose MPP is within this relative tolerance of the target are read without resampling.
 MPP_TOLERANCE = 0.02

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.caption_shard import pairs_prefix
-from tasks.patch_shard import read_shard
-from tasks.store import Store
+from tasks.captions.shard import pairs_prefix
+from tasks.slides.shard import read_shard
+from tasks.store.objects import Store
 
 
 def agents_hashes(store: Store) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pathgen.settings import SelectionSettings
-from tasks.tissue import GridCell
+from tasks.slides.tissue import GridCell
 
 ALL_BATCH = 512
 

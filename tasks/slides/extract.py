@@ -20,14 +20,14 @@ from prefect import get_run_logger, task
 from pathgen import __version__
 from pathgen.settings import Settings
 from tasks.errors import SlideError, TransientIOError, retry_io, retry_only_transient
-from tasks.patch_passes import PassResult, SlidePass, write_planned, write_representative
-from tasks.patch_shard import SCHEMA_VERSION, PatchShardWriter
-from tasks.pictures import draw_selection, draw_thumbnail
-from tasks.selection import ReadBatch, SelectionPlan, plan_selection
-from tasks.slide_reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
-from tasks.sources import SlideRef
-from tasks.store import Store, is_remote, storage_options
-from tasks.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
+from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
+from tasks.slides.passes import PassResult, SlidePass, write_planned, write_representative
+from tasks.slides.pictures import draw_selection, draw_thumbnail
+from tasks.slides.reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
+from tasks.slides.shard import SCHEMA_VERSION, PatchShardWriter
+from tasks.slides.sources import SlideRef
+from tasks.slides.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
+from tasks.store.objects import Store, is_remote, storage_options
 
 log = logging.getLogger("pathgen.extract")
 

@@ -1,8 +1,9 @@
 """open_clip image and text embeddings for patch selection.
 
 Any open_clip model name works, with ``pretrained`` as a tag (``openai``) or a local checkpoint path. With no model
-configured the named config ``tiny-random`` (``tasks/data/open_clip/tiny-random.json``) is built with seeded random
-weights so that every command runs offline; its embeddings carry no meaning, and every run that uses it says so.
+configured the named config ``tiny-random`` (``tasks/selection/data/open_clip/tiny-random.json``) is built with
+seeded random weights so that every command runs offline; its embeddings carry no meaning, and every run that
+uses it says so.
 Images go through the model's own preprocessing transform; embeddings are L2-normalised float32.
 """
 

@@ -9,8 +9,6 @@ last resort, cut at a sentence boundary and flagged ``caption_trimmed``.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import logging
 import re
 import time
@@ -19,13 +17,13 @@ from typing import Any
 
 from agents.backends import backend_for
 from agents.clip_tokens import clip_token_count, trim_to_tokens
+from agents.identity import ROLES, agents_hash, identities
 from agents.prompts import Prompt, load_prompt
 from agents.protocol import ChatBackend, ChatRequest, Sampling
 from agents.validation import problem, tidy
-from pathgen.settings import AgentsSettings, RoleSettings
+from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
 
 log = logging.getLogger("pathgen.agents")
-ROLES = ("describe", "revise", "summarize")
 UNCHANGED = re.compile(r"^\W*unchanged\W*$", re.IGNORECASE)
 
 
@@ -80,9 +78,9 @@ def _model_name(role: RoleSettings, prompt: Prompt) -> str:
     return (TINY_VLM if prompt.has_image else TINY_LM) + " (random weights)"
 
 
-def provenance(settings: AgentsSettings) -> dict[str, Any]:
-    """What produces a pair: backend, model, prompt version and sampling of every role, and the caption budget.
-    Derived from the settings alone, so a flow can name its output (agents_hash) without loading any model."""
+def provenance(settings: AgentsSettings, identity: dict[str, str]) -> dict[str, Any]:
+    """What produces a pair: backend, model (name and identity as loaded), prompt version and sampling of every
+    role, and the caption budget."""
     roles = {}
     for name in ROLES:
         role = getattr(settings, name)
@@ -90,6 +88,7 @@ def provenance(settings: AgentsSettings) -> dict[str, Any]:
         roles[name] = {
             "backend": role.backend,
             "model": _model_name(role, prompt),
+            "identity": identity[name],
             "prompt": prompt.version,
             "sampling": {
                 "temperature": role.temperature,
@@ -104,12 +103,8 @@ def provenance(settings: AgentsSettings) -> dict[str, Any]:
         "max_caption_tokens": settings.max_caption_tokens,
         "shorten_attempts": settings.shorten_attempts,
         "random_weights": any(getattr(settings, name).model is None for name in ROLES),
+        "agents_hash": agents_hash(settings, identity),
     }
-
-
-def agents_hash(settings: AgentsSettings) -> str:
-    blob = json.dumps(provenance(settings), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 class CaptionAgents:
@@ -118,17 +113,24 @@ class CaptionAgents:
     def __init__(
         self,
         settings: AgentsSettings,
+        retries: RetrySettings | None = None,
         logger: logging.Logger | None = None,
         backends: dict[str, ChatBackend] | None = None,
     ) -> None:
         """``backends`` maps a role to a ready backend, in place of the one its settings name."""
         self.settings = settings
         self.logger = logger or log
+        retries = retries or RetrySettings()
+        self.identity = identities(settings, retries)
+        for name, backend in (backends or {}).items():
+            self.identity[name] = f"given:{backend.name}:{backend.model_id}"
         self.roles: dict[str, _Role] = {}
         for name in ROLES:
             role = getattr(settings, name)
             prompt = load_prompt(role.prompt)
-            backend = (backends or {}).get(name) or backend_for(role, settings, needs_image=prompt.has_image)
+            backend = (backends or {}).get(name) or backend_for(
+                role, settings, retries, prompt.has_image, self.identity[name]
+            )
             self.roles[name] = _Role(role, prompt, backend)
         self.shorten = load_prompt(settings.shorten_prompt)
         if self.random_weights:
@@ -142,10 +144,10 @@ class CaptionAgents:
         return any(r.backend.random_weights for r in self.roles.values())
 
     def provenance(self) -> dict[str, Any]:
-        return provenance(self.settings)
+        return provenance(self.settings, self.identity)
 
     def agents_hash(self) -> str:
-        return agents_hash(self.settings)
+        return agents_hash(self.settings, self.identity)
 
     # -- stages --------------------------------------------------------------------------------------------
 

@@ -35,8 +35,8 @@ def repetitive(words: list[str]) -> bool:
 
 def problem(reply: ChatReply, max_words: int) -> str | None:
     """Why a reply is unusable (a short reason used as the failed table's key), or None."""
-    if reply.error is not None:
-        return "backend-error"
+    if reply.error is not None:  # the server refused this request for its content (infrastructure errors raise)
+        return "rejected"
     text = (reply.text or "").strip()
     if not text:
         return "empty"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / "bench" / "_work"
 PATCH_PX = 672
-OVERRIDES = {"selection.method": "all", "patch.patch_px": PATCH_PX, "extract.io_retries": 0}
+OVERRIDES = {"selection.method": "all", "patch.patch_px": PATCH_PX, "retries.io_retries": 0}
 
 
 def run_ours(slide: str, store: str, repeats: int = 2, overrides: dict | None = None) -> dict:

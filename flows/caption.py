@@ -1,7 +1,9 @@
-"""Selected patches to image-text pairs: plan caption shards, run describe -> revise -> summarize per shard.
+"""Selected patches to image-text pairs: plan from object listings which slides this agents_hash still lacks,
+take this run's part, and caption slide groups (describe -> revise -> summarize), committing slide by slide.
 
-Each shard is one Prefect task (tagged gpu, retried on infrastructure errors only). Shards already committed
-under this agents_hash are skipped; a new model or prompt is a new agents_hash and leaves earlier pairs intact.
+The agents_hash is resolved before any work: it covers the models' identities as loaded (for an OpenAI-compatible
+server, what it reports), so an unreachable server fails the run at once, naming the endpoint, with every slide
+still pending. A new model or prompt is a new agents_hash, written beside the earlier pairs, never over them.
 """
 
 from __future__ import annotations
@@ -9,85 +11,80 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from agents.pipeline import agents_hash as agents_hash_of
-from agents.pipeline import provenance
-from flows.extract import build_settings
-from tasks.captions.shard import ShardOutcome, caption_shard_task, pairs_prefix, plan_caption_shards
-from tasks.store.objects import Store
+from agents.identity import agents_hash as agents_hash_of
+from agents.identity import identities
+from pathgen.settings import run_settings
+from tasks.captions.caption import caption_slides_task
+from tasks.captions.plan import plan_captions
+from tasks.captions.records import failed_prefix, pairs_prefix
+from tasks.work.parts import publish_summary, record_worker, run_parts
+from tasks.work.runner import Stage, open_store, run_units
+from tasks.work.units import UnitOutcome, groups_of, summarize
 
 
 @flow(name="caption", description="Selected patches to pair shards (pairs/<agents_hash>/ in the store).")
-def caption_flow(store: str | None = None, config: str | None = None, overrides: dict[str, Any] | None = None):
+def caption_flow(
+    store: str | None = None,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    parts: int = 1,
+    part: int | None = None,
+) -> dict[str, Any]:
     logger = get_run_logger()
-    settings = build_settings(store, config, overrides)
-    target = Store(settings.store, settings.s3)
-    target.check()
-    # Named from the settings alone: the models are loaded by the shard tasks, on the worker that runs them.
-    agents_hash = agents_hash_of(settings.agents)
-    random_weights = provenance(settings.agents)["random_weights"]
-    shards, done = plan_caption_shards(target, agents_hash, settings.agents.shard_size)
-    pending = sum(len(s.items) for s in shards)
-    logger.info("agents %s: %d patches already done, %d pending in %d shards", agents_hash, done, pending, len(shards))
-    progress = create_progress_artifact(0.0 if shards else 100.0, key="caption-progress", description="shards done")
-    outcomes: list[ShardOutcome] = []
-    with ThreadPoolTaskRunner(max_workers=settings.agents.concurrency) as runner:
-        futures = {runner.submit(caption_shard_task, {"shard": s, "settings": settings}): s for s in shards}
-        for future in as_completed(list(futures)):
-            try:
-                outcomes.append(future.result())
-            except Exception as exc:  # noqa: BLE001 - a lost shard is reported; the other shards go on
-                shard = futures[future]
-                logger.error("shard %s failed: %s: %s", shard.shard_id, type(exc).__name__, exc)
-                outcomes.append(ShardOutcome(shard.shard_id, "failed", 0, error=f"{type(exc).__name__}: {exc}"))
-            update_progress_artifact(progress, 100.0 * len(outcomes) / len(shards))
-    outcomes.sort(key=lambda o: o.shard_id)
-    failures: dict[str, int] = {}
-    for outcome in outcomes:
-        for reason, count in outcome.failures.items():
-            failures[reason] = failures.get(reason, 0) + count
-    pairs = sum(o.pairs for o in outcomes)
-    create_table_artifact(
-        [
-            {
-                "shard": o.shard_id,
-                "status": o.status,
-                "pairs": o.pairs,
-                "failed": sum(o.failures.values()),
-                "failures": ", ".join(f"{k}: {v}" for k, v in sorted(o.failures.items())),
-                "mean_tokens": o.tokens_mean,
-                "max_tokens": o.tokens_max,
-                "changed_by_revise": o.changed_share,
-                "trimmed": o.trimmed,
-                "seconds": ", ".join(f"{k} {v}" for k, v in o.seconds.items()),
-                "random_weights": random_weights,
-                "error": o.error or "",
-            }
-            for o in outcomes
-        ],
-        key="caption-shards",
-        description=f"Captioning into {target.uri(pairs_prefix(agents_hash))}",
+    settings = run_settings(store, config, overrides)
+    if parts > 1 and part is None:
+        parameters = {"store": store, "config": config, "overrides": overrides}
+        summary = run_parts("caption", caption_flow, parameters, parts, logger)
+        return _finish(summary, settings, logger)
+    record_worker("caption", part, parts)
+    agents_hash = agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
+    target = open_store(settings, [pairs_prefix(agents_hash), failed_prefix(agents_hash)], logger)
+    plan = plan_captions(target, agents_hash, part, parts)
+    logger.info("agents %s: %d slides done, %d pending", agents_hash, len(plan.done), len(plan.pending))
+    stage = Stage(
+        "caption",
+        caption_slides_task,
+        unit_id=str,
+        concurrency=settings.agents.concurrency,
+        tags=["gpu"],
+        extra={"agents_hash": agents_hash},
+        table_description=f"Captioning into {target.uri(pairs_prefix(agents_hash))}",
     )
-    lost = [o for o in outcomes if o.status == "failed"]
-    if lost and len(lost) == len(outcomes):
-        raise RuntimeError(f"every caption shard failed ({len(lost)}); first error: {lost[0].error}")
-    summary = {
-        "store": target.url,
-        "failed_shards": [{"shard": o.shard_id, "error": o.error} for o in lost],
-        "agents_hash": agents_hash,
-        "pairs_prefix": target.uri(pairs_prefix(agents_hash)),
-        "shards": len(outcomes),
-        "pairs": pairs,
-        "failed": sum(failures.values()),
-        "failures": failures,
-        "already_done": done,
-        "max_tokens": max((o.tokens_max for o in outcomes), default=0),
-        "random_weights": random_weights,
-    }
-    if random_weights:
+    outcomes = run_units(stage, groups_of(plan.pending, settings.agents.slides_per_task), settings, logger)
+    outcomes += [UnitOutcome(slide_id, "skipped") for slide_id in plan.done]
+    summary = summarize("caption", outcomes)
+    summary["agents_hash"] = agents_hash
+    summary["failed"] = sum(int(o.columns.get("failed", 0)) for o in outcomes)  # patches, not slides
+    publish_summary(summary)
+    return _finish(summary, settings, logger, agents_hash, outcomes)
+
+
+def _finish(summary: dict, settings, logger, agents_hash: str | None = None, outcomes=None) -> dict[str, Any]:
+    agents_hash = agents_hash or agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
+    failures: dict[str, int] = {}
+    for outcome in outcomes or []:
+        for item in filter(None, str(outcome.columns.get("failures", "")).split(", ")):
+            reason, count = item.rsplit(": ", 1)
+            failures[reason] = failures.get(reason, 0) + int(count)
+    summary.update(
+        store=settings.store,
+        agents_hash=agents_hash,
+        pairs=summary["items"],
+        pairs_prefix=f"{settings.store.rstrip('/')}/{pairs_prefix(agents_hash)}",
+        failures=failures,
+        max_tokens=max((int(o.columns.get("max_tokens", 0)) for o in outcomes or []), default=0),
+    )
+    for pending in summary["pending_slides"]:
+        logger.error("pending (run again): %s: %s", pending["slide_id"], pending["error"])
+    if summary["random_weights"]:
         logger.warning("captions come from tiny RANDOM-WEIGHT models: they are noise, not descriptions")
-    logger.info("%d pairs, %d failed (%s) in %s", pairs, summary["failed"], failures, summary["pairs_prefix"])
+    logger.info(
+        "%d pairs, %d failed items (%s), %d slides pending, in %s",
+        summary["pairs"],
+        summary["failed"],
+        failures,
+        summary["pending"],
+        summary["pairs_prefix"],
+    )
     return summary

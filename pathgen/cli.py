@@ -1,6 +1,7 @@
 """The ``pathgen`` command.
 
-Exit codes: 0 when at least one slide succeeded, 1 when none did, 2 for bad usage or settings.
+Exit codes: ``extract``: 0 when at least one slide succeeded, 1 when none did; ``caption``: 0 when every slide is
+captioned, 1 when slides remain pending (the cause is named); 2 for bad usage or settings.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def _settings_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _parts_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--parts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the slides into N parts by a stable hash of the slide id (as a deployment, one child run each)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathgen", description="PathGen Factory: slides to image-text pairs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,10 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
     extract.add_argument("--threads", action="store_true", help="run slide groups in threads, not processes")
+    _parts_arg(extract)
     _settings_args(extract)
 
     caption = sub.add_parser("caption", help="caption the selected patches: describe, revise, summarize")
     caption.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    _parts_arg(caption)
     _settings_args(caption)
 
     export = sub.add_parser("export", help="write pairs in an interchange format")
@@ -69,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "parts", 1) < 1:
+        print(f"pathgen {args.command}: --parts must be at least 1 (got {args.parts})", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.command == "extract":
             return _extract(args)
@@ -109,6 +125,7 @@ def _extract(args: argparse.Namespace) -> int:
         config=args.config,
         overrides=overrides,
         processes=not args.threads,
+        parts=args.parts,
         return_state=True,
     )
     if not state.is_completed():
@@ -133,23 +150,32 @@ def _caption(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     from flows.caption import caption_flow
 
-    state = caption_flow(config=args.config, overrides=overrides, return_state=True)
+    state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
     if not state.is_completed():
         print(f"pathgen caption: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        print("pathgen caption: nothing was committed for the slides still pending; run again", file=sys.stderr)
         return EXIT_NONE_SUCCEEDED
     summary = state.result()
     print(
-        f"\ncaptioned {summary['pairs']} patches in {summary['shards']} shards "
-        f"({summary['already_done']} already done); {summary['failed']} failed {summary['failures'] or ''}"
+        f"\ncaptioned {summary['ok']} slides ({summary['pairs']} pairs; {summary['skipped']} slides already done); "
+        f"{summary['failed']} patches failed {summary['failures'] or ''}"
     )
-    print(f"pairs: {summary['pairs_prefix']}/<shard>.parquet, failed items beside them as <shard>.failed.parquet")
+    print(f"pairs: {summary['pairs_prefix']}/<slide_id>.parquet; failed items under failed/{summary['agents_hash']}/")
     print(f"longest caption: {summary['max_tokens']} CLIP tokens")
-    for lost in summary["failed_shards"]:
-        print(f"shard failed (its patches stay pending for the next run): {lost['shard']}: {lost['error']}")
+    for part in summary.get("parts", []):
+        print(f"part {part['part']}: {part.get('state')} {part.get('flow_run', '')} {part.get('host', '')}".rstrip())
     if summary["random_weights"]:
         print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise;")
         print("set agents.describe.model, agents.revise.model and agents.summarize.model for real captions")
     print(f"export them:  pathgen export pathgen-json --store {summary['store']} --out pairs.json")
+    if summary["pending"] or summary.get("lost_parts"):
+        causes = sorted({p["error"] for p in summary["pending_slides"] if p.get("error")})
+        print(
+            f"pathgen caption: {summary['pending']} slides remain pending (nothing committed for them); "
+            f"cause: {'; '.join(causes) or 'a part did not complete'}; run again",
+            file=sys.stderr,
+        )
+        return EXIT_NONE_SUCCEEDED
     return EXIT_OK
 
 
@@ -171,7 +197,7 @@ def _print_summary(summary: dict) -> None:
     store = summary["store"]
     print(
         f"\nextracted {summary['slides']} slides: {summary['ok']} ok, {summary['skipped']} already done, "
-        f"{summary['failed']} failed; {summary['patches']} patches"
+        f"{summary['failed']} failed, {summary['pending']} pending; {summary['patches']} patches"
     )
     print(f"store: {store}")
     print(f"  patch shards:  {store}/patches/<slide_id>.parquet")
@@ -183,4 +209,6 @@ def _print_summary(summary: dict) -> None:
         print("  set embedding.model and embedding.pretrained for a real selection")
     for failed in summary["failed_slides"]:
         print(f"failed: {failed['slide_id']}: {failed['error']}")
+    for pending in summary["pending_slides"]:
+        print(f"pending (storage failed; run again): {pending['slide_id']}: {pending['error']}")
     print(f"look at them:  pathgen inspect {store}")

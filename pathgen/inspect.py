@@ -103,9 +103,10 @@ def _print_slides(store: Store) -> None:
 
 def _print_pairs(store: Store) -> None:
     keys = store.list("pairs", ".parquet")
+    failed_keys = store.list("failed", ".parquet")
     for agents_hash in sorted({k.split("/")[1] for k in keys}):
-        pairs = [k for k in keys if k.split("/")[1] == agents_hash and not k.endswith(".failed.parquet")]
-        failed = [k for k in keys if k.split("/")[1] == agents_hash and k.endswith(".failed.parquet")]
+        pairs = [k for k in keys if k.split("/")[1] == agents_hash]
+        failed = [k for k in failed_keys if k.split("/")[1] == agents_hash]
         counts = []
         for group in (pairs, failed):
             total = 0
@@ -113,7 +114,7 @@ def _print_pairs(store: Store) -> None:
                 with store.open(key) as handle:
                     total += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
             counts.append(total)
-        print(f"pairs/{agents_hash}: {len(pairs)} shard(s), {counts[0]} pairs, {counts[1]} failed items")
+        print(f"pairs/{agents_hash}: {len(pairs)} slide shard(s), {counts[0]} pairs, {counts[1]} failed items")
         if pairs:
             print(f"  look at them: pathgen inspect {store.uri(pairs[0])}")
 

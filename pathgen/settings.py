@@ -8,8 +8,6 @@ environment (``PATHGEN_PATCH__TARGET_MPP=0.25``). Credentials never live here: t
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -115,21 +113,64 @@ class SlideSettings(_Section):
 class ExtractSettings(_Section):
     concurrency: int = Field(2, ge=1, le=256, description="slide groups processed at once")
     group_size: int = Field(4, ge=1, description="slides per Prefect task")
-    io_retries: int = Field(3, ge=0, le=20, description="retries of an I/O error, with backoff")
-    io_backoff_seconds: float = Field(1.0, ge=0.0)
     thumbnail_px: int = Field(1024, ge=64, description="longest side of thumbnail.png")
     read_ahead: int = Field(
         4, ge=0, le=64, description="patches one reader thread decodes ahead while the worker encodes (0: off)"
     )
 
 
+class RetrySettings(_Section):
+    """The one retry policy for storage and model backends. Only infrastructure errors are retried; bad input
+    and content failures are recorded at once."""
+
+    io_retries: int = Field(3, ge=0, le=20, description="retries of one storage or backend call, with backoff")
+    backoff_seconds: float = Field(1.0, ge=0.0, description="first backoff; doubles with each retry")
+    task_retries: int = Field(2, ge=0, le=10, description="Prefect retries of a task that failed on infrastructure")
+    task_retry_delay_seconds: float = Field(
+        30.0, ge=0.0, description="delay before a task's first retry; x4 for each further one"
+    )
+
+
 class S3Settings(_Section):
     # Endpoint and keys come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from here.
-    connect_timeout: float = Field(5.0, gt=0.0)
-    read_timeout: float = Field(60.0, gt=0.0)
-    max_attempts: int = Field(3, ge=1, le=20)
+    # Two retry loops are stacked: botocore's (max_attempts) inside s3fs's (s3fs_retries), so one S3 call that gets
+    # no answer ends after about (connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1) seconds.
+    connect_timeout: float = Field(
+        5.0,
+        gt=0.0,
+        description="seconds to open a connection; one unanswered call ends after about "
+        "(connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1) seconds",
+    )
+    read_timeout: float = Field(
+        60.0,
+        gt=0.0,
+        description="seconds to wait for each read of a reply; worst case of one call: "
+        "(connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1)",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="botocore attempts per request, the first included (multiplies the worst case of a call)",
+    )
+    s3fs_retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="s3fs's own retries of a failed call, each with max_attempts botocore attempts; worst case of "
+        "one call: (connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1) seconds",
+    )
     block_size: int = Field(
         4 * 2**20, ge=2**16, description="bytes per ranged read of a remote slide (kept in an LRU block cache)"
+    )
+
+
+class CleanupSettings(_Section):
+    stale_temp_grace_seconds: float = Field(
+        3600.0,
+        ge=0.0,
+        description="temporary objects and staged files untouched this long are removed; those of a dead process "
+        "on this host are removed at once",
     )
 
 
@@ -144,6 +185,9 @@ class RoleSettings(_Section):
     max_new_tokens: int = Field(..., ge=1, le=8192)
     max_words: int = Field(..., ge=1, description="a longer reply is rejected as over-long")
     seed: int = 0
+    revision: str | None = Field(
+        None, description="hub revision (branch, tag or commit) of a hub model; part of the model's identity"
+    )
 
 
 class AgentsSettings(_Section):
@@ -159,11 +203,13 @@ class AgentsSettings(_Section):
     shorten_prompt: str = "shorten.v1"
     max_caption_tokens: int = Field(77, ge=8, le=77, description="CLIP tokens, start and end included")
     shorten_attempts: int = Field(2, ge=0, le=5, description="re-asks with the measured count before trimming")
-    shard_size: int = Field(1024, ge=1, description="patches per caption shard (one Prefect task)")
+    slides_per_task: int = Field(
+        4, ge=1, description="slides captioned by one Prefect task (their patches share model batches)"
+    )
     concurrency: int = Field(
         1,
         ge=1,
-        description="caption shards at once in one worker; above 1 only for the openai backend (a local "
+        description="caption tasks at once in one worker; above 1 only for the openai backend (a local "
         "model, vLLM or transformers, serves one batch at a time)",
     )
     batch_size: int = Field(16, ge=1, description="transformers backend: requests per generate call")
@@ -171,7 +217,6 @@ class AgentsSettings(_Section):
     openai_base_url: str | None = Field(None, description="e.g. http://gpu-node:8000/v1; key from OPENAI_API_KEY")
     openai_concurrency: int = Field(16, ge=1, le=1024)
     openai_timeout_seconds: float = Field(120.0, gt=0.0)
-    openai_retries: int = Field(4, ge=0, le=20)
     vllm_max_model_len: int = Field(4096, ge=256)
     max_image_pixels: int = Field(
         672 * 672, ge=64 * 64, description="vllm and openai backends: images are shrunk to at most this many pixels"
@@ -193,15 +238,8 @@ class Settings(_Section):
     slides: SlideSettings = Field(default_factory=SlideSettings)
     extract: ExtractSettings = Field(default_factory=ExtractSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
-
-    def extraction_hash(self) -> str:
-        """Hash of everything that changes which patches a slide yields (not where they are stored)."""
-        relevant = self.model_dump(include={"patch", "tissue", "quality", "selection", "slides", "embedding"})
-        relevant["embedding"].pop("device", None)
-        relevant["embedding"].pop("batch_size", None)
-        relevant["slides"].pop("roots", None)
-        blob = json.dumps(relevant, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -319,3 +357,13 @@ def load_settings(
         return Settings.model_validate(tree)
     except ValidationError as err:
         raise SettingsError(_format_validation_error(err)) from None
+
+
+def run_settings(
+    store: str | None = None, config: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """The settings of a flow run: its parameters (store, config file, overrides) over the environment."""
+    merged = dict(overrides or {})
+    if store:
+        merged["store"] = store
+    return load_settings(config, merged)

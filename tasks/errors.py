@@ -1,8 +1,10 @@
-"""The two kinds of failure the factory tells apart.
+"""The two kinds of failure the factory tells apart, and its one retry policy.
 
 A ``SlideError`` is about the input (corrupt, unsupported, no MPP, no tissue): retrying cannot help, so it is
-recorded at once with a message that names the cause and the fix. Anything ``is_transient`` says yes to (a
-dropped connection, a timeout, an endpoint that does not answer) is retried with backoff first.
+recorded at once with a message that names the cause and the fix. Infrastructure failures (a dropped connection,
+a timeout, an endpoint that does not answer, a model server or engine that fails) are never final: a call is
+retried with backoff (``retry_io``, settings ``retries.io_retries``), then the task raises and Prefect retries it
+(``retries.task_retries``); if that fails too, its units stay pending and the run names the cause.
 """
 
 from __future__ import annotations
@@ -33,8 +35,17 @@ class SlideError(ValueError):
     """The slide itself is the problem; the message names the cause and the fix."""
 
 
-class TransientIOError(RuntimeError):
+class InfrastructureError(RuntimeError):
+    """Storage, a model server or an engine failed: nothing is committed for the work it touched."""
+
+
+class TransientIOError(InfrastructureError):
     """An I/O failure that persisted through every retry."""
+
+
+class BackendError(InfrastructureError):
+    """A model backend failed (server unreachable, 5xx or 429 after retries, engine or CUDA error); the message
+    names the endpoint or engine."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -87,10 +98,21 @@ def _short(exc: BaseException) -> str:
     return text[:200]
 
 
-def retry_only_transient(task, task_run, state) -> bool:
+def short_error(exc: BaseException) -> str:
+    """One line for a table or a log: the type and the first line of the message."""
+    return f"{type(exc).__name__}: {_short(exc)}"
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    from tasks.work.units import PendingWork
+
+    return isinstance(exc, InfrastructureError | PendingWork) or is_transient(exc)
+
+
+def retry_infrastructure(task, task_run, state) -> bool:
     """Prefect retry_condition_fn: retry a task for infrastructure trouble, never for bad input (recorded)."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - classified only
-        return isinstance(exc, TransientIOError) or is_transient(exc)
+        return is_infrastructure(exc)
     return False

@@ -16,7 +16,7 @@ from .conftest import CMU, DAPI
 
 
 def _settings(store, **overrides):
-    base = {"store": str(store), "extract.io_retries": 0, "patch.patch_px": 224}
+    base = {"store": str(store), "retries.io_retries": 0, "patch.patch_px": 224}
     base.update(overrides)
     return load_settings(overrides=base, environ={})
 
@@ -149,12 +149,12 @@ def test_transient_errors_are_retried_then_recorded(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(extract_module, "SlideReader", Flaky)
-    settings = _settings(tmp_path / "store", **{"extract.io_retries": 3, "extract.io_backoff_seconds": 0.01})
+    settings = _settings(tmp_path / "store", **{"retries.io_retries": 3, "retries.backoff_seconds": 0.01})
     outcome, _ = _run(CMU, settings)
     assert outcome.status == "ok" and attempts["n"] == 3
 
     attempts["n"] = -100
-    settings = _settings(tmp_path / "other", **{"extract.io_retries": 2, "extract.io_backoff_seconds": 0.01})
+    settings = _settings(tmp_path / "other", **{"retries.io_retries": 2, "retries.backoff_seconds": 0.01})
     outcome, store = _run(CMU, settings)
     assert outcome.status == "failed" and "after 3 attempts" in outcome.error
 

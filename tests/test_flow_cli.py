@@ -48,7 +48,7 @@ def test_flow_completes_and_lists_failed_slides(prefect_api, tmp_path):
     state = extract_flow(
         sources=[str(SLIDES), str(tmp_path / "missing.svs")],
         store=str(tmp_path / "store"),
-        overrides={"extract.group_size": 1, "extract.io_retries": 0},
+        overrides={"extract.group_size": 1, "retries.io_retries": 0},
         processes=False,
         return_state=True,
     )

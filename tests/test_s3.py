@@ -76,7 +76,7 @@ def test_unanswering_endpoint_is_retried_then_recorded(tmp_path, monkeypatch):
     fsspec.AbstractFileSystem.clear_instance_cache()
     settings = _settings(
         str(tmp_path / "store"),
-        **{"extract.io_retries": 2, "extract.io_backoff_seconds": 0.05, "s3.max_attempts": 1, "s3.connect_timeout": 1},
+        **{"retries.io_retries": 2, "retries.backoff_seconds": 0.05, "s3.max_attempts": 1, "s3.connect_timeout": 1},
     )
     store = Store(settings.store)
     (ref,) = resolve_sources(["s3://slides/TCGA-XX.svs"], settings)

@@ -1,18 +1,21 @@
 """Model backends behind one protocol (agents.protocol.ChatBackend), and the one factory that builds them.
 
-Backends are cached per process: roles that name the same backend and model share one loaded model.
+Backends are cached per process, keyed by the model's identity as loaded and every setting that shapes its replies
+(agents.identity.role_inputs): roles that name the same model with the same settings share one loaded model, and a
+backend built for other settings is never handed out.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 
 from agents.protocol import ChatBackend, ChatRequest
-from pathgen.settings import AgentsSettings, RoleSettings
+from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
 
-_backends: dict[tuple, ChatBackend] = {}
+_backends: dict[str, ChatBackend] = {}
 _lock = threading.Lock()
 
 
@@ -46,16 +49,31 @@ def openai_messages(request: ChatRequest, max_pixels: int) -> list[dict]:
     return messages
 
 
-def backend_for(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> ChatBackend:
-    """The backend a role's settings name, loaded once per process."""
-    key = (role.backend, role.model, needs_image if role.model is None else None, agents.device)
+def backend_for(
+    role: RoleSettings, agents: AgentsSettings, retries: RetrySettings, needs_image: bool, identity: str
+) -> ChatBackend:
+    """The backend a role's settings name, loaded once per process per identity and reply-shaping settings."""
+    from agents.identity import role_inputs
+
+    inputs = role_inputs("", role, agents, identity)
+    inputs.pop("prompt")
+    inputs.pop("sampling")
+    inputs.pop("max_words")
+    inputs["needs_image"] = needs_image
+    inputs["device"] = agents.device
+    if role.backend == "openai":
+        inputs["connection"] = [agents.openai_base_url, agents.openai_concurrency, agents.openai_timeout_seconds]
+        inputs["retries"] = [retries.io_retries, retries.backoff_seconds]
+    if role.backend == "vllm":
+        inputs["engine"] = [agents.vllm_gpu_memory_utilization, agents.vllm_tensor_parallel_size]
+    key = json.dumps(inputs, sort_keys=True)
     with _lock:
         if key not in _backends:
-            _backends[key] = _build(role, agents, needs_image)
+            _backends[key] = _build(role, agents, retries, needs_image)
         return _backends[key]
 
 
-def _build(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> ChatBackend:
+def _build(role: RoleSettings, agents: AgentsSettings, retries: RetrySettings, needs_image: bool) -> ChatBackend:
     if role.backend == "transformers":
         from agents.backends.hf import TransformersBackend
 
@@ -68,7 +86,7 @@ def _build(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> Cha
             paths = build_tiny_models(cache)
             path = paths[TINY_VLM if needs_image else TINY_LM]
             return TransformersBackend(str(path), agents.device, agents.batch_size, random_weights=True)
-        return TransformersBackend(role.model, agents.device, agents.batch_size)
+        return TransformersBackend(role.model, agents.device, agents.batch_size, revision=role.revision)
     if role.model is None:
         raise ValueError(f"the {role.backend} backend needs a model name: set agents.<role>.model")
     if role.backend == "openai":
@@ -81,9 +99,10 @@ def _build(role: RoleSettings, agents: AgentsSettings, needs_image: bool) -> Cha
             role.model,
             agents.openai_concurrency,
             agents.openai_timeout_seconds,
-            agents.openai_retries,
+            retries.io_retries,
             agents.max_image_pixels,
+            retries.backoff_seconds,
         )
     from agents.backends.vllm_engine import VLLMBackend
 
-    return VLLMBackend(role.model, agents)
+    return VLLMBackend(role.model, agents, role.revision)

@@ -11,7 +11,14 @@ from agents.protocol import ChatReply, ChatRequest, Sampling
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model_id: str, device: str = "auto", batch_size: int = 16, random_weights: bool = False):
+    def __init__(
+        self,
+        model_id: str,
+        device: str = "auto",
+        batch_size: int = 16,
+        random_weights: bool = False,
+        revision: str | None = None,
+    ):
         import torch
         from transformers import AutoConfig
 
@@ -19,20 +26,22 @@ class TransformersBackend:
         self.random_weights = random_weights
         self.batch_size = batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        config = AutoConfig.from_pretrained(model_id)
+        config = AutoConfig.from_pretrained(model_id, revision=revision)
         self.vision = hasattr(config, "vision_config")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         if self.vision:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            self.processor = AutoProcessor.from_pretrained(model_id)
+            self.processor = AutoProcessor.from_pretrained(model_id, revision=revision)
             self.tokenizer = self.processor.tokenizer
-            self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
+            self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, revision=revision)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.processor = self.tokenizer = AutoTokenizer.from_pretrained(model_id, padding_side="left")
-            self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+            self.processor = self.tokenizer = AutoTokenizer.from_pretrained(
+                model_id, padding_side="left", revision=revision
+            )
+            self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, revision=revision)
         self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
         self.model.to(self.device).eval()
 
@@ -61,8 +70,9 @@ class TransformersBackend:
         import torch
 
         if not self.vision and any(r.image is not None for r in requests):
-            return [ChatReply(None, f"{self.model_id} is a text-only model but the request has an image")] * len(
-                requests
+            raise ValueError(
+                f"{self.model_id} is a text-only model but the describe and revise roles send an image: "
+                "name a vision-language model for them"
             )
         conversations = [self._conversation(r) for r in requests]
         kwargs = {"processor_kwargs": {"padding": True}} if self.vision else {"padding": True}

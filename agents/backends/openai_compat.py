@@ -1,6 +1,9 @@
 """Any OpenAI-compatible ``/chat/completions`` server (vLLM's, SGLang, a hosted API): async requests with bounded
-concurrency, a timeout, and retries with exponential backoff on 429, 5xx and dropped connections. The API key comes
-from the environment (PATHGEN_OPENAI_API_KEY or OPENAI_API_KEY) and never appears in an error."""
+concurrency, a timeout, and retries with exponential backoff on 429, 5xx and dropped connections. When those
+retries are spent, or the server answers in a way no retry can fix (401, 403, 404, a malformed body), the batch
+raises BackendError naming the endpoint: infrastructure, never a caption failure. A request the server rejects for
+its content (400, 413, 422) is that request's error reply. The API key comes from the environment
+(PATHGEN_OPENAI_API_KEY or OPENAI_API_KEY) and never appears in an error."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import httpx
 
 from agents.backends import openai_messages
 from agents.protocol import ChatReply, ChatRequest, Sampling
+from tasks.errors import BackendError
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+CONTENT_STATUS = {400, 413, 422}  # the server refuses this request's content; other requests may pass
 
 
 def api_key() -> str | None:
@@ -84,16 +89,26 @@ class OpenAIBackend:
             try:
                 response = await client.post(f"{self.base_url}/chat/completions", json=body)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                problem = f"{type(exc).__name__} talking to {self.base_url}"
+                problem = type(exc).__name__
                 continue
             if response.status_code in RETRY_STATUS:
-                problem = f"HTTP {response.status_code} from {self.base_url}"
+                problem = f"HTTP {response.status_code}"
                 continue
-            if response.status_code != 200:
+            if response.status_code in CONTENT_STATUS:
                 return ChatReply(None, f"HTTP {response.status_code} from {self.base_url}: {response.text[:200]}")
+            if response.status_code != 200:
+                raise BackendError(
+                    f"the model server at {self.base_url} answered HTTP {response.status_code} for model "
+                    f"{self.model_id!r}; check the model name and the API key"
+                )
             try:
                 choice = response.json()["choices"][0]
                 return ChatReply(choice["message"].get("content") or "", None, choice.get("finish_reason"))
             except (ValueError, KeyError, IndexError) as exc:
-                return ChatReply(None, f"malformed reply from {self.base_url} ({type(exc).__name__})")
-        return ChatReply(None, f"{problem}, after {self.retries + 1} attempts")
+                raise BackendError(
+                    f"malformed reply from the model server at {self.base_url} ({type(exc).__name__})"
+                ) from None
+        raise BackendError(
+            f"the model server at {self.base_url} failed: {problem}, after {self.retries + 1} attempts; "
+            "the slides stay pending"
+        )

@@ -7,11 +7,13 @@ from __future__ import annotations
 from agents.backends import openai_messages
 from agents.protocol import ChatReply, ChatRequest, Sampling
 from pathgen.settings import AgentsSettings
+from tasks.errors import BackendError
 
 
-def engine_arguments(model_id: str, agents: AgentsSettings) -> dict:
+def engine_arguments(model_id: str, agents: AgentsSettings, revision: str | None = None) -> dict:
     return {
         "model": model_id,
+        "revision": revision,
         "enable_prefix_caching": True,
         "max_model_len": agents.vllm_max_model_len,
         "gpu_memory_utilization": agents.vllm_gpu_memory_utilization,
@@ -24,12 +26,12 @@ class VLLMBackend:
     name = "vllm"
     random_weights = False
 
-    def __init__(self, model_id: str, agents: AgentsSettings) -> None:
+    def __init__(self, model_id: str, agents: AgentsSettings, revision: str | None = None) -> None:
         from vllm import LLM
 
         self.model_id = model_id
         self.max_image_pixels = agents.max_image_pixels
-        self.llm = LLM(**engine_arguments(model_id, agents))
+        self.llm = LLM(**engine_arguments(model_id, agents, revision))
 
     def conversations(self, requests: list[ChatRequest]) -> list[list[dict]]:
         return [openai_messages(r, self.max_image_pixels) for r in requests]
@@ -47,8 +49,10 @@ class VLLMBackend:
     def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
         try:
             outputs = self.llm.chat(self.conversations(requests), self.sampling_params(sampling), use_tqdm=False)
-        except Exception as exc:  # noqa: BLE001 - a failed batch becomes one error per request, recorded
-            return [ChatReply(None, f"vLLM failed on the batch: {type(exc).__name__}: {exc}")] * len(requests)
+        except Exception as exc:  # an engine or CUDA error is infrastructure: nothing is committed, work stays pending
+            raise BackendError(
+                f"the vLLM engine for {self.model_id} failed on a batch: {type(exc).__name__}: {exc}"
+            ) from exc
         replies = []
         for output in outputs:
             completion = output.outputs[0]

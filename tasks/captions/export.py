@@ -27,8 +27,6 @@ def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None =
         raise ValueError(f"no pairs under agents_hash {agents_hash!r} (found: {', '.join(hashes) or 'none'})")
     records = []
     for key in store.list(pairs_prefix(agents_hash), ".parquet"):
-        if key.endswith(".failed.parquet"):
-            continue
         with store.open(key) as handle:
             table = read_shard(handle, columns=["slide_id", "x", "y", "caption", "file_id"])
         for row in table.to_pylist():

@@ -43,17 +43,34 @@ def _read_prompt_file(path: Path) -> dict[str, list[str]]:
     return projects
 
 
-@lru_cache(maxsize=8)
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    """Part of the cache keys below: an edited file is read again, not served from the cache."""
+    try:
+        stat = Path(path).stat() if path else None
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if stat else None
+
+
 def load_prompts(extra_file: str | None = None) -> dict[str, tuple[str, ...]]:
     """The shipped prompts, with a user's file adding projects or replacing them project by project."""
+    return _load_prompts(extra_file, _stamp(str(PROMPTS_FILE)), _stamp(extra_file))
+
+
+@lru_cache(maxsize=8)
+def _load_prompts(extra_file: str | None, *_stamps) -> dict[str, tuple[str, ...]]:
     prompts = _read_prompt_file(PROMPTS_FILE)
     if extra_file:
         prompts.update(_read_prompt_file(Path(extra_file)))
     return {name: tuple(values) for name, values in prompts.items()}
 
 
-@lru_cache(maxsize=8)
 def load_findings(path: str | None) -> dict[str, tuple[str, ...]]:
+    return _load_findings(path, _stamp(path))
+
+
+@lru_cache(maxsize=8)
+def _load_findings(path: str | None, _stamp) -> dict[str, tuple[str, ...]]:
     if not path:
         return {}
     try:
@@ -70,21 +87,23 @@ def prompts_for(
     project: str | None,
     prompts_file: str | None = None,
     findings_file: str | None = None,
-    logger: logging.Logger | None = None,
+    logger: logging.Logger | bool | None = None,
 ) -> SlidePrompts:
-    """The prompts for one slide; an unknown or missing project falls back to the generic prompts, with a warning."""
-    logger = logger or log
+    """The prompts for one slide; an unknown or missing project falls back to the generic prompts, with a warning
+    (``logger=False``: silently, as when only hashing them)."""
+    logger = log if logger is None else logger
     prompts = load_prompts(prompts_file)
     key = (project or "").upper()
     if key and not key.startswith("TCGA-") and f"TCGA-{key}" in prompts:
         key = f"TCGA-{key}"
     if key not in prompts:
-        logger.warning(
-            "%s: %s; using the generic attribute prompts (set slides.project or slides.projects.%s)",
-            slide_id,
-            f"no attribute prompts for project {project!r}" if project else "no TCGA project known",
-            slide_id,
-        )
+        if logger:
+            logger.warning(
+                "%s: %s; using the generic attribute prompts (set slides.project or slides.projects.%s)",
+                slide_id,
+                f"no attribute prompts for project {project!r}" if project else "no TCGA project known",
+                slide_id,
+            )
         key = GENERIC
     return SlidePrompts(key, prompts[key], load_findings(findings_file).get(slide_id, ()))
 

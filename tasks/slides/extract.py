@@ -1,8 +1,9 @@
 """Extraction of one slide: open, MPP, tissue mask, grid, read, quality filters, select, write.
 
 ``extract_slide`` never raises for a bad slide: it records ``slide.json`` with ``status: failed`` and a one-sentence
-reason, and returns. I/O errors are retried with backoff first. Commit order is shard, thumbnail, then
-``slide.json``: a ``slide.json`` with ``status: ok`` means everything it names is committed and whole.
+reason, and returns; a storage failure that outlasts its retries leaves the slide pending, with nothing written.
+Commit order is shard, thumbnail, then ``slide.json``: a ``slide.json`` with ``status: ok`` means everything it
+names is committed and whole.
 """
 
 from __future__ import annotations
@@ -11,23 +12,25 @@ import datetime as dt
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import cv2
 from prefect import get_run_logger, task
 
 from pathgen import __version__
 from pathgen.settings import Settings
-from tasks.errors import SlideError, TransientIOError, retry_io, retry_only_transient
+from tasks.errors import SlideError, TransientIOError, retry_infrastructure, retry_io
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
+from tasks.slides.hashing import mpp_override, slide_extraction_hash
 from tasks.slides.passes import PassResult, SlidePass, write_planned, write_representative
 from tasks.slides.pictures import draw_selection, draw_thumbnail
 from tasks.slides.reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
+from tasks.slides.record import LevelInfo, SlideRecord
 from tasks.slides.shard import SCHEMA_VERSION, PatchShardWriter
 from tasks.slides.sources import SlideRef
 from tasks.slides.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
 from tasks.store.objects import Store, is_remote, storage_options
+from tasks.work.units import PendingWork, UnitOutcome
 
 log = logging.getLogger("pathgen.extract")
 
@@ -35,11 +38,17 @@ log = logging.getLogger("pathgen.extract")
 @dataclass
 class SlideOutcome:
     slide_id: str
-    status: str  # ok | failed | skipped (already committed with the same settings)
+    status: str  # ok | failed | skipped (already committed with the same extraction hash) | pending
     patches: int
     seconds: float
     error: str | None = None
-    record: dict[str, Any] = field(default_factory=dict)
+    record: SlideRecord | None = None
+
+    def unit(self) -> UnitOutcome:
+        record = self.record
+        columns = {"project": record.project if record else None}
+        random_weights = bool(record and record.random_weights)
+        return UnitOutcome(self.slide_id, self.status, self.patches, self.seconds, self.error, random_weights, columns)
 
 
 def slide_json_key(slide_id: str) -> str:
@@ -58,113 +67,100 @@ def shard_key(slide_id: str) -> str:
     return f"patches/{slide_id}.parquet"
 
 
-def _committed(store: Store, slide_id: str, settings_hash: str) -> dict[str, Any] | None:
+def _committed(store: Store, slide_id: str, extraction_hash: str) -> SlideRecord | None:
     key = slide_json_key(slide_id)
     if not store.exists(key):
         return None
-    record = store.read_json(key)
-    same = record.get("status") == "ok" and record.get("settings_hash") == settings_hash
-    return record if same and store.exists(shard_key(slide_id)) else None
+    found = store.read_json(key)
+    if found.get("status") != "ok" or found.get("extraction_hash") != extraction_hash:
+        return None
+    return SlideRecord.model_validate(found) if store.exists(shard_key(slide_id)) else None
+
+
+def _io(settings: Settings, fn, what: str, on_retry=None):
+    retry = settings.retries
+    return retry_io(fn, retries=retry.io_retries, backoff_seconds=retry.backoff_seconds, what=what, on_retry=on_retry)
 
 
 def extract_slide(
     ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger | None = None
 ) -> SlideOutcome:
-    """Extract one slide into the store; a bad slide becomes a failed ``slide.json``, never an exception."""
+    """Extract one slide into the store. A bad slide becomes a failed ``slide.json``; a storage failure that
+    outlasts its retries leaves the slide pending (nothing written); neither raises."""
     logger = logger or log
-    settings_hash = settings.extraction_hash()
+    extraction_hash = slide_extraction_hash(ref, settings)
     start = time.perf_counter()
-    done = retry_io(
-        lambda: _committed(store, ref.slide_id, settings_hash),
-        retries=settings.extract.io_retries,
-        backoff_seconds=settings.extract.io_backoff_seconds,
-        what=f"reading the store for {ref.slide_id}",
-    )
+    try:
+        done = _io(settings, lambda: _committed(store, ref.slide_id, extraction_hash), f"reading {ref.slide_id}")
+    except TransientIOError as exc:
+        return SlideOutcome(ref.slide_id, "pending", 0, 0.0, str(exc))
     if done is not None:
         logger.info("%s: already committed with these settings, skipped", ref.slide_id)
-        return SlideOutcome(ref.slide_id, "skipped", int(done["counts"]["kept"]), 0.0, None, done)
+        return SlideOutcome(ref.slide_id, "skipped", done.kept, 0.0, None, done)
+    record = _attempt(ref, settings, store, logger, _base_record(ref, settings, extraction_hash))
+    if record is None or isinstance(record, str):
+        return SlideOutcome(ref.slide_id, "pending", 0, round(time.perf_counter() - start, 3), record)
+    record.seconds = {**record.seconds, "total": round(time.perf_counter() - start, 3)}
+    record.created_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    try:
+        _commit_record(store, settings, record, logger)
+    except TransientIOError as exc:
+        return SlideOutcome(ref.slide_id, "pending", 0, record.seconds["total"], str(exc))
+    return SlideOutcome(ref.slide_id, record.status, record.kept, record.seconds["total"], record.error, record)
 
-    base = _base_record(ref, settings, settings_hash)
 
-    partial = dict(base)  # what the last attempt learned (vendor, levels, MPP) survives into a failed record
+def _attempt(
+    ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, base: SlideRecord
+) -> SlideRecord | str:
+    """The finished record (ok or failed), or the error text when storage failed through every retry."""
+    partial = {"record": base}  # what the last attempt learned (vendor, levels, MPP) survives into a failure
 
-    def attempt() -> dict[str, Any]:
-        partial.clear()
-        partial.update(base)
-        return _extract(ref, settings, store, logger, partial)
+    def attempt() -> SlideRecord:
+        partial["record"] = base.model_copy(deep=True)
+        return _extract(ref, settings, store, logger, partial["record"])
 
     def on_retry(n: int, exc: BaseException) -> None:
         logger.warning(
-            "%s: I/O error (%s), retry %d of %d", ref.slide_id, type(exc).__name__, n, settings.extract.io_retries
+            "%s: I/O error (%s), retry %d of %d", ref.slide_id, type(exc).__name__, n, settings.retries.io_retries
         )
 
     try:
-        record = retry_io(
-            attempt,
-            retries=settings.extract.io_retries,
-            backoff_seconds=settings.extract.io_backoff_seconds,
-            what=f"reading slide {ref.slide_id}",
-            on_retry=on_retry,
-        )
-    except (SlideError, TransientIOError) as exc:
-        record = _failed(partial, str(exc))
+        return _io(settings, attempt, f"reading slide {ref.slide_id}", on_retry)
+    except SlideError as exc:
+        return partial["record"].failed(str(exc))
+    except TransientIOError as exc:
+        logger.warning("%s: stays pending: %s", ref.slide_id, exc)
+        return str(exc)
     except Exception as exc:  # noqa: BLE001 - one broken slide must never sink the batch
         logger.exception("%s: unexpected error", ref.slide_id)
-        record = _failed(partial, f"unexpected {type(exc).__name__} ({exc}); report it with this slide attached")
-    record["seconds"]["total"] = round(time.perf_counter() - start, 3)
-    record["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    if record["status"] == "failed":
-        logger.warning("%s: failed: %s", ref.slide_id, record["error"])
+        return partial["record"].failed(f"unexpected {type(exc).__name__} ({exc}); report it with this slide attached")
+
+
+def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger: logging.Logger) -> None:
+    if record.status == "failed":
+        logger.warning("%s: failed: %s", record.slide_id, record.error)
         # A shard from an earlier, different run would contradict this record: remove it.
-        retry_io(
-            lambda: store.delete(shard_key(ref.slide_id)),
-            retries=settings.extract.io_retries,
-            backoff_seconds=settings.extract.io_backoff_seconds,
-            what="cleaning the store",
-        )
-    retry_io(
-        lambda: store.write_json(slide_json_key(ref.slide_id), record),
-        retries=settings.extract.io_retries,
-        backoff_seconds=settings.extract.io_backoff_seconds,
-        what=f"writing slide.json for {ref.slide_id}",
+        _io(settings, lambda: store.delete(shard_key(record.slide_id)), "cleaning the store")
+    payload = record.model_dump(mode="json")
+    _io(settings, lambda: store.write_json(slide_json_key(record.slide_id), payload), f"writing {record.slide_id}")
+
+
+def _base_record(ref: SlideRef, settings: Settings, extraction_hash: str) -> SlideRecord:
+    return SlideRecord(
+        slide_id=ref.slide_id,
+        source_uri=ref.uri,
+        origin=ref.origin,
+        project=ref.project,
+        file_id=ref.file_id,
+        md5=ref.md5,
+        target_mpp=settings.patch.target_mpp,
+        patch_px=settings.patch.patch_px,
+        selection=settings.selection.model_dump() if ref.positions is None else {"method": "positions"},
+        tissue_threshold=settings.tissue.threshold,
+        extraction_hash=extraction_hash,
+        schema_version=SCHEMA_VERSION,
+        factory_version=__version__,
     )
-    return SlideOutcome(
-        ref.slide_id,
-        record["status"],
-        int(record["counts"].get("kept", 0)),
-        record["seconds"]["total"],
-        record["error"],
-        record,
-    )
-
-
-def _base_record(ref: SlideRef, settings: Settings, settings_hash: str) -> dict[str, Any]:
-    return {
-        "slide_id": ref.slide_id,
-        "status": "failed",
-        "error": None,
-        "source_uri": ref.uri,
-        "origin": ref.origin,
-        "project": ref.project,
-        "file_id": ref.file_id,
-        "md5": ref.md5,
-        "target_mpp": settings.patch.target_mpp,
-        "patch_px": settings.patch.patch_px,
-        "selection": settings.selection.model_dump() if ref.positions is None else {"method": "positions"},
-        "tissue_threshold": settings.tissue.threshold,
-        "random_weights": False,
-        "counts": {"kept": 0},
-        "seconds": {},
-        "settings_hash": settings_hash,
-        "schema_version": SCHEMA_VERSION,
-        "factory_version": __version__,
-    }
-
-
-def _failed(base: dict[str, Any], error: str) -> dict[str, Any]:
-    record = dict(base)
-    record.update(status="failed", error=error, counts={"kept": 0}, seconds={})
-    return record
 
 
 def _check_size(ref: SlideRef) -> None:
@@ -180,12 +176,11 @@ def _check_size(ref: SlideRef) -> None:
 
 
 def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
-    overrides = settings.slides.mpp_overrides
-    for key in (ref.slide_id, reader.uri.rsplit("/", 1)[-1]):
-        if key in overrides:
-            reader.info.mpp = float(overrides[key])
-            reader.info.extra["mpp_source"] = "mpp_overrides"
-            return
+    override = mpp_override(ref, settings)
+    if override is not None:
+        reader.info.mpp = override
+        reader.info.extra["mpp_source"] = "mpp_overrides"
+        return
     if reader.info.mpp is None:
         if settings.slides.default_mpp is None:
             raise SlideError(missing_mpp_message(ref.uri))
@@ -194,8 +189,8 @@ def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None
 
 
 def _extract(
-    ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, record: dict[str, Any]
-) -> dict[str, Any]:
+    ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, record: SlideRecord
+) -> SlideRecord:
     if ref.missing_reason:
         raise SlideError(ref.missing_reason)
     _check_size(ref)
@@ -204,23 +199,10 @@ def _extract(
     with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
         _resolve_mpp(ref, reader, settings)
         info = reader.info
-        record.update(
-            vendor=info.vendor,
-            backend=info.backend,
-            tile_reader=info.fast_tiles,
-            width=info.width,
-            height=info.height,
-            levels=[
-                {"level": i, "width": w, "height": h, "downsample": round(ds, 4)}
-                for i, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True))
-            ],
-            mpp=info.mpp,
-            mpp_source=info.extra.get("mpp_source"),
-            objective_power=info.objective_power,
-        )
+        _describe_slide(record, reader)
         timings["open"] = time.perf_counter() - tick
-        record["upsampled"] = settings.patch.target_mpp < info.mpp * (1 - MPP_TOLERANCE)
-        if record["upsampled"]:
+        record.upsampled = settings.patch.target_mpp < info.mpp * (1 - MPP_TOLERANCE)
+        if record.upsampled:
             logger.warning(
                 "%s: target_mpp %.3g is finer than the scan (%.3g µm/px): patches are upsampled and hold no more "
                 "detail than the slide",
@@ -250,18 +232,18 @@ def _extract(
                 )
             plan = plan_selection(cells, settings.selection, ref.slide_id)
         timings["mask"] = time.perf_counter() - tick
-        record["read_level"] = reader.best_level(settings.patch.target_mpp)
+        record.read_level = reader.best_level(settings.patch.target_mpp)
 
         tick = time.perf_counter()
         slide = SlidePass(ref, settings, reader, logger)
-        result = _write_shard(slide, store, plan, cells)
+        result = _write_shard(slide, store, plan, cells, record.extraction_hash)
         timings["patches"] = time.perf_counter() - tick
         counts = dict(
             result.counts, tissue_cells=len(cells), grid_cells=int(info.width // cell) * int(info.height // cell)
         )
         if result.selection:
-            record["selection"] = dict(record["selection"], **result.selection)
-        record["random_weights"] = result.random_weights
+            record.selection = dict(record.selection, **result.selection)
+        record.random_weights = result.random_weights
 
         tick = time.perf_counter()
         thumb_downsample = max(1.0, max(info.width, info.height) / settings.extract.thumbnail_px)
@@ -283,7 +265,7 @@ def _extract(
                 selection_key(ref.slide_id),
                 draw_selection(picture, picture_downsample, result.kept, settings.extract.thumbnail_px),
             )
-            record["selection_png"] = selection_key(ref.slide_id)
+            record.selection_png = selection_key(ref.slide_id)
         timings["thumbnail"] = time.perf_counter() - tick
 
     logger.info(
@@ -292,17 +274,27 @@ def _extract(
         counts["kept"],
         len(cells),
         plan.name,
-        record["read_level"],
+        record.read_level,
         timings["patches"],
     )
-    record.update(
-        status="ok",
-        counts=counts,
-        seconds={k: round(v, 3) for k, v in timings.items()},
-        shard=shard_key(ref.slide_id),
-        thumbnail=thumbnail_key(ref.slide_id),
-    )
+    record.counts = counts
+    record.seconds = {k: round(v, 3) for k, v in timings.items()}
+    record.shard = shard_key(ref.slide_id)
+    record.thumbnail = thumbnail_key(ref.slide_id)
+    record.status = "ok"
     return record
+
+
+def _describe_slide(record: SlideRecord, reader: SlideReader) -> None:
+    info = reader.info
+    record.vendor, record.backend, record.tile_reader = info.vendor, info.backend, info.fast_tiles
+    record.width, record.height = info.width, info.height
+    record.levels = [
+        LevelInfo(level=i, width=w, height=h, downsample=round(ds, 4))
+        for i, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True))
+    ]
+    record.mpp, record.mpp_source = info.mpp, info.extra.get("mpp_source")
+    record.objective_power = info.objective_power
 
 
 def _write_png(store: Store, key: str, rgb) -> None:
@@ -310,12 +302,14 @@ def _write_png(store: Store, key: str, rgb) -> None:
     store.write_bytes(key, png.tobytes())
 
 
-def _write_shard(slide: SlidePass, store: Store, plan: SelectionPlan, cells: list[GridCell]) -> PassResult:
+def _write_shard(
+    slide: SlidePass, store: Store, plan: SelectionPlan, cells: list[GridCell], extraction_hash: str
+) -> PassResult:
     """Write the slide's patch shard through a staged file: it is committed whole or not at all."""
-    ref, settings = slide.ref, slide.settings
+    ref = slide.ref
     metadata = {
         "pathgen.slide_id": ref.slide_id,
-        "pathgen.settings_hash": settings.extraction_hash(),
+        "pathgen.extraction_hash": extraction_hash,
         "pathgen.selection": plan.name,
     }
     with store.staged_file(shard_key(ref.slide_id)) as local:
@@ -336,36 +330,20 @@ def _write_shard(slide: SlidePass, store: Store, plan: SelectionPlan, cells: lis
     return result
 
 
-def record_failures(refs: list[SlideRef], settings: Settings, error: str) -> list[SlideOutcome]:
-    """Failed records for slides whose worker was lost before it could record them itself (best effort)."""
+def extract_slides(
+    units: list[SlideRef], settings: Settings, logger: logging.Logger | None = None
+) -> list[UnitOutcome]:
+    """A group of slides in one worker: one store client and, per slide, one reader opened and closed. Slides
+    whose storage failed through every retry make the task raise (so that Prefect retries it) after the others
+    are done; committed slides are skipped on the retry."""
     store = Store(settings.store, settings.s3)
-    outcomes = []
-    for ref in refs:
-        record = _failed(_base_record(ref, settings, settings.extraction_hash()), error)
-        record["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        try:
-            if not _committed(store, ref.slide_id, record["settings_hash"]):
-                store.write_json(slide_json_key(ref.slide_id), record)
-        except Exception:  # noqa: BLE001 - the store may be what failed; the run summary still lists the slide
-            log.warning("%s: could not record the failure in the store", ref.slide_id)
-        outcomes.append(SlideOutcome(ref.slide_id, "failed", 0, 0.0, error, record))
+    outcomes = [extract_slide(ref, settings, store, logger).unit() for ref in units]
+    pending = [o for o in outcomes if o.status == "pending"]
+    if pending:
+        raise PendingWork(f"{len(pending)} slides stay pending: {pending[0].unit}: {pending[0].error}", outcomes)
     return outcomes
 
 
-def extract_slides(
-    refs: list[SlideRef], settings: Settings, logger: logging.Logger | None = None
-) -> list[SlideOutcome]:
-    """A group of slides in one worker: one store client and, per slide, one reader opened and closed."""
-    store = Store(settings.store, settings.s3)
-    return [extract_slide(ref, settings, store, logger) for ref in refs]
-
-
-@task(
-    name="extract-slides",
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    retry_condition_fn=retry_only_transient,
-    tags=["extract"],
-)
-def extract_slides_task(refs: list[SlideRef], settings: Settings) -> list[SlideOutcome]:
-    return extract_slides(refs, settings, get_run_logger())
+@task(name="extract-slides", retry_condition_fn=retry_infrastructure, tags=["extract"])
+def extract_slides_task(units: list[SlideRef], settings: Settings) -> list[UnitOutcome]:
+    return extract_slides(units, settings, get_run_logger())

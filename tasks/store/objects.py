@@ -2,18 +2,25 @@
 
 Writers never expose half an object: bytes go to a temporary key beside the final one and are then moved onto
 the final key (a rename on a local disk, a server-side copy on S3), so a reader sees the old object or the whole
-new one. S3 endpoint and credentials come from the environment only; nothing here logs or stores them.
+new one. A temporary key is ``<dir>/.<name>.<host>~<pid>~<random>.tmp``: the leading dot hides it from
+pyarrow.dataset, the ``.tmp`` suffix from ``*.parquet`` globs (DuckDB), and the owner lets a later run remove what a
+killed writer left. S3 endpoint and credentials come from the environment only; nothing here logs or stores them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import posixpath
+import re
+import socket
 import tempfile
+import time
+import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,12 @@ import fsspec
 from pathgen.settings import S3Settings
 
 ENDPOINT_ENV_VARS = ("PATHGEN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-TMP_MARKER = ".tmp-"
+TMP_SUFFIX = ".tmp"
+LEGACY_TMP_MARKER = ".tmp-"  # `.tmp-<hex>-<name>`, written before temporary keys named their owner
+STAGING_ENV_VAR = "PATHGEN_STAGING_DIR"
+# `~` separates the owner's parts: it cannot appear in a host tag (see _host_tag), a pid or a hex token.
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]*)~(?P<pid>\d+)~(?P<token>[0-9a-f]{12})\.tmp$")
+_STAGED_NAME = re.compile(r"^(?P<pid>\d+)~(?P<token>[0-9a-f]{12})~(?P<name>.+)$")
 
 
 class StoreError(RuntimeError):
@@ -37,7 +49,10 @@ def s3_endpoint() -> str | None:
 
 
 def storage_options(url: str, s3: S3Settings | None = None) -> dict[str, Any]:
-    """fsspec options for a URL: for S3 the endpoint from the environment and bounded timeouts and retries."""
+    """fsspec options for a URL: for S3 the endpoint from the environment and bounded botocore timeouts and retries.
+
+    s3fs's own retry loop is not a constructor option; ``url_to_fs`` bounds it on the filesystem it returns.
+    """
     if not url.startswith(("s3://", "s3a://")):
         return {}
     s3 = s3 or S3Settings()
@@ -49,13 +64,25 @@ def storage_options(url: str, s3: S3Settings | None = None) -> dict[str, Any]:
         "config_kwargs": {
             "connect_timeout": s3.connect_timeout,
             "read_timeout": s3.read_timeout,
-            "retries": {"max_attempts": s3.max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first request too; botocore's max_attempts would count only retries.
+            "retries": {"total_max_attempts": s3.max_attempts, "mode": "standard"},
         },
     }
     endpoint = s3_endpoint()
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return options
+
+
+def url_to_fs(url: str, s3: S3Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs`` with every retry loop bounded, so an endpoint that never answers ends a call."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url, s3))
+    if is_remote(url) and hasattr(fs, "retries"):
+        # s3fs retries each call `retries` times in all (5 by default, backoff between) around botocore's own
+        # max_attempts and takes no constructor option for it; fsspec caches the instance per storage options,
+        # so this also bounds other users of the same options in this process.
+        fs.retries = (s3 or S3Settings()).s3fs_retries + 1
+    return fs, path
 
 
 def is_remote(url: str) -> bool:
@@ -73,7 +100,110 @@ def local_path(url: str) -> str:
 
 def describe_endpoint() -> str:
     endpoint = s3_endpoint()
-    return f"endpoint {endpoint}" if endpoint else "the default AWS endpoint"
+    return f"endpoint {_without_userinfo(endpoint)}" if endpoint else "the default AWS endpoint"
+
+
+def _without_userinfo(url: str) -> str:
+    # An endpoint written as http://key:secret@host must not put the secret into an error message.
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _server_replied(exc: BaseException) -> bool:
+    # s3fs turns an error reply (botocore ClientError: 403, 404, ...) into an OSError and keeps the reply as the
+    # cause; a timeout or a refused connection carries no reply.
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) or isinstance(exc.__cause__, ClientError)
+
+
+# -- temporary keys and staged files -------------------------------------------------------------------------
+
+
+def _host_tag() -> str:
+    # Host names hold letters, digits, '-' and '.'; dots become '_' so the owner parses back from the name's end.
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:63]
+
+
+def temporary_name(name: str) -> str:
+    """``name`` -> ``.<name>.<host>~<pid>~<random>.tmp``: hidden from dataset readers and ``*.parquet`` globs."""
+    return f".{name}.{_host_tag()}~{os.getpid()}~{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+
+
+def is_temporary(key: str) -> bool:
+    """Whether a key (or path) names a temporary object, of this format or the older ``.tmp-`` one."""
+    base = posixpath.basename(key)
+    return bool(_TMP_NAME.match(base)) or base.startswith(LEGACY_TMP_MARKER)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0 checks without signalling)."""
+    if pid <= 0:
+        return False  # kill(0) and kill(-n) address process groups, not one process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: it exists but belongs to someone else
+    return True
+
+
+def _temporary_owner_dead(key: str) -> bool:
+    match = _TMP_NAME.match(posixpath.basename(key))
+    return bool(match) and match["host"] == _host_tag() and not pid_alive(int(match["pid"]))
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """Last-modified time of a listing entry as a POSIX timestamp: st_mtime locally, LastModified on S3."""
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _older_than(modified: float | None, grace_seconds: float) -> bool:
+    # An entry without a time is never taken as old: only a dead owner makes it stale.
+    return modified is not None and time.time() - modified >= grace_seconds
+
+
+def staging_dir() -> str:
+    """One folder for local copies of remote objects, so a killed run's leftovers can be found and removed."""
+    return os.environ.get(STAGING_ENV_VAR) or os.path.join(tempfile.gettempdir(), "pathgen-staging")
+
+
+def _new_staged_path(key: str) -> str:
+    folder = staging_dir()
+    os.makedirs(folder, exist_ok=True)
+    # The tail of the key's name keeps the file recognisable while staying under the 255-byte name limit.
+    local = os.path.join(folder, f"{os.getpid()}~{uuid.uuid4().hex[:12]}~{posixpath.basename(key)[-200:]}")
+    with open(local, "xb"):
+        pass
+    return local
+
+
+def remove_stale_staging(grace_seconds: float, folder: str | None = None) -> int:
+    """Remove staged files whose process is dead or that are untouched for ``grace_seconds``; returns how many."""
+    folder = folder or staging_dir()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        match = _STAGED_NAME.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue  # not ours: leave it
+        with contextlib.suppress(FileNotFoundError):
+            if not pid_alive(int(match["pid"])) or _older_than(entry.stat().st_mtime, grace_seconds):
+                os.remove(entry.path)
+                removed += 1
+    return removed
 
 
 class Store:
@@ -82,7 +212,7 @@ class Store:
     def __init__(self, url: str, s3: S3Settings | None = None) -> None:
         self.url = str(url).rstrip("/")
         if is_remote(self.url):
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url, s3))
+            self.fs, self.root = url_to_fs(self.url, s3)
             self.root = self.root.rstrip("/")
         else:
             self.fs = fsspec.filesystem("file")
@@ -103,9 +233,7 @@ class Store:
         """Fail early, with a clear message, when the store cannot be reached or created."""
         try:
             if self.remote:
-                bucket = self.root.split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    self.fs.mkdir(bucket)
+                self._ensure_bucket()
             else:
                 Path(self.root).mkdir(parents=True, exist_ok=True)
         except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
@@ -114,6 +242,20 @@ class Store:
                 f"store {self.url}{where} cannot be reached or created ({type(exc).__name__}); "
                 "check the store URL and, for S3, PATHGEN_S3_ENDPOINT_URL and the AWS_* credentials"
             ) from None
+
+    def _ensure_bucket(self) -> None:
+        bucket = self.root.split("/", 1)[0]
+        if hasattr(self.fs, "call_s3"):
+            # One call that raises when the endpoint does not answer: s3fs's exists() swallows errors and probes
+            # twice, and mkdir() probes again, so a silent endpoint would cost five call deadlines instead of one.
+            try:
+                self.fs.call_s3("head_bucket", Bucket=bucket)
+                return
+            except Exception as exc:  # noqa: BLE001 - only a reply from the server goes on to the probes below
+                if not _server_replied(exc):
+                    raise
+        if not self.fs.exists(bucket):
+            self.fs.mkdir(bucket)
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self.path(key))
@@ -134,11 +276,37 @@ class Store:
             return []
         found = self.fs.find(base)
         keys = [posixpath.relpath(p, self.root) for p in found]
-        return sorted(k for k in keys if k.endswith(suffix) and TMP_MARKER not in posixpath.basename(k))
+        return sorted(k for k in keys if k.endswith(suffix) and not is_temporary(k))
+
+    def remove_stale_temporaries(self, prefixes: list[str], grace_seconds: float) -> int:
+        """Delete temporary objects below the prefixes that a dead process on this host left, or that are untouched
+        for ``grace_seconds``; a live writer's fresh temporary object is kept. Returns how many were deleted."""
+        removed = 0
+        for prefix in prefixes:
+            for path, info in self._temporaries(prefix).items():
+                if _temporary_owner_dead(path) or _older_than(_modified(info), grace_seconds):
+                    removed += self._delete_path(path)
+        return removed
+
+    def _temporaries(self, prefix: str) -> dict[str, Mapping[str, Any]]:
+        base = self.path(prefix)
+        self.fs.invalidate_cache(base)  # other processes wrote and removed objects since this one last listed
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {path: info for path, info in found.items() if is_temporary(path)}
+
+    def _delete_path(self, path: str) -> int:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            return 0  # its writer committed or discarded it meanwhile
+        return 1
 
     def _tmp_key(self, key: str) -> str:
         head, tail = posixpath.split(key)
-        return posixpath.join(head, f"{TMP_MARKER}{uuid.uuid4().hex[:12]}-{tail}")
+        return posixpath.join(head, temporary_name(tail))
 
     def _commit(self, tmp: str, key: str) -> None:
         if self.remote:
@@ -176,8 +344,7 @@ class Store:
     def staged_file(self, key: str) -> Iterator[str]:
         """A local path to write a large object into; committed atomically to ``key`` when the block succeeds."""
         if self.remote:
-            handle, local = tempfile.mkstemp(prefix="pathgen-", suffix="-" + posixpath.basename(key))
-            os.close(handle)
+            local = _new_staged_path(key)
             try:
                 yield local
                 self.put_file(local, key)

@@ -1,0 +1,135 @@
+"""What a role's replies depend on: the model's identity as loaded, and every setting that can change a reply.
+
+Identity: a local folder's content digest, a hub id with its resolved revision (from the local Hugging Face cache,
+as loading would use it), the id and root an OpenAI-compatible server reports for the model, or the version of the
+tiny random-weight models. ``agents_hash`` covers these for every role, and the backend cache is keyed by the same,
+so a backend built for other settings is never handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from agents.prompts import load_prompt
+from pathgen.digest import folder_digest
+from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
+from tasks.errors import BackendError
+
+ROLES = ("describe", "revise", "summarize")
+
+
+def _hub_revision(model: str, revision: str | None) -> str:
+    """The commit a hub id resolves to in the local cache (what transformers and vLLM would load offline)."""
+    if len(revision or "") == 40:
+        return revision
+    cache = (
+        os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
+    )
+    ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / (revision or "main")
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        return f"{revision or 'main'} (not in the local cache)"
+
+
+def served_model(base_url: str, model: str, timeout: float, retries: RetrySettings) -> dict[str, Any]:
+    """The entry an OpenAI-compatible server lists for ``model`` under /models; BackendError naming the endpoint
+    when the server cannot be reached or does not serve that model."""
+    import time
+
+    import httpx
+
+    from agents.backends.openai_compat import api_key
+
+    headers = {"Authorization": f"Bearer {api_key()}"} if api_key() else {}
+    url = f"{base_url.rstrip('/')}/models"
+    problem = ""
+    for attempt in range(retries.io_retries + 1):
+        if attempt:
+            time.sleep(retries.backoff_seconds * 2 ** (attempt - 1))
+        try:
+            response = httpx.get(url, headers=headers, timeout=timeout)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            problem = f"{type(exc).__name__}"
+            continue
+        if response.status_code >= 500 or response.status_code == 429:
+            problem = f"HTTP {response.status_code}"
+            continue
+        if response.status_code != 200:
+            raise BackendError(f"the model server at {base_url} answered HTTP {response.status_code} to GET /models")
+        served = {entry.get("id"): entry for entry in response.json().get("data", [])}
+        if model not in served:
+            raise BackendError(
+                f"the model server at {base_url} does not serve {model!r} (it serves {sorted(served)}); "
+                "set agents.<role>.model to one of these or start the server with that model"
+            )
+        return served[model]
+    raise BackendError(
+        f"the model server at {base_url} cannot be reached ({problem}, after {retries.io_retries + 1} attempts); "
+        "start it or fix agents.openai_base_url, then run again: the slides stay pending"
+    )
+
+
+def model_identity(role: RoleSettings, agents: AgentsSettings, retries: RetrySettings, needs_image: bool) -> str:
+    if role.model is None:
+        from agents.tiny import TINY_LM, TINY_VERSION, TINY_VLM
+
+        return f"{TINY_VLM if needs_image else TINY_LM}@tiny-v{TINY_VERSION} (random weights)"
+    if role.backend == "openai":
+        if not agents.openai_base_url:
+            raise ValueError("the openai backend needs agents.openai_base_url (e.g. http://gpu-node:8000/v1)")
+        entry = served_model(agents.openai_base_url, role.model, agents.openai_timeout_seconds, retries)
+        return f"served:{entry.get('id')} root={entry.get('root') or '?'}"
+    if Path(role.model).is_dir():
+        return f"folder:{Path(role.model).name}@sha256:{folder_digest(role.model)[:16]}"
+    return f"hub:{role.model}@{_hub_revision(role.model, role.revision)}"
+
+
+def role_inputs(name: str, role: RoleSettings, agents: AgentsSettings, identity: str) -> dict[str, Any]:
+    """Everything of one role that can change its replies."""
+    prompt = load_prompt(role.prompt)
+    inputs: dict[str, Any] = {
+        "backend": role.backend,
+        "model": identity,
+        "prompt": prompt.version,
+        "sampling": {
+            "temperature": role.temperature,
+            "top_p": role.top_p,
+            "max_new_tokens": role.max_new_tokens,
+            "seed": role.seed,
+        },
+        "max_words": role.max_words,
+    }
+    if role.backend in ("openai", "vllm"):
+        inputs["max_image_pixels"] = agents.max_image_pixels
+    if role.backend == "vllm":
+        inputs["max_model_len"] = agents.vllm_max_model_len
+    if role.backend == "transformers":
+        inputs["batch_size"] = agents.batch_size  # sampling draws from one generator per batch
+    return inputs
+
+
+def identities(agents: AgentsSettings, retries: RetrySettings) -> dict[str, str]:
+    found = {}
+    for name in ROLES:
+        role = getattr(agents, name)
+        found[name] = model_identity(role, agents, retries, load_prompt(role.prompt).has_image)
+    return found
+
+
+def hash_inputs(agents: AgentsSettings, identity: dict[str, str]) -> dict[str, Any]:
+    return {
+        "roles": {n: role_inputs(n, getattr(agents, n), agents, identity[n]) for n in ROLES},
+        "shorten_prompt": load_prompt(agents.shorten_prompt).version,
+        "max_caption_tokens": agents.max_caption_tokens,
+        "shorten_attempts": agents.shorten_attempts,
+    }
+
+
+def agents_hash(agents: AgentsSettings, identity: dict[str, str]) -> str:
+    blob = json.dumps(hash_inputs(agents, identity), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,92 @@
+"""Content digests of the files and folders that settings name (prompt files, checkpoints, model folders).
+
+A hash that covers only a path misses an edited file; hashing a multi-gigabyte checkpoint on every run is slow. So a
+file's sha256 is computed once and remembered, per machine, under its (path, size, mtime): an edited or replaced file
+has a new stamp and is hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+_memory: dict[tuple[str, int, int], str] = {}
+_lock = threading.Lock()
+CHUNK = 8 * 2**20
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("PATHGEN_DIGEST_CACHE") or Path.home() / ".cache" / "pathgen" / "digests.json"
+    return Path(root)
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _load_disk() -> dict[str, str]:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk(entries: dict[str, str]) -> None:
+    target = _cache_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(entries))
+        os.replace(staging, target)
+    except OSError:  # a read-only home only costs a re-hash next time
+        pass
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered under its (path, size, mtime)."""
+    file = Path(path)
+    stamp = _stamp(file)
+    disk_key = "|".join(str(part) for part in stamp)
+    with _lock:
+        if stamp in _memory:
+            return _memory[stamp]
+        disk = _load_disk()
+        if disk_key in disk:
+            _memory[stamp] = disk[disk_key]
+            return disk[disk_key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _lock:
+        _memory[stamp] = value
+        disk = _load_disk()
+        disk[disk_key] = value
+        _save_disk(disk)
+    return value
+
+
+def folder_digest(path: str | os.PathLike) -> str:
+    """sha256 over every file of a folder (relative name and content digest), hidden files and caches excluded."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root).as_posix()
+        if any(part.startswith(".") or part == "__pycache__" for part in relative.split("/")):
+            continue
+        digest.update(f"{relative}\0{file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def path_digest(path: str | os.PathLike) -> str:
+    """The digest of a file or a folder."""
+    return folder_digest(path) if Path(path).is_dir() else file_digest(path)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,240 @@
+"""Captioning a group of slides: one pass of describe -> revise -> summarize over all their patches (so model
+batches span slides), then a commit per slide: its failed table, then its pair shard, the marker.
+
+Only content failures are recorded. A backend or storage failure raises: nothing is committed for the slides it
+touched, Prefect retries the task, and if that fails too the slides stay pending for the next run.
+
+Two runs that overlap commit whole objects onto the same keys, so no pair is ever duplicated. Both objects of a
+slide carry the id of the commit they belong to; a run that finds its failed table overwritten by another run's
+after its own pair shard won puts its failed table back, so the two always describe the same captioning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from agents.pipeline import BatchResult, CaptionAgents
+from pathgen import __version__
+from pathgen.settings import Settings
+from tasks.captions.records import (
+    FAILED_SCHEMA,
+    PAIR_SCHEMA,
+    PATCH_FIELDS,
+    failed_key,
+    pair_key,
+    patches_key,
+)
+from tasks.errors import BackendError, InfrastructureError, retry_infrastructure, short_error
+from tasks.slides.shard import read_shard, shard_metadata
+from tasks.store.objects import Store
+from tasks.work.units import PendingWork, UnitOutcome, worker_identity
+
+log = logging.getLogger("pathgen.captions")
+
+
+@dataclass
+class SlideWork:
+    slide_id: str
+    extraction_hash: str
+    rows: list[dict[str, Any]]
+
+
+def _metadata(store: Store, key: str) -> dict[str, str]:
+    with store.open(key) as handle:
+        raw = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _rows_in(store: Store, key: str) -> int:
+    with store.open(key) as handle:
+        return pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
+
+
+def _current_pairs(store: Store, agents_hash: str, slide_id: str, extraction_hash: str) -> dict[str, str] | None:
+    """The committed pair shard's metadata when it captioned this very extraction, else None."""
+    key = pair_key(agents_hash, slide_id)
+    if not store.exists(key):
+        return None
+    meta = _metadata(store, key)
+    return meta if meta.get("pathgen.extraction_hash") == extraction_hash else None
+
+
+def _load(store: Store, slide_id: str) -> tuple[str, list[dict[str, Any]]]:
+    key = patches_key(slide_id)
+    extraction_hash = _metadata(store, key).get("pathgen.extraction_hash", "")
+    with store.open(key) as handle:
+        rows = read_shard(handle, columns=[f.name for f in PATCH_FIELDS]).to_pylist()
+    return extraction_hash, rows
+
+
+def _pair_rows(work: SlideWork, result: BatchResult, agents: CaptionAgents, agents_hash: str, now: str) -> list:
+    provenance = agents.provenance()
+    roles = provenance["roles"]
+    prompts = json.dumps({n: r["prompt"] for n, r in roles.items()} | {"shorten": provenance["shorten_prompt"]})
+    sampling = json.dumps({n: r["sampling"] for n, r in roles.items()})
+    pairs = []
+    for row in work.rows:
+        caption = result.captions.get(row["patch_id"])
+        if caption is None:
+            continue
+        pairs.append(
+            {
+                **row,
+                "description": caption.description,
+                "revised_description": caption.revised_description,
+                "revise_changed": caption.revise_changed,
+                "revise_change": caption.revise_change,
+                "caption": caption.caption,
+                "caption_tokens": caption.caption_tokens,
+                "caption_trimmed": caption.caption_trimmed,
+                "describe_model": roles["describe"]["model"],
+                "revise_model": roles["revise"]["model"],
+                "summarize_model": roles["summarize"]["model"],
+                "prompt_versions": prompts,
+                "sampling": sampling,
+                "agents_hash": agents_hash,
+                "extraction_hash": work.extraction_hash,
+                "random_weights": provenance["random_weights"],
+                "factory_version": __version__,
+                "created_at": now,
+            }
+        )
+    return pairs
+
+
+def _failed_rows(work: SlideWork, result: BatchResult, agents_hash: str, now: str) -> list[dict[str, Any]]:
+    by_id = {r["patch_id"]: r for r in work.rows}
+    return [
+        {
+            "patch_id": f.key,
+            "slide_id": work.slide_id,
+            "x": by_id[f.key]["x"],
+            "y": by_id[f.key]["y"],
+            "stage": f.stage,
+            "reason": f.reason,
+            "detail": f.detail,
+            "agents_hash": agents_hash,
+            "created_at": now,
+        }
+        for f in result.failures
+        if f.key in by_id
+    ]
+
+
+def _write_table(store: Store, key: str, rows: list, schema: pa.Schema, kind: str, meta: dict[str, str]) -> None:
+    """Rows as one Parquet file through the store's staged file: committed whole, never held as bytes."""
+    table = pa.Table.from_pylist(rows, schema.with_metadata(shard_metadata(kind, meta)))
+    with store.staged_file(key) as local:
+        pq.write_table(table, local, compression={n: ("NONE" if n == "image" else "ZSTD") for n in schema.names})
+
+
+def commit_slide(store: Store, work: SlideWork, pairs: list, failed: list, agents_hash: str, extra: dict) -> str:
+    """Failed table first, pair shard last (the marker); returns "ok", or "skipped" when another run committed
+    this slide's captions of the same extraction meanwhile."""
+    if _current_pairs(store, agents_hash, work.slide_id, work.extraction_hash):
+        return "skipped"
+    meta = {
+        **extra,
+        "pathgen.slide_id": work.slide_id,
+        "pathgen.extraction_hash": work.extraction_hash,
+        "pathgen.commit_id": uuid.uuid4().hex,
+        "pathgen.failed_items": str(len(failed)),
+    }
+    _write_table(store, failed_key(agents_hash, work.slide_id), failed, FAILED_SCHEMA, "failed", meta)
+    _write_table(store, pair_key(agents_hash, work.slide_id), pairs, PAIR_SCHEMA, "pairs", meta)
+    # An overlapping run may have replaced the failed table between our two commits: if our pair shard stands and
+    # the failed table is not ours, write ours again so that both objects describe the same captioning.
+    committed = _metadata(store, pair_key(agents_hash, work.slide_id)).get("pathgen.commit_id")
+    failed_now = _metadata(store, failed_key(agents_hash, work.slide_id)).get("pathgen.commit_id")
+    if committed == meta["pathgen.commit_id"] and failed_now != committed:
+        _write_table(store, failed_key(agents_hash, work.slide_id), failed, FAILED_SCHEMA, "failed", meta)
+    return "ok"
+
+
+def _columns(pairs: list, failed: list, worker: dict[str, str]) -> dict[str, Any]:
+    tokens = [p["caption_tokens"] for p in pairs]
+    reasons: dict[str, int] = {}
+    for f in failed:
+        reasons[f"{f['stage']}:{f['reason']}"] = reasons.get(f"{f['stage']}:{f['reason']}", 0) + 1
+    return {
+        "failed": len(failed),
+        "failures": ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+        "mean_tokens": round(sum(tokens) / len(tokens), 2) if tokens else 0.0,
+        "max_tokens": max(tokens, default=0),
+        "changed_by_revise": round(sum(p["revise_changed"] for p in pairs) / len(pairs), 4) if pairs else 0.0,
+        "trimmed": sum(p["caption_trimmed"] for p in pairs),
+        "worker": f"{worker['host']} pid {worker['pid']} cuda={worker['cuda_visible_devices'] or '-'}",
+    }
+
+
+def _gather(store: Store, units: list[str], agents_hash: str) -> tuple[list[SlideWork], list[UnitOutcome]]:
+    """The slides still to do, with their patches; the others come back as skipped."""
+    work, skipped = [], []
+    for slide_id in units:
+        extraction_hash, rows = _load(store, slide_id)
+        if _current_pairs(store, agents_hash, slide_id, extraction_hash):
+            items = _rows_in(store, pair_key(agents_hash, slide_id))
+            skipped.append(UnitOutcome(slide_id, "skipped", items))
+        else:
+            work.append(SlideWork(slide_id, extraction_hash, rows))
+    return work, skipped
+
+
+def caption_slides(
+    units: list[str], settings: Settings, agents_hash: str, logger: logging.Logger | None = None
+) -> list[UnitOutcome]:
+    """Caption a group of slides and commit each; raises PendingWork when infrastructure fails."""
+    logger = logger or log
+    start = time.perf_counter()
+    store = Store(settings.store, settings.s3)
+    agents = CaptionAgents(settings.agents, settings.retries, logger)
+    if agents.agents_hash() != agents_hash:
+        raise BackendError(
+            f"the models on this worker ({agents.identity}) are not those the run was planned with (agents_hash "
+            f"{agents_hash}, here {agents.agents_hash()}); give every worker the same model files"
+        )
+    work, outcomes = _gather(store, units, agents_hash)
+    try:
+        result = agents.run({r["patch_id"]: r["image"] for w in work for r in w.rows})
+    except InfrastructureError as exc:
+        pending = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work]
+        raise PendingWork(f"captioning failed, {len(work)} slides stay pending: {exc}", outcomes + pending) from exc
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    worker = worker_identity()
+    extra = {"pathgen.agents_hash": agents_hash, "pathgen.provenance": json.dumps(agents.provenance())}
+    extra["pathgen.worker"] = json.dumps(worker)
+    seconds = (time.perf_counter() - start) / max(1, sum(len(w.rows) for w in work))
+    for index, slide in enumerate(work):
+        pairs = _pair_rows(slide, result, agents, agents_hash, now)
+        failed = _failed_rows(slide, result, agents_hash, now)
+        try:
+            status = commit_slide(store, slide, pairs, failed, agents_hash, extra)
+        except Exception as exc:  # storage failed: this slide and the ones after it stay pending
+            rest = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work[index:]]
+            raise PendingWork(f"committing {slide.slide_id} failed: {short_error(exc)}", outcomes + rest) from exc
+        outcomes.append(
+            UnitOutcome(
+                slide.slide_id,
+                status,
+                len(pairs),
+                round(seconds * len(slide.rows), 3),
+                random_weights=agents.random_weights,
+                columns=_columns(pairs, failed, worker),
+            )
+        )
+    return outcomes
+
+
+@task(name="caption-slides", retry_condition_fn=retry_infrastructure, tags=["caption", "gpu"])
+def caption_slides_task(units: list[str], settings: Settings, agents_hash: str) -> list[UnitOutcome]:
+    return caption_slides(units, settings, agents_hash, get_run_logger())

@@ -1,0 +1,72 @@
+"""A slide's extraction hash: everything that changes the patches this slide yields, and nothing else.
+
+It covers the settings that apply to this slide (its own MPP override and TCGA project, never another slide's),
+and the contents of the files the settings name, as this slide uses them: the attribute prompts of its project,
+its own findings sentences and the embedding checkpoint (sha256). `slide.json` records it; a re-run re-extracts
+exactly the slides whose hash changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from pathlib import Path
+from typing import Any
+
+from pathgen.digest import path_digest
+from pathgen.settings import Settings
+from tasks.selection.retrieval import prompts_for
+from tasks.slides.sources import SlideRef
+
+
+def slide_project(ref: SlideRef, settings: Settings) -> str | None:
+    return ref.project or settings.slides.projects.get(ref.slide_id) or settings.slides.project
+
+
+def mpp_override(ref: SlideRef, settings: Settings) -> float | None:
+    """The override that names this slide, by slide id or by file name."""
+    overrides = settings.slides.mpp_overrides
+    for key in (ref.slide_id, posixpath.basename(str(ref.uri))):
+        if key in overrides:
+            return float(overrides[key])
+    return None
+
+
+def _embedding_identity(settings: Settings) -> dict[str, Any]:
+    cfg = settings.embedding
+    identity: dict[str, Any] = {"model": cfg.model, "pretrained": cfg.pretrained}
+    if cfg.pretrained and Path(cfg.pretrained).exists():
+        identity["pretrained"] = {"file": Path(cfg.pretrained).name, "sha256": path_digest(cfg.pretrained)}
+    return identity
+
+
+def _selection_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
+    if ref.positions is not None:  # the exact boxes of a PathGen JSON source: no selection at all
+        return {
+            "method": "positions",
+            "box_px": settings.patch.positions_box_px,
+            "positions": hashlib.sha256(json.dumps(ref.positions).encode()).hexdigest(),
+        }
+    selection = settings.selection.model_dump(exclude={"prompts_file", "findings_file"})
+    if settings.selection.method == "representative":
+        cfg = settings.selection
+        prompts = prompts_for(ref.slide_id, slide_project(ref, settings), cfg.prompts_file, cfg.findings_file, False)
+        selection["attribute_prompts"] = hashlib.sha256("\n".join(prompts.attributes).encode()).hexdigest()
+        selection["findings"] = hashlib.sha256("\n".join(prompts.findings).encode()).hexdigest()
+        selection["embedding"] = _embedding_identity(settings)
+    return selection
+
+
+def slide_extraction_hash(ref: SlideRef, settings: Settings) -> str:
+    """12 hex digits of sha256 over this slide's extraction inputs (not where they are stored)."""
+    inputs = {
+        "patch": settings.patch.model_dump(exclude={"positions_box_px"}),
+        "tissue": settings.tissue.model_dump(),
+        "quality": settings.quality.model_dump(),
+        "selection": _selection_inputs(ref, settings),
+        "mpp_override": mpp_override(ref, settings),
+        "default_mpp": settings.slides.default_mpp,
+        "project": slide_project(ref, settings),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,121 @@
+"""The one work-unit runner every stage flow uses: submit groups of units as Prefect tasks with bounded
+concurrency, collect their outcomes, keep a progress artifact and a terminal bar, and publish one table artifact.
+
+A group whose task fails after its retries never sinks the run: its units are reported ``pending`` with the
+error (infrastructure failed, nothing was committed for them), and the next run picks them up.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pathgen.settings import Settings
+from tasks.errors import short_error
+from tasks.store.objects import Store, remove_stale_staging
+from tasks.work.units import PendingWork, UnitOutcome
+
+
+@dataclass
+class Stage:
+    """How one stage runs its units: the task, its tags, how many groups at once, and in what."""
+
+    name: str  # extract | caption | ...
+    task: Any  # a Prefect task taking (units=list, settings=Settings, **extra) -> list[UnitOutcome]
+    unit_id: Callable[[Any], str]
+    concurrency: int = 1
+    processes: bool = False
+    tags: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    table_description: str = ""
+
+
+def _task_options(stage: Stage, settings: Settings) -> Any:
+    retry = settings.retries
+    delays = [retry.task_retry_delay_seconds * 4**i for i in range(retry.task_retries)]
+    return stage.task.with_options(
+        tags=sorted(set(stage.tags) | {stage.name}), retries=retry.task_retries, retry_delay_seconds=delays or 0
+    )
+
+
+def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger: logging.Logger) -> list[UnitOutcome]:
+    """Run every group; one outcome per unit, sorted by unit id."""
+    total = sum(len(g) for g in groups)
+    progress_id = create_progress_artifact(
+        0.0 if total else 100.0, key=f"{stage.name}-progress", description="slides done"
+    )
+    outcomes: list[UnitOutcome] = []
+    workers = max(1, min(stage.concurrency, len(groups)))
+    runner = ProcessPoolTaskRunner(max_workers=workers) if stage.processes and workers > 1 else None
+    runner = runner or ThreadPoolTaskRunner(max_workers=workers)
+    task = _task_options(stage, settings)
+    with runner, _progress_bar(stage.name, total) as (bar, bar_task):
+        futures = {
+            runner.submit(task, {"units": group, "settings": settings, **stage.extra}): group for group in groups
+        }
+        for future in as_completed(list(futures)):
+            group = futures[future]
+            done = _collect(future, group, stage, logger)
+            outcomes.extend(done)
+            bar.update(bar_task, advance=len(group))
+            update_progress_artifact(progress_id, 100.0 * len(outcomes) / max(total, 1))
+    outcomes.sort(key=lambda o: o.unit)
+    create_table_artifact(
+        [o.row() for o in outcomes], key=f"{stage.name}-slides", description=stage.table_description or stage.name
+    )
+    return outcomes
+
+
+def _collect(future: Any, group: list[Any], stage: Stage, logger: logging.Logger) -> list[UnitOutcome]:
+    try:
+        return list(future.result())
+    except PendingWork as exc:  # some units finished before infrastructure failed for the rest
+        logger.error("%s: %s", stage.name, exc)
+        return exc.outcomes
+    except Exception as exc:  # noqa: BLE001 - a lost group is reported pending; the other groups go on
+        error = short_error(exc)
+        logger.error("%s: a task for %d slides failed, they stay pending: %s", stage.name, len(group), error)
+        return [UnitOutcome(stage.unit_id(u), "pending", error=error) for u in group]
+
+
+class _progress_bar:
+    """A terminal bar on stderr while units finish; silent when stderr is not a terminal."""
+
+    def __init__(self, name: str, total: int) -> None:
+        self.progress = Progress(
+            TextColumn(name),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=not sys.stderr.isatty(),
+            transient=False,
+        )
+        self.total = total
+
+    def __enter__(self):
+        self.progress.start()
+        return self.progress, self.progress.add_task("slides", total=self.total)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+def open_store(settings: Settings, prefixes: list[str], logger: logging.Logger) -> Store:
+    """The run's store, checked; temporary objects and staged files that crashed runs left behind are removed."""
+    store = Store(settings.store, settings.s3)
+    store.check()
+    grace = settings.cleanup.stale_temp_grace_seconds
+    removed = store.remove_stale_temporaries(prefixes, grace) + remove_stale_staging(grace)
+    if removed:
+        logger.info("removed %d temporary objects left by crashed runs", removed)
+    return store

@@ -1,0 +1,88 @@
+"""Work units: one slide per unit, for every stage, and what became of each.
+
+A unit's output under one settings hash is one object whose existence marks it done. A unit ends in one of four
+states: ``ok`` (committed now), ``skipped`` (already committed), ``failed`` (its content is the problem: final,
+recorded with the reason) or ``pending`` (infrastructure failed: nothing committed, the next run does it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Status = Literal["ok", "skipped", "failed", "pending"]
+DONE: tuple[Status, ...] = ("ok", "skipped")
+
+
+@dataclass
+class UnitOutcome:
+    unit: str  # the slide id
+    status: Status
+    items: int = 0  # patches kept, pairs written
+    seconds: float = 0.0
+    error: str | None = None
+    random_weights: bool = False
+    columns: dict[str, Any] = field(default_factory=dict)  # the stage's own columns for the run's table
+
+    def row(self) -> dict[str, Any]:
+        """Slide, status, items, seconds and error first: what a person scans for in the UI."""
+        return {
+            "slide": self.unit,
+            "status": self.status,
+            "items": self.items,
+            "seconds": round(self.seconds, 3),
+            "error": self.error or "",
+            **self.columns,
+            "random_weights": self.random_weights,
+        }
+
+
+class PendingWork(RuntimeError):
+    """Raised by a task when infrastructure failed for some of its units, so that Prefect retries the task; it
+    carries the outcomes of the units that did finish, which the runner keeps if the retries fail too."""
+
+    def __init__(self, message: str, outcomes: list[UnitOutcome]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
+
+
+def part_of(unit: str, parts: int) -> int:
+    """The part a unit belongs to: a stable hash of its id, the same on every machine and in every run."""
+    return int(hashlib.sha256(unit.encode()).hexdigest()[:12], 16) % parts
+
+
+def in_part(units: list[Any], part: int | None, parts: int, key=str) -> list[Any]:
+    if part is None or parts <= 1:
+        return list(units)
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} is outside 0..{parts - 1}; parts are numbered from 0")
+    return [u for u in units if part_of(key(u), parts) == part]
+
+
+def groups_of(units: list[Any], size: int) -> list[list[Any]]:
+    return [units[i : i + size] for i in range(0, len(units), size)]
+
+
+def summarize(stage: str, outcomes: list[UnitOutcome]) -> dict[str, Any]:
+    by = {s: [o for o in outcomes if o.status == s] for s in ("ok", "skipped", "failed", "pending")}
+    return {
+        "stage": stage,
+        "slides": len(outcomes),
+        **{status: len(found) for status, found in by.items()},
+        "items": sum(o.items for o in outcomes if o.status in DONE),
+        "failed_slides": [{"slide_id": o.unit, "error": o.error} for o in by["failed"]],
+        "pending_slides": [{"slide_id": o.unit, "error": o.error} for o in by["pending"]],
+        "random_weights": any(o.random_weights for o in outcomes),
+    }
+
+
+def worker_identity() -> dict[str, str]:
+    """Which machine, process and GPU did the work: recorded with every shard and in the run's artifacts."""
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }

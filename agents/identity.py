@@ -89,6 +89,15 @@ def model_identity(role: RoleSettings, agents: AgentsSettings, retries: RetrySet
     return f"hub:{role.model}@{_hub_revision(role.model, role.revision)}"
 
 
+def sampling_of(role: RoleSettings) -> dict[str, Any]:
+    return {
+        "temperature": role.temperature,
+        "top_p": role.top_p,
+        "max_new_tokens": role.max_new_tokens,
+        "seed": role.seed,
+    }
+
+
 def role_inputs(name: str, role: RoleSettings, agents: AgentsSettings, identity: str) -> dict[str, Any]:
     """Everything of one role that can change its replies."""
     prompt = load_prompt(role.prompt)
@@ -96,12 +105,7 @@ def role_inputs(name: str, role: RoleSettings, agents: AgentsSettings, identity:
         "backend": role.backend,
         "model": identity,
         "prompt": prompt.version,
-        "sampling": {
-            "temperature": role.temperature,
-            "top_p": role.top_p,
-            "max_new_tokens": role.max_new_tokens,
-            "seed": role.seed,
-        },
+        "sampling": sampling_of(role),
         "max_words": role.max_words,
     }
     if role.backend in ("openai", "vllm"):

@@ -17,7 +17,7 @@ from typing import Any
 
 from agents.backends import backend_for
 from agents.clip_tokens import clip_token_count, trim_to_tokens
-from agents.identity import ROLES, agents_hash, identities
+from agents.identity import ROLES, agents_hash, identities, sampling_of
 from agents.prompts import Prompt, load_prompt
 from agents.protocol import ChatBackend, ChatRequest, Sampling
 from agents.validation import problem, tidy
@@ -90,12 +90,7 @@ def provenance(settings: AgentsSettings, identity: dict[str, str]) -> dict[str, 
             "model": _model_name(role, prompt),
             "identity": identity[name],
             "prompt": prompt.version,
-            "sampling": {
-                "temperature": role.temperature,
-                "top_p": role.top_p,
-                "max_new_tokens": role.max_new_tokens,
-                "seed": role.seed,
-            },
+            "sampling": sampling_of(role),
         }
     return {
         "roles": roles,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import fsspec
 
 from pathgen.settings import Settings
-from tasks.store.objects import is_remote, local_path, storage_options
+from tasks.store.objects import is_remote, local_path, storage_options, url_to_fs
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 GDC_COLUMNS = ("id", "filename", "md5", "size", "state")
@@ -92,7 +92,7 @@ def _resolve_one(spec: str, settings: Settings) -> list[SlideRef]:
 def _remote(spec: str, settings: Settings) -> list[SlideRef]:
     if is_slide_name(spec):
         return [SlideRef(slide_id_for(spec), spec, origin=spec)]
-    fs, root = fsspec.core.url_to_fs(spec, **storage_options(spec, settings.s3))
+    fs, root = url_to_fs(spec, settings.s3)
     protocol = spec.split("://", 1)[0]
     paths = sorted(p for p in fs.find(root) if is_slide_name(p))
     return [SlideRef(slide_id_for(p), f"{protocol}://{p}", origin=spec) for p in paths]
@@ -124,7 +124,7 @@ def _find_slide(roots: list[str], file_id: str | None, filename: str, settings: 
             candidates.append(posixpath.join(root, name))
             for candidate in candidates:
                 if is_remote(candidate):
-                    fs, path = fsspec.core.url_to_fs(candidate, **storage_options(candidate, settings.s3))
+                    fs, path = url_to_fs(candidate, settings.s3)
                     if fs.exists(path):
                         return candidate
                 elif os.path.isfile(local_path(candidate)):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Offline by default: no telemetry calls from the ephemeral Prefect server the CLI may start.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from pathgen.processes import bound_threads, ensure_api_server  # noqa: E402
 from pathgen.settings import SettingsError, load_settings, parse_assignments  # noqa: E402
 
 EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
@@ -82,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    bound_threads()  # one thread budget for torch/OpenMP/BLAS/OpenCV here and, via the environment, in children
     if getattr(args, "parts", 1) < 1:
         print(f"pathgen {args.command}: --parts must be at least 1 (got {args.parts})", file=sys.stderr)
         return EXIT_USAGE
@@ -120,14 +122,15 @@ def _extract(args: argparse.Namespace) -> int:
 
     from flows.extract import extract_flow
 
-    state = extract_flow(
-        sources=list(sources),
-        config=args.config,
-        overrides=overrides,
-        processes=not args.threads,
-        parts=args.parts,
-        return_state=True,
-    )
+    with ensure_api_server():  # no API configured: a temporary server that dies with this process
+        state = extract_flow(
+            sources=list(sources),
+            config=args.config,
+            overrides=overrides,
+            processes=not args.threads,
+            parts=args.parts,
+            return_state=True,
+        )
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         print(f"pathgen extract: {error}", file=sys.stderr)
@@ -150,7 +153,8 @@ def _caption(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     from flows.caption import caption_flow
 
-    state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
+    with ensure_api_server():  # no API configured: a temporary server that dies with this process
+        state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
     if not state.is_completed():
         print(f"pathgen caption: {state.result(raise_on_failure=False)}", file=sys.stderr)
         print("pathgen caption: nothing was committed for the slides still pending; run again", file=sys.stderr)

@@ -120,18 +120,16 @@ def _parent_gone(expected_ppid: int, mp_parent: multiprocessing.process.BaseProc
         return True
     # A multiprocessing child also holds a pipe from its parent that closes when the parent dies; this catches a
     # parent that died before die_with_parent() ran, and forkserver children (whose OS parent is the fork server).
-    return mp_parent is not None and not mp_parent.is_alive()
+    try:
+        return mp_parent is not None and not mp_parent.is_alive()
+    except (OSError, ValueError):  # the sentinel went away with the parent
+        return True
 
 
 def _watch_parent(expected_ppid: int, mp_parent: multiprocessing.process.BaseProcess | None) -> None:
-    while True:
+    while not _parent_gone(expected_ppid, mp_parent):
         time.sleep(WATCHDOG_INTERVAL_S)
-        try:
-            gone = _parent_gone(expected_ppid, mp_parent)
-        except (OSError, ValueError):  # the sentinel went away with the parent
-            gone = True
-        if gone:
-            os._exit(ORPHANED_EXIT_CODE)
+    os._exit(ORPHANED_EXIT_CODE)
 
 
 # -- threads -------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import cv2
 from prefect import get_run_logger, task
 
 from pathgen import __version__
+from pathgen.processes import worker_process_setup
 from pathgen.settings import Settings
 from tasks.errors import SlideError, TransientIOError, retry_infrastructure, retry_io
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
@@ -346,4 +347,5 @@ def extract_slides(
 
 @task(name="extract-slides", retry_condition_fn=retry_infrastructure, tags=["extract"])
 def extract_slides_task(units: list[SlideRef], settings: Settings) -> list[UnitOutcome]:
+    worker_process_setup()  # in a pool worker: die with the main process, bounded threads; no-op in the main
     return extract_slides(units, settings, get_run_logger())

@@ -19,6 +19,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pathgen.processes import worker_process_setup
 from pathgen.settings import Settings
 from tasks.errors import short_error
 from tasks.store.objects import Store, remove_stale_staging
@@ -55,8 +56,11 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
     )
     outcomes: list[UnitOutcome] = []
     workers = max(1, min(stage.concurrency, len(groups)))
-    runner = ProcessPoolTaskRunner(max_workers=workers) if stage.processes and workers > 1 else None
-    runner = runner or ThreadPoolTaskRunner(max_workers=workers)
+    if stage.processes and workers > 1:
+        # Workers die with this process and keep to their thread budget, even while idle on the call queue.
+        runner = ProcessPoolTaskRunner(max_workers=workers, initializer=worker_process_setup)
+    else:
+        runner = ThreadPoolTaskRunner(max_workers=workers)
     task = _task_options(stage, settings)
     with runner, _progress_bar(stage.name, total) as (bar, bar_task):
         futures = {

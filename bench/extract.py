@@ -70,7 +70,7 @@ def run_ours(slide: str, store: str, repeats: int = 2, overrides: dict | None = 
         "seconds": seconds,
         "peak_mb": peak_mb,
         "boxes": boxes,
-        "counts": outcome.record["counts"],
+        "counts": outcome.record.counts,
     }
 
 

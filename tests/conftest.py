@@ -144,6 +144,8 @@ def seaweed(tmp_path_factory) -> dict[str, str]:
         "-s3",
         f"-s3.port={ports['s3']}",
         f"-s3.config={config}",
+        "-s3.port.iceberg=0",  # off: their fixed default ports collide when two test sessions run at once
+        "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=32",
         "-volume.max=64",
     ]

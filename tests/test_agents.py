@@ -18,6 +18,7 @@ from agents.protocol import ChatReply, ChatRequest, Sampling
 from agents.tiny import TINY_LM, TINY_VLM
 from agents.validation import problem, repetitive, tidy
 from pathgen.settings import AgentsSettings, load_settings
+from tasks.errors import BackendError
 
 
 def _jpeg(seed: int, size: int = 224) -> bytes:
@@ -39,11 +40,12 @@ def test_tiny_vlm_answers_a_batch_with_images(tiny_models):
     assert [r.text for r in again] == [r.text for r in replies]  # seeded
 
 
-def test_text_only_model_refuses_images_with_an_error_reply(tiny_models):
+def test_text_only_model_refuses_images(tiny_models):
+    # A configuration mistake, not a reply about this patch: it raises instead of failing every patch on record.
     _, paths = tiny_models
     backend = TransformersBackend(str(paths[TINY_LM]), "cpu", random_weights=True)
-    replies = backend.generate([load_prompt("describe.v1").request(_jpeg(0))], Sampling(0.7, 0.9, 8, 0))
-    assert replies[0].error and "text-only" in replies[0].error
+    with pytest.raises(ValueError, match="text-only model.*name a vision-language model"):
+        backend.generate([load_prompt("describe.v1").request(_jpeg(0))], Sampling(0.7, 0.9, 8, 0))
 
 
 def test_prompts_are_versioned_and_put_shared_text_before_the_image():
@@ -75,8 +77,9 @@ def test_validation_reasons(text, finish, reason):
     assert problem(ChatReply(text, None, finish), max_words=400) == reason
 
 
-def test_backend_errors_and_truncated_replies():
-    assert problem(ChatReply(None, "HTTP 500"), 10) == "backend-error"
+def test_rejected_requests_and_truncated_replies():
+    # Only a per-request refusal (HTTP 400/413/422) reaches validation as an error reply; backend failures raise.
+    assert problem(ChatReply(None, "HTTP 400 from http://server/v1: image too large"), 10) == "rejected"
     assert tidy(ChatReply("First sentence. Second sentence. Third is cut of", None, "length")) == (
         "First sentence. Second sentence."
     )
@@ -147,6 +150,18 @@ def test_loop_retries_once_then_records_the_failure():
     assert result.captions["good"].revise_changed is False and result.captions["good"].revise_change == 0
 
 
+def test_a_backend_failure_raises_and_is_never_recorded_as_a_caption_failure():
+    def describe(request, sampling):
+        if request.image == b"boom":
+            raise BackendError("the model server at http://gpu-node:8000/v1 failed: HTTP 503, after 4 attempts")
+        return ChatReply("Glands of adenocarcinoma.")
+
+    agents, backends = _agents(describe, lambda r, s: ChatReply("UNCHANGED"), lambda r, s: ChatReply("Glands."))
+    with pytest.raises(BackendError, match="gpu-node:8000"):
+        agents.run({"a": b"a", "b": b"boom"})
+    assert backends["revise"].calls == [] and backends["summarize"].calls == []
+
+
 def test_revise_change_is_measured():
     agents, _ = _agents(
         lambda r, s: ChatReply("Glands of adenocarcinoma with necrosis and mucin."),
@@ -189,6 +204,10 @@ def test_agents_hash_follows_models_prompts_and_sampling(tiny_models):
     b = CaptionAgents(load_settings(overrides=base, environ={}).agents)
     c = CaptionAgents(load_settings(overrides={**base, "agents.summarize.temperature": 0.9}, environ={}).agents)
     assert a.agents_hash() == b.agents_hash() != c.agents_hash()
+    d = CaptionAgents(load_settings(overrides={**base, "agents.describe.max_words": 50}, environ={}).agents)
+    assert d.agents_hash() not in (a.agents_hash(), c.agents_hash())  # max_words changes which replies pass
+    assert a.provenance()["agents_hash"] == a.agents_hash()
+    assert all("tiny-v" in a.identity[role] for role in ("describe", "revise", "summarize"))
     assert a.random_weights and a.provenance()["roles"]["describe"]["model"].endswith("(random weights)")
     assert json.dumps(a.provenance())  # serialisable provenance
 
@@ -210,4 +229,4 @@ def test_tiny_models_caption_real_patches_within_budget(tiny_models, cmu_rgb):
 def test_settings_default_to_offline_models():
     agents = AgentsSettings()
     assert agents.describe.model is None and agents.describe.backend == "transformers"
-    assert agents.max_caption_tokens == 77 and agents.shard_size == 1024
+    assert agents.max_caption_tokens == 77 and agents.slides_per_task == 4

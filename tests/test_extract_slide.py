@@ -8,6 +8,8 @@ from pathgen.settings import load_settings
 from tasks.slides import extract as extract_module
 from tasks.slides import passes as passes_module
 from tasks.slides.extract import extract_slide, shard_key, slide_json_key, thumbnail_key
+from tasks.slides.hashing import slide_extraction_hash
+from tasks.slides.record import SlideRecord
 from tasks.slides.shard import SCHEMA_VERSION, patch_id_for, read_shard
 from tasks.slides.sources import resolve_sources
 from tasks.store.objects import Store
@@ -38,6 +40,9 @@ def test_cmu_patches_thumbnail_and_slide_json(tmp_path):
     assert record["levels"][0]["downsample"] == 1.0
     assert record["counts"]["kept"] == outcome.patches > 20
     assert record["seconds"]["total"] > 0 and record["source_uri"].endswith("CMU-1-Small-Region.svs")
+    assert SlideRecord.model_validate(record) == outcome.record and outcome.record.kept == outcome.patches
+    (ref,) = resolve_sources([str(CMU)], settings)
+    assert record["extraction_hash"] == slide_extraction_hash(ref, settings)
     assert store.exists(thumbnail_key("CMU-1-Small-Region"))
 
     with store.open(shard_key("CMU-1-Small-Region")) as handle:
@@ -45,6 +50,7 @@ def test_cmu_patches_thumbnail_and_slide_json(tmp_path):
         meta = shard.schema_arrow.metadata
         table = shard.read()
     assert meta[b"pathgen.schema_version"].decode() == SCHEMA_VERSION
+    assert meta[b"pathgen.extraction_hash"].decode() == record["extraction_hash"]
     assert table.num_rows == outcome.patches
     row = table.slice(0, 1).to_pylist()[0]
     assert row["patch_id"] == patch_id_for("CMU-1-Small-Region", (row["x"], row["y"], row["w0"], row["h0"]), 0.5, 224)
@@ -138,7 +144,7 @@ def test_a_crash_mid_shard_leaves_no_partial_shard(tmp_path, monkeypatch):
     assert leftovers == []
 
 
-def test_transient_errors_are_retried_then_recorded(tmp_path, monkeypatch):
+def test_transient_errors_are_retried_then_left_pending(tmp_path, monkeypatch):
     attempts = {"n": 0}
 
     class Flaky(extract_module.SlideReader):
@@ -156,7 +162,11 @@ def test_transient_errors_are_retried_then_recorded(tmp_path, monkeypatch):
     attempts["n"] = -100
     settings = _settings(tmp_path / "other", **{"retries.io_retries": 2, "retries.backoff_seconds": 0.01})
     outcome, store = _run(CMU, settings)
-    assert outcome.status == "failed" and "after 3 attempts" in outcome.error
+    # Storage that stays down is infrastructure, not the slide: nothing is written, the next run does the slide.
+    assert outcome.status == "pending" and outcome.record is None
+    assert "after 3 attempts" in outcome.error and "check that the storage endpoint is up" in outcome.error
+    assert attempts["n"] == -97
+    assert not store.exists(slide_json_key("CMU-1-Small-Region")) and not store.exists(shard_key("CMU-1-Small-Region"))
 
 
 def test_pathgen_json_positions_are_re_extracted_exactly(tmp_path):

@@ -11,9 +11,13 @@ import pytest
 
 from agents.backends.hf import TransformersBackend
 from agents.backends.openai_compat import OpenAIBackend
+from agents.identity import agents_hash, identities, served_model
 from agents.prompts import load_prompt
 from agents.protocol import ChatRequest, Sampling
 from agents.tiny import TINY_LM, TINY_VLM
+from agents.validation import problem
+from pathgen.settings import RetrySettings, load_settings
+from tasks.errors import BackendError
 
 from .test_agents import _jpeg
 
@@ -36,6 +40,15 @@ class _Server:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                with server.lock:
+                    server.seen_auth.add(self.headers.get("Authorization", ""))
+                if self.path != "/v1/models":
+                    self._send(404, {"error": {"message": "not found"}})
+                    return
+                served = [{"id": name, "object": "model", "root": f"/models/{name}"} for name in server.backends]
+                self._send(200, {"object": "list", "data": served})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -110,17 +123,84 @@ def test_429_and_500_are_retried_with_backoff(server):
     assert replies[0].ok and server.requests - before == 4
 
 
-def test_exhausted_retries_and_bad_requests_become_error_replies(server, monkeypatch):
+def _no_leak(err: pytest.ExceptionInfo, secret: str) -> None:
+    seen, current = [], err.value
+    while current is not None:
+        seen.append(f"{current!s} {current!r}")
+        current = current.__cause__ or current.__context__
+    assert secret not in " ".join(seen)
+
+
+def test_exhausted_retries_raise_a_backend_error_naming_the_endpoint(server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-do-not-leak")
     server.fail_next = [500, 500, 500]
     backend = OpenAIBackend(server.url, "tiny-lm", concurrency=1, timeout=30, retries=2, backoff_seconds=0.01)
-    reply = backend.generate([ChatRequest("s", "text")], Sampling(0.7, 0.9, 8, 0))[0]
-    assert not reply.ok and "HTTP 500" in reply.error and "after 3 attempts" in reply.error
-    assert "sk-do-not-leak" not in reply.error
-    wrong = OpenAIBackend(server.url.replace("/v1", "/v2"), "tiny-lm", retries=0)
-    assert "HTTP 404" in wrong.generate([ChatRequest("s", "text")], Sampling(0.7, 0.9, 8, 0))[0].error
+    before = server.requests
+    with pytest.raises(BackendError) as err:
+        backend.generate([ChatRequest("s", "text")], Sampling(0.7, 0.9, 8, 0))
+    assert server.url in str(err.value) and "HTTP 500" in str(err.value) and "after 3 attempts" in str(err.value)
+    assert server.requests - before == 3
+    _no_leak(err, "sk-do-not-leak")
+
+
+def test_wrong_path_and_refused_connection_raise_backend_errors(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-do-not-leak")
+    wrong_url = server.url.replace("/v1", "/v2")
+    wrong = OpenAIBackend(wrong_url, "tiny-lm", retries=0)
+    with pytest.raises(BackendError) as err:
+        wrong.generate([ChatRequest("s", "text")], Sampling(0.7, 0.9, 8, 0))
+    assert "HTTP 404" in str(err.value) and wrong_url in str(err.value)
+    _no_leak(err, "sk-do-not-leak")
     down = OpenAIBackend("http://127.0.0.1:9/v1", "tiny-lm", retries=1, timeout=2, backoff_seconds=0.01)
-    assert "ConnectError" in down.generate([ChatRequest("s", "t")], Sampling(0.7, 0.9, 8, 0))[0].error
+    with pytest.raises(BackendError) as err:
+        down.generate([ChatRequest("s", "t")], Sampling(0.7, 0.9, 8, 0))
+    assert "ConnectError" in str(err.value) and "http://127.0.0.1:9/v1" in str(err.value)
+    assert "after 2 attempts" in str(err.value)
+    _no_leak(err, "sk-do-not-leak")
+
+
+def test_a_request_the_server_rejects_is_that_requests_error_reply(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-do-not-leak")
+    server.fail_next = [400]
+    backend = OpenAIBackend(server.url, "tiny-lm", concurrency=1, timeout=30, retries=2, backoff_seconds=0.01)
+    before = server.requests
+    prompt = load_prompt("summarize.v1")
+    requests = [prompt.request(description=f"x{i}", limit=77, words=40) for i in range(2)]
+    rejected, answered = backend.generate(requests, Sampling(0.7, 0.9, 8, 0))
+    assert not rejected.ok and "HTTP 400" in rejected.error and "sk-do-not-leak" not in rejected.error
+    assert problem(rejected, 400) == "rejected"
+    assert answered.ok and server.requests - before == 2  # a rejection is final for its request: no retry
+
+
+def test_the_served_model_is_the_identity_and_an_unreachable_server_fails_at_once(server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-do-not-leak")
+    quick = RetrySettings(io_retries=1, backoff_seconds=0.01)
+    assert served_model(server.url, "tiny-vlm", 10, quick) == {
+        "id": "tiny-vlm",
+        "object": "model",
+        "root": "/models/tiny-vlm",
+    }
+    with pytest.raises(BackendError, match="does not serve 'other-model'") as err:
+        served_model(server.url, "other-model", 10, quick)
+    assert "tiny-lm" in str(err.value)
+    with pytest.raises(BackendError, match="cannot be reached") as err:
+        served_model("http://127.0.0.1:9/v1", "tiny-lm", 2, quick)
+    assert "http://127.0.0.1:9/v1" in str(err.value) and "after 2 attempts" in str(err.value)
+    _no_leak(err, "sk-do-not-leak")
+
+    agents = load_settings(
+        overrides={
+            "agents.openai_base_url": server.url,
+            **{f"agents.{role}.backend": "openai" for role in ("describe", "revise", "summarize")},
+            **{f"agents.{role}.model": "tiny-vlm" for role in ("describe", "revise")},
+            "agents.summarize.model": "tiny-lm",
+        },
+        environ={},
+    ).agents
+    found = identities(agents, quick)
+    assert found["describe"] == "served:tiny-vlm root=/models/tiny-vlm"
+    assert found["summarize"] == "served:tiny-lm root=/models/tiny-lm"
+    assert agents_hash(agents, found) != agents_hash(agents, {**found, "summarize": "served:tiny-lm root=/models/v2"})
 
 
 def test_vllm_request_building_matches_its_public_api():

@@ -11,6 +11,7 @@ from tasks.selection.embedding import PatchEmbedder, load_embedding_model
 from tasks.selection.representative import ATTRIBUTES, FINDINGS, cluster_count, kmeans, select_representative
 from tasks.selection.retrieval import load_prompts, prompts_for
 from tasks.slides.extract import extract_slide, selection_key, shard_key, slide_json_key
+from tasks.slides.record import SlideRecord
 from tasks.slides.shard import read_shard
 from tasks.slides.sources import resolve_sources
 from tasks.store.objects import Store
@@ -144,7 +145,9 @@ def _extract(tmp_path, name, **overrides):
     assert outcome.status == "ok", outcome.error
     with store.open(shard_key(CMU.stem)) as handle:
         table = read_shard(handle)
-    return store.read_json(slide_json_key(CMU.stem)), table, store
+    record = store.read_json(slide_json_key(CMU.stem))
+    assert SlideRecord.model_validate(record) == outcome.record  # the typed record is what slide.json holds
+    return record, table, store
 
 
 def test_extract_selects_representatively_by_default(tmp_path):

@@ -1,6 +1,8 @@
 import pytest
 
 from pathgen.settings import Settings, SettingsError, load_settings, parse_assignments
+from tasks.slides.hashing import slide_extraction_hash
+from tasks.slides.sources import SlideRef
 
 
 def test_defaults_match_the_paper_and_the_issue():
@@ -49,6 +51,25 @@ def test_bad_assignment_syntax_and_missing_config(tmp_path):
 
 
 def test_extraction_hash_follows_what_changes_patches():
+    ref = SlideRef("slide-a", "/data/slide-a.svs", "file")
     a = load_settings(environ={})
-    assert a.extraction_hash() == load_settings(overrides=["store=s3://elsewhere"], environ={}).extraction_hash()
-    assert a.extraction_hash() != load_settings(overrides=["patch.patch_px=224"], environ={}).extraction_hash()
+    elsewhere = load_settings(overrides=["store=s3://elsewhere"], environ={})
+    assert slide_extraction_hash(ref, a) == slide_extraction_hash(ref, elsewhere)
+    smaller = load_settings(overrides=["patch.patch_px=224"], environ={})
+    assert slide_extraction_hash(ref, a) != slide_extraction_hash(ref, smaller)
+
+
+def test_one_retry_section_and_the_old_keys_point_to_it():
+    s = Settings()
+    assert (s.retries.io_retries, s.retries.backoff_seconds) == (3, 1.0)
+    assert (s.retries.task_retries, s.retries.task_retry_delay_seconds) == (2, 30.0)
+    assert s.agents.slides_per_task == 4
+    tuned = load_settings(overrides=["retries.task_retries=0", "retries.io_retries=1"], environ={})
+    assert (tuned.retries.task_retries, tuned.retries.io_retries) == (0, 1)
+    with pytest.raises(SettingsError, match=r"unknown setting 'extract.io_retries'.*'retries.io_retries'"):
+        load_settings(overrides=["extract.io_retries=1"], environ={})
+    with pytest.raises(SettingsError, match=r"unknown setting 'extract.io_backoff_seconds'.*'retries.backoff_seconds'"):
+        load_settings(overrides=["extract.io_backoff_seconds=1"], environ={})
+    for gone in ("agents.openai_retries=2", "agents.shard_size=5"):
+        with pytest.raises(SettingsError, match="unknown setting"):
+            load_settings(overrides=[gone], environ={})

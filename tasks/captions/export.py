@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.captions.shard import pairs_prefix
+from tasks.captions.records import pairs_prefix
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 

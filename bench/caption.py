@@ -3,10 +3,15 @@
 Run: ``python bench/caption.py`` (tiny random-weight models on the CPU; their captions are noise, the timing is
 what is measured).
 
-- factory: ``caption_shard`` on one shard of N patches of CMU-1-Small-Region: read the patches from the store,
-  describe, revise, summarize (with validation, re-asks and the CLIP budget), write the pair and failed tables.
+- factory: ``caption_slides`` on one slide of N patches of CMU-1-Small-Region: read the patches from the store,
+  describe, revise, summarize (with validation, re-asks and the CLIP budget), commit the slide's failed table and
+  pair shard.
 - direct: the same batches the factory sent to the models (recorded as it ran), replayed with the processor and
   ``model.generate`` called directly, nothing else: the floor for the same generation work.
+- rounds: factory and direct alternate, each round the factory then the direct replay of that round's batches, so
+  that both see the same load on a shared machine; the committed objects are removed between rounds so the factory
+  captions the slide again. caption_efficiency is the median over rounds of (factory throughput / direct
+  throughput), i.e. direct seconds / factory seconds.
 - batching: the describe requests generated as batches of ``agents.batch_size`` versus one by one.
 """
 
@@ -20,6 +25,7 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 import argparse
 import io
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -80,11 +86,18 @@ def direct_generate(backend, requests, sampling, batch_size) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="factory/direct rounds (the median ratio is reported)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+
+    import pyarrow.parquet as pq
 
     from agents import pipeline
     from pathgen.settings import load_settings
-    from tasks.captions.shard import caption_shard, plan_caption_shards
+    from tasks.captions.caption import caption_slides
+    from tasks.captions.plan import plan_captions
+    from tasks.captions.records import failed_prefix, pairs_prefix, patches_key
     from tasks.slides.extract import extract_slide
     from tasks.slides.sources import resolve_sources
     from tasks.store.objects import Store
@@ -96,46 +109,67 @@ def main() -> None:
             "selection.method": "random",
             "selection.max_per_slide": args.patches,
             "agents.model_cache": str(WORK / "models"),
-            "agents.shard_size": args.patches,
         }
         settings = load_settings(overrides=overrides)
         store = Store(settings.store)
         extract_slide(resolve_sources([str(CMU)], settings)[0], settings, store)
-        agents = pipeline.CaptionAgents(settings.agents)
-        (shard,), _ = plan_caption_shards(store, agents.agents_hash(), settings.agents.shard_size)
+        agents_hash = pipeline.CaptionAgents(settings.agents, settings.retries).agents_hash()
+        units = plan_captions(store, agents_hash).pending
+        items = 0
+        for unit in units:
+            with store.open(patches_key(unit)) as handle:
+                items += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
 
-        caption_shard(shard, settings)  # warm-up: models loaded, first-call costs paid
-        shutil.rmtree(f"{tmp}/store/pairs")  # so the timed run captions the shard again
-        log: list = []
-        real_backend_for = pipeline.backend_for
-        pipeline.backend_for = lambda *a, **k: Recorder(real_backend_for(*a, **k), log)
-        try:
-            start = time.perf_counter()
-            outcome = caption_shard(shard, settings)
-            factory_s = time.perf_counter() - start
-        finally:
-            pipeline.backend_for = real_backend_for
+        def uncommit() -> None:
+            """Remove the committed pair shards and failed tables, so the next run captions the slides again."""
+            for prefix in (pairs_prefix(agents_hash), failed_prefix(agents_hash)):
+                shutil.rmtree(store.path(prefix), ignore_errors=True)
+
+        caption_slides(units, settings, agents_hash)  # warm-up: models loaded, first-call costs paid
         batch = settings.agents.batch_size
-        direct_s = sum(direct_generate(b, reqs, s, batch) for b, reqs, s in log)
-        describe_backend, describe_requests, describe_sampling = log[0]
+        real_backend_for = pipeline.backend_for
+        rounds = []  # (factory seconds, direct seconds, outcomes, model calls)
+        first_log: list = []
+        for index in range(args.rounds):
+            uncommit()
+            log: list = []
+            pipeline.backend_for = lambda *a, log=log, **k: Recorder(real_backend_for(*a, **k), log)
+            try:
+                start = time.perf_counter()
+                outcomes = caption_slides(units, settings, agents_hash)
+                factory_s = time.perf_counter() - start
+            finally:
+                pipeline.backend_for = real_backend_for
+            if any(o.status != "ok" for o in outcomes):
+                raise SystemExit(f"round {index + 1}: the factory did not commit every slide: {outcomes}")
+            direct_s = sum(direct_generate(b, reqs, s, batch) for b, reqs, s in log)
+            rounds.append((factory_s, direct_s, outcomes, len(log)))
+            first_log = first_log or log
+        describe_backend, describe_requests, describe_sampling = first_log[0]
         batched_s = direct_generate(describe_backend, describe_requests, describe_sampling, batch)
         single_s = direct_generate(describe_backend, describe_requests, describe_sampling, 1)
 
-    items = len(shard.items)
+    outcomes = rounds[0][2]
+    pairs = sum(o.items for o in outcomes)
+    failures = ", ".join(o.columns.get("failures", "") for o in outcomes if o.columns.get("failures"))
     print(
-        f"shard of {items} patches; {outcome.pairs} pairs, failures {outcome.failures or 'none'}; "
-        f"{len(log)} model calls (tiny RANDOM-WEIGHT models on CPU: the captions are noise)"
+        f"{len(units)} slide(s), {items} patches; {pairs} pairs, failures {failures or 'none'}; "
+        f"{rounds[0][3]} model calls per run (tiny RANDOM-WEIGHT models on CPU: the captions are noise)"
     )
+    print("round  factory s  patches/s   direct s  patches/s  efficiency")
+    ratios = []
+    for index, (factory_s, direct_s, _outcomes, _calls) in enumerate(rounds, 1):
+        ratios.append(direct_s / factory_s)
+        print(
+            f"{index:>5}  {factory_s:9.2f}  {items / factory_s:9.1f}  {direct_s:9.2f}  {items / direct_s:9.1f}"
+            f"  {ratios[-1]:10.2f}"
+        )
     print(
-        f"factory (caption_shard, read + 3 roles + validation + write): {factory_s:6.2f} s  "
-        f"{items / factory_s:6.1f} patches/s"
-    )
-    print(
-        f"direct model.generate on the same batches:                      {direct_s:6.2f} s  "
-        f"{items / direct_s:6.1f} patches/s"
+        "factory: caption_slides (read + 3 roles + validation + commit); direct: model.generate on the same "
+        f"batches; median efficiency over {len(ratios)} rounds: {statistics.median(ratios):.2f}"
     )
     print(f"describe, batches of {batch}: {batched_s:.2f} s; one by one: {single_s:.2f} s")
-    print(f"caption_efficiency={direct_s / factory_s:.2f} batch_speedup={single_s / batched_s:.2f}")
+    print(f"caption_efficiency={statistics.median(ratios):.2f} batch_speedup={single_s / batched_s:.2f}")
 
 
 if __name__ == "__main__":

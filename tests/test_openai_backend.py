@@ -22,8 +22,12 @@ from tasks.errors import BackendError
 from .test_agents import _jpeg
 
 
-class _Server:
-    def __init__(self, paths):
+class TinyModelServer:
+    """An OpenAI-compatible server on 127.0.0.1 (GET /v1/models, POST /v1/chat/completions) answering with the tiny
+    models through the transformers backend: real model output (noise). ``fail_next`` lists status codes to answer
+    the next chat requests with (200 answers properly)."""
+
+    def __init__(self, paths, port: int = 0):
         self.backends = {
             "tiny-vlm": TransformersBackend(str(paths[TINY_VLM]), "cpu", random_weights=True),
             "tiny-lm": TransformersBackend(str(paths[TINY_LM]), "cpu", random_weights=True),
@@ -76,9 +80,13 @@ class _Server:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
     def answer(self, body):
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
@@ -98,7 +106,7 @@ class _Server:
 @pytest.fixture(scope="module")
 def server(tiny_models):
     _, paths = tiny_models
-    s = _Server(paths)
+    s = TinyModelServer(paths)
     yield s
     s.httpd.shutdown()
 

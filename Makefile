@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/select.py
 	$(BIN)/python bench/caption.py
+	$(BIN)/python bench/plan.py
 
 clean:
 	rm -rf $(VENV) $(STORE) bench/_work .pytest_cache

@@ -19,7 +19,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pathgen.processes import worker_process_setup
+from pathgen.processes import bound_threads, worker_process_setup
 from pathgen.settings import Settings
 from tasks.errors import short_error
 from tasks.store.objects import Store, remove_stale_staging
@@ -50,6 +50,7 @@ def _task_options(stage: Stage, settings: Settings) -> Any:
 
 def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger: logging.Logger) -> list[UnitOutcome]:
     """Run every group; one outcome per unit, sorted by unit id."""
+    bound_threads()  # a flow run started by a worker never went through the CLI: bound its threads here too
     total = sum(len(g) for g in groups)
     progress_id = create_progress_artifact(
         0.0 if total else 100.0, key=f"{stage.name}-progress", description="slides done"

@@ -664,3 +664,29 @@ def test_workers_die_with_a_killed_main_process(env, sources, tmp_path):
             time.sleep(0.2)
         survivors = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p, s in recorded.items() if alive(p, s)}
         assert not survivors, f"processes of the killed run still alive 15 s later: {survivors}"
+
+
+def test_a_failed_table_replaced_by_an_overlapping_run_is_rebuilt_from_the_pair_shard(tmp_path):
+    """The interleaving no timing trial hits reliably: run B replaces the failed table after run A's pair shard
+    won. The pair shard carries its failed rows, so the table is rebuilt to match whatever pair shard stands."""
+    import pyarrow as pa
+
+    from tasks.captions.caption import SlideWork, _metadata, commit_slide, sync_failed_table
+    from tasks.captions.records import FAILED_SCHEMA, failed_key, pair_key
+    from tasks.slides.shard import shard_metadata
+    from tasks.store.objects import Store
+
+    store = Store(str(tmp_path / "store"))
+    work = SlideWork("slide-a", "e" * 12, [])
+    row = {"patch_id": "p1", "slide_id": "slide-a", "x": 0, "y": 0, "stage": "describe", "reason": "empty"}
+    row |= {"detail": "", "agents_hash": "h" * 12, "created_at": "2026-11-29T00:00:00+00:00"}
+    assert commit_slide(store, work, [], [row], "h" * 12, {}) == "ok"
+    committed = _metadata(store, pair_key("h" * 12, "slide-a"))["pathgen.commit_id"]
+    other = pa.Table.from_pylist([], FAILED_SCHEMA.with_metadata(shard_metadata("failed", {"pathgen.commit_id": "b"})))
+    with store.staged_file(failed_key("h" * 12, "slide-a")) as local:  # run B's failed table lands late
+        pq.write_table(other, local)
+    assert sync_failed_table(store, "h" * 12, "slide-a") is True
+    rebuilt = pq.read_table(store.path(failed_key("h" * 12, "slide-a")))
+    assert rebuilt.to_pylist() == [row]
+    assert _metadata(store, failed_key("h" * 12, "slide-a"))["pathgen.commit_id"] == committed
+    assert sync_failed_table(store, "h" * 12, "slide-a") is False  # consistent now: nothing to do

@@ -5,8 +5,9 @@ Only content failures are recorded. A backend or storage failure raises: nothing
 touched, Prefect retries the task, and if that fails too the slides stay pending for the next run.
 
 Two runs that overlap commit whole objects onto the same keys, so no pair is ever duplicated. Both objects of a
-slide carry the id of the commit they belong to; a run that finds its failed table overwritten by another run's
-after its own pair shard won puts its failed table back, so the two always describe the same captioning.
+slide carry the id of the commit they belong to, and the pair shard also carries its failed rows (metadata
+``pathgen.failed_rows``): whoever finds the failed table of another commit than the pair shard's (an overlapping run
+wrote it between two commits) rebuilds it from the pair shard, so the two always describe the same captioning.
 """
 
 from __future__ import annotations
@@ -53,11 +54,6 @@ def _metadata(store: Store, key: str) -> dict[str, str]:
     with store.open(key) as handle:
         raw = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-def _rows_in(store: Store, key: str) -> int:
-    with store.open(key) as handle:
-        return pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
 
 
 def _current_pairs(store: Store, agents_hash: str, slide_id: str, extraction_hash: str) -> dict[str, str] | None:
@@ -151,14 +147,29 @@ def commit_slide(store: Store, work: SlideWork, pairs: list, failed: list, agent
         "pathgen.failed_items": str(len(failed)),
     }
     _write_table(store, failed_key(agents_hash, work.slide_id), failed, FAILED_SCHEMA, "failed", meta)
-    _write_table(store, pair_key(agents_hash, work.slide_id), pairs, PAIR_SCHEMA, "pairs", meta)
-    # An overlapping run may have replaced the failed table between our two commits: if our pair shard stands and
-    # the failed table is not ours, write ours again so that both objects describe the same captioning.
-    committed = _metadata(store, pair_key(agents_hash, work.slide_id)).get("pathgen.commit_id")
-    failed_now = _metadata(store, failed_key(agents_hash, work.slide_id)).get("pathgen.commit_id")
-    if committed == meta["pathgen.commit_id"] and failed_now != committed:
-        _write_table(store, failed_key(agents_hash, work.slide_id), failed, FAILED_SCHEMA, "failed", meta)
+    pair_meta = {**meta, "pathgen.failed_rows": json.dumps(failed)}
+    _write_table(store, pair_key(agents_hash, work.slide_id), pairs, PAIR_SCHEMA, "pairs", pair_meta)
+    sync_failed_table(store, agents_hash, work.slide_id)
     return "ok"
+
+
+def sync_failed_table(store: Store, agents_hash: str, slide_id: str, rounds: int = 3) -> bool:
+    """Make the failed table belong to the committed pair shard's commit, rebuilding it from the pair shard's
+    metadata if an overlapping run replaced it; returns whether it had to. Repeated a few times: another run may
+    commit in between, and every run repairs towards whatever pair shard stands."""
+    repaired = False
+    for _ in range(rounds):
+        pair_meta = _metadata(store, pair_key(agents_hash, slide_id))
+        key = failed_key(agents_hash, slide_id)
+        failed_commit = _metadata(store, key).get("pathgen.commit_id") if store.exists(key) else None
+        if failed_commit == pair_meta.get("pathgen.commit_id") or "pathgen.failed_rows" not in pair_meta:
+            return repaired
+        rows = json.loads(pair_meta["pathgen.failed_rows"])
+        meta = {k: v for k, v in pair_meta.items() if k.startswith("pathgen.") and k != "pathgen.failed_rows"}
+        meta = {k: v for k, v in meta.items() if k not in ("pathgen.kind", "pathgen.schema_version")}
+        _write_table(store, key, rows, FAILED_SCHEMA, "failed", {**meta, "pathgen.failed_items": str(len(rows))})
+        repaired = True
+    return repaired
 
 
 def _columns(pairs: list, failed: list, worker: dict[str, str]) -> dict[str, Any]:
@@ -183,8 +194,8 @@ def _gather(store: Store, units: list[str], agents_hash: str) -> tuple[list[Slid
     for slide_id in units:
         extraction_hash, rows = _load(store, slide_id)
         if _current_pairs(store, agents_hash, slide_id, extraction_hash):
-            items = _rows_in(store, pair_key(agents_hash, slide_id))
-            skipped.append(UnitOutcome(slide_id, "skipped", items))
+            sync_failed_table(store, agents_hash, slide_id)
+            skipped.append(UnitOutcome(slide_id, "skipped"))
         else:
             work.append(SlideWork(slide_id, extraction_hash, rows))
     return work, skipped
@@ -226,7 +237,7 @@ def caption_slides(
             UnitOutcome(
                 slide.slide_id,
                 status,
-                len(pairs),
+                len(pairs) if status == "ok" else 0,  # a slide another run committed meanwhile is not ours
                 round(seconds * len(slide.rows), 3),
                 random_weights=agents.random_weights,
                 columns=_columns(pairs, failed, worker),

@@ -8,6 +8,7 @@ error (infrastructure failed, nothing was committed for them), and the next run 
 from __future__ import annotations
 
 import logging
+import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
     """Run every group; one outcome per unit, sorted by unit id."""
     bound_threads()  # a flow run started by a worker never went through the CLI: bound its threads here too
     total = sum(len(g) for g in groups)
+    # Runs that overlap (two workers, a run started while another goes) start on different groups and then skip
+    # what the other committed, instead of racing through the same slides in the same order.
+    start = random.randrange(len(groups)) if groups else 0
+    groups = groups[start:] + groups[:start]
     progress_id = create_progress_artifact(
         0.0 if total else 100.0, key=f"{stage.name}-progress", description="slides done"
     )

@@ -56,8 +56,9 @@ def caption_flow(
     summary = summarize("caption", outcomes)
     summary["agents_hash"] = agents_hash
     summary["failed"] = sum(int(o.columns.get("failed", 0)) for o in outcomes)  # patches, not slides
+    summary = _finish(summary, settings, logger, agents_hash, outcomes)
     publish_summary(summary)
-    return _finish(summary, settings, logger, agents_hash, outcomes)
+    return summary
 
 
 def _finish(summary: dict, settings, logger, agents_hash: str | None = None, outcomes=None) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def _finish(summary: dict, settings, logger, agents_hash: str | None = None, out
         pairs=summary["items"],
         pairs_prefix=f"{settings.store.rstrip('/')}/{pairs_prefix(agents_hash)}",
         failures=failures,
-        max_tokens=max((int(o.columns.get("max_tokens", 0)) for o in outcomes or []), default=0),
+        max_tokens=max([int(o.columns.get("max_tokens", 0)) for o in outcomes or []] + [summary.get("max_tokens", 0)]),
     )
     for pending in summary["pending_slides"]:
         logger.error("pending (run again): %s: %s", pending["slide_id"], pending["error"])

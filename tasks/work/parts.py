@@ -99,6 +99,8 @@ COUNTS = ("slides", "ok", "skipped", "failed", "pending", "items")
 def publish_summary(summary: dict[str, Any]) -> None:
     """This run's counts as the ``summary`` artifact, which a parent run adds up over its parts."""
     row = {key: summary.get(key, 0) for key in COUNTS} | {"random_weights": bool(summary.get("random_weights"))}
+    if "max_tokens" in summary:
+        row["max_tokens"] = summary["max_tokens"]
     create_table_artifact([row], key="summary", description="what this run did, slide by slide counts")
 
 
@@ -106,6 +108,7 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {key: sum(int(s.get(key, 0) or 0) for s in summaries) for key in COUNTS}
     merged["failed_slides"] = [f for s in summaries for f in s.get("failed_slides", [])]
     merged["pending_slides"] = [p for s in summaries for p in s.get("pending_slides", [])]
+    merged["max_tokens"] = max((int(s.get("max_tokens", 0) or 0) for s in summaries), default=0)
     merged["random_weights"] = any(str(s.get("random_weights")).lower() == "true" for s in summaries)
     return merged
 

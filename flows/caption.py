@@ -33,12 +33,13 @@ def caption_flow(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
+    # Resolved before any work: an unreachable model server fails the run here, with every slide still pending.
+    agents_hash = agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
     if parts > 1 and part is None:
         parameters = {"store": store, "config": config, "overrides": overrides}
         summary = run_parts("caption", caption_flow, parameters, parts, logger)
-        return _finish(summary, settings, logger)
+        return _finish(summary, settings, logger, agents_hash)
     record_worker("caption", part, parts)
-    agents_hash = agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
     target = open_store(settings, [pairs_prefix(agents_hash), failed_prefix(agents_hash)], logger)
     plan = plan_captions(target, agents_hash, part, parts)
     logger.info("agents %s: %d slides done, %d pending", agents_hash, len(plan.done), len(plan.pending))
@@ -61,8 +62,7 @@ def caption_flow(
     return summary
 
 
-def _finish(summary: dict, settings, logger, agents_hash: str | None = None, outcomes=None) -> dict[str, Any]:
-    agents_hash = agents_hash or agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
+def _finish(summary: dict, settings, logger, agents_hash: str, outcomes=None) -> dict[str, Any]:
     failures: dict[str, int] = {}
     for outcome in outcomes or []:
         for item in filter(None, str(outcome.columns.get("failures", "")).split(", ")):

@@ -65,12 +65,9 @@ def _current_pairs(store: Store, agents_hash: str, slide_id: str, extraction_has
     return meta if meta.get("pathgen.extraction_hash") == extraction_hash else None
 
 
-def _load(store: Store, slide_id: str) -> tuple[str, list[dict[str, Any]]]:
-    key = patches_key(slide_id)
-    extraction_hash = _metadata(store, key).get("pathgen.extraction_hash", "")
-    with store.open(key) as handle:
-        rows = read_shard(handle, columns=[f.name for f in PATCH_FIELDS]).to_pylist()
-    return extraction_hash, rows
+def _load(store: Store, slide_id: str) -> list[dict[str, Any]]:
+    with store.open(patches_key(slide_id)) as handle:
+        return read_shard(handle, columns=[f.name for f in PATCH_FIELDS]).to_pylist()
 
 
 def _pair_rows(work: SlideWork, result: BatchResult, agents: CaptionAgents, agents_hash: str, now: str) -> list:
@@ -189,15 +186,16 @@ def _columns(pairs: list, failed: list, worker: dict[str, str]) -> dict[str, Any
 
 
 def _gather(store: Store, units: list[str], agents_hash: str) -> tuple[list[SlideWork], list[UnitOutcome]]:
-    """The slides still to do, with their patches; the others come back as skipped."""
+    """The slides still to do, with their patches; the others come back as skipped. A patch shard's images are
+    read only for slides still to do: its footer says which extraction it holds."""
     work, skipped = [], []
     for slide_id in units:
-        extraction_hash, rows = _load(store, slide_id)
+        extraction_hash = _metadata(store, patches_key(slide_id)).get("pathgen.extraction_hash", "")
         if _current_pairs(store, agents_hash, slide_id, extraction_hash):
             sync_failed_table(store, agents_hash, slide_id)
             skipped.append(UnitOutcome(slide_id, "skipped"))
         else:
-            work.append(SlideWork(slide_id, extraction_hash, rows))
+            work.append(SlideWork(slide_id, extraction_hash, _load(store, slide_id)))
     return work, skipped
 
 

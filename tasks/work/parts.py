@@ -118,17 +118,14 @@ def run_parts(stage: str, flow_fn: Any, parameters: dict[str, Any], parts: int, 
     the parts one after another here (as subflows); returns the merged summary with a ``parts`` report."""
     if current_deployment_id():
         reports = wait_for_parts(start_parts(stage, parameters, parts, logger))
-        summary = merge_summaries(reports)
-        lost = [r for r in reports if r["state"] != "Completed"]
     else:
-        reports, states = [], []
+        reports = []
         for part in range(parts):
             state = flow_fn(**parameters, parts=parts, part=part, return_state=True)
-            states.append(state)
             result = state.result(raise_on_failure=False) if state.is_completed() else {}
             reports.append({"part": part, "state": state.name, **(result or {})})
-        summary = merge_summaries(reports)
-        lost = [r for r in reports if r["state"] != "Completed"]
+    summary = merge_summaries(reports)
+    lost = [r for r in reports if r["state"] != "Completed"]
     summary["parts"] = [{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in reports]
     summary["lost_parts"] = [r["part"] for r in lost]
     for report in lost:

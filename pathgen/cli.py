@@ -64,11 +64,29 @@ def _parser() -> argparse.ArgumentParser:
     _settings_args(caption)
 
     export = sub.add_parser("export", help="write pairs in an interchange format")
-    export.add_argument("format", choices=["pathgen-json"], help="pathgen-json: the PathGen-1.6M JSON format")
-    export.add_argument("--out", metavar="FILE", required=True)
+    export.add_argument(
+        "format",
+        choices=["pathgen-json", "webdataset"],
+        help="pathgen-json: the PathGen-1.6M JSON format (--out FILE); webdataset: tars for open_clip (--out DIR)",
+    )
+    export.add_argument("--out", metavar="PATH", required=True)
     export.add_argument("--store", metavar="URL")
     export.add_argument("--agents-hash", metavar="HASH", help="which pairs (needed when the store holds several)")
     _settings_args(export)
+
+    train = sub.add_parser("train-clip", help="train PathGen-CLIP on the pairs with open_clip's trainer")
+    train.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    _settings_args(train)
+
+    evaluate = sub.add_parser("evaluate", help="zero-shot, linear-probe and retrieval evaluation of a CLIP model")
+    evaluate.add_argument("--dataset", metavar="DIR", required=True, help="one folder per class (or train/ test/)")
+    evaluate.add_argument("--classes", metavar="FILE", required=True, help="JSON: folder -> class names [templates]")
+    evaluate.add_argument(
+        "--model", metavar="NAME_OR_PATH", help="ViT-B-16:openai, a checkpoint path; default: newest in the store"
+    )
+    evaluate.add_argument("--holdout", metavar="DIR", help="held-out pair tars for retrieval recall")
+    evaluate.add_argument("--store", metavar="URL", help="where eval/<run>/ goes and checkpoints are looked up")
+    _settings_args(evaluate)
 
     inspect = sub.add_parser("inspect", help="show what a store or a shard holds and write a contact sheet")
     inspect.add_argument("url", metavar="URL", help="store root or a .parquet shard")
@@ -94,6 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _caption(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "train-clip":
+            from pathgen.clip_cli import train_clip
+
+            return train_clip(args, _overrides(args))
+        if args.command == "evaluate":
+            from pathgen.clip_cli import evaluate
+
+            return evaluate(args, _overrides(args))
         if args.command == "inspect":
             from pathgen.inspect import inspect_url
 
@@ -188,6 +214,10 @@ def _export(args: argparse.Namespace) -> int:
     from tasks.store.objects import Store
 
     settings = load_settings(args.config, _overrides(args))
+    if args.format == "webdataset":
+        from pathgen.clip_cli import export_webdataset
+
+        return export_webdataset(args, settings)
     try:
         count = export_pathgen_json(Store(settings.store, settings.s3), args.out, args.agents_hash)
     except ValueError as exc:

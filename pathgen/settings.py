@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -226,6 +227,65 @@ class AgentsSettings(_Section):
     model_cache: str | None = Field(None, description="where tiny offline models are built (default ~/.cache)")
 
 
+class PairSetSettings(_Section):
+    """One stage's training pairs: generated pairs of an agents_hash in the store, or an external folder of images
+    with a CSV/JSONL of captions (how users bring Quilt-1M or ARCH)."""
+
+    agents_hash: str | None = Field(
+        None, description="pairs/<agents_hash>/ in the store; unset: the only agents_hash there (an error if several)"
+    )
+    folder: str | None = Field(None, description="external set: a local folder of images (instead of agents_hash)")
+    captions: str | None = Field(
+        None, description="external set: CSV or JSONL beside the images with an image path and a caption per row"
+    )
+    image_key: str = Field("image", description="column of the captions file naming the image, relative to folder")
+    caption_key: str = Field("caption", description="column of the captions file holding the caption")
+    epochs: int = Field(1, ge=1, le=1000)
+
+    @property
+    def external(self) -> bool:
+        return self.folder is not None
+
+
+class ClipSettings(_Section):
+    """PathGen-CLIP training with open_clip's own trainer (open_clip_train)."""
+
+    model: str = Field("ViT-B-16", description="open_clip model name; used with pretrained")
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag (openai) or checkpoint path; unset trains the tiny-random model"
+    )
+    run: str | None = Field(None, description="run name under models/clip/; unset: a hash of the training inputs")
+    lr: float = Field(3e-5, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    batch_size: int = Field(384, ge=2, le=65536, description="per device; lowered to the pairs available")
+    warmup: int = Field(100, ge=0, le=10_000_000, description="warmup steps of the cosine schedule")
+    precision: str = Field("auto", pattern=r"^(auto|amp|amp_bf16|bf16|fp16|fp32)$", description="auto: amp on GPU")
+    grad_checkpointing: bool = False
+    devices: int = Field(1, ge=1, le=64, description="GPUs; more than one runs torchrun --nproc-per-node")
+    workers: int = Field(4, ge=0, le=64, description="data loader workers per device (at most one per tar)")
+    seed: int = 0
+    pairs_per_tar: int = Field(1000, ge=1, le=1_000_000, description="external sets: pairs per exported tar")
+    work_dir: str | None = Field(
+        None, description="local folder for exported tars and trainer logs; unset: ~/.cache/pathgen/clip"
+    )
+    holdout_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="pairs held out of training for retrieval evaluation (by pair id)"
+    )
+    stage1: PairSetSettings = Field(default_factory=PairSetSettings)
+    stage2: PairSetSettings | None = Field(None, description="optional second stage, e.g. curated or external pairs")
+    evaluate: list[dict[str, str]] = Field(
+        default_factory=list, description="after each stage: [{dataset: DIR, classes: FILE}] to evaluate on"
+    )
+
+
+class EvalSettings(_Section):
+    batch_size: int = Field(64, ge=1, le=4096)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    shots: list[int] = Field(default_factory=list, description="k-shot linear probes (besides the full one)")
+    seeds: int = Field(3, ge=1, le=100, description="samplings per k-shot probe")
+    probe_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the logistic regression")
+
+
 class Settings(_Section):
     store: str = Field("file://./store", description="fsspec URL of the store root")
     sources: list[str] = Field(default_factory=list)
@@ -240,12 +300,15 @@ class Settings(_Section):
     s3: S3Settings = Field(default_factory=S3Settings)
     retries: RetrySettings = Field(default_factory=RetrySettings)
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
+    clip: ClipSettings = Field(default_factory=ClipSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
 
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     paths = []
     for name, info in model.model_fields.items():
-        annotation = info.annotation
+        # An optional section (``clip.stage2``) has its keys like any other.
+        annotation = next((a for a in typing.get_args(info.annotation) if a is not type(None)), info.annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             paths.extend(_field_paths(annotation, f"{prefix}{name}."))
         else:

@@ -1,9 +1,9 @@
 """open_clip image and text embeddings for patch selection.
 
-Any open_clip model name works, with ``pretrained`` as a tag (``openai``) or a local checkpoint path. With no model
-configured the named config ``tiny-random`` (``tasks/selection/data/open_clip/tiny-random.json``) is built with
-seeded random weights so that every command runs offline; its embeddings carry no meaning, and every run that
-uses it says so.
+Any open_clip model name works, with ``pretrained`` as a tag (``openai``) or a checkpoint path (a PathGen-CLIP
+checkpoint alone names its model). With no model configured the named config ``tiny-random``
+(``tasks/selection/data/open_clip/tiny-random.json``) is built with seeded random weights so that every command runs
+offline; a model without pretrained weights carries no meaning either, and every run that uses one says so.
 Images go through the model's own preprocessing transform; embeddings are L2-normalised float32.
 """
 
@@ -19,12 +19,12 @@ import cv2
 import numpy as np
 
 from pathgen.settings import EmbeddingSettings
+from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint, parse_model_spec
 
-TINY_RANDOM = "tiny-random"
 MODEL_CONFIGS = Path(__file__).parent / "data" / "open_clip"
 RANDOM_WEIGHTS_WARNING = (
-    "selection embeddings come from the tiny-random open_clip model (random weights): clusters and retrieval picks "
-    "are noise; set embedding.model and embedding.pretrained for real selection"
+    "selection embeddings come from {model} with RANDOM WEIGHTS (no pretrained weights loaded): clusters and "
+    "retrieval picks are noise; set embedding.model and embedding.pretrained for real selection"
 )
 
 log = logging.getLogger("pathgen.embedding")
@@ -98,12 +98,26 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def embedding_spec(cfg: EmbeddingSettings) -> ModelSpec:
+    """The model selection embeds with. A checkpoint alone (a PathGen-CLIP run's) names its model itself."""
+    if cfg.model is None and cfg.pretrained:
+        return parse_model_spec(cfg.pretrained)
+    return ModelSpec(cfg.model or TINY_RANDOM, cfg.pretrained or None)
+
+
 def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None = None) -> EmbeddingModel:
-    """The configured model, loaded once per process (workers embed many slides with one model)."""
-    logger = logger or log
-    name = cfg.model or TINY_RANDOM
-    device = resolve_device(cfg.device)
-    key = (name, cfg.pretrained, device)
+    """The configured selection model, loaded once per process (workers embed many slides with one model)."""
+    spec = embedding_spec(cfg)
+    model = load_clip_model(spec, cfg.device, logger)
+    if model.random_weights:
+        (logger or log).warning(RANDOM_WEIGHTS_WARNING.format(model=spec.label))
+    return model
+
+
+def load_clip_model(spec: ModelSpec, device: str = "auto", logger: logging.Logger | None = None) -> EmbeddingModel:
+    """Any open_clip model, loaded once per process; random weights when nothing was loaded into it."""
+    device = resolve_device(device)
+    key = (spec, device)
     with _models_lock:
         if key in _models:
             return _models[key]
@@ -111,32 +125,29 @@ def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None =
         import torch
 
         _register_configs()
-        random_weights = cfg.model is None or (name == TINY_RANDOM and not cfg.pretrained)
-        if random_weights:
-            logger.warning(RANDOM_WEIGHTS_WARNING)
-        if cfg.pretrained and Path(cfg.pretrained).suffix and not Path(cfg.pretrained).exists():
+        pretrained = local_checkpoint(spec.pretrained)
+        if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
             raise FileNotFoundError(
-                f"embedding.pretrained {cfg.pretrained!r} looks like a checkpoint path but does not exist; "
-                "give an existing file or an open_clip pretrained tag such as 'openai'"
+                f"checkpoint {pretrained!r} of model {spec.name} does not exist; give an existing file or an "
+                "open_clip pretrained tag such as 'openai'"
             )
-        # Seeded so that the random-weight model, and thus a test or demo run, is the same in every process.
+        # Seeded so that a random-weight model, and thus a test or demo run, is the same in every process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=cfg.pretrained or None, device=device
+                spec.name, pretrained=pretrained, device=device
             )
         model.eval()
         size = model.visual.image_size
-        image_size = int(size[0] if isinstance(size, tuple | list) else size)
         loaded = EmbeddingModel(
-            name=name,
-            pretrained=cfg.pretrained,
+            name=spec.name,
+            pretrained=spec.pretrained,
             device=device,
-            random_weights=random_weights,
+            random_weights=spec.random_weights,
             model=model,
             preprocess=preprocess,
-            tokenizer=open_clip.get_tokenizer(name),
-            image_size=image_size,
+            tokenizer=open_clip.get_tokenizer(spec.name),
+            image_size=int(size[0] if isinstance(size, tuple | list) else size),
         )
         _models[key] = loaded
         return loaded

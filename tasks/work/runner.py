@@ -39,6 +39,8 @@ class Stage:
     tags: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     table_description: str = ""
+    units: str = "slides"  # what a unit is, in artifact keys and progress text
+    unit_column: str = "slide"  # the first column of the table artifact
 
 
 def _task_options(stage: Stage, settings: Settings) -> Any:
@@ -58,7 +60,7 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
     start = random.randrange(len(groups)) if groups else 0
     groups = groups[start:] + groups[:start]
     progress_id = create_progress_artifact(
-        0.0 if total else 100.0, key=f"{stage.name}-progress", description="slides done"
+        0.0 if total else 100.0, key=f"{stage.name}-progress", description=f"{stage.units} done"
     )
     outcomes: list[UnitOutcome] = []
     workers = max(1, min(stage.concurrency, len(groups)))
@@ -68,7 +70,7 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
     else:
         runner = ThreadPoolTaskRunner(max_workers=workers)
     task = _task_options(stage, settings)
-    with runner, _progress_bar(stage.name, total) as (bar, bar_task):
+    with runner, _progress_bar(stage.name, total, stage.units) as (bar, bar_task):
         futures = {
             runner.submit(task, {"units": group, "settings": settings, **stage.extra}): group for group in groups
         }
@@ -80,7 +82,9 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / max(total, 1))
     outcomes.sort(key=lambda o: o.unit)
     create_table_artifact(
-        [o.row() for o in outcomes], key=f"{stage.name}-slides", description=stage.table_description or stage.name
+        [o.row(stage.unit_column) for o in outcomes],
+        key=f"{stage.name}-{stage.units}",
+        description=stage.table_description or stage.name,
     )
     return outcomes
 
@@ -93,14 +97,14 @@ def _collect(future: Any, group: list[Any], stage: Stage, logger: logging.Logger
         return exc.outcomes
     except Exception as exc:  # noqa: BLE001 - a lost group is reported pending; the other groups go on
         error = short_error(exc)
-        logger.error("%s: a task for %d slides failed, they stay pending: %s", stage.name, len(group), error)
+        logger.error("%s: a task for %d %s failed, they stay pending: %s", stage.name, len(group), stage.units, error)
         return [UnitOutcome(stage.unit_id(u), "pending", error=error) for u in group]
 
 
 class _progress_bar:
     """A terminal bar on stderr while units finish; silent when stderr is not a terminal."""
 
-    def __init__(self, name: str, total: int) -> None:
+    def __init__(self, name: str, total: int, units: str = "slides") -> None:
         self.progress = Progress(
             TextColumn(name),
             BarColumn(),
@@ -110,11 +114,11 @@ class _progress_bar:
             disable=not sys.stderr.isatty(),
             transient=False,
         )
-        self.total = total
+        self.total, self.units = total, units
 
     def __enter__(self):
         self.progress.start()
-        return self.progress, self.progress.add_task("slides", total=self.total)
+        return self.progress, self.progress.add_task(self.units, total=self.total)
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()

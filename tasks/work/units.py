@@ -27,10 +27,10 @@ class UnitOutcome:
     random_weights: bool = False
     columns: dict[str, Any] = field(default_factory=dict)  # the stage's own columns for the run's table
 
-    def row(self) -> dict[str, Any]:
-        """Slide, status, items, seconds and error first: what a person scans for in the UI."""
+    def row(self, unit_column: str = "slide") -> dict[str, Any]:
+        """Unit, status, items, seconds and error first: what a person scans for in the UI."""
         return {
-            "slide": self.unit,
+            unit_column: self.unit,
             "status": self.status,
             "items": self.items,
             "seconds": round(self.seconds, 3),

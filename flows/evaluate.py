@@ -1,0 +1,74 @@
+"""Evaluate a CLIP model on labelled patch folders: zero-shot, linear probe (with train/ and test/ splits) and
+retrieval on held-out pairs; results to ``eval/<run>/<dataset>.json`` and a table artifact per dataset.
+
+The model is any open_clip name with ``pretrained`` (``ViT-B-16:openai``) or a checkpoint, so PathGen-CLIP sits
+beside its baselines on the same folders; without one, the newest PathGen-CLIP checkpoint in the store.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from pathgen.settings import run_settings
+from tasks.clip.spec import parse_model_spec
+from tasks.clip.stages import RUNS
+from tasks.clip.work import evaluate_task
+from tasks.store.listing import list_mtimes
+from tasks.store.objects import Store
+from tasks.work.runner import Stage, open_store, run_units
+from tasks.work.units import summarize
+
+
+def newest_checkpoint(store: Store) -> str:
+    """The store URI of the newest PathGen-CLIP checkpoint (by commit time)."""
+    found = list_mtimes(store, RUNS, ".pt")
+    if not found:
+        raise ValueError(f"no PathGen-CLIP checkpoint under {store.uri(RUNS)}: run pathgen train-clip or pass --model")
+    return store.uri(max(found, key=lambda key: (found[key], key)))
+
+
+def eval_run_name(model: str) -> str:
+    """``models/clip/<run>/<stage>/checkpoints/epoch_N.pt`` -> ``<run>-<stage>``; other models by their label."""
+    match = re.search(r"(?:models/clip|clip/runs)/([^/]+)/([^/]+)/checkpoints/epoch_(\d+)\.pt$", model)
+    if match:
+        return f"{match[1]}-{match[2]}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model.replace("://", "-")).strip("-.")[-80:]
+
+
+@flow(name="evaluate", description="Zero-shot, linear probe and retrieval of a CLIP model (eval/<run>/ in the store).")
+def evaluate_flow(
+    datasets: list[dict[str, str]],
+    model: str | None = None,
+    holdout: str | None = None,
+    store: str | None = None,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    settings = run_settings(store, config, overrides)
+    target = open_store(settings, ["eval"], logger)
+    model = model or newest_checkpoint(target)
+    spec = parse_model_spec(model)
+    eval_run = eval_run_name(spec.pretrained if spec.pretrained and "/" in spec.pretrained else spec.label)
+    logger.info("evaluating %s as %s", spec.label, eval_run)
+    units = [{"dataset": d["dataset"], "classes": d["classes"], "holdout": holdout} for d in datasets]
+    stage = Stage(
+        "evaluate",
+        evaluate_task,
+        unit_id=lambda u: Path(u["dataset"]).name,
+        tags=["gpu"],
+        extra={"model": spec.label, "eval_run": eval_run},
+        units="datasets",
+        unit_column="dataset",
+    )
+    outcomes = run_units(stage, [units], settings, logger)
+    summary = summarize("evaluate", outcomes)
+    summary.update(model=spec.label, eval_run=eval_run, results=[o.row("dataset") for o in outcomes])
+    summary["eval_prefix"] = target.uri(f"eval/{eval_run}")
+    if spec.random_weights or summary["random_weights"]:
+        logger.warning("%s has RANDOM WEIGHTS: these numbers measure noise", spec.label)
+    return summary

@@ -1,0 +1,114 @@
+"""Pairs to PathGen-CLIP: export each stage's pairs as WebDataset tars, train with open_clip's own trainer, and
+evaluate after each stage (the configured class folders, and retrieval on the held-out pairs).
+
+Stage 2 starts from stage 1's last checkpoint. Everything lands under ``models/clip/<run>/`` (checkpoints, params,
+out.log, metrics.jsonl, run.json) and ``eval/<run>-<stage>/``; a re-run with the same inputs skips finished stages
+and resumes an interrupted one from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from pathgen.settings import Settings, run_settings
+from tasks.clip.spec import ModelSpec
+from tasks.clip.stages import RUNS, resolve_pair_set, run_name, stage_sets, start_spec
+from tasks.clip.webdataset import HOLDOUT
+from tasks.clip.work import evaluate_task, export_task, train_task
+from tasks.work.runner import Stage, open_store, run_units
+from tasks.work.units import UnitOutcome
+
+
+@flow(name="train-clip", description="Pairs to PathGen-CLIP (models/clip/<run>/ in the store), evaluated per stage.")
+def train_clip_flow(
+    store: str | None = None, config: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    settings = run_settings(store, config, overrides)
+    target = open_store(settings, [RUNS, "eval"], logger)
+    sets = [(name, resolve_pair_set(target, pair_set)) for name, pair_set in stage_sets(settings.clip)]
+    export_stage = Stage("clip-export", export_task, unit_id=lambda u: u["stage"], units="sets", unit_column="stage")
+    exports = run_units(export_stage, [[{"stage": n, "set": s.model_dump()} for n, s in sets]], settings, logger)
+    summary: dict[str, Any] = {"store": settings.store, "exports": [o.row("stage") for o in exports], "stages": []}
+    if any(o.status != "ok" for o in exports):
+        return _finish(summary, settings, logger, "export failed: " + "; ".join(str(o.error) for o in exports))
+    run = run_name(settings.clip, [o.columns["digest"] for o in exports])
+    summary["run"] = run
+    start = start_spec(settings.clip)
+    for (stage, _), export in zip(sets, exports, strict=True):
+        trained = _train(settings, run, stage, export, start, logger)
+        summary["stages"].append(trained.row("stage"))
+        if trained.status not in ("ok", "skipped"):
+            return _finish(summary, settings, logger, f"{stage}: {trained.error}")
+        start = ModelSpec(start.name, trained.columns["local_checkpoint"])
+        summary["stages"][-1]["evaluations"] = _evaluate(settings, run, stage, export, trained, logger)
+    _write_run_record(target, run, settings, summary)
+    return _finish(summary, settings, logger)
+
+
+def _train(settings: Settings, run: str, stage: str, export: UnitOutcome, start: ModelSpec, logger) -> UnitOutcome:
+    train_stage = Stage(
+        "clip-train",
+        train_task,
+        unit_id=lambda u: u["stage"],
+        tags=["gpu"],
+        extra={"run": run, "model": start.name, "pretrained": start.pretrained},
+        units="stages",
+        unit_column="stage",
+        table_description=f"PathGen-CLIP {run}",
+    )
+    return run_units(train_stage, [[{"stage": stage, "data": export.columns["out"]}]], settings, logger)[0]
+
+
+def _evaluate(settings: Settings, run: str, stage: str, export: UnitOutcome, trained: UnitOutcome, logger) -> list:
+    holdout = str(Path(export.columns["out"]) / HOLDOUT) if export.columns.get("holdout_pairs") else None
+    units = [{"dataset": d["dataset"], "classes": d["classes"], "holdout": holdout} for d in settings.clip.evaluate]
+    if not units and holdout and int(export.columns["holdout_pairs"]) >= 2:
+        units = [{"holdout": holdout}]
+    if not units:
+        logger.info("%s %s: nothing to evaluate on (set clip.evaluate or clip.holdout_fraction)", run, stage)
+        return []
+    model = f"{_model_name(settings)}:{trained.columns['local_checkpoint']}"
+    evaluate_stage = Stage(
+        "clip-evaluate",
+        evaluate_task,
+        unit_id=lambda u: Path(u.get("dataset") or "holdout").name,
+        tags=["gpu"],
+        extra={"model": model, "eval_run": f"{run}-{stage}"},
+        units="datasets",
+        unit_column="dataset",
+    )
+    return [o.row("dataset") for o in run_units(evaluate_stage, [units], settings, logger)]
+
+
+def _model_name(settings: Settings) -> str:
+    return start_spec(settings.clip).name
+
+
+def _write_run_record(store, run: str, settings: Settings, summary: dict[str, Any]) -> None:
+    record = {
+        "run": run,
+        "model": _model_name(settings),
+        "random_weights": start_spec(settings.clip).random_weights,
+        "clip": settings.clip.model_dump(),
+        "stages": summary["stages"],
+        "exports": summary["exports"],
+        "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    store.write_json(f"{RUNS}/{run}/run.json", record)
+
+
+def _finish(summary: dict[str, Any], settings: Settings, logger, error: str | None = None) -> dict[str, Any]:
+    summary["error"] = error
+    summary["random_weights"] = start_spec(settings.clip).random_weights
+    if error:
+        logger.error("train-clip: %s", error)
+    if summary["random_weights"]:
+        logger.warning("PathGen-CLIP started from RANDOM WEIGHTS (tiny-random): set clip.model and clip.pretrained")
+    for stage in summary["stages"]:
+        logger.info("%s: %s %s", stage["stage"], stage["status"], stage.get("checkpoint") or stage.get("error") or "")
+    return summary

@@ -1,0 +1,89 @@
+"""``pathgen export webdataset``, ``pathgen train-clip`` and ``pathgen evaluate``: run the flows, print what they
+made and where."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pathgen.processes import ensure_api_server
+from pathgen.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def export_webdataset(args: argparse.Namespace, settings: Settings) -> int:
+    from tasks.captions.export import agents_hashes
+    from tasks.clip.webdataset import export_pairs
+    from tasks.store.objects import Store
+
+    store = Store(settings.store, settings.s3)
+    hashes = agents_hashes(store)
+    chosen = args.agents_hash or (hashes[0] if len(hashes) == 1 else None)
+    if chosen not in hashes:
+        print(
+            f"pathgen export: choose the pairs with --agents-hash (found: {', '.join(hashes) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    summary = export_pairs(store, chosen, Path(args.out), settings.clip.holdout_fraction)
+    print(
+        f"wrote {summary.pairs} training pairs in {summary.tars} tars to {summary.out} "
+        f"({summary.holdout_pairs} held out in {summary.out}/holdout; {summary.written} tars rewritten; "
+        f"{summary.pairs_per_s:.0f} pairs/s)"
+    )
+    if summary.random_weights:
+        print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise")
+    return EXIT_OK if summary.pairs else EXIT_FAILED
+
+
+def train_clip(args: argparse.Namespace, overrides: dict) -> int:
+    from flows.train_clip import train_clip_flow
+
+    with ensure_api_server():
+        state = train_clip_flow(config=args.config, overrides=overrides, return_state=True)
+    if not state.is_completed():
+        print(f"pathgen train-clip: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return EXIT_FAILED
+    summary = state.result()
+    for stage in summary["stages"]:
+        print(
+            f"{stage['stage']}: {stage['status']}  {stage['items']} pairs  {stage.get('steps', 0)} steps  "
+            f"final loss {stage.get('final_loss')}  -> {stage.get('checkpoint') or stage.get('error')}"
+        )
+        for result in stage.get("evaluations", []):
+            print(f"  eval {result['dataset']}: {result['status']} {_headline(result)} {result.get('json', '')}")
+    if summary.get("run"):
+        print(f"run: {summary['store'].rstrip('/')}/models/clip/{summary['run']}/ (run.json, metrics.jsonl per stage)")
+    if summary["random_weights"]:
+        print("RANDOM WEIGHTS: training started from the tiny random-weight model; set clip.model and clip.pretrained")
+    if summary["error"]:
+        print(f"pathgen train-clip: {summary['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def evaluate(args: argparse.Namespace, overrides: dict) -> int:
+    from flows.evaluate import evaluate_flow
+
+    datasets = [{"dataset": str(Path(args.dataset)), "classes": str(Path(args.classes))}]
+    with ensure_api_server():
+        state = evaluate_flow(
+            datasets, model=args.model, holdout=args.holdout, config=args.config, overrides=overrides, return_state=True
+        )
+    if not state.is_completed():
+        print(f"pathgen evaluate: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return EXIT_USAGE
+    summary = state.result()
+    for result in summary["results"]:
+        print(f"{summary['model']} on {result['dataset']}: {result['status']} {_headline(result)}")
+        print(f"  {result.get('json') or result.get('error')}")
+    if summary["random_weights"]:
+        print(f"RANDOM WEIGHTS: {summary['model']} has no trained weights; these numbers measure noise")
+    return EXIT_OK if summary["ok"] == len(summary["results"]) else EXIT_FAILED
+
+
+def _headline(result: dict) -> str:
+    keys = ("accuracy", "balanced_accuracy", "R@1")
+    return " ".join(f"{k}={result[k]:.3f}" for k in keys if isinstance(result.get(k), int | float))

@@ -1,0 +1,180 @@
+"""The PathGen-CLIP run: which pairs each stage trains on, the run's name, and one stage trained end to end.
+
+A run is named by a hash of everything that changes the model it produces: the model and the weights it starts
+from (a checkpoint by its content), the hyperparameters, and each stage's data (the export manifest: which pair
+shards, by commit id, or which external files). So a re-run with the same inputs resumes the same run, and new
+pairs or new settings start a new run beside it under ``models/clip/<run>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pathgen.digest import path_digest
+from pathgen.settings import ClipSettings, PairSetSettings, Settings
+from tasks.captions.export import agents_hashes
+from tasks.clip.spec import TINY_RANDOM, ModelSpec
+from tasks.clip.train import (
+    CheckpointMirror,
+    StagePlan,
+    checkpoints,
+    epoch_of,
+    fitted_batch,
+    run_trainer,
+    write_metrics,
+)
+from tasks.clip.webdataset import ExportSummary, export_external, export_pairs, sample_count, training_tars
+from tasks.store.objects import Store
+
+RUNS = "models/clip"
+
+
+def work_root(cfg: ClipSettings) -> Path:
+    return Path(cfg.work_dir).expanduser() if cfg.work_dir else Path.home() / ".cache" / "pathgen" / "clip"
+
+
+def stage_sets(cfg: ClipSettings) -> list[tuple[str, PairSetSettings]]:
+    return [("stage1", cfg.stage1)] + ([("stage2", cfg.stage2)] if cfg.stage2 else [])
+
+
+def resolve_pair_set(store: Store, pair_set: PairSetSettings) -> PairSetSettings:
+    """An agents_hash for a generated set (the only one in the store when unset); external sets as they are."""
+    if pair_set.external:
+        return pair_set
+    found = agents_hashes(store)
+    if pair_set.agents_hash is None:
+        if len(found) != 1:
+            raise ValueError(
+                f"choose the pairs to train on with clip.stage1.agents_hash (found in {store.uri('pairs')}: "
+                f"{', '.join(found) or 'none; run pathgen caption first'})"
+            )
+        return pair_set.model_copy(update={"agents_hash": found[0]})
+    if pair_set.agents_hash not in found:
+        raise ValueError(f"no pairs under agents_hash {pair_set.agents_hash!r} (found: {', '.join(found) or 'none'})")
+    return pair_set
+
+
+def set_folder(cfg: ClipSettings, pair_set: PairSetSettings) -> Path:
+    if pair_set.external:
+        key = hashlib.sha256(str(Path(pair_set.folder).resolve()).encode()).hexdigest()[:12]
+        return work_root(cfg) / "data" / f"external-{key}"
+    return work_root(cfg) / "data" / f"pairs-{pair_set.agents_hash}"
+
+
+def export_set(store: Store, pair_set: PairSetSettings, settings: Settings, logger=None) -> ExportSummary:
+    cfg = settings.clip
+    out = set_folder(cfg, pair_set)
+    if pair_set.external:
+        return export_external(pair_set, out, cfg.pairs_per_tar, cfg.holdout_fraction)
+    return export_pairs(store, pair_set.agents_hash, out, cfg.holdout_fraction, logger)
+
+
+def start_spec(cfg: ClipSettings) -> ModelSpec:
+    """The model stage 1 starts from; without pretrained weights, the tiny model (random weights, and says so)."""
+    return ModelSpec(cfg.model, cfg.pretrained) if cfg.pretrained else ModelSpec(TINY_RANDOM)
+
+
+def run_name(cfg: ClipSettings, data_digests: list[str]) -> str:
+    if cfg.run:
+        return cfg.run
+    spec = start_spec(cfg)
+    weights = spec.pretrained
+    if weights and Path(weights).exists():
+        weights = path_digest(weights)
+    inputs = {
+        "model": spec.name,
+        "weights": weights,
+        "train": cfg.model_dump(include={"lr", "weight_decay", "batch_size", "warmup", "precision", "seed"}),
+        "epochs": [pair_set.epochs for _, pair_set in stage_sets(cfg)],
+        "data": data_digests,
+        "holdout_fraction": cfg.holdout_fraction,
+    }
+    return "clip-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+
+
+@dataclass
+class StageResult:
+    stage: str
+    checkpoint: str  # the store URI of the stage's last checkpoint
+    local_checkpoint: str
+    trained: bool  # False: the store already held the finished stage
+    steps: int
+    final_loss: float | None
+    samples_per_s: float | None
+    random_weights: bool
+
+    def row(self) -> dict[str, Any]:
+        return self.__dict__ | {}
+
+
+def stage_plan(
+    settings: Settings, run: str, stage: str, data: Path, start: ModelSpec, logger: logging.Logger
+) -> StagePlan:
+    cfg = settings.clip
+    tars = training_tars(data)
+    samples = sample_count(tars)
+    if samples < 2:
+        raise ValueError(f"{stage}: {samples} training pairs in {data}; contrastive training needs at least 2")
+    pair_set = dict(stage_sets(cfg))[stage]
+    precision = cfg.precision
+    if precision == "auto":
+        import torch
+
+        precision = "amp" if torch.cuda.is_available() else "fp32"
+    return StagePlan(
+        run=run,
+        name=stage,
+        folder=work_root(cfg) / "runs" / run,
+        spec=start,
+        tars=tars,
+        samples=samples,
+        epochs=pair_set.epochs,
+        batch_size=fitted_batch(cfg.batch_size, samples, cfg.devices, logger),
+        workers=cfg.workers,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        precision=precision,
+        grad_checkpointing=cfg.grad_checkpointing,
+        devices=cfg.devices,
+        seed=cfg.seed,
+        random_start=start_spec(cfg).random_weights,
+    )
+
+
+def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_seconds: float = 30.0) -> StageResult:
+    """Train one stage to its last epoch, resuming from its newest checkpoint here or in the store."""
+    final_key = f"{plan.store_prefix()}/checkpoints/epoch_{plan.epochs}.pt"
+    mirror = CheckpointMirror(plan, store, mirror_seconds)
+    trained = not store.exists(final_key)
+    newest = mirror.fetch_newest()
+    if trained:
+        if newest:
+            logger.info("%s %s: resuming from %s (epoch %d)", plan.run, plan.name, newest.name, epoch_of(newest))
+        if plan.random_start:
+            logger.warning("%s starts from RANDOM WEIGHTS (tiny-random): set clip.model and clip.pretrained", plan.run)
+        with mirror:
+            run_trainer(plan, logger)
+    local = checkpoints(plan.stage_dir / "checkpoints")
+    if not local or epoch_of(local[-1]) < plan.epochs:
+        raise RuntimeError(f"{plan.run} {plan.name}: the trainer ended without epoch_{plan.epochs}.pt")
+    rows = write_metrics(plan)
+    return StageResult(
+        stage=plan.name,
+        checkpoint=store.uri(final_key),
+        local_checkpoint=str(local[-1]),
+        trained=trained,
+        steps=rows[-1]["step"] if rows else 0,
+        final_loss=rows[-1]["loss"] if rows else None,
+        samples_per_s=rows[-1]["samples_per_s"] if rows else None,
+        random_weights=plan.random_start,
+    )

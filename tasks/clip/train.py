@@ -1,0 +1,250 @@
+"""One training stage with open_clip's own trainer (``open_clip_train.main``) on exported WebDataset tars.
+
+The trainer runs in this process for one device and under ``torchrun --nproc-per-node N`` for N GPUs. It writes
+``<logs>/<stage>/{out.log, params.txt, checkpoints/epoch_N.pt}``; we always pass ``--resume latest``, so a re-run
+continues from the newest checkpoint of its stage. Checkpoints are mirrored to ``models/clip/<run>/<stage>/`` in
+the store while training goes (a checkpoint is copied once the trainer has moved past it, so never half-written),
+and fetched back from there when another machine resumes the run. ``metrics.jsonl`` (step, loss, lr, samples/s)
+is parsed from the trainer's own log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import re
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.clip.spec import ModelSpec, local_checkpoint
+from tasks.store.objects import Store
+
+CHECKPOINT = re.compile(r"epoch_(\d+)\.pt$")
+TRAIN_LINE = re.compile(
+    r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<per_epoch>\d+) .*?"
+    r"Batch \(t\): [\d.]+, (?P<rate>[\d.e+-]+)/s.*?LR: (?P<lr>[\d.e+-]+) .*?\bLoss: (?P<loss>[\d.e+-]+) \("
+)
+
+
+@dataclass
+class StagePlan:
+    """Everything one trainer run needs; ``folder`` is the local logs root, ``name`` the stage folder in it."""
+
+    run: str
+    name: str  # stage1 | stage2
+    folder: Path
+    spec: ModelSpec  # the model trained, with the weights it starts from
+    tars: list[Path]
+    samples: int
+    epochs: int
+    batch_size: int
+    workers: int
+    lr: float
+    weight_decay: float
+    warmup: int
+    precision: str
+    grad_checkpointing: bool
+    devices: int
+    seed: int
+    random_start: bool = False  # the run began from random weights (stage 2 starts from stage 1 all the same)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.devices
+
+    def store_prefix(self) -> str:
+        return f"models/clip/{self.run}/{self.name}"
+
+
+def fitted_batch(batch_size: int, samples: int, devices: int, logger: logging.Logger) -> int:
+    """The trainer drops partial batches: a batch larger than the data would train on nothing."""
+    fitted = max(2, min(batch_size, samples // devices))
+    if fitted < batch_size:
+        logger.warning(
+            "clip.batch_size %d is more than the %d pairs per device: batches of %d",
+            batch_size,
+            samples // devices,
+            fitted,
+        )
+    return fitted
+
+
+def trainer_args(plan: StagePlan) -> list[str]:
+    args = [
+        "--model", plan.spec.name,
+        "--dataset-type", "webdataset",
+        "--train-data", "::".join(str(t) for t in plan.tars),
+        "--train-num-samples", str(plan.samples),
+        "--batch-size", str(plan.batch_size),
+        "--epochs", str(plan.epochs),
+        "--lr", repr(plan.lr),
+        "--wd", repr(plan.weight_decay),
+        "--warmup", str(plan.warmup),
+        "--precision", plan.precision,
+        "--workers", str(max(0, min(plan.workers, len(plan.tars) // plan.devices))),
+        "--seed", str(plan.seed),
+        "--logs", str(plan.folder),
+        "--name", plan.name,
+        "--resume", "latest",
+        "--save-frequency", "1",
+        "--report-to", "",
+        "--log-every-n-steps", "10",
+    ]  # fmt: skip
+    if plan.spec.pretrained:
+        args += ["--pretrained", local_checkpoint(plan.spec.pretrained)]
+    if plan.grad_checkpointing:
+        args.append("--grad-checkpointing")
+    if plan.devices > 1:
+        args += ["--dist-backend", "nccl", "--ddp-static-graph"]
+    return args
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("epoch_*.pt") if CHECKPOINT.search(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.search(p.name).group(1)))
+
+
+def epoch_of(path: Path | str) -> int:
+    match = CHECKPOINT.search(str(path))
+    return int(match.group(1)) if match else 0
+
+
+def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
+    """open_clip_train on the plan; raises with the trainer's own words when it fails."""
+    args = trainer_args(plan)
+    plan.stage_dir.mkdir(parents=True, exist_ok=True)
+    if plan.devices == 1:
+        from open_clip_train.main import main
+
+        from tasks.selection.embedding import _register_configs
+
+        _register_configs()
+        with _isolated_logging():
+            status = main(args)
+        if status not in (None, 0):
+            raise RuntimeError(f"open_clip_train stopped (status {status}); see {plan.stage_dir / 'out.log'}")
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.devices}"]
+    command += ["-m", "tasks.clip.trainer_entry", *args]
+    logger.info("torchrun on %d devices: %s", plan.devices, " ".join(command[:6]))
+    done = subprocess.run(command, check=False)
+    if done.returncode:
+        raise RuntimeError(f"torchrun exited with {done.returncode}; see {plan.stage_dir / 'out.log'}")
+
+
+@contextlib.contextmanager
+def _isolated_logging():
+    """open_clip_train's setup_logging adds root handlers and sets every logger to INFO; undo that afterwards so a
+    second stage does not write into the first one's log, and Prefect's loggers keep their levels."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+        for name, lg in list(logging.root.manager.loggerDict.items()):
+            if isinstance(lg, logging.Logger):  # loggers made during training go back to inheriting
+                lg.setLevel(levels.get(name, logging.NOTSET))
+
+
+def parse_metrics(log_text: str, global_batch: int, stage: str) -> list[dict[str, Any]]:
+    """The trainer's progress lines as rows: step counts optimizer steps from the start of the stage."""
+    rows = []
+    for match in TRAIN_LINE.finditer(log_text):
+        epoch, seen, per_epoch = int(match["epoch"]), int(match["seen"]), int(match["per_epoch"])
+        rows.append(
+            {
+                "stage": stage,
+                "epoch": epoch,
+                "step": math.ceil((epoch * per_epoch + seen) / global_batch),
+                "loss": float(match["loss"]),
+                "lr": float(match["lr"]),
+                "samples_per_s": float(match["rate"]),
+            }
+        )
+    return rows
+
+
+def write_metrics(plan: StagePlan) -> list[dict[str, Any]]:
+    log = plan.stage_dir / "out.log"
+    rows = parse_metrics(log.read_text(errors="replace") if log.exists() else "", plan.global_batch, plan.name)
+    (plan.stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+class CheckpointMirror:
+    """Copies a stage's finished files to the store: at start (fetching), every ``interval`` seconds, at the end."""
+
+    def __init__(self, plan: StagePlan, store: Store, interval: float = 30.0) -> None:
+        self.plan, self.store, self.interval = plan, store, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="clip-mirror", daemon=True)
+        self._sent: set[str] = set()
+
+    def fetch_newest(self) -> Path | None:
+        """The newest checkpoint of this stage in the store, brought here when this machine lacks it."""
+        prefix = f"{self.plan.store_prefix()}/checkpoints"
+        remote = sorted(self.store.list(prefix, ".pt"), key=epoch_of)
+        local = checkpoints(self.plan.stage_dir / "checkpoints")
+        if not remote or (local and epoch_of(local[-1]) >= epoch_of(remote[-1])):
+            return local[-1] if local else None
+        target = self.plan.stage_dir / "checkpoints" / remote[-1].rsplit("/", 1)[-1]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        partial.write_bytes(self.store.read_bytes(remote[-1]))
+        partial.replace(target)
+        for name in ("out.log", "params.txt"):
+            key = f"{self.plan.store_prefix()}/{name}"
+            if self.store.exists(key) and not (self.plan.stage_dir / name).exists():
+                (self.plan.stage_dir / name).write_bytes(self.store.read_bytes(key))
+        self._sent.add(target.name)
+        return target
+
+    def __enter__(self) -> CheckpointMirror:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sync(final=exc[0] is None)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(Exception):  # a failed mirror is retried next round and at the end
+                self.sync(final=False)
+
+    def sync(self, final: bool) -> None:
+        """Copy checkpoints the trainer is done with (all of them when it has stopped), then the logs."""
+        stage_dir = self.plan.stage_dir
+        found = checkpoints(stage_dir / "checkpoints")
+        done = found if final else [p for p in found if _epoch_started(stage_dir, epoch_of(p))]
+        for path in done:
+            if path.name not in self._sent:
+                self.store.put_file(path, f"{self.plan.store_prefix()}/checkpoints/{path.name}")
+                self._sent.add(path.name)
+        write_metrics(self.plan)
+        for name in ("params.txt", "out.log", "metrics.jsonl"):
+            if (stage_dir / name).exists():
+                self.store.put_file(stage_dir / name, f"{self.plan.store_prefix()}/{name}")
+
+
+def _epoch_started(stage_dir: Path, epoch: int) -> bool:
+    """The trainer logs 'Start epoch N' only after epoch_N.pt is saved: from then on the file is complete."""
+    log = stage_dir / "out.log"
+    return log.exists() and f"Start epoch {epoch}\n" in log.read_text(errors="replace")

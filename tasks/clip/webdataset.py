@@ -1,0 +1,286 @@
+"""Pairs to WebDataset tars, the input of open_clip's own trainer.
+
+Generated pairs: one tar per pair shard (slide), ``<slide>.tar``; pairs held out for retrieval evaluation go to
+``holdout/<slide>.tar`` instead, chosen by a hash of the pair id so that the choice never changes between exports.
+An external set (a folder of images and a CSV/JSONL of captions) becomes ``ext-NNNNNN.tar`` of ``pairs_per_tar``
+pairs. A sample is ``<patch_id>.jpg`` + ``.txt`` (the caption) + ``.json`` (its provenance). ``sizes.json`` beside
+the tars gives open_clip_train the sample counts; ``manifest.json`` records which pair shard (by commit id) each
+tar came from, so a re-export rewrites only slides whose pairs changed. Every file is written to a temporary name
+and renamed: a tar is never half there.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pathgen.settings import PairSetSettings
+from tasks.captions.records import pairs_prefix, slide_of
+from tasks.store.objects import Store
+
+HOLDOUT = "holdout"
+PROVENANCE = [
+    "patch_id", "slide_id", "source_uri", "project", "file_id", "x", "y", "w0", "h0", "level", "mpp", "patch_px",
+    "caption_tokens", "describe_model", "revise_model", "summarize_model", "prompt_versions", "agents_hash",
+    "extraction_hash", "random_weights", "factory_version", "created_at",
+]  # fmt: skip
+IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes
+    image_ext: str  # jpg | png | webp
+    caption: str
+    meta: dict[str, Any]
+
+
+@dataclass
+class ExportSummary:
+    out: str
+    pairs: int = 0
+    holdout_pairs: int = 0
+    tars: int = 0
+    written: int = 0  # tars (re)written by this export; the rest were up to date
+    seconds: float = 0.0
+    random_weights: bool = False
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.pairs / self.seconds if self.seconds else 0.0
+
+
+def is_holdout(pair_id: str, fraction: float) -> bool:
+    """Stable across exports, machines and settings other than the fraction."""
+    if fraction <= 0:
+        return False
+    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def tar_name(slide_id: str) -> str:
+    """A file name braceexpand and WebDataset take as it is (no braces, no '::', one dot)."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_-]{0,120}", slide_id.replace(".", "_")):
+        return f"{slide_id.replace('.', '_')}.tar"
+    return f"slide-{hashlib.sha256(slide_id.encode()).hexdigest()[:16]}.tar"
+
+
+def write_tar(path: Path, samples: Iterable[Sample]) -> int:
+    """Samples to one tar, atomically; returns how many. Members carry no time or owner: same pairs, same bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    count = 0
+    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            meta = json.dumps(sample.meta, sort_keys=True, default=str).encode()
+            for ext, data in ((sample.image_ext, sample.image), ("txt", sample.caption.encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+    os.replace(partial, path)
+    return count
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def pair_samples(table_rows: list[dict[str, Any]]) -> Iterator[Sample]:
+    for row in table_rows:
+        meta = {key: row.get(key) for key in PROVENANCE if key in row}
+        yield Sample(row["patch_id"], row["image"], "jpg", row["caption"], meta)
+
+
+def _shard_rows(store: Store, key: str) -> tuple[str, list[dict[str, Any]]]:
+    """A pair shard's commit id and rows (image, caption and provenance columns only)."""
+    with store.open(key) as handle:
+        shard = pq.ParquetFile(handle, pre_buffer=False)
+        metadata = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
+        columns = [c for c in ["image", "caption", *PROVENANCE] if c in shard.schema_arrow.names]
+        rows = shard.read(columns=columns).to_pylist()
+    return metadata.get("pathgen.commit_id", ""), rows
+
+
+def export_pairs(store: Store, agents_hash: str, out: Path, holdout_fraction: float, logger=None) -> ExportSummary:
+    """Every pair of ``pairs/<agents_hash>/`` into exactly one tar under ``out`` (training or holdout)."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(out, {"agents_hash": agents_hash, "holdout_fraction": holdout_fraction})
+    summary = ExportSummary(str(out), sources=[store.uri(pairs_prefix(agents_hash))])
+    entries: dict[str, dict[str, Any]] = {}
+    for key in store.list(pairs_prefix(agents_hash), ".parquet"):
+        slide_id = slide_of(key)
+        entry = manifest["slides"].get(slide_id)
+        if not (entry and _tars_present(out, entry) and _commit_of(store, key) == entry["commit_id"]):
+            entry = _export_slide(store, key, slide_id, out, holdout_fraction)
+            summary.written += 1
+            if logger:
+                logger.info("exported %s: %d pairs, %d held out", slide_id, entry["pairs"], entry["holdout_pairs"])
+        entries[slide_id] = entry
+    _remove_unlisted(out, entries.values())
+    manifest["slides"] = entries
+    return _finish_export(out, manifest, summary, started)
+
+
+def _commit_of(store: Store, key: str) -> str:
+    with store.open(key) as handle:
+        raw = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.metadata or {}
+    return raw.get(b"pathgen.commit_id", b"").decode()
+
+
+def _export_slide(store: Store, key: str, slide_id: str, out: Path, fraction: float) -> dict[str, Any]:
+    commit_id, rows = _shard_rows(store, key)
+    held = [r for r in rows if is_holdout(r["patch_id"], fraction)]
+    kept = [r for r in rows if not is_holdout(r["patch_id"], fraction)]
+    name = tar_name(slide_id)
+    entry = {"commit_id": commit_id, "tar": name, "pairs": len(kept), "holdout_pairs": len(held)}
+    entry["random_weights"] = any(bool(r.get("random_weights")) for r in rows)
+    for folder, part in ((out, kept), (out / HOLDOUT, held)):
+        target = folder / name
+        if part:
+            write_tar(target, pair_samples(part))
+        elif target.exists():
+            target.unlink()
+    return entry
+
+
+def _tars_present(out: Path, entry: dict[str, Any]) -> bool:
+    wanted = [(out, entry["pairs"]), (out / HOLDOUT, entry["holdout_pairs"])]
+    return all((folder / entry["tar"]).exists() == bool(count) for folder, count in wanted)
+
+
+def _remove_unlisted(out: Path, entries: Iterable[dict[str, Any]]) -> None:
+    """Tars of slides whose pairs are gone from the store, or of another set, never linger into training."""
+    names = {e["tar"] for e in entries}
+    for folder in (out, out / HOLDOUT):
+        for tar in folder.glob("*.tar"):
+            if tar.name not in names:
+                tar.unlink()
+
+
+def _load_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    path = out / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if any(manifest.get(k) != v for k, v in identity.items()):
+        manifest = {}  # another set or another holdout split: nothing in it can be reused
+    return {**identity, "slides": manifest.get("slides", {})}
+
+
+def _finish_export(out: Path, manifest: dict[str, Any], summary: ExportSummary, started: float) -> ExportSummary:
+    entries = list(manifest["slides"].values())
+    sizes = {e["tar"]: e["pairs"] for e in entries if e["pairs"]}
+    held = {e["tar"]: e["holdout_pairs"] for e in entries if e["holdout_pairs"]}
+    write_json_atomic(out / "sizes.json", sizes)
+    (out / HOLDOUT).mkdir(exist_ok=True)
+    write_json_atomic(out / HOLDOUT / "sizes.json", held)
+    write_json_atomic(out / "manifest.json", manifest)
+    summary.pairs, summary.holdout_pairs, summary.tars = sum(sizes.values()), sum(held.values()), len(sizes)
+    summary.random_weights = any(e.get("random_weights") for e in entries)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def training_tars(out: Path, holdout: bool = False) -> list[Path]:
+    folder = out / HOLDOUT if holdout else out
+    sizes = json.loads((folder / "sizes.json").read_text())
+    return [folder / name for name in sorted(sizes)]
+
+
+def sample_count(tars: list[Path]) -> int:
+    total = 0
+    for tar in tars:
+        total += int(json.loads((tar.parent / "sizes.json").read_text())[tar.name])
+    return total
+
+
+def external_rows(pair_set: PairSetSettings) -> list[dict[str, str]]:
+    """The rows of an external set's captions file (CSV with a header, or JSONL), each naming an image and a caption.
+
+    Errors name the file, the row and the fix."""
+    folder = Path(pair_set.folder or "")
+    captions = Path(pair_set.captions) if pair_set.captions else None
+    if not folder.is_dir():
+        raise ValueError(f"external pair set: folder {folder} does not exist (clip.stageN.folder)")
+    if captions is None or not captions.is_file():
+        raise ValueError(f"external pair set: captions file {captions} not found (clip.stageN.captions: CSV or JSONL)")
+    if captions.suffix.lower() == ".csv":
+        with captions.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = [_json_row(captions, n, line) for n, line in enumerate(captions.read_text().splitlines(), 1) if line]
+    for number, row in enumerate(rows, 1):
+        if not row.get(pair_set.image_key) or not row.get(pair_set.caption_key):
+            raise ValueError(
+                f"{captions}: row {number} lacks {pair_set.image_key!r} or {pair_set.caption_key!r} "
+                "(set clip.stageN.image_key / caption_key to the columns that hold them)"
+            )
+    return rows
+
+
+def _json_row(path: Path, number: int, line: str) -> dict[str, str]:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{path}: line {number} is not JSON ({exc.msg}); one object per line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}: line {number} is not a JSON object")
+    return row
+
+
+def external_sample(folder: Path, row: dict[str, str], image_key: str, caption_key: str) -> Sample:
+    path = (folder / row[image_key]).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"image {row[image_key]!r} lies outside the external set's folder {folder}")
+    data = path.read_bytes()
+    ext = IMAGE_SUFFIXES.get(path.suffix.lower())
+    if ext is None:  # TIFF and the like: PNG keeps the pixels exactly and open_clip's loader reads it
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").save(buffer, "PNG")
+        data, ext = buffer.getvalue(), "png"
+    key = hashlib.sha256(f"{row[image_key]}|{row[caption_key]}".encode()).hexdigest()[:20]
+    meta = {k: v for k, v in row.items() if isinstance(v, str | int | float | bool)}
+    return Sample(key, data, ext, str(row[caption_key]), meta | {"pair_id": key})
+
+
+def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, holdout_fraction: float) -> ExportSummary:
+    """An external folder of images + captions into ``ext-NNNNNN.tar`` (and ``holdout/``); always rewritten."""
+    started = time.perf_counter()
+    folder = Path(pair_set.folder or "")
+    rows = external_rows(pair_set)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = [external_sample(folder, row, pair_set.image_key, pair_set.caption_key) for row in rows]
+    entries = {}
+    held = [s for s in samples if is_holdout(s.key, holdout_fraction)]
+    kept = [s for s in samples if not is_holdout(s.key, holdout_fraction)]
+    for index in range(0, max(len(kept), len(held)), pairs_per_tar):
+        name = f"ext-{index // pairs_per_tar:06d}.tar"
+        part, part_held = kept[index : index + pairs_per_tar], held[index : index + pairs_per_tar]
+        for target, chunk in ((out / name, part), (out / HOLDOUT / name, part_held)):
+            if chunk:
+                write_tar(target, chunk)
+        entries[name] = {"commit_id": "", "tar": name, "pairs": len(part), "holdout_pairs": len(part_held)}
+    _remove_unlisted(out, entries.values())
+    identity = {"folder": str(folder.resolve()), "captions": str(pair_set.captions), "slides": entries}
+    summary = ExportSummary(str(out), sources=[str(folder)], written=len(entries))
+    return _finish_export(out, identity, summary, started)

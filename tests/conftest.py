@@ -156,6 +156,24 @@ def extracted_store(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def captioned_store(tmp_path_factory, extracted_store, tiny_models):
+    """extracted_store with its 12 patches captioned by the tiny models (pairs/<agents_hash>/), for CLIP tests."""
+    import shutil
+
+    from agents.identity import agents_hash, identities
+    from pathgen.settings import load_settings
+    from tasks.captions.caption import caption_slides
+
+    root = tmp_path_factory.mktemp("captioned") / "store"
+    shutil.copytree(extracted_store, root)
+    settings = load_settings(overrides={"store": str(root), "agents.model_cache": str(tiny_models[0])}, environ={})
+    hash_ = agents_hash(settings.agents, identities(settings.agents, settings.retries))
+    outcomes = caption_slides([CMU.stem], settings, hash_)
+    assert [o.status for o in outcomes] == ["ok"] and outcomes[0].items >= 8, outcomes
+    return root
+
+
 def pytest_unconfigure(config):
     # pyarrow's S3 client, once up, keeps C++ threads that can abort the interpreter at exit ("terminate called
     # without an active exception"), which would turn a green run red: shut it down first.

@@ -26,6 +26,7 @@ from tasks.clip.train import (
     epoch_of,
     fitted_batch,
     run_trainer,
+    set_aside_incomplete,
     write_metrics,
 )
 from tasks.clip.webdataset import ExportSummary, export_external, export_pairs, sample_count, training_tars
@@ -156,6 +157,7 @@ def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_se
     final_key = f"{plan.store_prefix()}/checkpoints/epoch_{plan.epochs}.pt"
     mirror = CheckpointMirror(plan, store, mirror_seconds)
     trained = not store.exists(final_key)
+    set_aside_incomplete(plan.stage_dir / "checkpoints", logger)
     newest = mirror.fetch_newest()
     if trained:
         if newest:

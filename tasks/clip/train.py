@@ -124,13 +124,13 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
     args = trainer_args(plan)
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
     if plan.devices == 1:
-        from open_clip_train.main import main
+        import open_clip_train.main as trainer
 
         from tasks.selection.embedding import _register_configs
 
         _register_configs()
-        with _isolated_logging():
-            status = main(args)
+        with _isolated_logging(trainer):
+            status = trainer.main(args)
         if status not in (None, 0):
             raise RuntimeError(f"open_clip_train stopped (status {status}); see {plan.stage_dir / 'out.log'}")
         return
@@ -142,36 +142,58 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
         raise RuntimeError(f"torchrun exited with {done.returncode}; see {plan.stage_dir / 'out.log'}")
 
 
+def set_aside_incomplete(folder: Path, logger: logging.Logger) -> None:
+    """A run killed while saving leaves a truncated epoch_N.pt, which ``--resume latest`` would pick and fail on.
+    torch writes checkpoints as zip files whose directory comes last, so a truncated one is not a zip file."""
+    import zipfile
+
+    for path in checkpoints(folder):
+        if not zipfile.is_zipfile(path):
+            path.rename(path.with_name(path.name + ".incomplete"))
+            logger.warning("%s was cut short (killed while saving?): set aside, resuming from the one before", path)
+
+
 @contextlib.contextmanager
-def _isolated_logging():
-    """open_clip_train's setup_logging adds root handlers and sets every logger to INFO; undo that afterwards so a
-    second stage does not write into the first one's log, and Prefect's loggers keep their levels."""
+def _isolated_logging(trainer):
+    """open_clip_train's setup_logging adds a console handler to the root logger (whose records Prefect's handler
+    already shows) and sets every logger to INFO. Here it only writes out.log; afterwards the root logger gets its
+    handlers and level back, so a second stage does not write into the first one's log."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    handlers, level, original = list(root.handlers), root.level, trainer.setup_logging
+
+    def file_only(log_file, level, include_host=False):
+        root.setLevel(level)
+        if log_file:
+            handler = logging.FileHandler(filename=log_file)
+            handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S"))
+            root.addHandler(handler)
+
+    trainer.setup_logging = file_only
     try:
         yield
     finally:
+        trainer.setup_logging = original
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)
                 handler.close()
         root.setLevel(level)
-        for name, lg in list(logging.root.manager.loggerDict.items()):
-            if isinstance(lg, logging.Logger):  # loggers made during training go back to inheriting
-                lg.setLevel(levels.get(name, logging.NOTSET))
 
 
 def parse_metrics(log_text: str, global_batch: int, stage: str) -> list[dict[str, Any]]:
-    """The trainer's progress lines as rows: step counts optimizer steps from the start of the stage."""
-    rows = []
+    """The trainer's progress lines as rows: step counts optimizer steps from the start of the stage. The log
+    goes on across resumes; steps a resumed run trains again replace those of the run that was cut short."""
+    rows: list[dict[str, Any]] = []
     for match in TRAIN_LINE.finditer(log_text):
         epoch, seen, per_epoch = int(match["epoch"]), int(match["seen"]), int(match["per_epoch"])
+        step = math.ceil((epoch * per_epoch + seen) / global_batch)
+        while rows and rows[-1]["step"] >= step:
+            rows.pop()
         rows.append(
             {
                 "stage": stage,
                 "epoch": epoch,
-                "step": math.ceil((epoch * per_epoch + seen) / global_batch),
+                "step": step,
                 "loss": float(match["loss"]),
                 "lr": float(match["lr"]),
                 "samples_per_s": float(match["rate"]),

@@ -34,7 +34,7 @@ def build(root: Path, views_per_tile: int = 40, seed: int = 0) -> dict[str, Path
         for index, tile_path in enumerate(tiles):
             tile = Image.open(tile_path).convert("RGB")
             if index == len(tiles) - 1:  # held out: never seen in training
-                target = root / "test" / folder
+                target = root / "kather2016-heldout" / folder
                 target.mkdir(parents=True, exist_ok=True)
                 for turn in range(8):
                     view = tile.rotate(90 * (turn % 4)).crop((19, 19, 131, 131))
@@ -49,4 +49,4 @@ def build(root: Path, views_per_tile: int = 40, seed: int = 0) -> dict[str, Path
                 rows.append({"image": name, "caption": caption})
     captions = root / "train" / "captions.jsonl"
     captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"folder": root / "train", "captions": captions, "test": root / "test", "classes": CLASSES}
+    return {"folder": root / "train", "captions": captions, "test": root / "kather2016-heldout", "classes": CLASSES}

@@ -134,3 +134,115 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(prefect_api, cap
     # Done: a third run finds the finished stage in the store and trains nothing.
     third = _pathgen(env, "train-clip", "--store", str(captioned_store), *sets, cwd=tmp_path)
     assert third.returncode == 0 and "stage1: skipped" in third.stdout, third.stdout[-2000:]
+
+
+def _eval_json(store: Path, run: str, dataset: str) -> dict:
+    return json.loads((store / "eval" / run / f"{dataset}.json").read_text())
+
+
+@pytest.mark.prefect
+def test_pathgen_clip_learns_the_visible_class_from_kather_pairs(prefect_api, tmp_path):
+    """Captions naming the class on augmented views of two tiles per class; zero-shot on the held-out third tile."""
+    from flows.evaluate import evaluate_flow
+    from flows.train_clip import train_clip_flow
+
+    data = kather.build(tmp_path / "kather", views_per_tile=40)
+    store = tmp_path / "store"
+    overrides = {
+        "clip.work_dir": str(tmp_path / "work"),
+        "clip.stage1.folder": str(data["folder"]),
+        "clip.stage1.captions": str(data["captions"]),
+        "clip.stage1.epochs": 15,
+        "clip.lr": 1e-3,  # from scratch: the tiny model needs far more than fine-tuning's 3e-5
+        "clip.batch_size": 32,
+        "clip.warmup": 20,
+        "clip.workers": 0,
+        "clip.evaluate": [{"dataset": str(data["test"]), "classes": KATHER_CLASSES}],
+    }
+    summary = train_clip_flow(store=str(store), overrides=overrides)
+    assert summary["error"] is None, summary
+    (stage,) = summary["stages"]
+    assert stage["status"] == "ok" and stage["steps"] == -(-stage["items"] // 32) * 15 >= 250, stage
+    run = summary["run"]
+    trained = _eval_json(store, f"{run}-stage1", "kather2016-heldout")
+    baseline = evaluate_flow([{"dataset": str(data["test"]), "classes": KATHER_CLASSES}], model="tiny-random",
+                             store=str(store))  # fmt: skip
+    untrained = _eval_json(store, baseline["eval_run"], "kather2016-heldout")
+    assert untrained["random_weights"] is True and trained["random_weights"] is False
+    chance, margin = 1 / 8, 0.25
+    accuracy, before = trained["zero_shot"]["accuracy"], untrained["zero_shot"]["accuracy"]
+    print(f"\nlearnability: zero-shot accuracy {accuracy:.3f} trained ({stage['steps']} steps, final loss "
+          f"{stage['final_loss']}), {before:.3f} untrained, chance {chance:.3f}; balanced "
+          f"{trained['zero_shot']['balanced_accuracy']:.3f}; retrieval {trained['retrieval']}")  # fmt: skip
+    assert accuracy >= chance + margin > before
+    assert (
+        trained["retrieval"]["n"] >= 2
+        and (store / "eval" / f"{run}-stage1" / "kather2016-heldout-confusion.png").exists()
+    )
+
+
+@pytest.mark.prefect
+def test_the_chain_runs_on_the_shared_slide_and_its_checkpoint_drives_selection(prefect_api, tiny_models, tmp_path):
+    import open_clip
+    import torch
+
+    from flows.caption import caption_flow
+    from flows.extract import extract_flow
+    from flows.train_clip import train_clip_flow
+
+    store = tmp_path / "store"
+    small = {"patch.patch_px": 224, "selection.max_per_slide": 16}
+    extracted = extract_flow(sources=[str(CMU)], store=str(store), overrides=small, processes=False)
+    assert extracted["ok"] == 1
+    captioned = caption_flow(store=str(store), overrides={"agents.model_cache": str(tiny_models[0])})
+    assert captioned["ok"] == 1 and captioned["pairs"] >= 8
+    second_set = kather.build(tmp_path / "kather", views_per_tile=2)
+    shared_kather = str(kather.KATHER.resolve())
+    overrides = {
+        "clip.work_dir": str(tmp_path / "work"),
+        "clip.batch_size": 8,
+        "clip.workers": 0,
+        "clip.holdout_fraction": 0.25,
+        "clip.stage1.epochs": 2,
+        "clip.stage2.folder": str(second_set["folder"]),
+        "clip.stage2.captions": str(second_set["captions"]),
+        "clip.evaluate": [{"dataset": shared_kather, "classes": KATHER_CLASSES}],
+    }
+    summary = train_clip_flow(store=str(store), overrides=overrides)
+    assert summary["error"] is None and [s["status"] for s in summary["stages"]] == ["ok", "ok"], summary
+    run = summary["run"]
+    run_dir = store / "models" / "clip" / run
+    stage1_final = tmp_path / "work" / "runs" / run / "stage1" / "checkpoints" / "epoch_2.pt"
+    assert f"pretrained: {stage1_final}" in (run_dir / "stage2" / "params.txt").read_text()  # stage 2 goes on
+    assert json.loads((run_dir / "run.json").read_text())["random_weights"] is True
+    for stage in ("stage1", "stage2"):
+        result = _eval_json(store, f"{run}-{stage}", "kather2016-samples")
+        assert result["zero_shot"]["n"] == 24 and len(result["zero_shot"]["confusion"]) == 8
+        assert (store / "eval" / f"{run}-{stage}" / "kather2016-samples-confusion.png").exists()
+        assert result["retrieval"]["n"] >= 2
+
+    # The checkpoint is an open_clip checkpoint, loaded with weights_only=True.
+    checkpoint = run_dir / "stage2" / "checkpoints" / "epoch_1.pt"
+    assert "state_dict" in torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model, _, _ = open_clip.create_model_and_transforms("tiny-random", pretrained=str(checkpoint))
+    trained = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(model.state_dict()["text_projection"], trained["text_projection"])
+
+    env = dict(os.environ, PREFECT_API_URL=prefect_api)
+    evaluated = _pathgen(env, "evaluate", "--dataset", shared_kather, "--classes", KATHER_CLASSES,
+                         "--store", str(store), cwd=tmp_path)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert f"{run}-stage2" in evaluated.stdout and "accuracy=" in evaluated.stdout  # the newest checkpoint
+
+    again = _pathgen(env, "extract", str(CMU), "--store", str(tmp_path / "next"), "--set", "patch.patch_px=224",
+                     "--set", "selection.max_per_slide=8", "--set", f"embedding.pretrained={checkpoint}",
+                     cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    record = json.loads((tmp_path / "next" / "slides" / CMU.stem / "slide.json").read_text())
+    embedding = record["selection"]["embedding"]
+    assert (embedding["model"], embedding["pretrained"], embedding["random_weights"]) == (
+        "tiny-random",
+        str(checkpoint),
+        False,
+    )
+    assert record["random_weights"] is False and "RANDOM WEIGHTS" not in again.stdout

@@ -1,9 +1,10 @@
-# Two entry points on a fresh clone:  make demo  (set up, extract the shared slides into ./store, caption them)
+# Two entry points on a fresh clone:  make demo  (set up; extract the shared slides into ./store, caption, train, evaluate)
 #                                     make test  (set up, run the whole test suite)
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 SLIDES ?= ../shared/data/slides
+KATHER ?= ../shared/data/patches/kather2016-samples
 STORE  ?= ./store
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
@@ -24,6 +25,8 @@ demo: setup
 	$(BIN)/pathgen inspect $(STORE) --out $(STORE)/contact-sheet.png
 	$(BIN)/pathgen caption --store $(STORE)
 	$(BIN)/pathgen export pathgen-json --store $(STORE) --out $(STORE)/pairs.json
+	$(BIN)/pathgen train-clip --store $(STORE) --set clip.batch_size=8 --set clip.stage1.epochs=2 --set clip.holdout_fraction=0.25
+	$(BIN)/pathgen evaluate --store $(STORE) --dataset $(KATHER) --classes tasks/clip/data/kather2016-classes.json
 
 lint: setup
 	$(BIN)/ruff check .
@@ -37,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/select.py
 	$(BIN)/python bench/caption.py
 	$(BIN)/python bench/plan.py
+	$(BIN)/python bench/loader.py
 
 clean:
 	rm -rf $(VENV) $(STORE) bench/_work .pytest_cache

@@ -246,3 +246,32 @@ def test_the_chain_runs_on_the_shared_slide_and_its_checkpoint_drives_selection(
         False,
     )
     assert record["random_weights"] is False and "RANDOM WEIGHTS" not in again.stdout
+
+
+def test_the_run_name_changes_exactly_when_the_trained_model_would(tmp_path):
+    from pathgen.settings import load_settings
+    from tasks.clip.stages import data_digest, export_set, run_name
+
+    data = kather.build(tmp_path / "kather", views_per_tile=1)
+    base = {"clip.work_dir": str(tmp_path / "work"), "clip.stage1.folder": str(data["folder"])}
+    base["clip.stage1.captions"] = str(data["captions"])
+
+    def name(**changes):
+        settings = load_settings(overrides=base | changes, environ={})
+        summary = export_set(Store(str(tmp_path / "store")), settings.clip.stage1, settings)
+        return run_name(settings.clip, [data_digest(Path(summary.out))])
+
+    first = name()
+    assert name() == first  # same inputs: the same run, which resumes
+    assert name(**{"clip.evaluate": [{"dataset": "x", "classes": "y"}], "clip.workers": 2}) == first
+    assert name(**{"clip.lr": 1e-4}) != first and name(**{"clip.stage1.epochs": 2}) != first
+    checkpoint = tmp_path / "start.pt"
+    checkpoint.write_bytes(b"weights one")
+    started = name(**{"clip.pretrained": str(checkpoint)})
+    assert started != first
+    checkpoint.write_bytes(b"weights two")
+    assert name(**{"clip.pretrained": str(checkpoint)}) != started  # the checkpoint by content, not by path
+    rows = [json.loads(line) for line in data["captions"].read_text().splitlines()]
+    rows[0]["caption"] += " (revised)"
+    data["captions"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert name() != first  # one caption changed

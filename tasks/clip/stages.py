@@ -90,7 +90,7 @@ def run_name(cfg: ClipSettings, data_digests: list[str]) -> str:
     inputs = {
         "model": spec.name,
         "weights": weights,
-        "train": cfg.model_dump(include={"lr", "weight_decay", "batch_size", "warmup", "precision", "seed"}),
+        "train": cfg.model_dump(include={"lr", "weight_decay", "batch_size", "warmup", "precision", "seed", "devices"}),
         "epochs": [pair_set.epochs for _, pair_set in stage_sets(cfg)],
         "data": data_digests,
         "holdout_fraction": cfg.holdout_fraction,

@@ -270,6 +270,9 @@ def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, ho
     rows = external_rows(pair_set)
     out.mkdir(parents=True, exist_ok=True)
     samples = [external_sample(folder, row, pair_set.image_key, pair_set.caption_key) for row in rows]
+    content = hashlib.sha256()  # what the tars hold, so that a changed image or caption makes another run
+    for sample in samples:
+        content.update(hashlib.sha256(sample.image).digest() + sample.caption.encode() + b"\0")
     entries = {}
     held = [s for s in samples if is_holdout(s.key, holdout_fraction)]
     kept = [s for s in samples if not is_holdout(s.key, holdout_fraction)]
@@ -281,6 +284,7 @@ def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, ho
                 write_tar(target, chunk)
         entries[name] = {"commit_id": "", "tar": name, "pairs": len(part), "holdout_pairs": len(part_held)}
     _remove_unlisted(out, entries.values())
-    identity = {"folder": str(folder.resolve()), "captions": str(pair_set.captions), "slides": entries}
+    identity = {"folder": str(folder.resolve()), "captions": str(pair_set.captions), "content": content.hexdigest()}
+    identity["slides"] = entries
     summary = ExportSummary(str(out), sources=[str(folder)], written=len(entries))
     return _finish_export(out, identity, summary, started)

@@ -262,6 +262,9 @@ class ClipSettings(_Section):
     precision: str = Field("auto", pattern=r"^(auto|amp|amp_bf16|bf16|fp16|fp32)$", description="auto: amp on GPU")
     grad_checkpointing: bool = False
     devices: int = Field(1, ge=1, le=64, description="GPUs; more than one runs torchrun --nproc-per-node")
+    launcher: Literal["auto", "in-process", "torchrun"] = Field(
+        "auto", description="auto: the trainer in this process for one device, under torchrun for more"
+    )
     workers: int = Field(4, ge=0, le=64, description="data loader workers per device (at most one per tar)")
     seed: int = 0
     pairs_per_tar: int = Field(1000, ge=1, le=1_000_000, description="external sets: pairs per exported tar")

@@ -275,3 +275,24 @@ def test_the_run_name_changes_exactly_when_the_trained_model_would(tmp_path):
     rows[0]["caption"] += " (revised)"
     data["captions"].write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert name() != first  # one caption changed
+
+
+def test_the_torchrun_launcher_trains_through_the_entry_module(captioned_store, tmp_path):
+    """torchrun with one process on CPU: the same command line N GPUs get, in a fresh interpreter that must
+    register the tiny model itself."""
+    import logging
+
+    from pathgen.settings import load_settings
+    from tasks.clip.stages import export_set, resolve_pair_set, stage_plan, start_spec, train_stage
+
+    overrides = {"store": str(captioned_store), "clip.work_dir": str(tmp_path), "clip.launcher": "torchrun"}
+    settings = load_settings(overrides=overrides | {"clip.batch_size": 4, "clip.workers": 0}, environ={})
+    store = Store(settings.store)
+    pair_set = resolve_pair_set(store, settings.clip.stage1)
+    data = Path(export_set(store, pair_set, settings).out)
+    log = logging.getLogger("test")
+    plan = stage_plan(settings.model_copy(update={"clip": settings.clip}), "torchrun-run", "stage1", data,
+                      start_spec(settings.clip), log)  # fmt: skip
+    result = train_stage(plan, store, log, mirror_seconds=1)
+    assert result.trained and result.steps >= 2
+    assert (captioned_store / "models" / "clip" / "torchrun-run" / "stage1" / "checkpoints" / "epoch_1.pt").exists()

@@ -148,6 +148,7 @@ def stage_plan(
         grad_checkpointing=cfg.grad_checkpointing,
         devices=cfg.devices,
         seed=cfg.seed,
+        launcher=cfg.launcher,
         random_start=start_spec(cfg).random_weights,
     )
 

@@ -52,6 +52,7 @@ class StagePlan:
     grad_checkpointing: bool
     devices: int
     seed: int
+    launcher: str = "auto"
     random_start: bool = False  # the run began from random weights (stage 2 starts from stage 1 all the same)
 
     @property
@@ -123,7 +124,7 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
     """open_clip_train on the plan; raises with the trainer's own words when it fails."""
     args = trainer_args(plan)
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
-    if plan.devices == 1:
+    if plan.launcher == "in-process" or (plan.launcher == "auto" and plan.devices == 1):
         import open_clip_train.main as trainer
 
         from tasks.selection.embedding import _register_configs
@@ -134,9 +135,13 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
         if status not in (None, 0):
             raise RuntimeError(f"open_clip_train stopped (status {status}); see {plan.stage_dir / 'out.log'}")
         return
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan.devices}"]
-    command += ["-m", "tasks.clip.trainer_entry", *args]
-    logger.info("torchrun on %d devices: %s", plan.devices, " ".join(command[:6]))
+    # --standalone: a rendezvous on a free local port, so two trainings on one machine do not collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.devices}"]
+    # The trainer's arguments travel in a file: torchrun's own parser would take --logs for its --logs-specs.
+    args_file = plan.stage_dir / "trainer-args.json"
+    args_file.write_text(json.dumps(args))
+    command += ["-m", "tasks.clip.trainer_entry", "--args-file", str(args_file)]
+    logger.info("torchrun on %d devices: %s", plan.devices, " ".join(command[:7]))
     done = subprocess.run(command, check=False)
     if done.returncode:
         raise RuntimeError(f"torchrun exited with {done.returncode}; see {plan.stage_dir / 'out.log'}")

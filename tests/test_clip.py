@@ -94,11 +94,13 @@ def _pathgen(env, *args, cwd, timeout=600):
 
 
 @pytest.mark.prefect
-def test_a_killed_training_run_resumes_from_its_last_checkpoint(prefect_api, captioned_store, tmp_path):
+def test_a_killed_training_run_under_torchrun_resumes_from_its_last_checkpoint(prefect_api, captioned_store, tmp_path):
     env = dict(os.environ, PREFECT_API_URL=prefect_api, PREFECT_LOGGING_LEVEL="INFO")
     work = tmp_path / "work"
     sets = ["--set", f"clip.work_dir={work}", "--set", "clip.batch_size=4", "--set", "clip.workers=0"]
     sets += ["--set", "clip.stage1.epochs=20", "--set", "clip.holdout_fraction=0"]
+    # Under torchrun (one process on CPU): the launch N GPUs get, in a fresh interpreter that registers the model.
+    sets += ["--set", "clip.launcher=torchrun"]
     command = [sys.executable, "-m", "pathgen", "train-clip", "--store", str(captioned_store), *sets]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -277,22 +279,51 @@ def test_the_run_name_changes_exactly_when_the_trained_model_would(tmp_path):
     assert name() != first  # one caption changed
 
 
-def test_the_torchrun_launcher_trains_through_the_entry_module(captioned_store, tmp_path):
-    """torchrun with one process on CPU: the same command line N GPUs get, in a fresh interpreter that must
-    register the tiny model itself."""
-    import logging
+@pytest.mark.s3
+@pytest.mark.prefect
+def test_train_and_evaluate_on_an_s3_store(prefect_api, captioned_store, bucket, tmp_path):
+    """Pairs in S3 (SeaweedFS): the run's checkpoints land there, and evaluate finds and fetches the newest one."""
+    import fsspec
 
-    from pathgen.settings import load_settings
-    from tasks.clip.stages import export_set, resolve_pair_set, stage_plan, start_spec, train_stage
+    from flows.evaluate import evaluate_flow
+    from flows.train_clip import train_clip_flow
+    from tasks.store.objects import storage_options
 
-    overrides = {"store": str(captioned_store), "clip.work_dir": str(tmp_path), "clip.launcher": "torchrun"}
-    settings = load_settings(overrides=overrides | {"clip.batch_size": 4, "clip.workers": 0}, environ={})
-    store = Store(settings.store)
-    pair_set = resolve_pair_set(store, settings.clip.stage1)
-    data = Path(export_set(store, pair_set, settings).out)
-    log = logging.getLogger("test")
-    plan = stage_plan(settings.model_copy(update={"clip": settings.clip}), "torchrun-run", "stage1", data,
-                      start_spec(settings.clip), log)  # fmt: skip
-    result = train_stage(plan, store, log, mirror_seconds=1)
-    assert result.trained and result.steps >= 2
-    assert (captioned_store / "models" / "clip" / "torchrun-run" / "stage1" / "checkpoints" / "epoch_1.pt").exists()
+    fs, root = fsspec.core.url_to_fs(bucket, **storage_options(bucket))
+    fs.put(str(captioned_store / "pairs"), f"{root}/pairs", recursive=True)
+    overrides = {"clip.work_dir": str(tmp_path / "work"), "clip.batch_size": 4, "clip.workers": 0}
+    summary = train_clip_flow(store=bucket, overrides=overrides | {"clip.holdout_fraction": 0.3})
+    assert summary["error"] is None and summary["stages"][0]["status"] == "ok", summary
+    run = summary["run"]
+    assert fs.exists(f"{root}/models/clip/{run}/stage1/checkpoints/epoch_1.pt")
+    assert fs.exists(f"{root}/eval/{run}-stage1/holdout.json")  # retrieval on the held-out pairs
+    shared_kather = str(kather.KATHER.resolve())
+    result = evaluate_flow([{"dataset": shared_kather, "classes": KATHER_CLASSES}], store=bucket,
+                           overrides={"clip.work_dir": str(tmp_path / "elsewhere")})  # fmt: skip
+    assert result["ok"] == 1 and result["eval_run"] == f"{run}-stage1", result
+    assert result["model"].startswith(f"tiny-random:{bucket}/models/clip/{run}/stage1/checkpoints/epoch_1.pt")
+    assert fs.exists(f"{root}/eval/{run}-stage1/kather2016-samples.json")
+
+
+def test_a_folder_with_splits_gets_a_linear_probe_and_k_shot(tmp_path):
+    """train/ and test/ (two Kather tiles per class to train on, the third to test): zero-shot on test/ and a
+    logistic-regression probe on frozen features of the tiny model."""
+    import shutil
+
+    from pathgen.settings import EvalSettings
+    from tasks.clip.evaluate import evaluate
+    from tasks.selection.embedding import load_clip_model
+
+    dataset = tmp_path / "kather-splits"
+    for folder in sorted(p for p in kather.KATHER.iterdir() if p.is_dir()):
+        tiles = sorted(folder.glob("*.tif"))
+        for split, chosen in (("train", tiles[:-1]), ("test", tiles[-1:])):
+            (dataset / split / folder.name).mkdir(parents=True)
+            for tile in chosen:
+                shutil.copy(tile, dataset / split / folder.name / tile.name)
+    model = load_clip_model(ModelSpec("tiny-random"), "cpu")
+    result = evaluate(model, dataset, kather.CLASSES, EvalSettings(shots=[1], seeds=2))
+    assert result["zero_shot"]["n"] == 8 and result["random_weights"] is True
+    probe = result["linear_probe"]
+    assert probe["full"]["n"] == 8 and len(probe["full"]["confusion"]) == 8
+    assert probe["shots"]["1"]["seeds"] == 2 and 0.0 <= probe["shots"]["1"]["accuracy_mean"] <= 1.0

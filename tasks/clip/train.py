@@ -100,6 +100,7 @@ def trainer_args(plan: StagePlan) -> list[str]:
         "--save-frequency", "1",
         "--report-to", "",
         "--log-every-n-steps", "10",
+        "--device", "cuda" if _cuda() else "cpu",
     ]  # fmt: skip
     if plan.spec.pretrained:
         args += ["--pretrained", local_checkpoint(plan.spec.pretrained)]
@@ -108,6 +109,12 @@ def trainer_args(plan: StagePlan) -> list[str]:
     if plan.devices > 1:
         args += ["--dist-backend", "nccl", "--ddp-static-graph"]
     return args
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def checkpoints(folder: Path) -> list[Path]:

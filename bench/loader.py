@@ -1,15 +1,16 @@
 """Pairs to the trainer's input: the WebDataset export rate, and how efficiently open_clip_train's loader feeds it.
 
 Run: ``python bench/loader.py [--pairs N] [--slides S] [--patch-px P] [--batch-size B] [--workers W] [--rounds R]``
-(defaults 2000 pairs, 20 slides, 224 px, batch 64, 0 workers, 3 rounds; everything goes under bench/_work/loader).
+(defaults 2000 pairs, 20 slides, 672 px, batch 64, 0 workers, 3 rounds; everything goes under bench/_work/loader).
 
 - the store: S pair shards ``pairs/<agents_hash>/<slide_id>.parquet`` (PAIR_SCHEMA, ``pathgen.commit_id`` in their
   metadata, each committed atomically through ``Store.staged_file``) holding N pairs in all. Images are real tissue:
   P x P px JPEG crops (quality 90, encoded as the extractor encodes them) cut at random level-0 positions from
   ``CMU-1-Small-Region.svs`` and kept only when they pass the extractor's quality filter (mostly glass is
-  re-drawn). The paper's patches are 672 px: ``--patch-px 672`` measures at that size. Captions are the real
-  released PathGen-1.6M captions (``PathGen-1.6M_sample.json``), cycled; they do not describe these patches, and
-  every row says so in ``describe_model``/``revise_model``/``summarize_model`` (``random_weights`` False).
+  re-drawn). 672 px is the factory's default ``patch.patch_px`` and the paper's patch size; at 224 px the JPEG
+  decode is ~9x cheaper, so the pipeline's fixed per-sample costs (tar reading, batching) weigh more. Captions are
+  the real released PathGen-1.6M captions (``PathGen-1.6M_sample.json``), cycled; they do not describe these
+  patches, and every row says so in ``describe_model``/``revise_model``/``summarize_model`` (``random_weights`` False).
 - export rate: ``export_pairs(store, agents_hash, out, 0.0)`` into a fresh folder (deleted before every round, so
   each round writes every tar); pairs/s as ExportSummary reports it, median of R rounds.
 - loader efficiency: images/s through ``open_clip_train.data.get_wds_dataset`` (the trainer's own WebDataset
@@ -62,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--slides", type=int, default=20)
-    parser.add_argument("--patch-px", type=int, default=224, help="crop size; the paper's patches are 672")
+    parser.add_argument("--patch-px", type=int, default=672, help="crop size (the factory's default patch_px)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)

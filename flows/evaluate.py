@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from pathgen.settings import run_settings
 from tasks.clip.spec import parse_model_spec
 from tasks.clip.stages import RUNS
+from tasks.clip.train import epoch_of
 from tasks.clip.work import evaluate_task
 from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
@@ -24,19 +25,35 @@ from tasks.work.units import summarize
 
 
 def newest_checkpoint(store: Store) -> str:
-    """The store URI of the newest PathGen-CLIP checkpoint (by commit time)."""
+    """The last checkpoint of the most recently trained stage: its highest epoch, not the newest file, so a slow
+    S3 clock or an interrupted run's partial epochs never win over a stage's end."""
     found = list_mtimes(store, RUNS, ".pt")
     if not found:
         raise ValueError(f"no PathGen-CLIP checkpoint under {store.uri(RUNS)}: run pathgen train-clip or pass --model")
-    return store.uri(max(found, key=lambda key: (found[key], key)))
+    stages: dict[str, list[str]] = {}
+    for key in found:
+        stages.setdefault(key.rsplit("/checkpoints/", 1)[0], []).append(key)
+    newest_stage = max(stages, key=lambda stage: max(found[k] for k in stages[stage]))
+    return store.uri(max(stages[newest_stage], key=epoch_of))
 
 
 def eval_run_name(model: str) -> str:
-    """``models/clip/<run>/<stage>/checkpoints/epoch_N.pt`` -> ``<run>-<stage>``; other models by their label."""
+    """``models/clip/<run>/<stage>/checkpoints/epoch_N.pt`` -> ``<run>-<stage>`` for the stage's last epoch (where
+    the train flow's own evaluation goes), ``<run>-<stage>-epoch<N>`` for an earlier one; other models by label."""
     match = re.search(r"(?:models/clip|clip/runs)/([^/]+)/([^/]+)/checkpoints/epoch_(\d+)\.pt$", model)
-    if match:
-        return f"{match[1]}-{match[2]}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model.replace("://", "-")).strip("-.")[-80:]
+    if not match:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", model.replace("://", "-")).strip("-.")[-80:]
+    name = f"{match[1]}-{match[2]}"
+    return name if int(match[3]) >= _last_epoch(model) else f"{name}-epoch{match[3]}"
+
+
+def _last_epoch(checkpoint: str) -> int:
+    import fsspec
+
+    from tasks.store.objects import storage_options
+
+    fs, path = fsspec.core.url_to_fs(checkpoint, **storage_options(checkpoint))
+    return max((epoch_of(p) for p in fs.glob(path.rsplit("/", 1)[0] + "/epoch_*.pt")), default=0)
 
 
 @flow(name="evaluate", description="Zero-shot, linear probe and retrieval of a CLIP model (eval/<run>/ in the store).")

@@ -73,8 +73,9 @@ def evaluate(args: argparse.Namespace, overrides: dict) -> int:
             datasets, model=args.model, holdout=args.holdout, config=args.config, overrides=overrides, return_state=True
         )
     if not state.is_completed():
-        print(f"pathgen evaluate: {state.result(raise_on_failure=False)}", file=sys.stderr)
-        return EXIT_USAGE
+        error = state.result(raise_on_failure=False)
+        print(f"pathgen evaluate: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ValueError) else EXIT_FAILED  # a wrong input, or the store failed
     summary = state.result()
     for result in summary["results"]:
         print(f"{summary['model']} on {result['dataset']}: {result['status']} {_headline(result)}")

@@ -287,6 +287,7 @@ class EvalSettings(_Section):
     shots: list[int] = Field(default_factory=list, description="k-shot linear probes (besides the full one)")
     seeds: int = Field(3, ge=1, le=100, description="samplings per k-shot probe")
     probe_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the logistic regression")
+    retrieval_pairs: int = Field(5000, ge=2, le=100_000, description="held-out pairs scored for retrieval, at most")
 
 
 class Settings(_Section):

@@ -33,6 +33,7 @@ from tasks.clip.metrics import (
     retrieval_recall,
     zero_shot_predict,
 )
+from tasks.clip.webdataset import training_tars
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder
 from tasks.store.objects import Store
 
@@ -40,8 +41,12 @@ from tasks.store.objects import Store
 def embed_images(model: EmbeddingModel, images: list[Image.Image | Path], batch_size: int) -> np.ndarray:
     embedder = PatchEmbedder(model, batch_size)
     for image in images:
-        picture = image if isinstance(image, Image.Image) else Image.open(image)
-        embedder.add(np.asarray(picture.convert("RGB")))
+        try:
+            picture = image if isinstance(image, Image.Image) else Image.open(image)
+            rgb = np.asarray(picture.convert("RGB"))
+        except OSError as exc:  # the dataset's content: named, and the unit fails instead of retrying
+            raise ValueError(f"{image} cannot be read as an image ({exc}); remove or replace it") from None
+        embedder.add(rgb)
     return embedder.finish()
 
 
@@ -69,10 +74,13 @@ def evaluate_dataset(model: EmbeddingModel, dataset: Path, spec: ClassSpec, cfg:
     return result
 
 
-def read_holdout(folder: Path) -> tuple[list[Image.Image], list[str]]:
-    """Images and captions of the held-out tars of an export (the pairs no training step saw)."""
+def read_holdout(folder: Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
+    """Images and captions of the held-out tars of an export (the pairs no training step saw), the first ``limit``
+    in tar and key order, so every evaluation of a run scores the same pairs."""
+    if not (folder / "sizes.json").is_file():
+        raise ValueError(f"{folder} is not the holdout/ folder of a pathgen export (no sizes.json); --holdout DIR")
     images, captions = [], []
-    for tar_path in sorted(folder.glob("*.tar")):
+    for tar_path in training_tars(folder.parent, holdout=True):  # listed in sizes.json: this export's own tars
         members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
@@ -83,11 +91,14 @@ def read_holdout(folder: Path) -> tuple[list[Image.Image], list[str]]:
             if image is not None and "txt" in sample:
                 images.append(Image.open(io.BytesIO(image)))
                 captions.append(sample["txt"].decode())
+            if limit and len(images) >= limit:
+                return images, captions
     return images, captions
 
 
 def holdout_retrieval(model: EmbeddingModel, folder: Path, cfg: EvalSettings) -> dict[str, Any] | None:
-    images, captions = read_holdout(folder)
+    """Recall@k among at most ``eval.retrieval_pairs`` held-out pairs (the similarity matrix is N x N)."""
+    images, captions = read_holdout(folder, cfg.retrieval_pairs)
     if len(images) < 2:
         return None
     image_x = embed_images(model, images, cfg.batch_size)

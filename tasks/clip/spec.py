@@ -102,5 +102,5 @@ def _read_text(url: str) -> str | None:
     try:
         with fsspec.open(url, "rt", **storage_options(url)) as handle:
             return handle.read()
-    except (FileNotFoundError, OSError, ValueError):
+    except FileNotFoundError:  # any other error (access denied, an outage) is the store's, not a missing run
         return None

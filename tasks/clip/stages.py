@@ -18,7 +18,7 @@ from typing import Any
 from pathgen.digest import path_digest
 from pathgen.settings import ClipSettings, PairSetSettings, Settings
 from tasks.captions.export import agents_hashes
-from tasks.clip.spec import TINY_RANDOM, ModelSpec
+from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint
 from tasks.clip.train import (
     CheckpointMirror,
     StagePlan,
@@ -61,8 +61,9 @@ def resolve_pair_set(store: Store, pair_set: PairSetSettings) -> PairSetSettings
 
 
 def set_folder(cfg: ClipSettings, pair_set: PairSetSettings) -> Path:
-    if pair_set.external:
-        key = hashlib.sha256(str(Path(pair_set.folder).resolve()).encode()).hexdigest()[:12]
+    if pair_set.external:  # the captions file too: two stages may caption one image folder differently
+        source = f"{Path(pair_set.folder).resolve()}|{Path(pair_set.captions or '').resolve()}"
+        key = hashlib.sha256(source.encode()).hexdigest()[:12]
         return work_root(cfg) / "data" / f"external-{key}"
     return work_root(cfg) / "data" / f"pairs-{pair_set.agents_hash}"
 
@@ -85,12 +86,15 @@ def run_name(cfg: ClipSettings, data_digests: list[str]) -> str:
         return cfg.run
     spec = start_spec(cfg)
     weights = spec.pretrained
-    if weights and Path(weights).exists():
-        weights = path_digest(weights)
+    local = local_checkpoint(weights) if weights and ("://" in weights or Path(weights).exists()) else None
+    if local and Path(local).exists():
+        weights = path_digest(local)  # by content, wherever it lies
+    train = cfg.model_dump(include={"lr", "weight_decay", "batch_size", "warmup", "seed", "devices", "workers"})
+    train["precision"] = resolved_precision(cfg.precision)
     inputs = {
         "model": spec.name,
         "weights": weights,
-        "train": cfg.model_dump(include={"lr", "weight_decay", "batch_size", "warmup", "precision", "seed", "devices"}),
+        "train": train,
         "epochs": [pair_set.epochs for _, pair_set in stage_sets(cfg)],
         "data": data_digests,
         "holdout_fraction": cfg.holdout_fraction,
@@ -99,7 +103,18 @@ def run_name(cfg: ClipSettings, data_digests: list[str]) -> str:
 
 
 def data_digest(folder: Path) -> str:
-    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    """What an export holds, not where its sources lie: moving the data does not make another run."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k not in ("folder", "captions")},
+                                     sort_keys=True).encode()).hexdigest()  # fmt: skip
+
+
+def resolved_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    import torch
+
+    return "amp" if torch.cuda.is_available() else "fp32"
 
 
 @dataclass
@@ -126,11 +141,7 @@ def stage_plan(
     if samples < 2:
         raise ValueError(f"{stage}: {samples} training pairs in {data}; contrastive training needs at least 2")
     pair_set = dict(stage_sets(cfg))[stage]
-    precision = cfg.precision
-    if precision == "auto":
-        import torch
-
-        precision = "amp" if torch.cuda.is_available() else "fp32"
+    precision = resolved_precision(cfg.precision)
     return StagePlan(
         run=run,
         name=stage,
@@ -156,7 +167,7 @@ def stage_plan(
 def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_seconds: float = 30.0) -> StageResult:
     """Train one stage to its last epoch, resuming from its newest checkpoint here or in the store."""
     final_key = f"{plan.store_prefix()}/checkpoints/epoch_{plan.epochs}.pt"
-    mirror = CheckpointMirror(plan, store, mirror_seconds)
+    mirror = CheckpointMirror(plan, store, mirror_seconds, logger)
     trained = not store.exists(final_key)
     set_aside_incomplete(plan.stage_dir / "checkpoints", logger)
     newest = mirror.fetch_newest()

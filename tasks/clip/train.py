@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,9 @@ def trainer_args(plan: StagePlan) -> list[str]:
     if plan.grad_checkpointing:
         args.append("--grad-checkpointing")
     if plan.devices > 1:
-        args += ["--dist-backend", "nccl", "--ddp-static-graph"]
+        # Tars are per slide and uneven: sampling shards with replacement gives every device the same number of
+        # batches, where splitting whole tars between devices would leave one waiting on the others.
+        args += ["--dist-backend", "nccl" if _cuda() else "gloo", "--ddp-static-graph", "--dataset-resampled"]
     return args
 
 
@@ -157,8 +160,6 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
 def set_aside_incomplete(folder: Path, logger: logging.Logger) -> None:
     """A run killed while saving leaves a truncated epoch_N.pt, which ``--resume latest`` would pick and fail on.
     torch writes checkpoints as zip files whose directory comes last, so a truncated one is not a zip file."""
-    import zipfile
-
     for path in checkpoints(folder):
         if not zipfile.is_zipfile(path):
             path.rename(path.with_name(path.name + ".incomplete"))
@@ -222,63 +223,86 @@ def write_metrics(plan: StagePlan) -> list[dict[str, Any]]:
 
 
 class CheckpointMirror:
-    """Copies a stage's finished files to the store: at start (fetching), every ``interval`` seconds, at the end."""
+    """Copies a stage's finished files to the store: at start (fetching), every ``interval`` seconds, at the end.
 
-    def __init__(self, plan: StagePlan, store: Store, interval: float = 30.0) -> None:
+    A checkpoint is finished once this trainer has logged ``Start epoch N`` after it (open_clip saves epoch_N.pt in
+    place, then starts epoch N) and the file is a complete zip; lines from earlier runs in the same log prove
+    nothing about a file this run is writing again."""
+
+    def __init__(self, plan: StagePlan, store: Store, interval: float = 30.0, logger: logging.Logger | None = None):
         self.plan, self.store, self.interval = plan, store, interval
+        self.logger = logger or logging.getLogger("pathgen.clip")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="clip-mirror", daemon=True)
-        self._sent: set[str] = set()
+        self._log_start = 0
+
+    def _key(self, name: str) -> str:
+        return f"{self.plan.store_prefix()}/{name}"
 
     def fetch_newest(self) -> Path | None:
-        """The newest checkpoint of this stage in the store, brought here when this machine lacks it."""
-        prefix = f"{self.plan.store_prefix()}/checkpoints"
-        remote = sorted(self.store.list(prefix, ".pt"), key=epoch_of)
+        """The newest checkpoint of this stage, brought here (with the store's log) when the store has a newer one."""
+        remote = sorted(self.store.list(self._key("checkpoints"), ".pt"), key=epoch_of)
         local = checkpoints(self.plan.stage_dir / "checkpoints")
         if not remote or (local and epoch_of(local[-1]) >= epoch_of(remote[-1])):
             return local[-1] if local else None
         target = self.plan.stage_dir / "checkpoints" / remote[-1].rsplit("/", 1)[-1]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.part")
-        partial.write_bytes(self.store.read_bytes(remote[-1]))
-        partial.replace(target)
-        for name in ("out.log", "params.txt"):
-            key = f"{self.plan.store_prefix()}/{name}"
-            if self.store.exists(key) and not (self.plan.stage_dir / name).exists():
-                (self.plan.stage_dir / name).write_bytes(self.store.read_bytes(key))
-        self._sent.add(target.name)
+        self._download(remote[-1], target)
+        if not zipfile.is_zipfile(target):
+            target.rename(target.with_name(target.name + ".incomplete"))
+            raise RuntimeError(f"{self.store.uri(remote[-1])} is not a complete checkpoint; remove it and run again")
+        for name in ("out.log", "params.txt"):  # the store's log goes with its newer checkpoint
+            if self.store.exists(self._key(name)):
+                self._download(self._key(name), self.plan.stage_dir / name)
         return target
 
+    def _download(self, key: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        self.store.fs.get(self.store.path(key), str(partial))  # streamed to disk: checkpoints are gigabytes
+        partial.replace(target)
+
     def __enter__(self) -> CheckpointMirror:
+        log = self.plan.stage_dir / "out.log"
+        self._log_start = log.stat().st_size if log.exists() else 0
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.sync(final=exc[0] is None)
+        try:
+            self.sync(final=exc[0] is None)
+        except Exception as error:  # noqa: BLE001 - never hide the trainer's own exception behind the mirror's
+            if exc[0] is None:
+                raise
+            self.logger.warning("copying the stage's files to the store failed too: %s", error)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            with contextlib.suppress(Exception):  # a failed mirror is retried next round and at the end
+            try:
                 self.sync(final=False)
+            except Exception as error:  # noqa: BLE001 - retried next round and at the end
+                self.logger.warning("copying checkpoints to the store failed (retried): %s", error)
 
     def sync(self, final: bool) -> None:
-        """Copy checkpoints the trainer is done with (all of them when it has stopped), then the logs."""
+        """Copy checkpoints the trainer is done with (all complete ones when it has stopped), then the logs."""
         stage_dir = self.plan.stage_dir
-        found = checkpoints(stage_dir / "checkpoints")
-        done = found if final else [p for p in found if _epoch_started(stage_dir, epoch_of(p))]
-        for path in done:
-            if path.name not in self._sent:
-                self.store.put_file(path, f"{self.plan.store_prefix()}/checkpoints/{path.name}")
-                self._sent.add(path.name)
+        started = self._epochs_started()
+        for path in checkpoints(stage_dir / "checkpoints"):
+            if (final or epoch_of(path) in started) and zipfile.is_zipfile(path):
+                key = self._key(f"checkpoints/{path.name}")
+                if not self.store.exists(key):
+                    self.store.put_file(path, key)
         write_metrics(self.plan)
         for name in ("params.txt", "out.log", "metrics.jsonl"):
             if (stage_dir / name).exists():
-                self.store.put_file(stage_dir / name, f"{self.plan.store_prefix()}/{name}")
+                self.store.put_file(stage_dir / name, self._key(name))
 
-
-def _epoch_started(stage_dir: Path, epoch: int) -> bool:
-    """The trainer logs 'Start epoch N' only after epoch_N.pt is saved: from then on the file is complete."""
-    log = stage_dir / "out.log"
-    return log.exists() and f"Start epoch {epoch}\n" in log.read_text(errors="replace")
+    def _epochs_started(self) -> set[int]:
+        log = self.plan.stage_dir / "out.log"
+        if not log.exists():
+            return set()
+        with log.open("rb") as handle:
+            handle.seek(self._log_start)
+            text = handle.read().decode(errors="replace")
+        return {int(n) for n in re.findall(r"Start epoch (\d+)\n", text)}

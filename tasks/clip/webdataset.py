@@ -121,6 +121,7 @@ def export_pairs(store: Store, agents_hash: str, out: Path, holdout_fraction: fl
     """Every pair of ``pairs/<agents_hash>/`` into exactly one tar under ``out`` (training or holdout)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_tars(out)
     manifest = _load_manifest(out, {"agents_hash": agents_hash, "holdout_fraction": holdout_fraction})
     summary = ExportSummary(str(out), sources=[store.uri(pairs_prefix(agents_hash))])
     entries: dict[str, dict[str, Any]] = {}
@@ -133,7 +134,7 @@ def export_pairs(store: Store, agents_hash: str, out: Path, holdout_fraction: fl
             if logger:
                 logger.info("exported %s: %d pairs, %d held out", slide_id, entry["pairs"], entry["holdout_pairs"])
         entries[slide_id] = entry
-    _remove_unlisted(out, entries.values())
+    _remove_unlisted(out, entries.values(), previous)
     manifest["slides"] = entries
     return _finish_export(out, manifest, summary, started)
 
@@ -165,13 +166,20 @@ def _tars_present(out: Path, entry: dict[str, Any]) -> bool:
     return all((folder / entry["tar"]).exists() == bool(count) for folder, count in wanted)
 
 
-def _remove_unlisted(out: Path, entries: Iterable[dict[str, Any]]) -> None:
-    """Tars of slides whose pairs are gone from the store, or of another set, never linger into training."""
+def _remove_unlisted(out: Path, entries: Iterable[dict[str, Any]], previous: set[str]) -> None:
+    """Tars an earlier export wrote for slides whose pairs are gone never linger. Only those: a tar this exporter
+    did not write is left alone (``sizes.json`` never lists it, so it is never trained on)."""
     names = {e["tar"] for e in entries}
     for folder in (out, out / HOLDOUT):
-        for tar in folder.glob("*.tar"):
-            if tar.name not in names:
-                tar.unlink()
+        for name in previous - names:
+            (folder / name).unlink(missing_ok=True)
+
+
+def _previous_tars(out: Path) -> set[str]:
+    try:
+        return {entry["tar"] for entry in json.loads((out / "manifest.json").read_text())["slides"].values()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def _load_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -250,17 +258,26 @@ def external_sample(folder: Path, row: dict[str, str], image_key: str, caption_k
     path = (folder / row[image_key]).resolve()
     if not path.is_relative_to(folder.resolve()):
         raise ValueError(f"image {row[image_key]!r} lies outside the external set's folder {folder}")
-    data = path.read_bytes()
-    ext = IMAGE_SUFFIXES.get(path.suffix.lower())
-    if ext is None:  # TIFF and the like: PNG keeps the pixels exactly and open_clip's loader reads it
-        from PIL import Image
-
-        buffer = io.BytesIO()
-        Image.open(path).convert("RGB").save(buffer, "PNG")
-        data, ext = buffer.getvalue(), "png"
+    try:
+        data, ext = _image_bytes(path)
+    except OSError as exc:  # a missing or unreadable image is the set's content: a clear error, not a retry
+        raise ValueError(f"external set {folder}: image {row[image_key]!r} cannot be read ({exc})") from None
     key = hashlib.sha256(f"{row[image_key]}|{row[caption_key]}".encode()).hexdigest()[:20]
     meta = {k: v for k, v in row.items() if isinstance(v, str | int | float | bool)}
     return Sample(key, data, ext, str(row[caption_key]), meta | {"pair_id": key})
+
+
+def _image_bytes(path: Path) -> tuple[bytes, str]:
+    from PIL import Image
+
+    data = path.read_bytes()
+    ext = IMAGE_SUFFIXES.get(path.suffix.lower())
+    with Image.open(io.BytesIO(data)) as image:  # raises on a file that is no image, before training would
+        if ext is None:  # TIFF and the like: PNG keeps the pixels exactly and open_clip's loader reads it
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, "PNG")
+            data, ext = buffer.getvalue(), "png"
+    return data, ext
 
 
 def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, holdout_fraction: float) -> ExportSummary:
@@ -276,14 +293,17 @@ def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, ho
     entries = {}
     held = [s for s in samples if is_holdout(s.key, holdout_fraction)]
     kept = [s for s in samples if not is_holdout(s.key, holdout_fraction)]
+    previous = _previous_tars(out)
     for index in range(0, max(len(kept), len(held)), pairs_per_tar):
         name = f"ext-{index // pairs_per_tar:06d}.tar"
         part, part_held = kept[index : index + pairs_per_tar], held[index : index + pairs_per_tar]
         for target, chunk in ((out / name, part), (out / HOLDOUT / name, part_held)):
             if chunk:
                 write_tar(target, chunk)
+            else:
+                target.unlink(missing_ok=True)  # an earlier export's tar of this name must not linger
         entries[name] = {"commit_id": "", "tar": name, "pairs": len(part), "holdout_pairs": len(part_held)}
-    _remove_unlisted(out, entries.values())
+    _remove_unlisted(out, entries.values(), previous)
     identity = {"folder": str(folder.resolve()), "captions": str(pair_set.captions), "content": content.hexdigest()}
     identity["slides"] = entries
     summary = ExportSummary(str(out), sources=[str(folder)], written=len(entries))

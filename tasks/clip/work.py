@@ -18,7 +18,7 @@ from tasks.clip.evaluate import evaluate, publish, table_rows
 from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import data_digest, export_set, stage_plan, train_stage
 from tasks.errors import retry_infrastructure, short_error
-from tasks.selection.embedding import load_clip_model
+from tasks.selection.embedding import load_clip_model, release_clip_models
 from tasks.store.objects import Store
 from tasks.work.units import UnitOutcome
 
@@ -127,6 +127,7 @@ def evaluate_units(
         n = int(headline.get("n", 0))
         seconds = time.perf_counter() - started
         outcomes.append(UnitOutcome(name, "ok", n, seconds, None, loaded.random_weights, columns))
+    release_clip_models()  # the next stage's training wants the GPU memory back
     return outcomes
 
 

@@ -153,6 +153,13 @@ def load_clip_model(spec: ModelSpec, device: str = "auto", logger: logging.Logge
         return loaded
 
 
+def release_clip_models() -> None:
+    """Drop the loaded models (and their GPU memory) before something else needs the device, such as training."""
+    with _models_lock:
+        _models.clear()
+    _empty_cuda_cache()
+
+
 class PatchEmbedder:
     """Collects preprocessed patches and embeds them a batch at a time, so memory never holds more than a batch.
 

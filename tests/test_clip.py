@@ -265,7 +265,8 @@ def test_the_run_name_changes_exactly_when_the_trained_model_would(tmp_path):
 
     first = name()
     assert name() == first  # same inputs: the same run, which resumes
-    assert name(**{"clip.evaluate": [{"dataset": "x", "classes": "y"}], "clip.workers": 2}) == first
+    assert name(**{"clip.evaluate": [{"dataset": "x", "classes": "y"}], "clip.grad_checkpointing": True}) == first
+    assert name(**{"clip.workers": 2}) != first  # loader workers split the tars: another sample order
     assert name(**{"clip.lr": 1e-4}) != first and name(**{"clip.stage1.epochs": 2}) != first
     checkpoint = tmp_path / "start.pt"
     checkpoint.write_bytes(b"weights one")
@@ -327,3 +328,66 @@ def test_a_folder_with_splits_gets_a_linear_probe_and_k_shot(tmp_path):
     probe = result["linear_probe"]
     assert probe["full"]["n"] == 8 and len(probe["full"]["confusion"]) == 8
     assert probe["shots"]["1"]["seeds"] == 2 and 0.0 <= probe["shots"]["1"]["accuracy_mean"] <= 1.0
+
+
+def _plan(tmp_path: Path, run: str = "r1"):
+    from tasks.clip.train import StagePlan
+
+    return StagePlan(run=run, name="stage1", folder=tmp_path / "runs" / run, spec=ModelSpec("tiny-random"), tars=[],
+                     samples=4, epochs=3, batch_size=2, workers=0, lr=1e-3, weight_decay=0.1, warmup=0,
+                     precision="fp32", grad_checkpointing=False, devices=1, seed=0)  # fmt: skip
+
+
+def test_the_mirror_copies_only_checkpoints_this_trainer_finished(tmp_path):
+    """An earlier run's 'Start epoch 1' proves nothing about the epoch_1.pt being rewritten now; a truncated
+    file is never copied, even at the end."""
+    import torch
+
+    from tasks.clip.train import CheckpointMirror
+
+    plan = _plan(tmp_path)
+    folder = plan.stage_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    log = plan.stage_dir / "out.log"
+    log.write_text("Start epoch 0\nStart epoch 1\n")  # a run that was cut short while saving epoch_1.pt
+    store = Store(str(tmp_path / "store"))
+    store.check()
+    remote = tmp_path / "store" / "models" / "clip" / "r1" / "stage1" / "checkpoints"
+    with CheckpointMirror(plan, store, interval=3600) as mirror:
+        (folder / "epoch_1.pt").write_bytes(b"half a checkpoint")  # being written again by this run
+        mirror.sync(final=False)
+        assert not remote.exists()
+        torch.save({"epoch": 1, "state_dict": {}}, folder / "epoch_1.pt")
+        with log.open("a") as handle:
+            handle.write("Start epoch 1\n")
+        (folder / "epoch_2.pt").write_bytes(b"half")  # killed while saving: never copied
+        mirror.sync(final=False)
+        assert sorted(p.name for p in remote.iterdir()) == ["epoch_1.pt"]
+    assert sorted(p.name for p in remote.iterdir()) == ["epoch_1.pt"]
+    assert (remote.parent / "out.log").read_text() == log.read_text()
+
+
+def test_evaluate_defaults_to_the_last_epoch_of_the_newest_stage(tmp_path):
+    from flows.evaluate import eval_run_name, newest_checkpoint
+
+    store = Store(str(tmp_path / "store"))
+    store.check()
+    for run, epochs in (("old", [1]), ("new", [2, 9, 10])):
+        for epoch in epochs:
+            store.write_bytes(f"models/clip/{run}/stage1/checkpoints/epoch_{epoch}.pt", b"x")
+            time.sleep(0.01)
+    newest = newest_checkpoint(store)
+    assert newest.endswith("models/clip/new/stage1/checkpoints/epoch_10.pt")
+    assert eval_run_name(newest) == "new-stage1"
+    assert eval_run_name(newest.replace("epoch_10", "epoch_9")) == "new-stage1-epoch9"
+    assert eval_run_name("ViT-B-16:openai") == "ViT-B-16-openai"
+
+
+def test_export_leaves_tars_it_did_not_write(captioned_store, tmp_path):
+    agents_hash, _ = _pair_ids(captioned_store)
+    out = tmp_path / "wds"
+    out.mkdir()
+    (out / "someone-elses.tar").write_bytes(b"not ours")
+    summary = export_pairs(Store(str(captioned_store)), agents_hash, out, holdout_fraction=0.0)
+    assert (out / "someone-elses.tar").read_bytes() == b"not ours"
+    assert json.loads((out / "sizes.json").read_text()) == {f"{CMU.stem}.tar": summary.pairs}

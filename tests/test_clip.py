@@ -87,6 +87,17 @@ def test_model_specs_name_their_weights():
         parse_model_spec("/nowhere/epoch_1.pt")
 
 
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _pathgen(env, *args, cwd, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "pathgen", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd
@@ -111,6 +122,12 @@ def test_a_killed_training_run_under_torchrun_resumes_from_its_last_checkpoint(p
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     (stage_dir,) = list(work.glob("runs/*/stage1"))
+    # torchrun starts its workers in sessions of their own: the trainer outlives the kill by up to the half second
+    # its parent watchdog takes (and may save one more epoch meanwhile). Wait for it to be gone.
+    deadline = time.monotonic() + 10
+    while _processes_naming(str(stage_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_naming(str(stage_dir)), "the trainer outlived its torchrun"
     # Killed as soon as epoch_3.pt appeared, so often while it was being written: a truncated checkpoint must be
     # set aside, and the run resume from the newest complete one.
     saved = {int(p.stem.split("_")[1]): zipfile.is_zipfile(p) for p in (stage_dir / "checkpoints").glob("epoch_*.pt")}

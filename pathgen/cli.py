@@ -1,7 +1,8 @@
 """The ``pathgen`` command.
 
 Exit codes: ``extract``: 0 when at least one slide succeeded, 1 when none did; ``caption``: 0 when every slide is
-captioned, 1 when slides remain pending (the cause is named); 2 for bad usage or settings.
+captioned, 1 when slides remain pending or the store holds no patch shards (the cause is named); 2 for bad usage or
+settings.
 """
 
 from __future__ import annotations
@@ -177,7 +178,15 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _caption(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    from flows.caption import caption_flow
+    from flows.caption import NoPatchShardsError, caption_flow, require_patch_shards
+    from tasks.store.objects import StoreError
+
+    try:
+        # Before Prefect starts: caption before extract is told at once, without creating the store folder.
+        require_patch_shards(load_settings(args.config, overrides))
+    except (NoPatchShardsError, StoreError) as exc:
+        print(f"pathgen caption: {exc}", file=sys.stderr)
+        return EXIT_NONE_SUCCEEDED
 
     with ensure_api_server():  # no API configured: a temporary server that dies with this process
         state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)

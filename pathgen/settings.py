@@ -2,13 +2,18 @@
 
 Precedence, lowest to highest: defaults < YAML file < ``PATHGEN_*`` environment < ``--set key=value``.
 Nested fields use dots on the command line (``patch.target_mpp=0.25``) and double underscores in the
-environment (``PATHGEN_PATCH__TARGET_MPP=0.25``). Credentials never live here: they come from the environment.
+environment (``PATHGEN_PATCH__TARGET_MPP=0.25``). One entry of a map setting is a further dot or double underscore
+(``slides.mpp_overrides.<slide_id>=0.5``, ``PATHGEN_SLIDES__MPP_OVERRIDES__<SLIDE_ID>=0.5``); a list setting takes
+comma-separated values (``slides.roots=/a,/b``) or a YAML list (``slides.roots=[/a, /b]``). A ``PATHGEN_*`` variable
+that names no setting is an error, except the few in ``NON_SETTING_ENV_VARS``. Credentials never live here: they
+come from the environment.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -18,6 +23,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "PATHGEN_"
+# PATHGEN_* variables that are not settings but are read elsewhere; every other PATHGEN_* variable must name a
+# setting, so that a mistyped one fails instead of being ignored. Add a variable here when code starts reading it.
+NON_SETTING_ENV_VARS = frozenset(
+    {
+        "PATHGEN_S3_ENDPOINT_URL",  # tasks/store/objects.py: the S3 endpoint (prefect.yaml, deploy/local-stack.sh)
+        "PATHGEN_STAGING_DIR",  # tasks/store/objects.py: local copies of remote objects
+        "PATHGEN_HOME",  # prefect.yaml and deploy/Dockerfile.gpu-worker: where workers find the code
+        "PATHGEN_THREADS",  # pathgen/processes.py: the thread budget
+        "PATHGEN_DIGEST_CACHE",  # pathgen/digest.py: cache of model folder digests
+        "PATHGEN_MODEL_CACHE",  # agents/tiny.py: where the tiny random-weight models are built
+        "PATHGEN_OPENAI_API_KEY",  # agents/backends/openai_compat.py: a credential, never a setting
+        "PATHGEN_KILL_TRIALS",  # tests/test_exactly_once.py, which runs `pathgen` with it set
+        "PATHGEN_KILL_SEED",  # tests/test_exactly_once.py
+    }
+)
 
 
 class SettingsError(ValueError):
@@ -34,6 +54,11 @@ class PatchSettings(_Section):
     jpeg_quality: int = Field(90, ge=50, le=100)
     positions_box_px: int = Field(
         672, ge=16, description="level-0 side of the boxes named by a PathGen JSON source (the paper read 672 px)"
+    )
+    positions_resample: bool = Field(
+        False,
+        description="resample the level-0 boxes of a PathGen JSON source to patch_px (mpp = slide MPP x "
+        "positions_box_px / patch_px); off keeps them as the level-0 pixels, positions_box_px wide",
     )
 
 
@@ -308,32 +333,89 @@ class Settings(_Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
 
-def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
-    paths = []
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; any other annotation unchanged."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else annotation
+
+
+def _field_types(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every leaf key (``patch.target_mpp``) -> its annotation, ``| None`` removed."""
+    found: dict[str, Any] = {}
     for name, info in model.model_fields.items():
+        annotation = _unwrap_optional(info.annotation)
         # An optional section (``clip.stage2``) has its keys like any other.
-        annotation = next((a for a in typing.get_args(info.annotation) if a is not type(None)), info.annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            paths.extend(_field_paths(annotation, f"{prefix}{name}."))
+            found.update(_field_types(annotation, f"{prefix}{name}."))
         else:
-            paths.append(f"{prefix}{name}")
-    return paths
+            found[f"{prefix}{name}"] = annotation
+    return found
 
 
-ALL_KEYS = _field_paths(Settings)
+_FIELD_TYPES = _field_types(Settings)
+ALL_KEYS = list(_FIELD_TYPES)
+# Map settings (``slides.mpp_overrides``): ``<key>.<entry>`` sets one entry.
+MAP_KEYS = tuple(k for k, a in _FIELD_TYPES.items() if typing.get_origin(a) is dict)
+# List settings of plain values (``slides.roots``, ``eval.shots``): a string value is split on commas.
+SCALAR_LIST_KEYS = tuple(
+    k
+    for k, a in _FIELD_TYPES.items()
+    if typing.get_origin(a) is list and all(t in (str, int, float, bool) for t in typing.get_args(a))
+)
+
+
+def _env_name(key: str) -> str:
+    """``patch.target_mpp`` -> ``PATHGEN_PATCH__TARGET_MPP``."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def _resolve_key(key: str) -> tuple[str, str | None] | None:
+    """A dotted key -> (setting key, map entry or None); None when it names no setting.
+
+    ``slides.mpp_overrides.CMU-1.svs`` -> ``("slides.mpp_overrides", "CMU-1.svs")``: everything after a map setting
+    is the entry, dots included (file names are entries too). A section (``patch``) is a setting key too.
+    """
+    if key in _FIELD_TYPES or any(k.startswith(key + ".") for k in ALL_KEYS):
+        return key, None
+    for map_key in MAP_KEYS:
+        entry = key[len(map_key) + 1 :]
+        if key.startswith(map_key + ".") and entry:
+            return map_key, entry
+    return None
+
+
+def _suggestions(key: str) -> list[str]:
+    leaf = key.split(".")[-1]
+    return [k for k in ALL_KEYS if k.split(".")[-1] == leaf] or difflib.get_close_matches(key, ALL_KEYS, 3)
 
 
 def _unknown_key_error(key: str) -> SettingsError:
-    leaf = key.split(".")[-1]
-    suggestions = [k for k in ALL_KEYS if k.split(".")[-1] == leaf] or difflib.get_close_matches(key, ALL_KEYS, 3)
+    suggestions = _suggestions(key)
     hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
     return SettingsError(f"unknown setting {key!r}{hint} (see `pathgen settings` for every key)")
 
 
+def _unknown_env_error(name: str, key: str) -> SettingsError:
+    """The error for a ``PATHGEN_*`` variable that names no setting: the likely variable meant, and the fix."""
+    # Settings first, as for --set; then the non-setting variables spelled alike, compared without the shared prefix
+    # (which would make every pair of names look alike).
+    others = {n[len(ENV_PREFIX) :]: n for n in NON_SETTING_ENV_VARS}
+    alike = difflib.get_close_matches(name[len(ENV_PREFIX) :], list(others), 2)
+    suggestions = [_env_name(s) for s in _suggestions(key)] + [others[a] for a in alike]
+    hint = f"; did you mean {' or '.join(dict.fromkeys(suggestions))}?" if suggestions else ""
+    return SettingsError(
+        f"unknown setting {key!r} from environment variable {name}{hint} (rename or unset it; settings are "
+        f"{ENV_PREFIX}<SECTION>__<KEY>, see `pathgen settings` for every key)"
+    )
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    if key not in ALL_KEYS and not any(k.startswith(key + ".") for k in ALL_KEYS):
+    resolved = _resolve_key(key)
+    if resolved is None:
         raise _unknown_key_error(key)
-    parts = key.split(".")
+    setting, entry = resolved
+    parts = setting.split(".") + ([entry] if entry is not None else [])
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
@@ -343,8 +425,25 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _parse_value(text: str) -> Any:
-    # YAML scalars give the natural types: 0.25, 672, true, null, [a, b], {k: v}.
+def _as_list(value: Any) -> Any:
+    """A value for a list setting: a string is split on commas (``""`` is the empty list), one value is a list of
+    one; a list (or tuple) and None are left as they are."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",")] if value.strip() else []
+    if value is None or isinstance(value, list | tuple):
+        return value
+    return [value]
+
+
+def _parse_value(text: str, key: str | None = None) -> Any:
+    """The text of ``--set key=TEXT`` or of an environment variable -> the value for ``key``.
+
+    YAML scalars give the natural types: 0.25, 672, true, null, [a, b], {k: v}. For a list setting of plain values
+    the text is comma-separated (``/a,/b``; items stay strings, which pydantic converts) unless it is a YAML list
+    (``[/a, /b]``, the way to write an item that holds a comma).
+    """
+    if key in SCALAR_LIST_KEYS and not text.lstrip().startswith("["):
+        return _as_list(text)
     try:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -352,24 +451,32 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
-    """``["patch.patch_px=512", ...]`` -> ``{"patch.patch_px": 512}``."""
+    """``["patch.patch_px=512", "slides.roots=/a,/b"]`` -> ``{"patch.patch_px": 512, "slides.roots": ["/a", "/b"]}``."""
     parsed: dict[str, Any] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SettingsError(f"--set expects key=value, got {item!r} (for example --set patch.target_mpp=0.5)")
-        parsed[key.strip()] = _parse_value(value)
+        parsed[key.strip()] = _parse_value(value, key.strip())
     return parsed
 
 
 def _env_assignments(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``PATHGEN_*`` variables -> ``{dotted key: value}``: ``PATHGEN_SLIDES__MPP_OVERRIDES__NOMPP=0.5`` ->
+    ``{"slides.mpp_overrides.nompp": 0.5}``.
+
+    Variable names are upper case, so the key is lower-cased, map entries included: the variable above sets the entry
+    ``nompp``; an entry with capitals, dashes or dots is set with ``--set`` or the YAML file. A ``PATHGEN_*`` variable
+    that names no setting and is not in ``NON_SETTING_ENV_VARS`` raises SettingsError with the likely name.
+    """
     out = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV_VARS:
             continue
         key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-        if key in ALL_KEYS or any(k.startswith(key + ".") for k in ALL_KEYS):
-            out[key] = _parse_value(value)
+        if _resolve_key(key) is None:
+            raise _unknown_env_error(name, key)
+        out[key] = _parse_value(value, key)
     return out
 
 
@@ -419,7 +526,8 @@ def load_settings(
     if overrides:
         layered.update(overrides if isinstance(overrides, Mapping) else parse_assignments(overrides))
     for key, value in layered.items():
-        _set_dotted(tree, key, value)
+        # A programmatic or flow-parameter override may give a list setting as "a,b" or one value.
+        _set_dotted(tree, key, _as_list(value) if key in SCALAR_LIST_KEYS else value)
     try:
         return Settings.model_validate(tree)
     except ValidationError as err:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from flows.extract import extract_flow
 
@@ -152,3 +153,52 @@ def test_a_lost_worker_leaves_its_slides_pending_and_the_run_goes_on(prefect_api
     assert (again["skipped"], again["failed"], again["pending"]) == (1, 1, 0)
     record = json.loads((store / "slides" / DAPI.stem / "slide.json").read_text())
     assert record["status"] == "failed" and "no bright-field tissue" in record["error"]
+
+
+def test_cli_caption_before_any_extraction_names_the_store_and_the_fix(prefect_api, tmp_path):
+    store = tmp_path / "store"
+    run = _pathgen(["caption", "--store", str(store)], prefect_api, tmp_path)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"no patch shards in the store file://{store}" in run.stderr
+    assert f"pathgen extract SOURCE --store file://{store}" in run.stderr
+    assert "captioned" not in run.stdout
+    assert not store.exists()  # nothing made for a run that had nothing to do
+
+    store.mkdir()  # an existing but empty store says the same
+    empty = _pathgen(["caption", "--store", str(store)], prefect_api, tmp_path)
+    assert empty.returncode == 1 and "no patch shards" in empty.stderr, empty.stdout[-2000:] + empty.stderr[-2000:]
+    assert not any(store.iterdir())
+
+
+def test_caption_flow_on_an_empty_store_fails_naming_it_without_creating_it(prefect_api, tmp_path):
+    from flows.caption import caption_flow
+
+    store = tmp_path / "store"
+    state = caption_flow(store=str(store), return_state=True)  # as a deployment would run it
+    assert state.is_failed()
+    error = str(state.result(raise_on_failure=False))
+    assert f"no patch shards in the store file://{store}" in error and "pathgen extract SOURCE" in error
+    assert not store.exists()
+
+
+def _pathgen_settings(args, env, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "pathgen", "settings", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_settings_takes_map_entries_lists_and_refuses_an_unknown_variable(tmp_path):
+    env = dict(os.environ, PATHGEN_SLIDES__PROJECTS__S1="TCGA-LUAD")
+    shown = _pathgen_settings(["--set", "slides.mpp_overrides.nompp=0.5", "--set", "slides.roots=/a,/b"], env, tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    slides = yaml.safe_load(shown.stdout)["slides"]
+    assert slides["mpp_overrides"] == {"nompp": 0.5} and slides["projects"] == {"s1": "TCGA-LUAD"}
+    assert slides["roots"] == ["/a", "/b"]
+
+    typo = _pathgen_settings([], dict(env, PATHGEN_PATCH__TARGET_MP="0.25"), tmp_path)  # deliberately unknown
+    assert typo.returncode == 2 and "did you mean PATHGEN_PATCH__TARGET_MPP?" in typo.stderr, typo.stderr

@@ -1,6 +1,9 @@
+import re
+from pathlib import Path
+
 import pytest
 
-from pathgen.settings import Settings, SettingsError, load_settings, parse_assignments
+from pathgen.settings import NON_SETTING_ENV_VARS, Settings, SettingsError, load_settings, parse_assignments
 from tasks.slides.hashing import slide_extraction_hash
 from tasks.slides.sources import SlideRef
 
@@ -73,3 +76,89 @@ def test_one_retry_section_and_the_old_keys_point_to_it():
     for gone in ("agents.openai_retries=2", "agents.shard_size=5"):
         with pytest.raises(SettingsError, match="unknown setting"):
             load_settings(overrides=[gone], environ={})
+
+
+def test_map_entries_and_lists_as_the_errors_recommend():
+    s = load_settings(
+        overrides=[
+            "slides.mpp_overrides.nompp=0.5",
+            "slides.mpp_overrides.CMU-1.svs=0.25",  # a file name: everything after the map key is the entry
+            "slides.projects.TCGA-XX-0001=TCGA-BRCA",
+            "slides.roots=/a,/b",
+            "sources=one.svs",
+            "eval.shots=1,4",
+        ],
+        environ={},
+    )
+    assert s.slides.mpp_overrides == {"nompp": 0.5, "CMU-1.svs": 0.25}
+    assert s.slides.projects == {"TCGA-XX-0001": "TCGA-BRCA"}
+    assert (s.slides.roots, s.sources, s.eval.shots) == (["/a", "/b"], ["one.svs"], [1, 4])
+    # A YAML list still works, and is how an item holding a comma is written; a whole map still replaces the map.
+    listed = load_settings(overrides=["slides.roots=[/a, '/b,c']", "slides.mpp_overrides={x: 1}"], environ={})
+    assert (listed.slides.roots, listed.slides.mpp_overrides) == (["/a", "/b,c"], {"x": 1.0})
+    # A path that looks like a number stays a string; an empty value is the empty list.
+    assert load_settings(overrides=["slides.roots=2024"], environ={}).slides.roots == ["2024"]
+    assert load_settings(overrides=["slides.roots="], environ={}).slides.roots == []
+    # The same through a mapping, the way flows receive their overrides.
+    assert load_settings(overrides={"slides.roots": "/a,/b"}, environ={}).slides.roots == ["/a", "/b"]
+    # Keys of an optional section still work.
+    assert load_settings(overrides=["clip.stage2.folder=/pairs"], environ={}).clip.stage2.folder == "/pairs"
+
+
+def test_map_entry_values_are_validated_and_misspelt_maps_suggested():
+    with pytest.raises(SettingsError, match=r"slides.mpp_overrides.nompp.*valid number"):
+        load_settings(overrides=["slides.mpp_overrides.nompp=thin"], environ={})
+    with pytest.raises(SettingsError, match=r"unknown setting 'slides.mpp_override.x'.*'slides.mpp_overrides'"):
+        load_settings(overrides=["slides.mpp_override.x=0.5"], environ={})
+
+
+def test_environment_sets_map_entries_lower_cased_and_lists():
+    env = {
+        "PATHGEN_SLIDES__MPP_OVERRIDES__NOMPP": "0.5",
+        "PATHGEN_SLIDES__PROJECTS__S1": "TCGA-LUAD",
+        "PATHGEN_SLIDES__ROOTS": "/a,/b",
+    }
+    s = load_settings(environ=env)
+    assert s.slides.mpp_overrides == {"nompp": 0.5}
+    assert s.slides.projects == {"s1": "TCGA-LUAD"}
+    assert s.slides.roots == ["/a", "/b"]
+    # The command line adds an entry beside the environment's.
+    both = load_settings(overrides=["slides.mpp_overrides.other=1"], environ=env)
+    assert both.slides.mpp_overrides == {"nompp": 0.5, "other": 1.0}
+
+
+def test_an_unknown_pathgen_variable_is_an_error_with_the_likely_name():
+    with pytest.raises(SettingsError, match=r"PATHGEN_PATCH__TARGET_MP\b.*did you mean PATHGEN_PATCH__TARGET_MPP\?"):
+        load_settings(environ={"PATHGEN_PATCH__TARGET_MP": "0.25"})
+    with pytest.raises(SettingsError, match=r"PATHGEN_TARGET_MPP.*did you mean PATHGEN_PATCH__TARGET_MPP\?"):
+        load_settings(environ={"PATHGEN_TARGET_MPP": "0.25"})
+    with pytest.raises(SettingsError, match=r"PATHGEN_S3_ENDPOINT\b.*did you mean PATHGEN_S3_ENDPOINT_URL\?"):
+        load_settings(environ={"PATHGEN_S3_ENDPOINT": "http://x"})
+    # Variables read elsewhere are not settings and stay accepted.
+    assert load_settings(environ=dict.fromkeys(NON_SETTING_ENV_VARS, "x")) == Settings()
+
+
+def test_every_pathgen_variable_the_repository_uses_is_a_setting_or_allowed():
+    root = Path(__file__).resolve().parent.parent
+    skipped = {".venv", ".git", "store", "build", "_work", "__pycache__", "node_modules"}
+    suffixes = {".py", ".sh", ".md", ".yaml", ".yml", ".toml", ".cfg", ".txt"}
+    used: dict[str, str] = {}
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if set(relative.parts) & skipped or relative.parts[0].endswith(".egg-info") or not path.is_file():
+            continue
+        if path == Path(__file__).resolve():
+            continue  # this file names wrong variables on purpose
+        if path.suffix in suffixes or path.name == "Makefile" or path.name.startswith("Dockerfile"):
+            for line in path.read_text(errors="replace").splitlines():
+                if "deliberately unknown" in line:
+                    continue  # a test of the error for a mistyped variable
+                for name in re.findall(r"\bPATHGEN_[A-Z0-9_]*[A-Z0-9]", line):
+                    used.setdefault(name, str(relative))
+    assert "PATHGEN_S3_ENDPOINT_URL" in used and "PATHGEN_HOME" in used  # the scan does see the repository
+    for name, where in sorted(used.items()):
+        if name not in NON_SETTING_ENV_VARS:
+            try:
+                load_settings(environ={name: "1"})
+            except SettingsError as err:
+                assert "unknown setting" not in str(err), f"{where} uses {name}: add it to NON_SETTING_ENV_VARS"

@@ -23,7 +23,13 @@ from pathgen.settings import Settings
 from tasks.errors import SlideError, TransientIOError, retry_infrastructure, retry_io
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
 from tasks.slides.hashing import mpp_override, slide_extraction_hash
-from tasks.slides.passes import PassResult, SlidePass, write_planned, write_representative
+from tasks.slides.passes import (
+    PassResult,
+    SlidePass,
+    patch_scale,
+    write_planned,
+    write_representative,
+)
 from tasks.slides.pictures import draw_selection, draw_thumbnail
 from tasks.slides.reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
 from tasks.slides.record import LevelInfo, SlideRecord
@@ -156,12 +162,20 @@ def _base_record(ref: SlideRef, settings: Settings, extraction_hash: str) -> Sli
         md5=ref.md5,
         target_mpp=settings.patch.target_mpp,
         patch_px=settings.patch.patch_px,
-        selection=settings.selection.model_dump() if ref.positions is None else {"method": "positions"},
+        selection=settings.selection.model_dump() if ref.positions is None else _positions_selection(settings),
         tissue_threshold=settings.tissue.threshold,
         extraction_hash=extraction_hash,
         schema_version=SCHEMA_VERSION,
         factory_version=__version__,
     )
+
+
+def _positions_selection(settings: Settings) -> dict:
+    return {
+        "method": "positions",
+        "box_px": settings.patch.positions_box_px,
+        "resample": settings.patch.positions_resample,
+    }
 
 
 def _check_size(ref: SlideRef) -> None:
@@ -202,13 +216,16 @@ def _extract(
         info = reader.info
         _describe_slide(record, reader)
         timings["open"] = time.perf_counter() - tick
-        record.upsampled = settings.patch.target_mpp < info.mpp * (1 - MPP_TOLERANCE)
+        patch_mpp, patch_px = patch_scale(ref, settings, info.mpp)
+        if ref.positions is not None:  # what the positions' patches are: the paper's level-0 boxes, at this scale
+            record.target_mpp, record.patch_px = patch_mpp, patch_px
+        record.upsampled = patch_mpp < info.mpp * (1 - MPP_TOLERANCE)
         if record.upsampled:
             logger.warning(
-                "%s: target_mpp %.3g is finer than the scan (%.3g µm/px): patches are upsampled and hold no more "
+                "%s: patches at %.3g µm/px are finer than the scan (%.3g µm/px): they are upsampled and hold no more "
                 "detail than the slide",
                 ref.slide_id,
-                settings.patch.target_mpp,
+                patch_mpp,
                 info.mpp,
             )
 
@@ -233,10 +250,10 @@ def _extract(
                 )
             plan = plan_selection(cells, settings.selection, ref.slide_id)
         timings["mask"] = time.perf_counter() - tick
-        record.read_level = reader.best_level(settings.patch.target_mpp)
 
         tick = time.perf_counter()
         slide = SlidePass(ref, settings, reader, logger)
+        record.read_level = slide.read_level
         result = _write_shard(slide, store, plan, cells, record.extraction_hash)
         timings["patches"] = time.perf_counter() - tick
         counts = dict(

@@ -41,6 +41,22 @@ def _embedding_identity(settings: Settings) -> dict[str, Any]:
     return identity
 
 
+def _patch_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
+    """The patch settings that change this slide's patches. Grid slides: all but the ``positions_*`` ones (so
+    adding such a setting leaves their hashes as they were). Positions: all but ``target_mpp``, which never applies
+    to their level-0 boxes, and ``patch_px``, which applies only when the boxes are resampled."""
+    patch = settings.patch.model_dump()
+    if ref.positions is None:
+        return {k: v for k, v in patch.items() if not k.startswith("positions_")}
+    resample = settings.patch.positions_resample
+    inputs = {k: v for k, v in patch.items() if k not in ("target_mpp", "patch_px")}
+    inputs["positions_resample"] = resample  # also before the setting exists (then always False)
+    inputs["scale"] = "level-0 box"  # boxes read as the paper's level-0 boxes (before: patch_px at target_mpp)
+    if resample:
+        inputs["patch_px"] = patch["patch_px"]
+    return inputs
+
+
 def _selection_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
     if ref.positions is not None:  # the exact boxes of a PathGen JSON source: no selection at all
         return {
@@ -61,7 +77,7 @@ def _selection_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
 def slide_extraction_hash(ref: SlideRef, settings: Settings) -> str:
     """12 hex digits of sha256 over this slide's extraction inputs (not where they are stored)."""
     inputs = {
-        "patch": settings.patch.model_dump(exclude={"positions_box_px"}),
+        "patch": _patch_inputs(ref, settings),
         "tissue": settings.tissue.model_dump(),
         "quality": settings.quality.model_dump(),
         "selection": _selection_inputs(ref, settings),

@@ -49,6 +49,23 @@ class PassResult:
     random_weights: bool = False
 
 
+def patch_scale(ref: SlideRef, settings: Settings, slide_mpp: float) -> tuple[float, int]:
+    """The (µm/px, side in px) of this slide's saved patches.
+
+    Grid slides: ``patch.target_mpp`` and ``patch.patch_px``. The positions of a PathGen JSON source are level-0
+    boxes of ``patch.positions_box_px`` whatever the scanner: by default they are saved exactly as those level-0
+    pixels (the slide's own MPP, ``positions_box_px`` wide); with ``patch.positions_resample`` the same box is
+    resampled to ``patch.patch_px``, at ``slide_mpp * positions_box_px / patch_px`` µm/px.
+    """
+    patch = settings.patch
+    if ref.positions is None:
+        return patch.target_mpp, patch.patch_px
+    box = patch.positions_box_px
+    if settings.patch.positions_resample:
+        return slide_mpp * box / patch.patch_px, patch.patch_px
+    return slide_mpp, box
+
+
 @dataclass
 class SlidePass:
     """What every pass needs about one slide: where to read, how to score, how to make a record."""
@@ -59,12 +76,15 @@ class SlidePass:
     logger: logging.Logger
 
     def __post_init__(self) -> None:
-        self.read_level = self.reader.best_level(self.settings.patch.target_mpp)  # once, not per patch
+        # once, not per patch: the scale of every patch of this slide and the level it is read from
+        self.mpp, self.patch_px = patch_scale(self.ref, self.settings, float(self.reader.info.mpp))
+        self.read_level = self.reader.best_level(self.mpp)
 
     def read(self, cells: list[GridCell]) -> Iterator[tuple[GridCell, np.ndarray]]:
-        patch = self.settings.patch
         boxes = [c.box for c in cells]
-        pixels = self.reader.read_boxes(boxes, patch.target_mpp, patch.patch_px, self.settings.extract.read_ahead)
+        # patch_px at mpp spans patch_px * mpp / slide_mpp level-0 px from the box's corner: the grid cell's side,
+        # and for positions exactly the box side, so every patch shows its recorded box and nothing else.
+        pixels = self.reader.read_boxes(boxes, self.mpp, self.patch_px, self.settings.extract.read_ahead)
         yield from zip(cells, pixels, strict=True)
 
     def score(self, rgb: np.ndarray) -> tuple[QualityScores, str | None]:
@@ -78,9 +98,8 @@ class SlidePass:
         self, cell: GridCell, scores: QualityScores, pixels: np.ndarray | bytes, selected_by: list[str], **extra
     ) -> PatchRecord:
         """A patch record; ``pixels`` is the RGB patch, or its JPEG when it was encoded already."""
-        patch = self.settings.patch
         return PatchRecord(
-            patch_id=patch_id_for(self.ref.slide_id, cell.box, patch.target_mpp, patch.patch_px),
+            patch_id=patch_id_for(self.ref.slide_id, cell.box, self.mpp, self.patch_px),
             slide_id=self.ref.slide_id,
             source_uri=self.ref.uri,
             project=self.ref.project,
@@ -90,9 +109,9 @@ class SlidePass:
             w0=cell.w0,
             h0=cell.h0,
             level=self.read_level,
-            mpp=patch.target_mpp,
+            mpp=self.mpp,
             slide_mpp=float(self.reader.info.mpp),
-            patch_px=patch.patch_px,
+            patch_px=self.patch_px,
             tissue_fraction=cell.tissue_fraction,
             background_fraction=scores.background_fraction,
             sharpness=scores.sharpness,

@@ -2,7 +2,9 @@
 
 The mask follows the usual bright-field recipe (and the paper's): Otsu on HSV saturation of a ~32x downsampled
 overview, median blur, morphological closing, small pieces removed, holes filled. Glass in bright-field is bright
-and unsaturated; a dark background means fluorescence or dark-field, which this factory does not caption.
+and unsaturated; a dark background means fluorescence or dark-field, which this factory does not caption, unless the
+image is stained tissue edge to edge (a tile cut from inside a section, e.g. Kather's H&E tiles): then there is no
+glass to see and the stain colours decide (see ``stained_share``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,25 @@ import numpy as np
 
 from pathgen.settings import TissueSettings
 from tasks.errors import SlideError
+
+# Bright-field without glass. Transmitted light through H&E or IHC keeps every channel lit: a stain absorbs some
+# wavelengths more than others (haematoxylin B > R ~ G, eosin R > B > G, DAB R > G > B), so a stained pixel is a
+# coloured mixture whose green is never well above its red. Fluorescence is emitted light on black: near-black
+# background and signal in one or a few pure channels (DAPI blue with R = G = 0, FITC green, Cy3 red). Measured on the
+# 32x overviews the extractor uses (shared data; "full" = the 150 px Kather tile at full resolution):
+#   - darkest channels: max(R, G, B) >= 40 in every pixel of the 24 Kather overviews (lowest 10th percentile 53,
+#     LYMPHO 1BA; at full resolution 18% of that tile is below 40); the DAPI NDPI: median 16, 69% of pixels below 40.
+#   - mixture: min >= 0.15 * max; 10th percentile of min/max over Kather overviews >= 0.23 (0.18 full); DAPI 0.00.
+#   - green: G <= R + 10; 95th percentile of G - R is <= 2 on every Kather overview (tissue tiles 01-06: -11..-92).
+#   - colour: HSV saturation >= tissue.min_saturation (20); Kather tissue tiles 01-06, median >= 54.
+# Every pixel of the six Kather tiles that fail the brightness check (75th percentile 74..140 < 150) passes all four
+# (share 1.00; >= 0.81 at full resolution); the DAPI NDPI has 0.00, the synthetic fluorescence composites in
+# tests/test_tissue_quality.py 0.00..0.27. Half is the line. A pathgen setting for it would be
+# tissue.min_stained_share (0..1, default 0.5).
+STAINED_SHARE_MIN = 0.5
+DARK_MAX_CHANNEL = 40
+MIXTURE_MIN_RATIO = 0.15
+GREEN_OVER_RED_MAX = 10
 
 
 @dataclass(frozen=True)
@@ -37,11 +58,15 @@ def tissue_mask(overview_rgb: np.ndarray, downsample: float, mpp: float | None, 
     saturation, value = hsv[..., 1], hsv[..., 2]
     background_value = float(np.percentile(value, 75))
     if background_value < cfg.min_background_value:
-        raise SlideError(
-            "no bright-field tissue found: the slide's background is dark (brightness "
-            f"{background_value:.0f}/255), as in a fluorescence or dark-field scan; PathGen extracts bright-field "
-            "(H&E) slides only, so leave this slide out (or lower tissue.min_background_value if it is bright-field)"
-        )
+        # No bright glass: bright-field only if the image is stained tissue edge to edge.
+        stained = stained_share(overview_rgb, cfg.min_saturation)
+        if stained < STAINED_SHARE_MIN:
+            raise SlideError(
+                "no bright-field tissue found: the slide's background is dark (brightness "
+                f"{background_value:.0f}/255) and only {stained:.0%} of it has H&E or IHC stain colours, as in a "
+                "fluorescence or dark-field scan; PathGen extracts bright-field (H&E) slides only, so leave this "
+                "slide out (or lower tissue.min_background_value if it is bright-field)"
+            )
     blurred = cv2.medianBlur(saturation, cfg.median_px)
     # H&E has two stained populations, pale eosin-only stroma and dense hematoxylin-rich tissue, so a single Otsu
     # on saturation often splits stroma from nuclei instead of tissue from glass. Otsu again on the lower class
@@ -62,6 +87,20 @@ def tissue_mask(overview_rgb: np.ndarray, downsample: float, mpp: float | None, 
             f"{threshold:.0f}); check the slide, or lower tissue.min_saturation for very faint stains"
         )
     return mask.astype(bool)
+
+
+def stained_share(rgb: np.ndarray, min_saturation: int) -> float:
+    """Share of pixels coloured like white light through H&E or IHC stains (thresholds: see the module constants)."""
+    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    red, green = pixels[:, 0], pixels[:, 1]
+    high, low = pixels.max(axis=1), pixels.min(axis=1)
+    stained = (
+        (high >= DARK_MAX_CHANNEL)  # lit, not the black of a fluorescence background
+        & (low >= MIXTURE_MIN_RATIO * high)  # a mixture, not one pure emission channel
+        & (green <= red + GREEN_OVER_RED_MAX)  # no stain leaves green well above red; green/cyan is emission
+        & ((high - low) * 255 >= min_saturation * high)  # HSV saturation: some colour, not grey or white
+    )
+    return float(stained.mean()) if stained.size else 0.0
 
 
 def _min_area_px(downsample: float, mpp: float | None, min_area_um2: float) -> int:

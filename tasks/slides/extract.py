@@ -9,8 +9,11 @@ names is committed and whole.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
+import posixpath
+import re
 import time
 from dataclasses import dataclass
 
@@ -34,12 +37,13 @@ from tasks.slides.pictures import draw_selection, draw_thumbnail
 from tasks.slides.reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
 from tasks.slides.record import LevelInfo, SlideRecord
 from tasks.slides.shard import SCHEMA_VERSION, PatchShardWriter
-from tasks.slides.sources import SlideRef
+from tasks.slides.sources import SlideRef, slide_id_problem
 from tasks.slides.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
-from tasks.store.objects import Store, is_remote, storage_options
+from tasks.store.objects import Store, is_remote, storage_options, url_to_fs
 from tasks.work.units import PendingWork, UnitOutcome
 
 log = logging.getLogger("pathgen.extract")
+MD5_CHUNK = 8 * 2**20
 
 
 @dataclass
@@ -58,20 +62,29 @@ class SlideOutcome:
         return UnitOutcome(self.slide_id, self.status, self.patches, self.seconds, self.error, random_weights, columns)
 
 
+def _key_id(slide_id: str) -> str:
+    """``slide_id`` when it is safe inside a store key; a ValueError otherwise, so that no key built from a slide id
+    ever points outside its folder (ids from ``resolve_sources`` are always safe)."""
+    problem = slide_id_problem(slide_id)
+    if problem:
+        raise ValueError(f"slide id {slide_id!r} cannot name a store key: {problem}")
+    return slide_id
+
+
 def slide_json_key(slide_id: str) -> str:
-    return f"slides/{slide_id}/slide.json"
+    return f"slides/{_key_id(slide_id)}/slide.json"
 
 
 def thumbnail_key(slide_id: str) -> str:
-    return f"slides/{slide_id}/thumbnail.png"
+    return f"slides/{_key_id(slide_id)}/thumbnail.png"
 
 
 def selection_key(slide_id: str) -> str:
-    return f"slides/{slide_id}/selection.png"
+    return f"slides/{_key_id(slide_id)}/selection.png"
 
 
 def shard_key(slide_id: str) -> str:
-    return f"patches/{slide_id}.parquet"
+    return f"patches/{_key_id(slide_id)}.parquet"
 
 
 def _committed(store: Store, slide_id: str, extraction_hash: str) -> SlideRecord | None:
@@ -95,6 +108,11 @@ def extract_slide(
     """Extract one slide into the store. A bad slide becomes a failed ``slide.json``; a storage failure that
     outlasts its retries leaves the slide pending (nothing written); neither raises."""
     logger = logger or log
+    problem = slide_id_problem(ref.slide_id)
+    if problem:  # nothing can be recorded under such an id: it is reported, and the batch goes on
+        error = f"slide id {ref.slide_id!r} cannot name a store key ({problem}); resolve slides with resolve_sources"
+        logger.warning("%r: failed: %s", ref.slide_id, error)
+        return SlideOutcome(ref.slide_id, "failed", 0, 0.0, error)
     extraction_hash = slide_extraction_hash(ref, settings)
     start = time.perf_counter()
     try:
@@ -190,6 +208,53 @@ def _check_size(ref: SlideRef) -> None:
         )
 
 
+_md5_memory: dict[tuple[str, int, int], str] = {}
+
+
+def _md5(ref: SlideRef, settings: Settings) -> str:
+    """The md5 of the slide's bytes, streamed in chunks; a local file's is remembered under (path, size, mtime)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    if is_remote(ref.uri):
+        fs, path = url_to_fs(ref.uri, settings.s3)
+        with fs.open(path, "rb", block_size=MD5_CHUNK, cache_type="none") as handle:  # one pass: no block cache
+            while chunk := handle.read(MD5_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+    stat = os.stat(ref.uri)
+    stamp = (os.path.realpath(ref.uri), stat.st_size, stat.st_mtime_ns)
+    if stamp not in _md5_memory:
+        with open(ref.uri, "rb") as handle:
+            while chunk := handle.read(MD5_CHUNK):
+                digest.update(chunk)
+        _md5_memory[stamp] = digest.hexdigest()
+    return _md5_memory[stamp]
+
+
+def _check_md5(ref: SlideRef, settings: Settings) -> None:
+    """A manifest's md5 catches a corrupt or wrong file: always for a local slide, for a remote one when
+    ``slides.verify_md5_remote`` is on (it reads the whole object once)."""
+    if not ref.md5:
+        return
+    if is_remote(ref.uri):
+        if not getattr(settings.slides, "verify_md5_remote", False):
+            return
+    elif not os.path.isfile(ref.uri):
+        return  # the reader says that the file is missing
+    expected = ref.md5.strip().lower()
+    name = posixpath.basename(ref.uri)
+    if not re.fullmatch(r"[0-9a-f]{32}", expected):
+        raise SlideError(
+            f"the manifest's md5 for {name} is {ref.md5!r}, not an md5 digest (32 hex digits), so the file cannot be "
+            f"checked; export the manifest again from the GDC portal"
+        )
+    actual = _md5(ref, settings)
+    if actual != expected:
+        raise SlideError(
+            f"{name} has md5 {actual} but the manifest says {expected}: the download is corrupt or the wrong file; "
+            "download it again"
+        )
+
+
 def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
     override = mpp_override(ref, settings)
     if override is not None:
@@ -209,6 +274,7 @@ def _extract(
     if ref.missing_reason:
         raise SlideError(ref.missing_reason)
     _check_size(ref)
+    _check_md5(ref, settings)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:

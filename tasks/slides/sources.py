@@ -4,15 +4,26 @@ A spec is one of: a local slide file, a local folder (searched recursively), a g
 a GDC manifest (the TSV the GDC portal exports: id, filename, md5, size, state) or a PathGen-1.6M JSON file
 (``wsi_id``, ``position``, ``caption``, ``file_id``), whose exact patches are then re-extracted. A spec that
 names nothing readable still yields a reference, so that it is recorded as a failed slide with its reason.
+
+Slide ids are the file name without its extension, made safe as a store key (``safe_slide_id``). Two different
+slides of one folder, glob, prefix or manifest that share a name both get ``<name>-<6 hex>``, the hex from their path
+relative to that source's root (``<id>/<filename>`` for a GDC manifest, gdc-client's layout), so that ids do not
+depend on scan order and a folder in which nothing collides keeps the plain names. A later spec of the same run that
+names a different slide under an id already taken gets ``<name>-<6 hex of its absolute path or URL>``. Names read
+from a manifest or a PathGen JSON file are data: one that is absolute or climbs out of its root with ``..`` is not
+looked for; it is recorded as a failed slide.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 import posixpath
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import fsspec
@@ -43,12 +54,60 @@ class SlideRef:
     missing_reason: str | None = field(default=None)
 
 
+MAX_SLIDE_ID = 160  # a store key segment; with a ``-<6 hex>`` suffix still well under S3's and POSIX's limits
+_UNSAFE = re.compile(r"[/\\]")
+
+
+def _short_hash(text: str, digits: int = 6) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:digits]
+
+
+def safe_slide_id(name: str) -> str:
+    """``name`` as one store key segment: ``/``, ``\\`` and control characters become ``_``, leading dots become
+    ``_`` (so never ``.``, ``..`` or a hidden name), empty becomes ``_``; a name longer than ``MAX_SLIDE_ID`` keeps
+    its start and ends in 8 hex of the whole name. The same name always gives the same id."""
+    text = "".join("_" if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in str(name))
+    text = _UNSAFE.sub("_", text)
+    stripped = text.lstrip(".")
+    text = "_" * (len(text) - len(stripped)) + stripped
+    text = text or "_"
+    if len(text) > MAX_SLIDE_ID:
+        text = f"{text[: MAX_SLIDE_ID - 9]}-{_short_hash(str(name), 8)}"
+    return text
+
+
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` must not name store keys, or None when it is safe (what ``safe_slide_id`` makes)."""
+    if not isinstance(slide_id, str) or not slide_id:
+        return "it is empty"
+    if slide_id.startswith("."):
+        return "it starts with a dot"
+    if _UNSAFE.search(slide_id):
+        return "it holds a path separator"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in slide_id):
+        return "it holds control characters"
+    if len(slide_id) > MAX_SLIDE_ID + 7:
+        return f"it is longer than {MAX_SLIDE_ID + 7} characters"
+    return None
+
+
 def slide_id_for(path: str) -> str:
-    name = posixpath.basename(str(path).rstrip("/"))
+    name = posixpath.basename(str(path).replace("\\", "/").rstrip("/"))
     for ext in SLIDE_EXTENSIONS:
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+            name = name[: -len(ext)]
+            break
+    return safe_slide_id(name)
+
+
+def _distinct_ids(relatives: list[str]) -> list[str]:
+    """Ids for the slides of one source, given each one's path relative to the source's root: the plain id, or
+    ``<id>-<6 hex of the relative path>`` for every slide whose plain id another slide of the source shares."""
+    plain = [slide_id_for(rel) for rel in relatives]
+    counts: dict[str, int] = {}
+    for sid in plain:
+        counts[sid] = counts.get(sid, 0) + 1
+    return [f"{sid}-{_short_hash(rel)}" if counts[sid] > 1 else sid for sid, rel in zip(plain, relatives, strict=True)]
 
 
 def is_slide_name(path: str) -> bool:
@@ -56,16 +115,43 @@ def is_slide_name(path: str) -> bool:
 
 
 def resolve_sources(specs: list[str], settings: Settings) -> list[SlideRef]:
-    """Every slide the specs name, in a stable order, without duplicates (first mention wins)."""
+    """Every slide the specs name, in a stable order, each once (first mention wins), each under its own id."""
     refs: list[SlideRef] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
+    owners: dict[str, tuple[str, str]] = {}  # slide id -> the slide that holds it
     for spec in specs:
         for ref in _resolve_one(str(spec), settings):
-            if ref.slide_id in seen:
+            identity = _identity(ref)
+            if identity in seen:
                 continue
-            seen.add(ref.slide_id)
+            seen.add(identity)
+            if ref.slide_id in owners:  # a different slide under a taken id: this one is told apart by its path
+                ref.slide_id = f"{ref.slide_id}-{_short_hash(ref.uri)}"
+                if ref.slide_id in owners:
+                    ref.slide_id = f"{ref.slide_id}-{_short_hash(ref.uri + chr(0) + ref.origin)}"
+            owners[ref.slide_id] = identity
             refs.append(ref)
     return refs
+
+
+def _identity(ref: SlideRef) -> tuple[str, str]:
+    """Which slide a reference reads: its real path or its URL; a slide that will not be read, by its id."""
+    if ref.missing_reason:
+        return ("unread", ref.slide_id)
+    if is_remote(ref.uri):
+        return ("url", ref.uri)
+    return ("file", os.path.realpath(ref.uri))
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder a glob searches below: its leading components without wildcards."""
+    parts = pattern.split(os.sep)
+    fixed = []
+    for part in parts:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return os.sep.join(fixed) or "."
 
 
 def _resolve_one(spec: str, settings: Settings) -> list[SlideRef]:
@@ -77,14 +163,19 @@ def _resolve_one(spec: str, settings: Settings) -> list[SlideRef]:
     if is_remote(spec):
         return _remote(spec, settings)
     if any(ch in spec for ch in "*?["):
-        matches = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if is_slide_name(p))
-        return [SlideRef(slide_id_for(p), os.path.abspath(p), origin=spec) for p in matches]
+        pattern = os.path.expanduser(spec)
+        matches = sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if is_slide_name(p))
+        root = os.path.abspath(_glob_root(pattern))
+        ids = _distinct_ids([_relative(p, root) for p in matches])
+        return [SlideRef(sid, p, origin=spec) for sid, p in zip(ids, matches, strict=True)]
     path = local_path(spec)
     if os.path.isdir(path):
         found = []
         for dirpath, _dirs, files in os.walk(path):
             found.extend(os.path.join(dirpath, f) for f in files if is_slide_name(f))
-        return [SlideRef(slide_id_for(p), p, origin=spec) for p in sorted(found)]
+        found.sort()
+        ids = _distinct_ids([_relative(p, path) for p in found])
+        return [SlideRef(sid, p, origin=spec) for sid, p in zip(ids, found, strict=True)]
     # A file, or a path that does not exist: the reader reports which, per slide.
     return [SlideRef(slide_id_for(path), path, origin=spec)]
 
@@ -95,7 +186,12 @@ def _remote(spec: str, settings: Settings) -> list[SlideRef]:
     fs, root = url_to_fs(spec, settings.s3)
     protocol = spec.split("://", 1)[0]
     paths = sorted(p for p in fs.find(root) if is_slide_name(p))
-    return [SlideRef(slide_id_for(p), f"{protocol}://{p}", origin=spec) for p in paths]
+    ids = _distinct_ids([posixpath.relpath(p, root.rstrip("/") or "/") for p in paths])
+    return [SlideRef(sid, f"{protocol}://{p}", origin=spec) for sid, p in zip(ids, paths, strict=True)]
+
+
+def _relative(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
 
 
 def _read_text(spec: str, settings: Settings) -> str:
@@ -115,14 +211,41 @@ def _roots(spec: str, settings: Settings) -> list[str]:
     return roots or [parent]
 
 
+def _escape(name: str, what: str) -> str | None:
+    """Why a slide name read from a manifest or a PathGen JSON file may not be joined onto a root, or None."""
+    if not name:
+        return f"its {what} is empty"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in name):
+        return f"its {what} {name!r} holds control characters"
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or "://" in name or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        return f"its {what} {name!r} is an absolute path"
+    if ".." in parts:
+        return f"its {what} {name!r} climbs out of its root with '..'"
+    return None
+
+
+def _inside(root: str, candidate: str) -> bool:
+    """Whether ``candidate`` lies below ``root`` once ``.`` and ``..`` are resolved (a belt to ``_escape``'s braces)."""
+    if is_remote(root):
+        base = posixpath.normpath(root.split("://", 1)[1])
+        path = posixpath.normpath(candidate.split("://", 1)[1])
+        return path.startswith(base.rstrip("/") + "/")
+    base, path = os.path.normpath(local_path(root)), os.path.normpath(local_path(candidate))
+    return os.path.commonpath([base, path]) == base and path != base
+
+
 def _find_slide(roots: list[str], file_id: str | None, filename: str, settings: Settings) -> str | None:
-    """Look for ``<root>/<file_id>/<filename>`` (gdc-client's layout) and ``<root>/<filename>``."""
+    """Look for ``<root>/<file_id>/<filename>`` (gdc-client's layout) and ``<root>/<filename>``, never outside a
+    root (the caller has refused names that are absolute or hold ``..``)."""
     names = [filename] if is_slide_name(filename) else [filename + ext for ext in SLIDE_EXTENSIONS]
     for root in roots:
         for name in names:
             candidates = [posixpath.join(root, file_id, name)] if file_id else []
             candidates.append(posixpath.join(root, name))
             for candidate in candidates:
+                if not _inside(root, candidate):
+                    continue
                 if is_remote(candidate):
                     fs, path = url_to_fs(candidate, settings.s3)
                     if fs.exists(path):
@@ -130,6 +253,29 @@ def _find_slide(roots: list[str], file_id: str | None, filename: str, settings: 
                 elif os.path.isfile(local_path(candidate)):
                     return local_path(candidate)
     return None
+
+
+def _named_slide(
+    spec: str, roots: list[str], name: str, file_id: str | None, settings: Settings
+) -> tuple[str, str | None]:
+    """``(uri, missing_reason)`` of a slide a manifest or a PathGen JSON file names, looked for only inside the
+    roots; a name that would leave them is refused without looking."""
+    problem = _escape(name, "name") or (_escape(file_id, "file id") if file_id is not None else None)
+    if problem:
+        return name, (
+            f"slide {name!r} named by {posixpath.basename(spec)} is not looked for: {problem}, and slides are read "
+            f"only inside slides.roots ({', '.join(roots)}); name it by its path inside a root in {spec}"
+        )
+    found = _find_slide(roots, file_id, name, settings)
+    if found:
+        return found, None
+    # where it was expected: gdc-client's layout for a manifest's file name, ``<root>/<wsi_id>.svs`` for PathGen's
+    guess = (
+        posixpath.join(roots[0], file_id or "", name)
+        if is_slide_name(name)
+        else posixpath.join(roots[0], name + ".svs")
+    )
+    return guess, _missing(name, file_id, roots, spec)
 
 
 def _gdc_manifest(spec: str, settings: Settings) -> list[SlideRef]:
@@ -141,25 +287,28 @@ def _gdc_manifest(spec: str, settings: Settings) -> list[SlideRef]:
             "(export it from the GDC portal's cart)"
         )
     roots = _roots(spec, settings)
-    refs = []
+    refs: list[SlideRef] = []
+    layout: list[str] = []  # each slide's path in gdc-client's layout, which tells slides of one name apart
     for row in rows:
         filename = (row.get("filename") or "").strip()
         if not is_slide_name(filename):
             continue
         file_id = (row.get("id") or "").strip() or None
-        found = _find_slide(roots, file_id, filename, settings)
+        uri, missing = _named_slide(spec, roots, filename, file_id, settings)
         ref = SlideRef(
             slide_id=slide_id_for(filename),
-            uri=found or posixpath.join(roots[0], file_id or "", filename),
+            uri=uri,
             origin=spec,
             project=(row.get("project_id") or row.get("project") or None),
             file_id=file_id,
-            md5=(row.get("md5") or None),
+            md5=((row.get("md5") or "").strip() or None),
             size=int(row["size"]) if (row.get("size") or "").isdigit() else None,
+            missing_reason=missing,
         )
-        if not found:
-            ref.missing_reason = _missing(filename, file_id, roots, spec)
         refs.append(ref)
+        layout.append(f"{file_id}/{filename}" if file_id else filename)
+    for ref, slide_id in zip(refs, _distinct_ids(layout), strict=True):
+        ref.slide_id = slide_id
     return refs
 
 
@@ -177,21 +326,25 @@ def _pathgen_json(spec: str, settings: Settings) -> list[SlideRef]:
         ref = by_slide.get(wsi_id)
         if ref is None:
             file_id = record.get("file_id")
-            found = _find_slide(roots, file_id, wsi_id, settings)
+            file_id = str(file_id) if file_id not in (None, "") else None
+            uri, missing = _named_slide(spec, roots, wsi_id, file_id, settings)
             ref = by_slide[wsi_id] = SlideRef(
                 slide_id=slide_id_for(wsi_id),
-                uri=found or posixpath.join(roots[0], wsi_id + ".svs"),
+                uri=uri,
                 origin=spec,
                 file_id=file_id,
                 positions=[],
                 captions=[],
+                missing_reason=missing,
             )
-            if not found:
-                ref.missing_reason = _missing(wsi_id, file_id, roots, spec)
         x, y = (int(float(v)) for v in record["position"])
         ref.positions.append((x, y))
         ref.captions.append(str(record.get("caption") or ""))
-    return list(by_slide.values())
+    refs = list(by_slide.values())
+    layout = [f"{r.file_id}/{wsi_id}" if r.file_id else wsi_id for wsi_id, r in by_slide.items()]
+    for ref, slide_id in zip(refs, _distinct_ids(layout), strict=True):
+        ref.slide_id = slide_id
+    return refs
 
 
 def _missing(name: str, file_id: str | None, roots: list[str], spec: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from agents.prompts import load_prompt
 from pathgen.digest import folder_digest
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
-from tasks.errors import BackendError
+from tasks.errors import BackendError, without_userinfo
 
 ROLES = ("describe", "revise", "summarize")
 
@@ -47,6 +47,7 @@ def served_model(base_url: str, model: str, timeout: float, retries: RetrySettin
 
     headers = {"Authorization": f"Bearer {api_key()}"} if api_key() else {}
     url = f"{base_url.rstrip('/')}/models"
+    endpoint = without_userinfo(base_url)  # messages never show credentials written into the URL
     problem = ""
     for attempt in range(retries.io_retries + 1):
         if attempt:
@@ -60,16 +61,16 @@ def served_model(base_url: str, model: str, timeout: float, retries: RetrySettin
             problem = f"HTTP {response.status_code}"
             continue
         if response.status_code != 200:
-            raise BackendError(f"the model server at {base_url} answered HTTP {response.status_code} to GET /models")
+            raise BackendError(f"the model server at {endpoint} answered HTTP {response.status_code} to GET /models")
         served = {entry.get("id"): entry for entry in response.json().get("data", [])}
         if model not in served:
             raise BackendError(
-                f"the model server at {base_url} does not serve {model!r} (it serves {sorted(served)}); "
+                f"the model server at {endpoint} does not serve {model!r} (it serves {sorted(served)}); "
                 "set agents.<role>.model to one of these or start the server with that model"
             )
         return served[model]
     raise BackendError(
-        f"the model server at {base_url} cannot be reached ({problem}, after {retries.io_retries + 1} attempts); "
+        f"the model server at {endpoint} cannot be reached ({problem}, after {retries.io_retries + 1} attempts); "
         "start it or fix agents.openai_base_url, then run again: the slides stay pending"
     )
 

@@ -17,10 +17,12 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import cut, short_repr
 
 ENV_PREFIX = "PATHGEN_"
 # PATHGEN_* variables that are not settings but are read elsewhere; every other PATHGEN_* variable must name a
@@ -40,8 +42,52 @@ NON_SETTING_ENV_VARS = frozenset(
 )
 
 
+# Finest patch resolution accepted: slide scanners stop near 0.1 µm/px (100x oil), so a finer target only upsamples,
+# and the grid of a slide grows with (patch_px x target_mpp)^-2: 1e-6 µm/px would be ~10^11 cells of one slide.
+MIN_TARGET_MPP = 0.05
+MAX_SEED = 2**32 - 1  # numpy, torch and the OpenAI-compatible servers all take a 32-bit unsigned seed
+MAX_SLIDE_MPP = 100.0  # a slide coarser than 100 µm/px holds no cells worth a caption
+MAX_YAML_BYTES = 2**20  # a settings file (or prompts file) larger than this is refused before it is parsed
+MAX_ERRORS_SHOWN = 10  # one settings error lists at most this many fields
+
+
 class SettingsError(ValueError):
     """A setting is wrong; raised before any work starts."""
+
+
+class _AliasRefused(yaml.composer.ComposerError):
+    """A YAML alias (``*name``) in settings: refused, since a few hundred bytes of nested aliases expand to
+    gigabytes (the "billion laughs")."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases before composing them (anchors alone are harmless)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(
+                None,
+                None,
+                f"found the alias *{cut(str(event.anchor), 60)}: aliases are not allowed here (nested aliases "
+                "expand without bound); write the value out in full",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parse settings YAML without alias expansion and with a size bound; SettingsError naming ``what`` (a file,
+    a variable, a ``--set`` key) and the fix otherwise."""
+    if len(text) > MAX_YAML_BYTES:
+        raise SettingsError(
+            f"{what} is {len(text)} characters long, more than the {MAX_YAML_BYTES} allowed for settings YAML; "
+            "check that it is the right file"
+        )
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except _AliasRefused as exc:
+        raise SettingsError(f"{what}: {cut(str(exc))}") from None
 
 
 class _Section(BaseModel):
@@ -49,11 +95,20 @@ class _Section(BaseModel):
 
 
 class PatchSettings(_Section):
-    target_mpp: float = Field(0.5, gt=0.0, le=64.0, description="microns per pixel of the saved patches")
+    target_mpp: float = Field(
+        0.5,
+        ge=MIN_TARGET_MPP,
+        le=64.0,
+        description="microns per pixel of the saved patches; at least 0.05: scanners stop near 0.1 µm/px, a finer "
+        "target only upsamples and multiplies the grid (and the time) by (0.5 / target_mpp)²",
+    )
     patch_px: int = Field(672, ge=32, le=4096, description="side of a saved patch in pixels")
     jpeg_quality: int = Field(90, ge=50, le=100)
     positions_box_px: int = Field(
-        672, ge=16, description="level-0 side of the boxes named by a PathGen JSON source (the paper read 672 px)"
+        672,
+        ge=16,
+        le=8192,
+        description="level-0 side of the boxes named by a PathGen JSON source (the paper read 672 px)",
     )
     positions_resample: bool = Field(
         False,
@@ -64,13 +119,13 @@ class PatchSettings(_Section):
 
 class TissueSettings(_Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="minimum tissue fraction of a grid cell")
-    mask_downsample: float = Field(32.0, ge=1.0, description="mask resolution relative to level 0")
+    mask_downsample: float = Field(32.0, ge=1.0, le=1024.0, description="mask resolution relative to level 0")
     min_saturation: int = Field(
         20, ge=0, le=255, description="Otsu's threshold never goes below this (plain glass has only noise)"
     )
-    median_px: int = Field(7, ge=1, description="median blur kernel on the mask image (odd)")
-    closing_px: int = Field(5, ge=1, description="morphological closing kernel on the mask")
-    min_area_um2: float = Field(50_000.0, ge=0.0, description="tissue pieces smaller than this are dropped")
+    median_px: int = Field(7, ge=1, le=255, description="median blur kernel on the mask image (odd)")
+    closing_px: int = Field(5, ge=1, le=255, description="morphological closing kernel on the mask")
+    min_area_um2: float = Field(50_000.0, ge=0.0, le=1e10, description="tissue pieces smaller than this are dropped")
     min_background_value: int = Field(
         150,
         ge=0,
@@ -88,10 +143,10 @@ class TissueSettings(_Section):
 
 class QualitySettings(_Section):
     enabled: bool = True
-    analysis_px: int = Field(224, ge=32, description="patches are scored at this size to keep scoring cheap")
+    analysis_px: int = Field(224, ge=32, le=4096, description="patches are scored at this size to keep scoring cheap")
     max_background_fraction: float = Field(0.6, ge=0.0, le=1.0)
     min_sharpness: float = Field(
-        25.0, ge=0.0, description="minimum variance of the Laplacian (at analysis_px); lower is blurred"
+        25.0, ge=0.0, le=1e6, description="minimum variance of the Laplacian (at analysis_px); lower is blurred"
     )
     max_pen_fraction: float = Field(0.05, ge=0.0, le=1.0, description="maximum share of pen-mark coloured pixels")
 
@@ -100,13 +155,15 @@ class SelectionSettings(_Section):
     method: Literal["representative", "random", "all"] = Field(
         "representative", description="representative (CLIP clusters + prompt retrieval), seeded random, or all"
     )
-    max_per_slide: int = Field(256, ge=1, description="cap on patches kept per slide")
-    seed: int = 0
-    clusters: int | None = Field(None, ge=1, description="fixed k for k-means; unset uses the paper's rule")
+    max_per_slide: int = Field(256, ge=1, le=100_000, description="cap on patches kept per slide")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    clusters: int | None = Field(None, ge=1, le=100_000, description="fixed k for k-means; unset uses the paper's rule")
     cluster_rule_factor: float = Field(
-        1.6, gt=0.0, description="k = ceil(sqrt(factor * N / 128)) for N candidates (PathGen-1.6M)"
+        1.6, gt=0.0, le=1000.0, description="k = ceil(sqrt(factor * N / 128)) for N candidates (PathGen-1.6M)"
     )
-    retrieval_top_k: int = Field(16, ge=0, description="K: top patches by attribute prompts, and by findings")
+    retrieval_top_k: int = Field(
+        16, ge=0, le=100_000, description="K: top patches by attribute prompts, and by findings"
+    )
     prompts_file: str | None = Field(None, description="YAML of extra or replacement attribute prompts per project")
     findings_file: str | None = Field(None, description="JSON map slide_id -> report finding sentences")
     duplicate_threshold: float = Field(
@@ -123,9 +180,12 @@ class EmbeddingSettings(_Section):
 
 class SlideSettings(_Section):
     default_mpp: float | None = Field(
-        None, gt=0.0, description="MPP assumed for slides that carry none; unset means such slides fail"
+        None,
+        gt=0.0,
+        le=MAX_SLIDE_MPP,
+        description="MPP assumed for slides that carry none; unset means such slides fail",
     )
-    mpp_overrides: dict[str, float] = Field(
+    mpp_overrides: dict[str, Annotated[float, Field(gt=0.0, le=MAX_SLIDE_MPP)]] = Field(
         default_factory=dict, description="slide_id (or file name) -> MPP, wins over the slide's own metadata"
     )
     project: str | None = Field(None, description="TCGA project of every slide (e.g. TCGA-BRCA) unless mapped")
@@ -134,12 +194,15 @@ class SlideSettings(_Section):
         default_factory=list,
         description="folders or URLs searched for slides named by a GDC manifest or a PathGen JSON file",
     )
+    verify_md5_remote: bool = Field(
+        False, description="check a GDC manifest's md5 for remote slides too (reads each object once more)"
+    )
 
 
 class ExtractSettings(_Section):
     concurrency: int = Field(2, ge=1, le=256, description="slide groups processed at once")
-    group_size: int = Field(4, ge=1, description="slides per Prefect task")
-    thumbnail_px: int = Field(1024, ge=64, description="longest side of thumbnail.png")
+    group_size: int = Field(4, ge=1, le=10_000, description="slides per Prefect task")
+    thumbnail_px: int = Field(1024, ge=64, le=16384, description="longest side of thumbnail.png")
     read_ahead: int = Field(
         4, ge=0, le=64, description="patches one reader thread decodes ahead while the worker encodes (0: off)"
     )
@@ -150,10 +213,10 @@ class RetrySettings(_Section):
     and content failures are recorded at once."""
 
     io_retries: int = Field(3, ge=0, le=20, description="retries of one storage or backend call, with backoff")
-    backoff_seconds: float = Field(1.0, ge=0.0, description="first backoff; doubles with each retry")
+    backoff_seconds: float = Field(1.0, ge=0.0, le=600.0, description="first backoff; doubles with each retry")
     task_retries: int = Field(2, ge=0, le=10, description="Prefect retries of a task that failed on infrastructure")
     task_retry_delay_seconds: float = Field(
-        30.0, ge=0.0, description="delay before a task's first retry; x4 for each further one"
+        30.0, ge=0.0, le=86400.0, description="delay before a task's first retry; x4 for each further one"
     )
 
 
@@ -164,12 +227,14 @@ class S3Settings(_Section):
     connect_timeout: float = Field(
         5.0,
         gt=0.0,
+        le=3600.0,
         description="seconds to open a connection; one unanswered call ends after about "
         "(connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1) seconds",
     )
     read_timeout: float = Field(
         60.0,
         gt=0.0,
+        le=3600.0,
         description="seconds to wait for each read of a reply; worst case of one call: "
         "(connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1)",
     )
@@ -187,7 +252,10 @@ class S3Settings(_Section):
         "one call: (connect_timeout + read_timeout) x max_attempts x (s3fs_retries + 1) seconds",
     )
     block_size: int = Field(
-        4 * 2**20, ge=2**16, description="bytes per ranged read of a remote slide (kept in an LRU block cache)"
+        4 * 2**20,
+        ge=2**16,
+        le=2**30,
+        description="bytes per ranged read of a remote slide (kept in an LRU block cache)",
     )
 
 
@@ -195,6 +263,7 @@ class CleanupSettings(_Section):
     stale_temp_grace_seconds: float = Field(
         3600.0,
         ge=0.0,
+        le=365 * 86400.0,
         description="temporary objects and staged files untouched this long are removed; those of a dead process "
         "on this host are removed at once",
     )
@@ -209,8 +278,8 @@ class RoleSettings(_Section):
     temperature: float = Field(0.2, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     max_new_tokens: int = Field(..., ge=1, le=8192)
-    max_words: int = Field(..., ge=1, description="a longer reply is rejected as over-long")
-    seed: int = 0
+    max_words: int = Field(..., ge=1, le=100_000, description="a longer reply is rejected as over-long")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     revision: str | None = Field(
         None, description="hub revision (branch, tag or commit) of a hub model; part of the model's identity"
     )
@@ -230,25 +299,29 @@ class AgentsSettings(_Section):
     max_caption_tokens: int = Field(77, ge=8, le=77, description="CLIP tokens, start and end included")
     shorten_attempts: int = Field(2, ge=0, le=5, description="re-asks with the measured count before trimming")
     slides_per_task: int = Field(
-        4, ge=1, description="slides captioned by one Prefect task (their patches share model batches)"
+        4, ge=1, le=10_000, description="slides captioned by one Prefect task (their patches share model batches)"
     )
     concurrency: int = Field(
         1,
         ge=1,
+        le=256,
         description="caption tasks at once in one worker; above 1 only for the openai backend (a local "
         "model, vLLM or transformers, serves one batch at a time)",
     )
-    batch_size: int = Field(16, ge=1, description="transformers backend: requests per generate call")
+    batch_size: int = Field(16, ge=1, le=4096, description="transformers backend: requests per generate call")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     openai_base_url: str | None = Field(None, description="e.g. http://gpu-node:8000/v1; key from OPENAI_API_KEY")
     openai_concurrency: int = Field(16, ge=1, le=1024)
-    openai_timeout_seconds: float = Field(120.0, gt=0.0)
-    vllm_max_model_len: int = Field(4096, ge=256)
+    openai_timeout_seconds: float = Field(120.0, gt=0.0, le=3600.0)
+    vllm_max_model_len: int = Field(4096, ge=256, le=2**21)
     max_image_pixels: int = Field(
-        672 * 672, ge=64 * 64, description="vllm and openai backends: images are shrunk to at most this many pixels"
+        672 * 672,
+        ge=64 * 64,
+        le=8192 * 8192,
+        description="vllm and openai backends: images are shrunk to at most this many pixels",
     )
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    vllm_tensor_parallel_size: int = Field(1, ge=1)
+    vllm_tensor_parallel_size: int = Field(1, ge=1, le=64)
     model_cache: str | None = Field(None, description="where tiny offline models are built (default ~/.cache)")
 
 
@@ -291,7 +364,7 @@ class ClipSettings(_Section):
         "auto", description="auto: the trainer in this process for one device, under torchrun for more"
     )
     workers: int = Field(4, ge=0, le=64, description="data loader workers per device (at most one per tar)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     pairs_per_tar: int = Field(1000, ge=1, le=1_000_000, description="external sets: pairs per exported tar")
     work_dir: str | None = Field(
         None, description="local folder for exported tars and trainer logs; unset: ~/.cache/pathgen/clip"
@@ -311,7 +384,7 @@ class EvalSettings(_Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     shots: list[int] = Field(default_factory=list, description="k-shot linear probes (besides the full one)")
     seeds: int = Field(3, ge=1, le=100, description="samplings per k-shot probe")
-    probe_c: float = Field(1.0, gt=0.0, description="inverse L2 strength of the logistic regression")
+    probe_c: float = Field(1.0, gt=0.0, le=1e6, description="inverse L2 strength of the logistic regression")
     retrieval_pairs: int = Field(5000, ge=2, le=100_000, description="held-out pairs scored for retrieval, at most")
 
 
@@ -391,9 +464,10 @@ def _suggestions(key: str) -> list[str]:
 
 
 def _unknown_key_error(key: str) -> SettingsError:
+    key = str(key)[:200]  # a long key is not one: do not spend time matching all of it
     suggestions = _suggestions(key)
     hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
-    return SettingsError(f"unknown setting {key!r}{hint} (see `pathgen settings` for every key)")
+    return SettingsError(f"unknown setting {short_repr(key)}{hint} (see `pathgen settings` for every key)")
 
 
 def _unknown_env_error(name: str, key: str) -> SettingsError:
@@ -445,7 +519,7 @@ def _parse_value(text: str, key: str | None = None) -> Any:
     if key in SCALAR_LIST_KEYS and not text.lstrip().startswith("["):
         return _as_list(text)
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return load_yaml(text, f"the value of {cut(str(key), 100)}") if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -456,7 +530,9 @@ def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
     for item in assignments:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SettingsError(f"--set expects key=value, got {item!r} (for example --set patch.target_mpp=0.5)")
+            raise SettingsError(
+                f"--set expects key=value, got {short_repr(item)} (for example --set patch.target_mpp=0.5)"
+            )
         parsed[key.strip()] = _parse_value(value, key.strip())
     return parsed
 
@@ -481,15 +557,20 @@ def _env_assignments(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _format_validation_error(err: ValidationError) -> str:
+    """One line per wrong field (at most MAX_ERRORS_SHOWN), each quoting its input cut to a few hundred characters:
+    an input can be huge (a long string, a nested list) and the message must stay readable and cheap."""
     lines = []
-    for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"])
+    errors = err.errors(include_url=False)
+    for item in errors[:MAX_ERRORS_SHOWN]:
+        field = cut(".".join(str(p) for p in item["loc"]), 200)
         got = item.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_text = "" if isinstance(got, dict) else f" (got {short_repr(got)})"
         if item["type"] == "extra_forbidden":
             lines.append(str(_unknown_key_error(field)))
         else:
-            lines.append(f"setting {field!r}: {item['msg']}{got_text}")
+            lines.append(f"setting {field!r}: {cut(item['msg'], 200)}{got_text}")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        lines.append(f"and {len(errors) - MAX_ERRORS_SHOWN} more")
     return "invalid settings: " + "; ".join(lines)
 
 
@@ -513,10 +594,16 @@ def load_settings(
         path = Path(config_file)
         if not path.is_file():
             raise SettingsError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        what = f"config file {str(path)!r}"
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise SettingsError(
+                f"{what} is {path.stat().st_size} bytes, more than the {MAX_YAML_BYTES} allowed for a settings "
+                "file; check that --config names the settings YAML"
+            )
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = load_yaml(path.read_text(), what) or {}
         except yaml.YAMLError as exc:
-            raise SettingsError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise SettingsError(f"{what} is not valid YAML: {cut(str(exc))}") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"config file {str(path)!r} must hold a mapping of settings at the top level")
         tree = loaded

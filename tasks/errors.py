@@ -10,9 +10,12 @@ retried with backoff (``retry_io``, settings ``retries.io_retries``), then the t
 from __future__ import annotations
 
 import errno
+import re
+import reprlib
 import time
+import urllib.parse
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -95,12 +98,55 @@ def retry_io(
 
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return text[:200]
+    return redact_urls(text)[:200]
 
 
 def short_error(exc: BaseException) -> str:
     """One line for a table or a log: the type and the first line of the message."""
     return f"{type(exc).__name__}: {_short(exc)}"
+
+
+CUT_CHARS = 300  # the most characters of an input that an error message quotes
+
+_REPR = reprlib.Repr()
+# Few items and levels: the repr of a nested input (a YAML alias bomb shares its lists thousands of times over)
+# costs a few hundred item visits at most, never its expanded size.
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = CUT_CHARS, CUT_CHARS, 60
+
+
+def cut(text: str, limit: int = CUT_CHARS) -> str:
+    """``text`` with its middle replaced by a count of the characters left out when it is longer than ``limit``."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head
+    return f"{text[:head]}...[{len(text) - head - tail} characters cut]...{text[-tail:]}"
+
+
+def short_repr(value: Any, limit: int = CUT_CHARS) -> str:
+    """A bounded ``repr`` of a user input for an error message (cheap however large or deeply shared the input)."""
+    return cut(_REPR.repr(value), limit)
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]*@)")
+
+
+def without_userinfo(url: str) -> str:
+    """``https://user:secret@host/v1`` -> ``https://***@host/v1``: what a URL may show in errors, logs and records.
+
+    Credentials written into a URL (basic auth) must never reach a message; the host stays, so the message still
+    names the endpoint.
+    """
+    parts = urllib.parse.urlsplit(str(url))
+    if "@" not in parts.netloc:
+        return str(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def redact_urls(text: str) -> str:
+    """Every ``scheme://user:secret@`` in free text (an exception message, a reply) -> ``scheme://***@``."""
+    return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
 
 
 def is_infrastructure(exc: BaseException) -> bool:

@@ -3,7 +3,8 @@ concurrency, a timeout, and retries with exponential backoff on 429, 5xx and dro
 retries are spent, or the server answers in a way no retry can fix (401, 403, 404, a malformed body), the batch
 raises BackendError naming the endpoint: infrastructure, never a caption failure. A request the server rejects for
 its content (400, 413, 422) is that request's error reply. The API key comes from the environment
-(PATHGEN_OPENAI_API_KEY or OPENAI_API_KEY) and never appears in an error."""
+(PATHGEN_OPENAI_API_KEY or OPENAI_API_KEY) and never appears in an error; nor do credentials written into the
+URL (``https://user:secret@host/v1``): messages name the endpoint as ``https://***@host/v1``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import httpx
 
 from agents.backends import openai_messages
 from agents.protocol import ChatReply, ChatRequest, Sampling
-from tasks.errors import BackendError
+from tasks.errors import BackendError, redact_urls, without_userinfo
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 CONTENT_STATUS = {400, 413, 422}  # the server refuses this request's content; other requests may pass
@@ -41,6 +42,7 @@ class OpenAIBackend:
         backoff_seconds: float = 1.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.endpoint = without_userinfo(self.base_url)  # what messages show: never the URL's credentials
         self.model_id = model_id
         self.concurrency = concurrency
         self.timeout = timeout
@@ -95,10 +97,12 @@ class OpenAIBackend:
                 problem = f"HTTP {response.status_code}"
                 continue
             if response.status_code in CONTENT_STATUS:
-                return ChatReply(None, f"HTTP {response.status_code} from {self.base_url}: {response.text[:200]}")
+                return ChatReply(
+                    None, f"HTTP {response.status_code} from {self.endpoint}: {redact_urls(response.text[:200])}"
+                )
             if response.status_code != 200:
                 raise BackendError(
-                    f"the model server at {self.base_url} answered HTTP {response.status_code} for model "
+                    f"the model server at {self.endpoint} answered HTTP {response.status_code} for model "
                     f"{self.model_id!r}; check the model name and the API key"
                 )
             try:
@@ -106,9 +110,9 @@ class OpenAIBackend:
                 return ChatReply(choice["message"].get("content") or "", None, choice.get("finish_reason"))
             except (ValueError, KeyError, IndexError) as exc:
                 raise BackendError(
-                    f"malformed reply from the model server at {self.base_url} ({type(exc).__name__})"
+                    f"malformed reply from the model server at {self.endpoint} ({type(exc).__name__})"
                 ) from None
         raise BackendError(
-            f"the model server at {self.base_url} failed: {problem}, after {self.retries + 1} attempts; "
+            f"the model server at {self.endpoint} failed: {problem}, after {self.retries + 1} attempts; "
             "the slides stay pending"
         )

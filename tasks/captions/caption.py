@@ -35,7 +35,7 @@ from tasks.captions.records import (
     pair_key,
     patches_key,
 )
-from tasks.errors import BackendError, InfrastructureError, retry_infrastructure, short_error
+from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure, short_error
 from tasks.slides.shard import read_shard, shard_metadata
 from tasks.store.objects import Store
 from tasks.work.units import PendingWork, UnitOutcome, worker_identity
@@ -115,7 +115,7 @@ def _failed_rows(work: SlideWork, result: BatchResult, agents_hash: str, now: st
             "y": by_id[f.key]["y"],
             "stage": f.stage,
             "reason": f.reason,
-            "detail": f.detail,
+            "detail": redact_urls(f.detail) if isinstance(f.detail, str) else f.detail,  # no URL credentials
             "agents_hash": agents_hash,
             "created_at": now,
         }
@@ -217,7 +217,8 @@ def caption_slides(
         result = agents.run({r["patch_id"]: r["image"] for w in work for r in w.rows})
     except InfrastructureError as exc:
         pending = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work]
-        raise PendingWork(f"captioning failed, {len(work)} slides stay pending: {exc}", outcomes + pending) from exc
+        message = f"captioning failed, {len(work)} slides stay pending: {redact_urls(str(exc))}"
+        raise PendingWork(message, outcomes + pending) from exc
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     worker = worker_identity()
     extra = {"pathgen.agents_hash": agents_hash, "pathgen.provenance": json.dumps(agents.provenance())}

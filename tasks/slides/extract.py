@@ -236,7 +236,7 @@ def _check_md5(ref: SlideRef, settings: Settings) -> None:
     if not ref.md5:
         return
     if is_remote(ref.uri):
-        if not getattr(settings.slides, "verify_md5_remote", False):
+        if not settings.slides.verify_md5_remote:
             return
     elif not os.path.isfile(ref.uri):
         return  # the reader says that the file is missing

@@ -5,6 +5,12 @@ TIFFs that openslide refuses. Where a level is a tiled TIFF page (Aperio SVS, ge
 reader decodes each touched tile once and serves overlapping patches from an LRU tile cache, which is what makes
 extraction several times faster than per-patch ``read_region``. Neither library is safe to share across threads
 in all cases: open one reader per worker (thread or process) and close it when done.
+
+Memory budget of one slide's reader: the tile cache (``TILE_CACHE_BYTES``, 512 MiB, lowered to one band of patches
+while extracting), the overview (slide area / mask_downsample², x3 bytes) and one band of rows while the overview is
+built (``OVERVIEW_BAND_BYTES``). A stripped (non-tiled) TIFF page is read the same way: an uncompressed one in bands
+of full-width rows (``STRIP_BAND_BYTES``), never whole; a compressed one strip by strip, and a strip that would
+decode to more than ``MAX_STRIP_BYTES`` is refused with the fix (convert the slide to a tiled pyramidal TIFF).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from tasks.store.objects import is_remote, local_path, storage_options
 # Levels whose MPP is within this relative tolerance of the target are read without resampling.
 MPP_TOLERANCE = 0.02
 TILE_CACHE_BYTES = 512 * 2**20
+STRIP_BAND_BYTES = 16 * 2**20  # rows of an uncompressed stripped page are read in bands of about this size
+MAX_STRIP_BYTES = 256 * 2**20  # a compressed strip is decoded whole: larger than this decoded, the slide is refused
+OVERVIEW_BAND_BYTES = 64 * 2**20  # the overview of a large level is read and shrunk in bands of about this size
 
 
 @dataclass
@@ -114,6 +123,69 @@ class _TileLevel:
                 sx1, sy1 = min(x1, gx + self.tile_w), min(y1, gy + self.tile_h)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy : sy1 - gy, sx0 - gx : sx1 - gx]
         return out
+
+
+class _StripLevel(_TileLevel):
+    """A stripped (non-tiled) TIFF page read as full-width bands of rows, cached like tiles.
+
+    Uncompressed: a band is ``STRIP_BAND_BYTES`` of rows read straight from the file, whatever the strip size (a
+    20,000 x 20,000 single-strip page is never decoded whole). Compressed: a band is one strip, decoded whole, so a
+    strip larger than ``MAX_STRIP_BYTES`` decoded is refused with a SlideError naming the slide and the fix.
+    """
+
+    def __init__(self, page, filehandle, cache: _TileCache, key: int, name: str) -> None:
+        self.page = page
+        self.fh = filehandle
+        self.cache = cache
+        self.key = key
+        self.width = int(page.imagewidth)
+        self.height = int(page.imagelength)
+        self.samples = int(page.samplesperpixel)
+        self.row_bytes = self.width * self.samples
+        self.rows_per_strip = max(1, min(int(page.rowsperstrip or self.height), self.height))
+        self.raw = page.compression == 1 and page.fillorder == 1 and page.photometric == 2  # plain RGB(A) bytes
+        self.tile_w, self.tiles_across = self.width, 1
+        self.jpegtables = getattr(page, "jpegtables", None)
+        if self.raw:
+            self.tile_h = max(1, min(self.height, STRIP_BAND_BYTES // self.row_bytes))
+            return
+        strip_bytes = self.rows_per_strip * self.row_bytes
+        if strip_bytes > MAX_STRIP_BYTES:
+            raise SlideError(oversized_strip_message(name, self.width, self.height, strip_bytes))
+        self.tile_h = self.rows_per_strip
+
+    def _tile(self, tx: int, ty: int) -> np.ndarray:
+        if not self.raw:
+            return super()._tile(tx, ty)  # one compressed strip, decoded by tifffile
+        cache_key = (self.key, tx, ty)
+        band = self.cache.get(cache_key)
+        if band is not None:
+            return band
+        r0, r1 = ty * self.tile_h, min(self.height, (ty + 1) * self.tile_h)
+        band = np.full((r1 - r0, self.width, 3), 255, np.uint8)
+        rps = self.rows_per_strip
+        for strip in range(r0 // rps, (r1 - 1) // rps + 1):
+            a, b = max(r0, strip * rps), min(r1, (strip + 1) * rps)
+            count = self.page.databytecounts[strip]
+            if count == 0:  # sparse strip: background
+                continue
+            start = (a - strip * rps) * self.row_bytes
+            need = (b - a) * self.row_bytes
+            if start + need > count:
+                raise SlideError(
+                    f"strip {strip} holds {count} bytes, fewer than its rows need: the slide is corrupt; "
+                    "download it again"
+                )
+            self.fh.seek(self.page.dataoffsets[strip] + start)
+            data = self.fh.read(need)
+            if len(data) != need:
+                raise SlideError(
+                    f"strip {strip} ends past the end of the file: the slide is truncated; download it again"
+                )
+            rows = np.frombuffer(data, np.uint8).reshape(b - a, self.width, self.samples)
+            band[a - r0 : b - r0] = rows[:, :, :3]
+        self.cache.put(cache_key, band)
+        return band
 
 
 class _TileCache:
@@ -259,15 +331,23 @@ class SlideReader:
             pages = [lvl.keyframe for lvl in levels]
             if len(pages) != len(self.info.level_dimensions):
                 return None
+            for page in pages:
+                _refuse_whole_page(page, self.uri)
             for page, (w, h) in zip(pages, self.info.level_dimensions, strict=True):
-                if not page.is_tiled or (page.imagewidth, page.imagelength) != (w, h):
+                if (page.imagewidth, page.imagelength) != (w, h):
                     return None
                 if page.planarconfig != 1 or page.samplesperpixel < 3 or page.dtype != np.uint8:
                     return None
                 if getattr(page, "is_ndpi", False) or page.imagedepth != 1:
                     return None
             fh = tiff.filehandle
-            return [_TileLevel(page, fh, self._cache, i) for i, page in enumerate(pages)]
+            name = os.path.basename(self.uri.rstrip("/"))
+            return [
+                _TileLevel(page, fh, self._cache, i) if page.is_tiled else _StripLevel(page, fh, self._cache, i, name)
+                for i, page in enumerate(pages)
+            ]
+        except SlideError:
+            raise
         except Exception:  # noqa: BLE001 - the fast path is optional; the backend still reads everything
             return None
 
@@ -365,11 +445,23 @@ class SlideReader:
             if ds <= downsample * (1 + MPP_TOLERANCE):
                 level = i
         w, h = self.info.level_dimensions[level]
-        pixels = self.read_level(level, 0, 0, w, h)
         out_w = max(1, int(round(self.info.width / downsample)))
         out_h = max(1, int(round(self.info.height / downsample)))
-        if (out_w, out_h) != (w, h):
-            pixels = cv2.resize(pixels, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        if w * h * 3 <= OVERVIEW_BAND_BYTES or (out_w, out_h) == (w, h):
+            pixels = self.read_level(level, 0, 0, w, h)
+            if (out_w, out_h) != (w, h):
+                pixels = cv2.resize(pixels, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        else:
+            # A large level (a single-level or stripped slide) is read and shrunk in bands of rows: the level is
+            # never held whole, only one band of it and the overview.
+            pixels = np.empty((out_h, out_w, 3), np.uint8)
+            step = max(1, int(OVERVIEW_BAND_BYTES / (w * 3 * h / out_h)))  # overview rows per band
+            for o0 in range(0, out_h, step):
+                o1 = min(out_h, o0 + step)
+                y0, y1 = round(o0 * h / out_h), (h if o1 == out_h else round(o1 * h / out_h))
+                band = self.read_level(level, 0, y0, w, max(1, y1 - y0))
+                pixels[o0:o1] = cv2.resize(band, (out_w, o1 - o0), interpolation=cv2.INTER_AREA)
+                self._cache.clear()
         self._cache.clear()
         return pixels, self.info.width / out_w
 
@@ -405,6 +497,30 @@ def _unreadable_message(path: str, first: BaseException, second: BaseException) 
     return (
         f"{name} is not a readable whole-slide image (openslide: {first}; tiffslide: {type(second).__name__}); "
         "check that the file is a complete SVS, NDPI or pyramidal TIFF"
+    )
+
+
+def _refuse_whole_page(page, uri: str) -> None:
+    """SlideError for a stripped page that is not read in bands (compressed, or not 8-bit interleaved RGB) and whose
+    strips decode to more than MAX_STRIP_BYTES each: every read of it would decode a whole strip."""
+    if page.is_tiled:
+        return
+    eligible = page.planarconfig == 1 and page.samplesperpixel >= 3 and page.dtype == np.uint8
+    rows = max(1, min(int(page.rowsperstrip or page.imagelength), int(page.imagelength)))
+    strip_bytes = rows * int(page.imagewidth) * int(page.samplesperpixel) * np.dtype(page.dtype).itemsize
+    if eligible and page.compression == 1:
+        return  # read in bands of rows
+    if strip_bytes > MAX_STRIP_BYTES:  # each read decodes at least one whole strip
+        name = os.path.basename(str(uri).rstrip("/"))
+        raise SlideError(oversized_strip_message(name, int(page.imagewidth), int(page.imagelength), strip_bytes))
+
+
+def oversized_strip_message(name: str, width: int, height: int, strip_bytes: int) -> str:
+    return (
+        f"{name} is a {width} x {height} stripped (non-tiled) TIFF whose strips decode to {strip_bytes / 2**20:.0f} "
+        f"MiB each, more than the {MAX_STRIP_BYTES / 2**20:g} MiB a slide may hold decoded at once; convert it to a "
+        f"tiled pyramidal TIFF (e.g. `vips tiffsave {name} tiled.tif --tile --pyramid --compression jpeg`) and "
+        "extract that"
     )
 
 

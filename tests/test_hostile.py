@@ -252,3 +252,27 @@ def test_small_compressed_strips_are_read_strip_by_strip(tmp_path):
         assert (slide.read_level(0, 10, 50, 150, 200) == data[50:250, 10:160]).all()
         edge = slide.read_level(0, 190, 290, 20, 20)
         assert (edge[:10, :10] == data[290:, 190:]).all() and (edge[10:] == 255).all()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"wsi_id": "a", "position": [float("nan"), "3"], "caption": "x"},
+        {"wsi_id": "a", "caption": "no position"},
+        {"wsi_id": "a", "position": ["-5", "3"]},
+        "not a record",
+    ],
+)
+def test_a_malformed_pathgen_json_record_names_the_file_and_the_record(tmp_path, record):
+    from pathgen.settings import load_settings
+    from tasks.slides.sources import SourceError, resolve_sources
+
+    good = {"wsi_id": "a", "position": ["10", "20"], "caption": "fine"}
+    source = tmp_path / "pathgen.json"
+    source.write_text(json.dumps([good, record]).replace("NaN", "NaN"))
+    settings = load_settings(overrides={"slides.roots": [str(tmp_path)]}, environ={})
+    with pytest.raises(SourceError) as caught:
+        resolve_sources([str(source)], settings)
+    message = str(caught.value)
+    assert str(source) in message and "record 1" in message and "fix or remove that record" in message
+    assert len(message) < 600

@@ -14,7 +14,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "tcga_prompts.yaml"
 GENERIC = "generic"
@@ -30,9 +29,11 @@ class SlidePrompts:
 
 
 def _read_prompt_file(path: Path) -> dict[str, list[str]]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    from pathgen.settings import SettingsError, load_yaml
+
+    try:  # without alias expansion: a hostile prompts file cannot blow up memory before any work
+        data = load_yaml(path.read_text(), f"prompts file {path}") or {}
+    except (OSError, SettingsError) as exc:
         raise ValueError(f"prompts file {path} cannot be read ({exc}); fix or unset selection.prompts_file") from None
     projects = dict(data.get("projects") or {})
     if data.get(GENERIC):

@@ -20,15 +20,18 @@ import csv
 import glob
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 
 from pathgen.settings import Settings
+from tasks.errors import cut, short_repr
 from tasks.store.objects import is_remote, local_path, storage_options, url_to_fs
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -321,8 +324,8 @@ def _pathgen_json(spec: str, settings: Settings) -> list[SlideRef]:
         raise SourceError(f"{spec} is not a PathGen-1.6M file: expected a list of {{wsi_id, position, caption}}")
     by_slide: dict[str, SlideRef] = {}
     roots = _roots(spec, settings)
-    for record in records:
-        wsi_id = str(record["wsi_id"])
+    for index, record in enumerate(records):
+        wsi_id, (x, y) = _pathgen_record(spec, index, record)
         ref = by_slide.get(wsi_id)
         if ref is None:
             file_id = record.get("file_id")
@@ -337,7 +340,6 @@ def _pathgen_json(spec: str, settings: Settings) -> list[SlideRef]:
                 captions=[],
                 missing_reason=missing,
             )
-        x, y = (int(float(v)) for v in record["position"])
         ref.positions.append((x, y))
         ref.captions.append(str(record.get("caption") or ""))
     refs = list(by_slide.values())
@@ -345,6 +347,22 @@ def _pathgen_json(spec: str, settings: Settings) -> list[SlideRef]:
     for ref, slide_id in zip(refs, _distinct_ids(layout), strict=True):
         ref.slide_id = slide_id
     return refs
+
+
+def _pathgen_record(spec: str, index: int, record: Any) -> tuple[str, tuple[int, int]]:
+    """A record's slide and level-0 corner; a malformed record stops the run naming the file and the record."""
+    try:
+        wsi_id = str(record["wsi_id"])
+        x, y = (float(v) for v in record["position"])
+        if not (math.isfinite(x) and math.isfinite(y)) or x < 0 or y < 0:
+            raise ValueError(f"position {x}, {y} is not a pair of non-negative numbers")
+        return wsi_id, (int(x), int(y))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        problem = f"{type(exc).__name__}: {cut(str(exc), 100)}"
+        raise SourceError(
+            f"{spec}: record {index} ({short_repr(record)}) has no valid wsi_id and position [x, y] ({problem}); "
+            "fix or remove that record"
+        ) from None
 
 
 def _missing(name: str, file_id: str | None, roots: list[str], spec: str) -> str:

@@ -70,24 +70,30 @@ def _word_change(a: str, b: str) -> float:
     return round(1.0 - difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio(), 4)
 
 
-def _model_name(role: RoleSettings, prompt: Prompt) -> str:
+def _model_name(role: RoleSettings, prompt: Prompt, random_weights: bool) -> str:
     if role.model:
-        return role.model
+        return role.model + (" (random weights)" if random_weights else "")
     from agents.tiny import TINY_LM, TINY_VLM
 
     return (TINY_VLM if prompt.has_image else TINY_LM) + " (random weights)"
 
 
-def provenance(settings: AgentsSettings, identity: dict[str, str]) -> dict[str, Any]:
+def provenance(
+    settings: AgentsSettings, identity: dict[str, str], random_roles: dict[str, bool] | None = None
+) -> dict[str, Any]:
     """What produces a pair: backend, model (name and identity as loaded), prompt version and sampling of every
-    role, and the caption budget."""
+    role, and the caption budget. ``random_roles`` says, per role, whether its backend loaded no trained weights
+    (without it, only the roles that name no model, the tiny ones, count as random weights)."""
     roles = {}
+    random_roles = dict(random_roles or {})
     for name in ROLES:
         role = getattr(settings, name)
         prompt = load_prompt(role.prompt)
+        random_roles[name] = random_roles.get(name, False) or role.model is None
         roles[name] = {
             "backend": role.backend,
-            "model": _model_name(role, prompt),
+            "model": _model_name(role, prompt, random_roles[name]),
+            "random_weights": random_roles[name],
             "identity": identity[name],
             "prompt": prompt.version,
             "sampling": sampling_of(role),
@@ -97,7 +103,7 @@ def provenance(settings: AgentsSettings, identity: dict[str, str]) -> dict[str, 
         "shorten_prompt": load_prompt(settings.shorten_prompt).version,
         "max_caption_tokens": settings.max_caption_tokens,
         "shorten_attempts": settings.shorten_attempts,
-        "random_weights": any(getattr(settings, name).model is None for name in ROLES),
+        "random_weights": any(random_roles.values()),
         "agents_hash": agents_hash(settings, identity),
     }
 
@@ -128,10 +134,13 @@ class CaptionAgents:
             )
             self.roles[name] = _Role(role, prompt, backend)
         self.shorten = load_prompt(settings.shorten_prompt)
-        if self.random_weights:
+        random = {n: r.settings.model or r.backend.model_id for n, r in self.roles.items() if r.backend.random_weights}
+        if random:
             self.logger.warning(
-                "captioning with tiny RANDOM-WEIGHT models: descriptions and captions are noise; set "
-                "agents.describe.model, agents.revise.model and agents.summarize.model for real captions"
+                "captioning with RANDOM-WEIGHT models (%s): descriptions and captions are noise; set "
+                "agents.describe.model, agents.revise.model and agents.summarize.model to models with trained "
+                "weights for real captions",
+                ", ".join(f"{n}: {m}" for n, m in random.items()),
             )
 
     @property
@@ -139,7 +148,7 @@ class CaptionAgents:
         return any(r.backend.random_weights for r in self.roles.values())
 
     def provenance(self) -> dict[str, Any]:
-        return provenance(self.settings, self.identity)
+        return provenance(self.settings, self.identity, {n: r.backend.random_weights for n, r in self.roles.items()})
 
     def agents_hash(self) -> str:
         return agents_hash(self.settings, self.identity)

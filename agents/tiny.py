@@ -1,7 +1,9 @@
 """Tiny random-weight models, built locally, for offline runs and tests: a byte-level BPE tokenizer trained on
 text the project ships (its attribute prompts and agent prompts), a LLaVA-style vision-language model and a causal
 language model. They exercise the same loading and generation code as real models; what they write is noise, and
-every run that uses them says so. Built once per version into a cache folder and reused.
+every run that uses them says so. Built once per version into a cache folder and reused. Their config.json carries
+``pathgen_random_weights: true``, so a copy of a tiny model under any other name or path is still declared random
+weights by the backends that load it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TINY_VERSION = "2"
+TINY_VERSION = "3"  # 3: config.json carries RANDOM_MARKER
 TINY_VLM = "tiny-random-vlm"
 TINY_LM = "tiny-random-lm"
+RANDOM_MARKER = "pathgen_random_weights"  # a config.json key: the weights were never trained
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     Path(__file__).resolve().parents[1] / "tasks" / "selection" / "data" / "tcga_prompts.yaml",
@@ -94,6 +97,7 @@ def build_tiny_models(cache: Path | None = None) -> dict[str, Path]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         lm = LlamaForCausalLM(_text_config(tokenizer))
+        setattr(lm.config, RANDOM_MARKER, True)
         lm.generation_config.pad_token_id = tokenizer.pad_token_id
         lm.save_pretrained(staging / TINY_LM)
         tokenizer.save_pretrained(staging / TINY_LM)
@@ -112,6 +116,7 @@ def build_tiny_models(cache: Path | None = None) -> dict[str, Path]:
             vision_feature_select_strategy="default",
             image_seq_length=49,
         )
+        setattr(config, RANDOM_MARKER, True)
         vlm = LlavaForConditionalGeneration(config)
         vlm.generation_config.pad_token_id = tokenizer.pad_token_id
         vlm.save_pretrained(staging / TINY_VLM)

@@ -8,6 +8,7 @@ settings.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -233,6 +234,13 @@ def _export(args: argparse.Namespace) -> int:
         print(f"pathgen export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {count} records to {args.out}")
+    from tasks.captions.export import provenance_path
+
+    side = json.loads(provenance_path(args.out).read_text())
+    print(f"provenance: {provenance_path(args.out)}")
+    if side["random_weights"]:
+        print(f"RANDOM WEIGHTS: {side['random_weight_records']} of {count} records were captioned by random-weight "
+              "models; their captions are noise")  # fmt: skip
     return EXIT_OK if count else EXIT_NONE_SUCCEEDED
 
 

@@ -1,4 +1,7 @@
-"""``pathgen inspect``: what a store or one shard holds, and a contact sheet of sample patches."""
+"""``pathgen inspect``: what a store or one shard holds, and a contact sheet of sample patches.
+
+A contact sheet of patches picked with random-weight embeddings (their slide.json says ``random_weights``), or of
+pairs captioned by random-weight models (their ``random_weights`` column), gets a red RANDOM WEIGHTS band on top."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
 TILE_PX = 160
+BANNER_PX = 22
+BANNER_RGB = (210, 0, 0)
 
 
 def _open_shard(url: str) -> tuple[Store, str]:
@@ -69,18 +74,42 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
     for row in shown.slice(0, rows).to_pylist():
         print("  " + ", ".join(f"{k}={_short(v)}" for k, v in row.items() if k not in ("source_uri",)))
     per_shard = max(1, math.ceil(samples / len(shards)))
+    random_selection, random_captions, records = set(), False, {}
     for key in shards:
         if len(images) >= samples:
             break
         with store.open(key) as handle:
-            part = read_shard(handle, columns=["slide_id", "x", "y", "image"])
+            names = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names
+            part = read_shard(
+                handle, columns=[c for c in ("slide_id", "x", "y", "image", "random_weights") if c in names]
+            )
         step = max(1, part.num_rows // per_shard)
         for i in range(0, part.num_rows, step)[:per_shard]:
+            if len(images) >= samples:
+                break
             images.append(part["image"][i].as_py())
             labels.append(f"{part['slide_id'][i].as_py()[:18]} {part['x'][i].as_py()},{part['y'][i].as_py()}")
-    _contact_sheet(images[:samples], labels[:samples], out)
-    print(f"\ncontact sheet of {len(images[:samples])} patches: {out}")
+            random_captions |= "random_weights" in names and bool(part["random_weights"][i].as_py())
+            if _selected_with_random_weights(store, part["slide_id"][i].as_py(), records):
+                random_selection.add(part["slide_id"][i].as_py())
+    reasons = (["patches picked with random-weight embeddings"] if random_selection else []) + (
+        ["captions from random-weight models"] if random_captions else []
+    )
+    banner = "RANDOM WEIGHTS: " + " and ".join(reasons) + " (noise)" if reasons else None
+    _contact_sheet(images, labels, out, banner)
+    print(f"\ncontact sheet of {len(images)} patches: {out}" + (f" ({banner})" if banner else ""))
     return 0
+
+
+def _selected_with_random_weights(store: Store, slide_id: str, seen: dict[str, bool]) -> bool:
+    """Whether the slide's record says its patches were picked with random-weight embeddings."""
+    if slide_id not in seen:
+        key = f"slides/{slide_id}/slide.json"
+        try:
+            seen[slide_id] = bool(store.exists(key) and store.read_json(key).get("random_weights"))
+        except (OSError, ValueError):
+            seen[slide_id] = False
+    return seen[slide_id]
 
 
 def _short(value):
@@ -114,19 +143,35 @@ def _print_pairs(store: Store) -> None:
                 with store.open(key) as handle:
                     total += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
             counts.append(total)
-        print(f"pairs/{agents_hash}: {len(pairs)} slide shard(s), {counts[0]} pairs, {counts[1]} failed items")
+        line = f"pairs/{agents_hash}: {len(pairs)} slide shard(s), {counts[0]} pairs, {counts[1]} failed items"
+        if any(_random_pairs(store, key) for key in pairs):
+            line += " (captioned with RANDOM-WEIGHT models: captions are noise)"
+        print(line)
         if pairs:
             print(f"  look at them: pathgen inspect {store.uri(pairs[0])}")
 
 
-def _contact_sheet(images: list[bytes], labels: list[str], out: str) -> None:
+def _random_pairs(store: Store, key: str) -> bool:
+    with store.open(key) as handle:
+        shard = pq.ParquetFile(handle, pre_buffer=False)
+        if "random_weights" not in shard.schema_arrow.names:
+            return False
+        return any(shard.read(columns=["random_weights"])["random_weights"].to_pylist())
+
+
+def _contact_sheet(images: list[bytes], labels: list[str], out: str, banner: str | None = None) -> None:
+    """Tiles with their labels; with ``banner`` (why the content is random weights) a red band on top reading it."""
     cols = max(1, min(6, len(images)))
     grid_rows = max(1, math.ceil(len(images) / cols))
-    sheet = Image.new("RGB", (cols * TILE_PX, grid_rows * (TILE_PX + 14)), "white")
+    top = BANNER_PX if banner else 0
+    sheet = Image.new("RGB", (cols * TILE_PX, top + grid_rows * (TILE_PX + 14)), "white")
     draw = ImageDraw.Draw(sheet)
+    if banner:
+        draw.rectangle((0, 0, sheet.width - 1, BANNER_PX - 1), fill=BANNER_RGB)
+        draw.text((4, 5), banner, fill=(255, 255, 255))
     for i, (data, label) in enumerate(zip(images, labels, strict=True)):
         tile = Image.open(io.BytesIO(data)).convert("RGB").resize((TILE_PX, TILE_PX))
-        x, y = (i % cols) * TILE_PX, (i // cols) * (TILE_PX + 14)
+        x, y = (i % cols) * TILE_PX, top + (i // cols) * (TILE_PX + 14)
         sheet.paste(tile, (x, y))
         draw.text((x + 2, y + TILE_PX), label, fill=(0, 0, 0))
     sheet.save(out)

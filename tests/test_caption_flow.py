@@ -182,7 +182,8 @@ def test_cli_caption_and_pathgen_json_export(prefect_api, tiny_models, store, tm
     export = pathgen("export", "pathgen-json", "--store", str(store), "--out", str(out))
     assert export.returncode == 0, export.stderr
     records = json.loads(out.read_text())
-    assert records and set(records[0]) == {"wsi_id", "position", "caption"}
+    assert records and set(records[0]) == {"wsi_id", "position", "caption", "random_weights"}
+    assert records[0]["random_weights"] is True and "RANDOM WEIGHTS" in export.stdout
     assert {r["wsi_id"] for r in records} <= set(SLIDES) and all(isinstance(v, str) for v in records[0]["position"])
     shown = pathgen("inspect", str(store), "--out", str(tmp_path / "sheet.png"))
     assert shown.returncode == 0, shown.stderr

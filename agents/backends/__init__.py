@@ -1,5 +1,9 @@
 """Model backends behind one protocol (agents.protocol.ChatBackend), and the one factory that builds them.
 
+A backend's ``random_weights`` says whether its model's weights were loaded, whatever the model is called: the tiny
+models (built seeded-random; their config.json says so), a folder with a config but no weight files, and a model
+most of whose parameters were missing from its weight files are all random weights.
+
 Backends are cached per process, keyed by the model's identity as loaded and every setting that shapes its replies
 (agents.identity.role_inputs): roles that name the same model with the same settings share one loaded model, and a
 backend built for other settings is never handed out.
@@ -11,12 +15,42 @@ import base64
 import io
 import json
 import threading
+from pathlib import Path
 
 from agents.protocol import ChatBackend, ChatRequest
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
 
 _backends: dict[str, ChatBackend] = {}
 _lock = threading.Lock()
+
+# What transformers and vLLM load weights from; a folder with none of these has nothing but a config to build from.
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf")
+NOT_WEIGHTS = {"training_args.bin"}
+
+
+def has_weight_files(folder: str | Path) -> bool:
+    """Whether a model folder holds any weight file (top level, where from_pretrained looks)."""
+    folder = Path(folder).expanduser()
+    return any(f.name not in NOT_WEIGHTS for pattern in WEIGHT_FILES for f in folder.glob(pattern))
+
+
+def folder_random_weights(model_id: str) -> str | None:
+    """Why a local model folder is random weights (None: it is not, or it is not a local folder)."""
+    from agents.tiny import RANDOM_MARKER
+
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return None
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            if json.loads(config.read_text()).get(RANDOM_MARKER):
+                return f"its config.json says it was built with random weights ({RANDOM_MARKER})"
+        except (ValueError, OSError):
+            pass
+    if not has_weight_files(folder):
+        return "its folder has no weight files (" + ", ".join(WEIGHT_FILES) + "): nothing but a config to build from"
+    return None
 
 
 def shrink_jpeg(image: bytes, max_pixels: int) -> bytes:

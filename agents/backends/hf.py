@@ -1,11 +1,56 @@
 """The transformers backend: AutoModelForImageTextToText or AutoModelForCausalLM with their processor or
-tokenizer, batched ``generate`` with left padding, on CPU or GPU. Model ids are hub ids or local folders."""
+tokenizer, batched ``generate`` with left padding, on CPU or GPU. Model ids are hub ids or local folders.
+
+``random_weights`` is decided by what was loaded, not by the model's name: the caller's word (the tiny models), a
+config that says the weights are random, a local folder with a config but no weight files (the model is then built
+from its config, seeded, and says so), or weight files that lacked most of the model's parameters."""
 
 from __future__ import annotations
 
 import io
+import logging
+from pathlib import Path
 
 from agents.protocol import ChatReply, ChatRequest, Sampling
+
+log = logging.getLogger("pathgen.agents")
+MOSTLY_MISSING = 0.5  # above this share of parameters (by count) left uninitialised, the model is random weights
+
+
+def missing_share(model, missing_keys) -> float:
+    """Share of the model's parameter values (not tensors) that its weight files did not provide."""
+    state = model.state_dict()
+    total = sum(t.numel() for t in state.values())
+    missing = sum(state[k].numel() for k in set(missing_keys) if k in state)
+    return missing / total if total else 1.0
+
+
+def load_model(cls, model_id: str, config, dtype, revision: str | None) -> tuple[object, str | None]:
+    """The model and, when its weights were not (mostly) loaded, why it is random weights."""
+    import torch
+
+    from agents.backends import has_weight_files
+
+    if Path(model_id).expanduser().is_dir() and not has_weight_files(model_id):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same random model on every worker
+            model = cls.from_config(config, dtype=dtype)
+        try:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(model_id)
+        except OSError:
+            pass  # no generation_config.json: the defaults from the config
+        return model, "no weight files (*.safetensors, *.bin) in its folder: built from config.json with random weights"
+    model, info = cls.from_pretrained(model_id, dtype=dtype, revision=revision, output_loading_info=True)
+    share = missing_share(model, info.get("missing_keys", ()))
+    if share > MOSTLY_MISSING:
+        return model, f"{share:.0%} of its parameters were not in its weight files and were initialised at random"
+    if share > 0:
+        log.warning(
+            "%s: %.1f%% of its parameters were not in its weight files (initialised at random)", model_id, share * 100
+        )
+    return model, None
 
 
 class TransformersBackend:
@@ -22,11 +67,15 @@ class TransformersBackend:
         import torch
         from transformers import AutoConfig
 
+        from agents.tiny import RANDOM_MARKER
+
         self.model_id = model_id
-        self.random_weights = random_weights
         self.batch_size = batch_size
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         config = AutoConfig.from_pretrained(model_id, revision=revision)
+        reasons = ["built with random weights"] if random_weights else []
+        if getattr(config, RANDOM_MARKER, False):
+            reasons.append(f"its config says it was built with random weights ({RANDOM_MARKER})")
         self.vision = hasattr(config, "vision_config")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         if self.vision:
@@ -34,14 +83,20 @@ class TransformersBackend:
 
             self.processor = AutoProcessor.from_pretrained(model_id, revision=revision)
             self.tokenizer = self.processor.tokenizer
-            self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype, revision=revision)
+            model_class = AutoModelForImageTextToText
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             self.processor = self.tokenizer = AutoTokenizer.from_pretrained(
                 model_id, padding_side="left", revision=revision
             )
-            self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, revision=revision)
+            model_class = AutoModelForCausalLM
+        self.model, unloaded = load_model(model_class, model_id, config, dtype, revision)
+        if unloaded:
+            reasons.append(unloaded)
+            log.warning("%s is RANDOM WEIGHTS: %s; its replies are noise", model_id, unloaded)
+        self.random_weights = bool(reasons)
+        self.random_reason = "; ".join(reasons) or None
         self.tokenizer.padding_side = "left"  # generation appends on the right: pad on the left
         self.model.to(self.device).eval()
 

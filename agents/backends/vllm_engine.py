@@ -4,7 +4,7 @@ and context length. vllm lives in the ``gpu`` extra and is imported only when th
 
 from __future__ import annotations
 
-from agents.backends import openai_messages
+from agents.backends import folder_random_weights, openai_messages
 from agents.protocol import ChatReply, ChatRequest, Sampling
 from pathgen.settings import AgentsSettings
 from tasks.errors import BackendError
@@ -24,12 +24,14 @@ def engine_arguments(model_id: str, agents: AgentsSettings, revision: str | None
 
 class VLLMBackend:
     name = "vllm"
-    random_weights = False
 
     def __init__(self, model_id: str, agents: AgentsSettings, revision: str | None = None) -> None:
         from vllm import LLM
 
         self.model_id = model_id
+        # A local folder tells whether it holds trained weights (a tiny model copied under another name does not).
+        self.random_reason = folder_random_weights(model_id)
+        self.random_weights = self.random_reason is not None
         self.max_image_pixels = agents.max_image_pixels
         self.llm = LLM(**engine_arguments(model_id, agents, revision))
 

@@ -1,22 +1,39 @@
 """Exports of pair shards: PathGen-1.6M JSON (``wsi_id``, ``position`` [x, y] as strings, ``caption``,
-``file_id``), so that our pairs and the released ones read with the same code."""
+``file_id``), so that our pairs and the released ones read with the same code.
+
+The export stays a plain list of records, readable by PathGen-1.6M code; a record captioned by models with random
+weights also carries ``"random_weights": true`` (absent otherwise, as in the released data). Beside it,
+``<out>.provenance.json`` says what made the pairs: the agents_hash, each role's model and identity, and
+``random_weights``."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
 
 from tasks.captions.records import pairs_prefix
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
+
+ROLES = ("describe", "revise", "summarize")
+COLUMNS = ["slide_id", "x", "y", "caption", "file_id", "random_weights", *(f"{role}_model" for role in ROLES)]
 
 
 def agents_hashes(store: Store) -> list[str]:
     return sorted({key.split("/")[1] for key in store.list("pairs", ".parquet")})
 
 
+def provenance_path(out: str | Path) -> Path:
+    """Where the export of ``out`` keeps its provenance: ``<out>.provenance.json``."""
+    return Path(f"{out}.provenance.json")
+
+
 def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None = None) -> int:
-    """Write every pair of one agents_hash as a PathGen-1.6M JSON list; returns how many records."""
+    """Write every pair of one agents_hash as a PathGen-1.6M JSON list, and its provenance beside it (see
+    ``provenance_path``); returns how many records."""
     hashes = agents_hashes(store)
     if agents_hash is None:
         if len(hashes) != 1:
@@ -26,13 +43,39 @@ def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None =
     elif agents_hash not in hashes:
         raise ValueError(f"no pairs under agents_hash {agents_hash!r} (found: {', '.join(hashes) or 'none'})")
     records = []
+    random_records = 0
+    models: dict[str, set[str]] = {role: set() for role in ROLES}
+    provenance: dict[str, Any] | None = None
     for key in store.list(pairs_prefix(agents_hash), ".parquet"):
         with store.open(key) as handle:
-            table = read_shard(handle, columns=["slide_id", "x", "y", "caption", "file_id"])
+            shard = pq.ParquetFile(handle, pre_buffer=False)
+            meta = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
+            table = read_shard(handle, columns=[c for c in COLUMNS if c in shard.schema_arrow.names])
+        if provenance is None and "pathgen.provenance" in meta:
+            provenance = json.loads(meta["pathgen.provenance"])
         for row in table.to_pylist():
             record = {"wsi_id": row["slide_id"], "position": [str(row["x"]), str(row["y"])], "caption": row["caption"]}
-            if row["file_id"]:
+            if row.get("file_id"):
                 record["file_id"] = row["file_id"]
+            if row.get("random_weights"):
+                record["random_weights"] = True
+                random_records += 1
+            for role in ROLES:
+                if row.get(f"{role}_model"):
+                    models[role].add(row[f"{role}_model"])
             records.append(record)
     Path(out).write_text(json.dumps(records, indent=1) + "\n")
+    roles = (provenance or {}).get("roles", {})
+    sidecar = {
+        "export": str(out),
+        "format": "pathgen-1.6m-json",
+        "agents_hash": agents_hash,
+        "records": len(records),
+        "random_weights": random_records > 0 or bool((provenance or {}).get("random_weights")),
+        "random_weight_records": random_records,
+        "models": {role: ", ".join(sorted(models[role])) or roles.get(role, {}).get("model") for role in ROLES},
+        "identities": {role: roles[role].get("identity") for role in ROLES if role in roles},
+        "provenance": provenance,
+    }
+    provenance_path(out).write_text(json.dumps(sidecar, indent=1) + "\n")
     return len(records)

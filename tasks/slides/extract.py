@@ -341,13 +341,26 @@ def _extract(
         _write_png(
             store,
             thumbnail_key(ref.slide_id),
-            draw_thumbnail(picture, mask_big, picture_downsample, kept_boxes, settings.extract.thumbnail_px),
+            draw_thumbnail(
+                picture,
+                mask_big,
+                picture_downsample,
+                kept_boxes,
+                settings.extract.thumbnail_px,
+                random_weights=result.random_weights,
+            ),
         )
         if plan.name == "representative":
             _write_png(
                 store,
                 selection_key(ref.slide_id),
-                draw_selection(picture, picture_downsample, result.kept, settings.extract.thumbnail_px),
+                draw_selection(
+                    picture,
+                    picture_downsample,
+                    result.kept,
+                    settings.extract.thumbnail_px,
+                    random_weights=result.random_weights,
+                ),
             )
             record.selection_png = selection_key(ref.slide_id)
         timings["thumbnail"] = time.perf_counter() - tick

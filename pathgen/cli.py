@@ -154,7 +154,7 @@ def _extract(args: argparse.Namespace) -> int:
         state = extract_flow(
             sources=list(sources),
             config=args.config,
-            overrides=overrides,
+            overrides=credentials_to_environment(overrides),
             processes=not args.threads,
             parts=args.parts,
             return_state=True,
@@ -174,7 +174,21 @@ def _overrides(args: argparse.Namespace) -> dict:
     if args.store:
         overrides["store"] = args.store
     load_settings(args.config, overrides)  # fail here, before Prefect starts, on a bad setting
-    return overrides
+    return credentials_to_environment(overrides)
+
+
+def credentials_to_environment(overrides: dict) -> dict:
+    """A URL with credentials in it (``https://user:secret@host``) goes to this process's environment, where the
+    settings read it, instead of into the flow run's parameters, which Prefect stores and shows in its UI."""
+    from tasks.errors import without_userinfo
+
+    kept = {}
+    for key, value in overrides.items():
+        if isinstance(value, str) and without_userinfo(value) != value:
+            os.environ["PATHGEN_" + key.upper().replace(".", "__")] = value
+        else:
+            kept[key] = value
+    return kept
 
 
 def _caption(args: argparse.Namespace) -> int:

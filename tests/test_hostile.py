@@ -276,3 +276,18 @@ def test_a_malformed_pathgen_json_record_names_the_file_and_the_record(tmp_path,
     message = str(caught.value)
     assert str(source) in message and "record 1" in message and "fix or remove that record" in message
     assert len(message) < 600
+
+
+def test_credentials_in_a_url_setting_stay_out_of_flow_parameters(monkeypatch):
+    """Prefect stores a flow run's parameters (and shows them in the UI): a URL with user-info goes to the
+    environment of this process instead, where the settings still find it."""
+    from pathgen.cli import credentials_to_environment
+
+    monkeypatch.delenv("PATHGEN_AGENTS__OPENAI_BASE_URL", raising=False)
+    url = "http://user:s3cret@127.0.0.1:9/v1"
+    kept = credentials_to_environment({"agents.openai_base_url": url, "patch.patch_px": 224})
+    assert kept == {"patch.patch_px": 224} and "s3cret" not in json.dumps(kept)
+    import os
+
+    assert load_settings(overrides=kept, environ=dict(os.environ)).agents.openai_base_url == url
+    monkeypatch.delenv("PATHGEN_AGENTS__OPENAI_BASE_URL")

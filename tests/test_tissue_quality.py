@@ -162,3 +162,22 @@ def test_quality_scores_tell_tissue_blur_glass_and_ink(cmu_rgb):
     inked[:, :200] = (20, 160, 40)  # green marker
     assert rejection_reason(score_patch(inked, cfg.analysis_px), cfg) == "pen"
     assert rejection_reason(score_patch(inked, cfg.analysis_px), QualitySettings(enabled=False)) is None
+
+
+@pytest.mark.parametrize("folder", ["01_TUMOR", "04_LYMPHO", "02_STROMA"])
+def test_a_kather_tile_extracts_at_its_real_pixel_size(tmp_path, folder):
+    """A 150 px H&E tile of tissue edge to edge: its 72 dpi tag is no pixel size (so without one the slide says so),
+    and at its real 0.495 µm/px the whole tile is tissue, not a speck under the whole-slide minimum area."""
+    from pathgen.settings import load_settings
+    from tasks.slides.extract import extract_slide
+    from tasks.slides.sources import resolve_sources
+    from tasks.store.objects import Store
+
+    tile = sorted((SHARED / "patches" / "kather2016-samples" / folder).glob("*.tif"))[0]
+    base = {"store": str(tmp_path / "store"), "patch.patch_px": 128, "selection.method": "all"}
+    unknown = load_settings(overrides=base, environ={})
+    outcome = extract_slide(resolve_sources([str(tile)], unknown)[0], unknown, Store(unknown.store))
+    assert outcome.status == "failed" and "mpp" in (outcome.error or "").lower(), outcome.error
+    settings = load_settings(overrides=base | {"slides.default_mpp": 0.495, "store": str(tmp_path / "s2")}, environ={})
+    outcome = extract_slide(resolve_sources([str(tile)], settings)[0], settings, Store(settings.store))
+    assert outcome.status == "ok" and outcome.patches == 1, outcome.error

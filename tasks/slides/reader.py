@@ -31,6 +31,7 @@ from tasks.store.objects import is_remote, local_path, storage_options
 
 # Levels whose MPP is within this relative tolerance of the target are read without resampling.
 MPP_TOLERANCE = 0.02
+MAX_PLAUSIBLE_MPP = 50.0  # µm/px: coarser than any microscope scan's level 0 (a 1x objective is ~10)
 TILE_CACHE_BYTES = 512 * 2**20
 STRIP_BAND_BYTES = 16 * 2**20  # rows of an uncompressed stripped page are read in bands of about this size
 MAX_STRIP_BYTES = 256 * 2**20  # a compressed strip is decoded whole: larger than this decoded, the slide is refused
@@ -301,6 +302,9 @@ class SlideReader:
         mpp_x = _float_or_none(props.get(f"{prefix}.mpp-x"))
         mpp_y = _float_or_none(props.get(f"{prefix}.mpp-y"))
         mpp = (mpp_x + mpp_y) / 2 if mpp_x and mpp_y else (mpp_x or mpp_y)
+        if mpp and mpp > MAX_PLAUSIBLE_MPP:
+            # A screen resolution tag (72 dpi reads as 352.8 µm/px), not a microscope's: no pixel size is known.
+            mpp = None
         vendor = props.get(f"{prefix}.vendor") or "unknown"
         dims = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
         self.info = SlideInfo(

@@ -79,7 +79,10 @@ def tissue_mask(overview_rgb: np.ndarray, downsample: float, mpp: float | None, 
     mask = (blurred > threshold).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (cfg.closing_px, cfg.closing_px))
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    mask = _drop_small_pieces(mask, _min_area_px(downsample, mpp, cfg.min_area_um2))
+    # A piece is never required to be larger than a tenth of the whole image: a single patch (a 150 px Kather tile
+    # is 0.0055 mm^2) would otherwise lose all its tissue to a minimum meant for specks on a whole slide.
+    smallest = min(_min_area_px(downsample, mpp, cfg.min_area_um2), int(mask.size * MAX_MIN_AREA_SHARE))
+    mask = _drop_small_pieces(mask, smallest)
     mask = _fill_holes(mask)
     if not mask.any():
         raise SlideError(
@@ -101,6 +104,9 @@ def stained_share(rgb: np.ndarray, min_saturation: int) -> float:
         & ((high - low) * 255 >= min_saturation * high)  # HSV saturation: some colour, not grey or white
     )
     return float(stained.mean()) if stained.size else 0.0
+
+
+MAX_MIN_AREA_SHARE = 0.1
 
 
 def _min_area_px(downsample: float, mpp: float | None, min_area_um2: float) -> int:

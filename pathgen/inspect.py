@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import posixpath
+import textwrap
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -16,7 +17,8 @@ from PIL import Image, ImageDraw
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
-TILE_PX = 160
+TILE_PX = 336  # half a 672 px patch: nuclei and cells are still visible
+CAPTION_LINES = 4  # of a pair's caption under its tile (about 50 characters each)
 BANNER_PX = 22
 BANNER_RGB = (210, 0, 0)
 
@@ -80,15 +82,17 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
             break
         with store.open(key) as handle:
             names = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names
-            part = read_shard(
-                handle, columns=[c for c in ("slide_id", "x", "y", "image", "random_weights") if c in names]
-            )
+            wanted = ("slide_id", "x", "y", "image", "random_weights", "caption")
+            part = read_shard(handle, columns=[c for c in wanted if c in names])
         step = max(1, part.num_rows // per_shard)
         for i in range(0, part.num_rows, step)[:per_shard]:
             if len(images) >= samples:
                 break
             images.append(part["image"][i].as_py())
-            labels.append(f"{part['slide_id'][i].as_py()[:18]} {part['x'][i].as_py()},{part['y'][i].as_py()}")
+            label = f"{part['slide_id'][i].as_py()[:30]} {part['x'][i].as_py()},{part['y'][i].as_py()}"
+            if "caption" in names:  # a pair shard: show what the caption says about this very patch
+                label += "\n" + "\n".join(textwrap.wrap(part["caption"][i].as_py(), 52)[:CAPTION_LINES])
+            labels.append(label)
             random_captions |= "random_weights" in names and bool(part["random_weights"][i].as_py())
             if _selected_with_random_weights(store, part["slide_id"][i].as_py(), records):
                 random_selection.add(part["slide_id"][i].as_py())
@@ -161,17 +165,18 @@ def _random_pairs(store: Store, key: str) -> bool:
 
 def _contact_sheet(images: list[bytes], labels: list[str], out: str, banner: str | None = None) -> None:
     """Tiles with their labels; with ``banner`` (why the content is random weights) a red band on top reading it."""
-    cols = max(1, min(6, len(images)))
+    cols = max(1, min(4, len(images)))
     grid_rows = max(1, math.ceil(len(images) / cols))
     top = BANNER_PX if banner else 0
-    sheet = Image.new("RGB", (cols * TILE_PX, top + grid_rows * (TILE_PX + 14)), "white")
+    label_h = 14 * (1 + max((label.count("\n") for label in labels), default=0))
+    sheet = Image.new("RGB", (cols * TILE_PX, top + grid_rows * (TILE_PX + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
     if banner:
         draw.rectangle((0, 0, sheet.width - 1, BANNER_PX - 1), fill=BANNER_RGB)
         draw.text((4, 5), banner, fill=(255, 255, 255))
     for i, (data, label) in enumerate(zip(images, labels, strict=True)):
         tile = Image.open(io.BytesIO(data)).convert("RGB").resize((TILE_PX, TILE_PX))
-        x, y = (i % cols) * TILE_PX, top + (i // cols) * (TILE_PX + 14)
+        x, y = (i % cols) * TILE_PX, top + (i // cols) * (TILE_PX + label_h)
         sheet.paste(tile, (x, y))
-        draw.text((x + 2, y + TILE_PX), label, fill=(0, 0, 0))
+        draw.multiline_text((x + 2, y + TILE_PX), label, fill=(0, 0, 0), spacing=2)
     sheet.save(out)

@@ -1,5 +1,6 @@
 """Pictures a person checks at a glance: the tissue and kept grid (thumbnail.png) and the selection
-(selection.png: kept patches outlined in their cluster's colour, retrieval picks marked with a filled corner).
+(selection.png: kept patches outlined in their cluster's colour, retrieval picks marked with a filled corner, and a
+legend below saying so). Box lines grow with the picture and carry a white edge, so they stay visible on purple.
 
 When the patches were picked with random-weight embeddings (``random_weights``), both pictures get a red
 "RANDOM WEIGHTS" band above the slide: the picks they show are noise, and the picture says so where it is looked at.
@@ -60,11 +61,22 @@ def draw_thumbnail(
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(image, contours, -1, (0, 170, 0), 2)
     factor = scale / downsample
+    line = line_px(image)
     for x, y, w, h in kept_boxes:
-        cv2.rectangle(
-            image, (int(x * factor), int(y * factor)), (int((x + w) * factor), int((y + h) * factor)), (30, 60, 220), 1
-        )
+        p0, p1 = (int(x * factor), int(y * factor)), (int((x + w) * factor), int((y + h) * factor))
+        outlined_box(image, p0, p1, (30, 60, 220), line)
     return random_weights_banner(image) if random_weights else image
+
+
+def line_px(image: np.ndarray) -> int:
+    """Box lines scale with the picture: 1 px vanishes on purple tissue in a 1024 px thumbnail."""
+    return max(2, round(max(image.shape[:2]) / 400))
+
+
+def outlined_box(image: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], colour, line: int) -> None:
+    """A coloured box with a white edge around it, visible on purple, pink and white alike."""
+    cv2.rectangle(image, p0, p1, (255, 255, 255), line + 2)
+    cv2.rectangle(image, p0, p1, colour, line)
 
 
 def cluster_colour(cluster: int) -> tuple[int, int, int]:
@@ -81,15 +93,44 @@ def draw_selection(
     image, scale = _fit(overview_rgb, max_px)
     image = (image.astype(np.float32) * 0.75 + 255 * 0.25).astype(np.uint8)  # fade so outlines stand out
     factor = scale / downsample
+    line = line_px(image)
     for patch in kept:
         x, y, w, h = patch.box
         p0 = (int(x * factor), int(y * factor))
         p1 = (int((x + w) * factor), int((y + h) * factor))
         colour = cluster_colour(patch.cluster) if patch.cluster is not None else (30, 60, 220)
-        cv2.rectangle(image, p0, p1, colour, 2)
+        outlined_box(image, p0, p1, colour, line)
         if any(reason.startswith("retrieval:") for reason in patch.selected_by):
-            side = max(4, (p1[0] - p0[0]) // 3)
-            corner = np.array([p0, (p0[0] + side, p0[1]), (p0[0], p0[1] + side)], np.int32)
-            cv2.fillPoly(image, [corner], colour)
-            cv2.polylines(image, [corner], True, (255, 255, 255), 1)
+            _corner(image, p0, max(4, (p1[0] - p0[0]) // 3), colour)
+    image = np.concatenate([image, selection_legend(kept, image.shape[1])], axis=0)
     return random_weights_banner(image) if random_weights else image
+
+
+def _corner(image: np.ndarray, p0: tuple[int, int], side: int, colour) -> None:
+    corner = np.array([p0, (p0[0] + side, p0[1]), (p0[0], p0[1] + side)], np.int32)
+    cv2.fillPoly(image, [corner], colour)
+    cv2.polylines(image, [corner], True, (255, 255, 255), 1)
+
+
+def selection_legend(kept: list[KeptPatch], width: int) -> np.ndarray:
+    """A white strip below the picture: what a box colour and a filled corner mean, with a swatch per cluster."""
+    clusters = sorted({p.cluster for p in kept if p.cluster is not None})
+    retrieval = sum(any(r.startswith("retrieval:") for r in p.selected_by) for p in kept)
+    row_h, font, scale = 18, cv2.FONT_HERSHEY_SIMPLEX, 0.42
+    entries = [(cluster_colour(c), f"cluster {c}", False) for c in clusters[:12]]
+    entries.append(((90, 90, 90), f"filled corner: retrieval pick ({retrieval})", True))
+    per_row = max(1, width // 150)
+    rows = [entries[i : i + per_row] for i in range(0, len(entries), per_row)]
+    strip = np.full((8 + row_h * (len(rows) + 1), width, 3), 255, np.uint8)
+    title = f"{len(kept)} selected; box colour = k-means cluster ({len(clusters)} clusters" + (
+        ", first 12 shown)" if len(clusters) > 12 else ")"
+    )
+    cv2.putText(strip, title, (4, row_h - 4), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    for r, row in enumerate(rows, start=1):
+        for c, (colour, label, corner) in enumerate(row):
+            x, y = 4 + c * (width // per_row), 4 + r * row_h
+            cv2.rectangle(strip, (x, y), (x + 12, y + 12), colour, -1 if not corner else 2)
+            if corner:
+                _corner(strip, (x, y), 8, colour)
+            cv2.putText(strip, label, (x + 16, y + 11), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip

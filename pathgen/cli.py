@@ -2,7 +2,8 @@
 
 Exit codes: ``extract``: 0 when at least one slide succeeded, 1 when none did; ``caption``: 0 when every slide is
 captioned, 1 when slides remain pending or the store holds no patch shards (the cause is named); 2 for bad usage or
-settings.
+settings (a missing local SOURCE, an ``--out`` in a missing folder); 1 for an unexpected error, told in one line
+(``pathgen --debug ...`` shows its traceback).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathgen.processes import bound_threads, ensure_api_server  # noqa: E402
 from pathgen.settings import SettingsError, load_settings, parse_assignments  # noqa: E402
 
 EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
+EXIT_ERROR = 1
+SOURCE_KINDS = "a slide file, a folder, a glob, an s3:// URL, a GDC manifest or a PathGen JSON file"
+GLOB_CHARS = "*?["
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
@@ -46,9 +50,14 @@ def _parts_arg(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathgen", description="PathGen Factory: slides to image-text pairs.")
+    debug_help = "on an unexpected error print its traceback, not just its one-line reason"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also after the subcommand; SUPPRESS keeps a subcommand without it from resetting the global flag.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    extract = sub.add_parser("extract", help="extract tissue patches from slides into the store")
+    extract = sub.add_parser("extract", parents=[common], help="extract tissue patches from slides into the store")
     extract.add_argument(
         "sources",
         nargs="*",
@@ -60,12 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     _parts_arg(extract)
     _settings_args(extract)
 
-    caption = sub.add_parser("caption", help="caption the selected patches: describe, revise, summarize")
+    caption = sub.add_parser(
+        "caption", parents=[common], help="caption the selected patches: describe, revise, summarize"
+    )
     caption.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
     _parts_arg(caption)
     _settings_args(caption)
 
-    export = sub.add_parser("export", help="write pairs in an interchange format")
+    export = sub.add_parser("export", parents=[common], help="write pairs in an interchange format")
     export.add_argument(
         "format",
         choices=["pathgen-json", "webdataset"],
@@ -76,11 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--agents-hash", metavar="HASH", help="which pairs (needed when the store holds several)")
     _settings_args(export)
 
-    train = sub.add_parser("train-clip", help="train PathGen-CLIP on the pairs with open_clip's trainer")
+    train = sub.add_parser(
+        "train-clip", parents=[common], help="train PathGen-CLIP on the pairs with open_clip's trainer"
+    )
     train.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
     _settings_args(train)
 
-    evaluate = sub.add_parser("evaluate", help="zero-shot, linear-probe and retrieval evaluation of a CLIP model")
+    evaluate = sub.add_parser(
+        "evaluate", parents=[common], help="zero-shot, linear-probe and retrieval evaluation of a CLIP model"
+    )
     evaluate.add_argument("--dataset", metavar="DIR", required=True, help="one folder per class (or train/ test/)")
     evaluate.add_argument("--classes", metavar="FILE", required=True, help="JSON: folder -> class names [templates]")
     evaluate.add_argument(
@@ -90,13 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--store", metavar="URL", help="where eval/<run>/ goes and checkpoints are looked up")
     _settings_args(evaluate)
 
-    inspect = sub.add_parser("inspect", help="show what a store or a shard holds and write a contact sheet")
+    inspect = sub.add_parser(
+        "inspect", parents=[common], help="show what a store or a shard holds and write a contact sheet"
+    )
     inspect.add_argument("url", metavar="URL", help="store root or a .parquet shard")
     inspect.add_argument("--out", metavar="PNG", default="contact-sheet.png", help="contact sheet path")
     inspect.add_argument("--samples", type=int, default=24, help="patches on the contact sheet")
     inspect.add_argument("--rows", type=int, default=5, help="sample rows printed")
 
-    settings = sub.add_parser("settings", help="print the effective settings as YAML")
+    settings = sub.add_parser("settings", parents=[common], help="print the effective settings as YAML")
     _settings_args(settings)
     return parser
 
@@ -135,7 +152,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"pathgen: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if args.debug:
+            raise
+        from tasks.errors import cut
+
+        reason = cut(" ".join(str(exc).split()), 300)
+        print(
+            f"pathgen {args.command}: {type(exc).__name__}: {reason} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     return EXIT_USAGE
+
+
+def _source_problem(spec: str) -> str | None:
+    """Why a local SOURCE names nothing (it does not exist, or its glob matches no slide file), told before Prefect
+    starts; None for a remote URL or a local source that is there (whether it reads is the flow's to find out)."""
+    from tasks.slides.sources import is_slide_name
+    from tasks.store.objects import is_remote, local_path
+
+    spec = str(spec)
+    if is_remote(spec):
+        return None
+    if any(ch in spec for ch in GLOB_CHARS):
+        import glob
+
+        pattern = os.path.expanduser(spec)  # as the source resolver reads it
+        if any(is_slide_name(p) for p in glob.iglob(pattern, recursive=True)):
+            return None
+        return (
+            f"the glob {spec} matches no slide file; check the pattern, or give a slide file, a folder, "
+            "an s3:// URL, a GDC manifest or a PathGen JSON file"
+        )
+    if os.path.exists(local_path(spec)):
+        return None
+    return f"{spec} does not exist; give {SOURCE_KINDS}"
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -147,6 +199,11 @@ def _extract(args: argparse.Namespace) -> int:
     if not sources:
         print("pathgen extract: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
         return EXIT_USAGE
+    for spec in sources:  # a missing local path is a usage error: nothing starts and nothing is written for it
+        problem = _source_problem(spec)
+        if problem:
+            print(f"pathgen extract: {problem}", file=sys.stderr)
+            return EXIT_USAGE
 
     from flows.extract import extract_flow
 
@@ -237,6 +294,10 @@ def _export(args: argparse.Namespace) -> int:
     from tasks.captions.export import export_pathgen_json
     from tasks.store.objects import Store
 
+    problem = _out_problem(args.format, args.out)
+    if problem:  # before reading the store: a wrong --out is told at once
+        print(f"pathgen export: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     settings = load_settings(args.config, _overrides(args))
     if args.format == "webdataset":
         from pathgen.clip_cli import export_webdataset
@@ -256,6 +317,26 @@ def _export(args: argparse.Namespace) -> int:
         print(f"RANDOM WEIGHTS: {side['random_weight_records']} of {count} records were captioned by random-weight "
               "models; their captions are noise")  # fmt: skip
     return EXIT_OK if count else EXIT_NONE_SUCCEEDED
+
+
+def _out_problem(fmt: str, out: str) -> str | None:
+    """Why ``--out`` cannot be written: pathgen-json writes a file into a folder that must exist; webdataset writes a
+    folder, created when missing, so only an existing file in its place is wrong."""
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    if fmt == "webdataset":
+        if path.exists() and not path.is_dir():
+            return f"--out {out} is a file; webdataset writes a folder of tars: choose a folder"
+        return None
+    if path.is_dir():
+        return f"--out {out} is a folder; pathgen-json writes one file: choose a file name, e.g. {path / 'pairs.json'}"
+    parent = path.absolute().parent
+    if not parent.exists():
+        return f"folder {parent} does not exist; create it or choose another --out"
+    if not parent.is_dir():
+        return f"{parent} is not a folder; choose another --out"
+    return None
 
 
 def _print_summary(summary: dict) -> None:

@@ -1,26 +1,59 @@
 """``pathgen inspect``: what a store or one shard holds, and a contact sheet of sample patches.
 
 A contact sheet of patches picked with random-weight embeddings (their slide.json says ``random_weights``), or of
-pairs captioned by random-weight models (their ``random_weights`` column), gets a red RANDOM WEIGHTS band on top."""
+pairs captioned by random-weight models (their ``random_weights`` column), gets a red RANDOM WEIGHTS band on top.
+
+A shard that is not Parquet (a truncated write, say) is told in one line naming it (exit 1); a file that is neither a
+store folder nor a ``.parquet`` shard is a usage error (exit 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
 import posixpath
+import sys
 import textwrap
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from tasks.errors import cut
 from tasks.slides.shard import read_shard
-from tasks.store.objects import Store
+from tasks.store.objects import Store, is_remote, local_path
 
 TILE_PX = 336  # half a 672 px patch: nuclei and cells are still visible
 CAPTION_LINES = 4  # of a pair's caption under its tile (about 50 characters each)
 BANNER_PX = 22
 BANNER_RGB = (210, 0, 0)
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UnreadableShard(Exception):
+    """A shard that pyarrow cannot read as Parquet."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        folders = uri.split("/")[:-1]
+        rerun = "pathgen extract" if "patches" in folders else None
+        if "pairs" in folders or "failed" in folders:
+            rerun = "pathgen caption"
+        super().__init__(
+            f"{uri} is not a Parquet file ({cut(' '.join(detail.split()), 200)}); it may be truncated: "
+            f"re-run the stage that wrote it{f' ({rerun})' if rerun else ''}"
+        )
+
+
+@contextlib.contextmanager
+def _reading(store: Store, key: str):
+    """``store.open(key)``, with pyarrow failing to read it as Parquet turned into ``UnreadableShard``."""
+    try:
+        with store.open(key) as handle:
+            yield handle
+    except pa.ArrowException as exc:
+        raise UnreadableShard(store.uri(key), str(exc)) from exc
 
 
 def _open_shard(url: str) -> tuple[Store, str]:
@@ -33,6 +66,21 @@ def _open_shard(url: str) -> tuple[Store, str]:
 
 
 def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, rows: int = 5) -> int:
+    if not is_remote(url) and not url.rstrip("/").endswith(".parquet") and os.path.isfile(local_path(url)):
+        print(
+            f"pathgen inspect: {url} is a file, not a store folder or a .parquet shard; give the store root "
+            "(the folder holding patches/ and slides/) or one .parquet shard",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        return _inspect(url, out, samples, rows)
+    except UnreadableShard as exc:
+        print(f"pathgen inspect: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _inspect(url: str, out: str, samples: int, rows: int) -> int:
     if url.rstrip("/").endswith(".parquet"):
         store, key = _open_shard(url)
         shards = [key] if store.exists(key) else []
@@ -53,7 +101,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
     total, images, labels = 0, [], []
     print(f"\n{len(shards)} shard(s):")
     for key in shards:
-        with store.open(key) as handle:
+        with _reading(store, key) as handle:
             shard = pq.ParquetFile(handle, pre_buffer=False)
             count = shard.metadata.num_rows
             total += count
@@ -66,7 +114,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
             )
             print(f"  {key}: {count} {kind}, schema {meta.get('pathgen.schema_version', '?')}, {detail}")
     print(f"{total} rows in all")
-    with store.open(shards[0]) as handle:
+    with _reading(store, shards[0]) as handle:
         table = read_shard(handle)
     print(f"\nschema of {shards[0]}:")
     for field in table.schema:
@@ -80,7 +128,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
     for key in shards:
         if len(images) >= samples:
             break
-        with store.open(key) as handle:
+        with _reading(store, key) as handle:
             names = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names
             wanted = ("slide_id", "x", "y", "image", "random_weights", "caption")
             part = read_shard(handle, columns=[c for c in wanted if c in names])
@@ -144,7 +192,7 @@ def _print_pairs(store: Store) -> None:
         for group in (pairs, failed):
             total = 0
             for key in group:
-                with store.open(key) as handle:
+                with _reading(store, key) as handle:
                     total += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
             counts.append(total)
         line = f"pairs/{agents_hash}: {len(pairs)} slide shard(s), {counts[0]} pairs, {counts[1]} failed items"
@@ -156,7 +204,7 @@ def _print_pairs(store: Store) -> None:
 
 
 def _random_pairs(store: Store, key: str) -> bool:
-    with store.open(key) as handle:
+    with _reading(store, key) as handle:
         shard = pq.ParquetFile(handle, pre_buffer=False)
         if "random_weights" not in shard.schema_arrow.names:
             return False

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from tasks.errors import SlideError, is_transient
+from tasks.slides.dicom import DicomSlide, is_dicom_series
 from tasks.store.objects import is_remote, local_path, storage_options
 
 # Levels whose MPP is within this relative tolerance of the target are read without resampling.
@@ -258,6 +259,12 @@ class SlideReader:
         path = local_path(self.uri)
         if not os.path.exists(path):
             raise SlideError(f"slide {path} does not exist; check the path or the source list")
+        if is_dicom_series(path):  # a DICOM series folder, or one of its .dcm files
+            self._path = path
+            self._slide = DicomSlide(path)
+            self._backend = "wsidicom"
+            self._read_metadata()
+            return
         if os.path.isdir(path):
             raise SlideError(f"{path} is a folder, not a slide; pass the folder as a source to extract its slides")
         if os.path.getsize(path) == 0:
@@ -298,7 +305,7 @@ class SlideReader:
 
     def _read_metadata(self) -> None:
         props = dict(self._slide.properties)
-        prefix = "openslide" if self._backend == "openslide" else "tiffslide"
+        prefix = self._backend  # openslide | tiffslide | wsidicom: each names its properties after itself
         mpp_x = _float_or_none(props.get(f"{prefix}.mpp-x"))
         mpp_y = _float_or_none(props.get(f"{prefix}.mpp-y"))
         mpp = (mpp_x + mpp_y) / 2 if mpp_x and mpp_y else (mpp_x or mpp_y)

@@ -32,9 +32,12 @@ import fsspec
 
 from pathgen.settings import Settings
 from tasks.errors import cut, short_repr
+from tasks.slides.dicom import DICOM_SUFFIX
 from tasks.store.objects import is_remote, local_path, storage_options, url_to_fs
 
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+SLIDE_EXTENSIONS = (
+    ".svs", ".ndpi", ".tif", ".tiff", ".qptiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
+)  # fmt: skip
 GDC_COLUMNS = ("id", "filename", "md5", "size", "state")
 
 
@@ -173,14 +176,27 @@ def _resolve_one(spec: str, settings: Settings) -> list[SlideRef]:
         return [SlideRef(sid, p, origin=spec) for sid, p in zip(ids, matches, strict=True)]
     path = local_path(spec)
     if os.path.isdir(path):
-        found = []
-        for dirpath, _dirs, files in os.walk(path):
-            found.extend(os.path.join(dirpath, f) for f in files if is_slide_name(f))
-        found.sort()
-        ids = _distinct_ids([_relative(p, path) for p in found])
+        found = _slides_in_folder(path)
+        # A series folder given itself is named after the folder, not "."
+        ids = _distinct_ids([_relative(p, path) if p != path else os.path.basename(path) for p in found])
         return [SlideRef(sid, p, origin=spec) for sid, p in zip(ids, found, strict=True)]
+    if path.lower().endswith(DICOM_SUFFIX):  # one instance stands for its series: the folder is the slide
+        folder = os.path.dirname(path)
+        return [SlideRef(slide_id_for(folder), folder, origin=spec)]
     # A file, or a path that does not exist: the reader reports which, per slide.
     return [SlideRef(slide_id_for(path), path, origin=spec)]
+
+
+def _slides_in_folder(path: str) -> list[str]:
+    """Slide files under a folder, and DICOM series folders (a folder of .dcm instances is one slide)."""
+    found = []
+    for dirpath, _dirs, files in os.walk(path):
+        names = [f for f in files if is_slide_name(f)]
+        if any(f.lower().endswith(DICOM_SUFFIX) for f in names):
+            found.append(dirpath)
+            names = [f for f in names if not f.lower().endswith(DICOM_SUFFIX)]
+        found.extend(os.path.join(dirpath, f) for f in names)
+    return sorted(found)
 
 
 def _remote(spec: str, settings: Settings) -> list[SlideRef]:

@@ -14,10 +14,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-# Offline by default: no telemetry calls from the ephemeral Prefect server the CLI may start.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from pathgen.processes import prefect_offline_defaults
 
-from pathgen.processes import bound_threads, ensure_api_server  # noqa: E402
+prefect_offline_defaults()  # before Prefect is imported: no telemetry notice, no usage data
+
+from pathgen.processes import bound_threads, ensure_api_server, prestart_api_server  # noqa: E402
 from pathgen.settings import SettingsError, load_settings, parse_assignments  # noqa: E402
 
 EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
@@ -205,6 +206,7 @@ def _extract(args: argparse.Namespace) -> int:
             print(f"pathgen extract: {problem}", file=sys.stderr)
             return EXIT_USAGE
 
+    prestart_api_server()  # boots while the flows import; ensure_api_server() adopts it
     from flows.extract import extract_flow
 
     with ensure_api_server():  # no API configured: a temporary server that dies with this process
@@ -259,6 +261,7 @@ def _caption(args: argparse.Namespace) -> int:
     except (NoPatchShardsError, StoreError) as exc:
         print(f"pathgen caption: {exc}", file=sys.stderr)
         return EXIT_NONE_SUCCEEDED
+    prestart_api_server()
 
     with ensure_api_server():  # no API configured: a temporary server that dies with this process
         state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)

@@ -8,6 +8,9 @@ Two problems this module fixes:
   parent goes (``PR_SET_PDEATHSIG`` on Linux) and a watchdog thread polls for the parent as a second line.
   :func:`ensure_api_server` runs the temporary Prefect API server as such a child; :func:`worker_process_setup` arms
   a pool worker.
+* Every command that runs a flow waited 4-9 s for that server before its first slide. :func:`prestart_api_server`
+  starts it early, so it boots while the command still imports and plans, and :func:`ensure_api_server` adopts it.
+  :func:`prefect_offline_defaults` keeps Prefect from printing its telemetry notice and sending usage data.
 * torch, OpenMP and the BLAS libraries each start one thread per core, so two busy processes on one machine
   oversubscribe it many times over. :func:`bound_threads` picks one thread count and hands it to this process's
   libraries and, through the environment, to every child.
@@ -41,6 +44,8 @@ __all__ = [
     "bound_threads",
     "die_with_parent",
     "ensure_api_server",
+    "prefect_offline_defaults",
+    "prestart_api_server",
     "start_api_server",
     "usable_cpus",
     "worker_process_setup",
@@ -59,6 +64,10 @@ THREAD_ENV_VARS = (
     "OPENCV_FOR_THREADS_NUM",  # OpenCV's own pool ignores OMP_NUM_THREADS; it reads this one
 )
 DEFAULT_MAX_THREADS = 8
+
+# Prefect's usage data, off unless asked for: the server's analytics, and the client's (whose first import in a
+# terminal prints a telemetry notice and sends a first-use event).
+OFFLINE_ENVIRONMENT = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 _armed_in_pid: int | None = None  # the process in which die_with_parent() has run (a fork child must arm again)
 _armed_lock = threading.Lock()
@@ -263,6 +272,15 @@ class ApiServer:
                 self.process.wait()
 
 
+def prefect_offline_defaults() -> None:
+    """Switch Prefect's usage data off (:data:`OFFLINE_ENVIRONMENT`) where the environment does not say otherwise.
+
+    Call it before Prefect is imported: the client decides on import whether to print its telemetry notice.
+    """
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 def start_api_server(timeout: float | None = None) -> ApiServer:
     """Start a Prefect API server on 127.0.0.1 as a child process that dies with this one, and wait until it answers.
 
@@ -283,8 +301,11 @@ def start_api_server(timeout: float | None = None) -> ApiServer:
     Raises:
         RuntimeError: the server exited or did not answer in time.
     """
-    if timeout is None:
-        timeout = float(_positive_int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")) or 60)
+    return _await_api_server(_spawn_api_server(), timeout)
+
+
+def _spawn_api_server(env: dict[str, str] | None = None) -> ApiServer:
+    """Start the server's process (see :func:`start_api_server`) without waiting for it."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))
@@ -302,7 +323,7 @@ def start_api_server(timeout: float | None = None) -> ApiServer:
         process = subprocess.Popen(
             command,
             pass_fds=(listener.fileno(),),
-            env=_server_environment(),
+            env=_server_environment() if env is None else env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -310,6 +331,13 @@ def start_api_server(timeout: float | None = None) -> ApiServer:
         listener.close()  # the child holds its own copy
     server = ApiServer(process, port)
     atexit.register(server.stop)
+    return server
+
+
+def _await_api_server(server: ApiServer, timeout: float | None) -> ApiServer:
+    """Wait until ``server`` answers; stop it and raise when it does not."""
+    if timeout is None:
+        timeout = float(_positive_int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")) or 60)
     try:
         _wait_healthy(server, timeout)
     except BaseException:
@@ -327,6 +355,7 @@ def _server_environment() -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_UI_ENABLED"] = "0"
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env["DO_NOT_TRACK"] = "1"  # a background server has no use for the client's usage data, or its notice
     package_root = str(Path(__file__).resolve().parents[1])  # so `-m pathgen.processes` works without an install
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     return env
@@ -392,6 +421,46 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
             worker.drain_all(timeout=timeout)
 
 
+_prestarted: tuple[ApiServer, dict[str, str]] | None = None  # (server, the environment it was started with)
+
+
+def prestart_api_server() -> ApiServer | None:
+    """Start the temporary API server now, without waiting for it; the next :func:`ensure_api_server` adopts it.
+
+    The server needs seconds to boot (it imports all of Prefect's server): started before a command imports its
+    flows and plans its work, it boots meanwhile. Does nothing and returns None where :func:`ensure_api_server`
+    would start nothing (an API URL is configured, or Prefect's ephemeral mode is off). A server nobody adopts is
+    stopped at exit. Call it from the main thread (see :func:`start_api_server`). Idempotent.
+    """
+    global _prestarted
+    url, ephemeral_allowed = _configured_api_url()
+    if url or not ephemeral_allowed:
+        return None
+    if _prestarted is not None:
+        if _prestarted[0].process.poll() is None:
+            return _prestarted[0]
+        _prestarted[0].stop()  # exited: reap it
+    env = _server_environment()
+    _prestarted = (_spawn_api_server(env), env)
+    return _prestarted[0]
+
+
+def _adopt_prestarted() -> ApiServer | None:
+    """The server :func:`prestart_api_server` started, when it still runs with the settings that hold now."""
+    global _prestarted
+    if _prestarted is None:
+        return None
+    (server, env), _prestarted = _prestarted, None
+    if server.process.poll() is None and _prefect_variables(env) == _prefect_variables(_server_environment()):
+        return server
+    server.stop(timeout=1.0)  # exited, or Prefect's settings changed since: start one that has them
+    return None
+
+
+def _prefect_variables(env: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in env.items() if name.startswith("PREFECT_")}
+
+
 @contextlib.contextmanager
 def ensure_api_server(timeout: float | None = None) -> Iterator[str | None]:
     """Within the block Prefect has an API server, one that cannot outlive this process.
@@ -401,13 +470,15 @@ def ensure_api_server(timeout: float | None = None) -> Iterator[str | None]:
     processes inherit, and an already imported Prefect), and yields its URL; on leaving the block it sends Prefect's
     pending logs and events, stops the server and restores the settings. Prefect then never starts its own
     temporary server, neither here nor in pool workers. When Prefect's ephemeral mode is switched off it yields None
-    and starts nothing, so Prefect reports the missing URL as usual.
+    and starts nothing, so Prefect reports the missing URL as usual. A server that :func:`prestart_api_server`
+    started is used (and stopped) instead of a new one.
     """
     url, ephemeral_allowed = _configured_api_url()
     if url or not ephemeral_allowed:
         yield url
         return
-    server = start_api_server(timeout)
+    prestarted = _adopt_prestarted()
+    server = _await_api_server(prestarted, timeout) if prestarted else start_api_server(timeout)
     os.environ["PREFECT_API_URL"] = server.api_url
     _refresh_prefect_settings()
     try:

@@ -8,7 +8,6 @@ and resumes an interrupted one from its newest checkpoint.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from pathgen.settings import Settings, run_settings
 from tasks.clip.spec import ModelSpec
-from tasks.clip.stages import RUNS, resolve_pair_set, run_name, stage_sets, start_spec
+from tasks.clip.stages import RUNS, resolve_pair_set, run_name, stage_sets, start_spec, write_run_record
 from tasks.clip.webdataset import HOLDOUT
 from tasks.clip.work import evaluate_task, export_task, train_task
 from tasks.work.runner import Stage, open_store, run_units
@@ -46,7 +45,7 @@ def train_clip_flow(
             return _finish(summary, settings, logger, f"{stage}: {trained.error}")
         start = ModelSpec(start.name, trained.columns["local_checkpoint"])
         summary["stages"][-1]["evaluations"] = _evaluate(settings, run, stage, export, trained, logger)
-    _write_run_record(target, run, settings, summary)
+    write_run_record(target, run, settings.clip, summary["stages"], summary["exports"])
     return _finish(summary, settings, logger)
 
 
@@ -87,19 +86,6 @@ def _evaluate(settings: Settings, run: str, stage: str, export: UnitOutcome, tra
 
 def _model_name(settings: Settings) -> str:
     return start_spec(settings.clip).name
-
-
-def _write_run_record(store, run: str, settings: Settings, summary: dict[str, Any]) -> None:
-    record = {
-        "run": run,
-        "model": _model_name(settings),
-        "random_weights": start_spec(settings.clip).random_weights,
-        "clip": settings.clip.model_dump(),
-        "stages": summary["stages"],
-        "exports": summary["exports"],
-        "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    store.write_json(f"{RUNS}/{run}/run.json", record)
 
 
 def _finish(summary: dict[str, Any], settings: Settings, logger, error: str | None = None) -> dict[str, Any]:

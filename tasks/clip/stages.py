@@ -8,6 +8,8 @@ pairs or new settings start a new run beside it under ``models/clip/<run>/``.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -129,7 +131,7 @@ class StageResult:
     random_weights: bool
 
     def row(self) -> dict[str, Any]:
-        return self.__dict__ | {}
+        return dataclasses.asdict(self)
 
 
 def stage_plan(
@@ -192,3 +194,18 @@ def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_se
         samples_per_s=rows[-1]["samples_per_s"] if rows else None,
         random_weights=plan.random_start,
     )
+
+
+def write_run_record(store: Store, run: str, cfg: ClipSettings, stages: list[dict], exports: list[dict]) -> None:
+    """``models/clip/<run>/run.json``: what the run trained on and from, and each stage's checkpoint."""
+    spec = start_spec(cfg)
+    record = {
+        "run": run,
+        "model": spec.name,
+        "random_weights": spec.random_weights,
+        "clip": cfg.model_dump(),
+        "stages": stages,
+        "exports": exports,
+        "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    store.write_json(f"{RUNS}/{run}/run.json", record)

@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/caption.py
 	$(BIN)/python bench/plan.py
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) $(STORE) bench/_work .pytest_cache

@@ -18,7 +18,8 @@ from pathgen.processes import prefect_offline_defaults
 
 prefect_offline_defaults()  # before Prefect is imported: no telemetry notice, no usage data
 
-from pathgen.processes import bound_threads, ensure_api_server, prestart_api_server  # noqa: E402
+from pathgen.local_api import api_server  # noqa: E402
+from pathgen.processes import bound_threads  # noqa: E402
 from pathgen.settings import SettingsError, load_settings, parse_assignments  # noqa: E402
 
 EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
@@ -206,10 +207,9 @@ def _extract(args: argparse.Namespace) -> int:
             print(f"pathgen extract: {problem}", file=sys.stderr)
             return EXIT_USAGE
 
-    prestart_api_server()  # boots while the flows import; ensure_api_server() adopts it
     from flows.extract import extract_flow
 
-    with ensure_api_server():  # no API configured: a temporary server that dies with this process
+    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
         state = extract_flow(
             sources=list(sources),
             config=args.config,
@@ -261,9 +261,7 @@ def _caption(args: argparse.Namespace) -> int:
     except (NoPatchShardsError, StoreError) as exc:
         print(f"pathgen caption: {exc}", file=sys.stderr)
         return EXIT_NONE_SUCCEEDED
-    prestart_api_server()
-
-    with ensure_api_server():  # no API configured: a temporary server that dies with this process
+    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
         state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
     if not state.is_completed():
         print(f"pathgen caption: {state.result(raise_on_failure=False)}", file=sys.stderr)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pathgen.processes import ensure_api_server
+from pathgen.local_api import api_server
 from pathgen.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -41,7 +41,7 @@ def export_webdataset(args: argparse.Namespace, settings: Settings) -> int:
 def train_clip(args: argparse.Namespace, overrides: dict) -> int:
     from flows.train_clip import train_clip_flow
 
-    with ensure_api_server():
+    with api_server():
         state = train_clip_flow(config=args.config, overrides=overrides, return_state=True)
     if not state.is_completed():
         print(f"pathgen train-clip: {state.result(raise_on_failure=False)}", file=sys.stderr)
@@ -68,7 +68,7 @@ def evaluate(args: argparse.Namespace, overrides: dict) -> int:
     from flows.evaluate import evaluate_flow
 
     datasets = [{"dataset": str(Path(args.dataset)), "classes": str(Path(args.classes))}]
-    with ensure_api_server():
+    with api_server():
         state = evaluate_flow(
             datasets, model=args.model, holdout=args.holdout, config=args.config, overrides=overrides, return_state=True
         )

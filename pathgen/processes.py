@@ -8,9 +8,7 @@ Two problems this module fixes:
   parent goes (``PR_SET_PDEATHSIG`` on Linux) and a watchdog thread polls for the parent as a second line.
   :func:`ensure_api_server` runs the temporary Prefect API server as such a child; :func:`worker_process_setup` arms
   a pool worker.
-* Every command that runs a flow waited 4-9 s for that server before its first slide. :func:`prestart_api_server`
-  starts it early, so it boots while the command still imports and plans, and :func:`ensure_api_server` adopts it.
-  :func:`prefect_offline_defaults` keeps Prefect from printing its telemetry notice and sending usage data.
+* :func:`prefect_offline_defaults` keeps Prefect from printing its telemetry notice and sending usage data.
 * torch, OpenMP and the BLAS libraries each start one thread per core, so two busy processes on one machine
   oversubscribe it many times over. :func:`bound_threads` picks one thread count and hands it to this process's
   libraries and, through the environment, to every child.
@@ -45,7 +43,6 @@ __all__ = [
     "die_with_parent",
     "ensure_api_server",
     "prefect_offline_defaults",
-    "prestart_api_server",
     "start_api_server",
     "usable_cpus",
     "worker_process_setup",
@@ -301,7 +298,15 @@ def start_api_server(timeout: float | None = None) -> ApiServer:
     Raises:
         RuntimeError: the server exited or did not answer in time.
     """
+    prefect_home().mkdir(parents=True, exist_ok=True)  # SQLite creates the database file, not its folder
     return _await_api_server(_spawn_api_server(), timeout)
+
+
+def prefect_home() -> Path:
+    """Prefect's home folder (``PREFECT_HOME``, default ~/.prefect): its database and settings live there."""
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
 
 
 def _spawn_api_server(env: dict[str, str] | None = None) -> ApiServer:
@@ -337,13 +342,18 @@ def _spawn_api_server(env: dict[str, str] | None = None) -> ApiServer:
 def _await_api_server(server: ApiServer, timeout: float | None) -> ApiServer:
     """Wait until ``server`` answers; stop it and raise when it does not."""
     if timeout is None:
-        timeout = float(_positive_int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")) or 60)
+        timeout = startup_timeout()
     try:
         _wait_healthy(server, timeout)
     except BaseException:
         server.stop(timeout=1.0)
         raise
     return server
+
+
+def startup_timeout() -> float:
+    """Seconds to wait for a starting API server: Prefect's own setting for its temporary server, else 60."""
+    return float(_positive_int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")) or 60)
 
 
 def _server_environment() -> dict[str, str]:
@@ -421,46 +431,6 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
             worker.drain_all(timeout=timeout)
 
 
-_prestarted: tuple[ApiServer, dict[str, str]] | None = None  # (server, the environment it was started with)
-
-
-def prestart_api_server() -> ApiServer | None:
-    """Start the temporary API server now, without waiting for it; the next :func:`ensure_api_server` adopts it.
-
-    The server needs seconds to boot (it imports all of Prefect's server): started before a command imports its
-    flows and plans its work, it boots meanwhile. Does nothing and returns None where :func:`ensure_api_server`
-    would start nothing (an API URL is configured, or Prefect's ephemeral mode is off). A server nobody adopts is
-    stopped at exit. Call it from the main thread (see :func:`start_api_server`). Idempotent.
-    """
-    global _prestarted
-    url, ephemeral_allowed = _configured_api_url()
-    if url or not ephemeral_allowed:
-        return None
-    if _prestarted is not None:
-        if _prestarted[0].process.poll() is None:
-            return _prestarted[0]
-        _prestarted[0].stop()  # exited: reap it
-    env = _server_environment()
-    _prestarted = (_spawn_api_server(env), env)
-    return _prestarted[0]
-
-
-def _adopt_prestarted() -> ApiServer | None:
-    """The server :func:`prestart_api_server` started, when it still runs with the settings that hold now."""
-    global _prestarted
-    if _prestarted is None:
-        return None
-    (server, env), _prestarted = _prestarted, None
-    if server.process.poll() is None and _prefect_variables(env) == _prefect_variables(_server_environment()):
-        return server
-    server.stop(timeout=1.0)  # exited, or Prefect's settings changed since: start one that has them
-    return None
-
-
-def _prefect_variables(env: dict[str, str]) -> dict[str, str]:
-    return {name: value for name, value in env.items() if name.startswith("PREFECT_")}
-
-
 @contextlib.contextmanager
 def ensure_api_server(timeout: float | None = None) -> Iterator[str | None]:
     """Within the block Prefect has an API server, one that cannot outlive this process.
@@ -470,15 +440,14 @@ def ensure_api_server(timeout: float | None = None) -> Iterator[str | None]:
     processes inherit, and an already imported Prefect), and yields its URL; on leaving the block it sends Prefect's
     pending logs and events, stops the server and restores the settings. Prefect then never starts its own
     temporary server, neither here nor in pool workers. When Prefect's ephemeral mode is switched off it yields None
-    and starts nothing, so Prefect reports the missing URL as usual. A server that :func:`prestart_api_server`
-    started is used (and stopped) instead of a new one.
+    and starts nothing, so Prefect reports the missing URL as usual. Commands share one server instead
+    (:mod:`pathgen.local_api`) unless ``PATHGEN_LOCAL_API_IDLE_S`` is 0.
     """
     url, ephemeral_allowed = _configured_api_url()
     if url or not ephemeral_allowed:
         yield url
         return
-    prestarted = _adopt_prestarted()
-    server = _await_api_server(prestarted, timeout) if prestarted else start_api_server(timeout)
+    server = start_api_server(timeout)
     os.environ["PREFECT_API_URL"] = server.api_url
     _refresh_prefect_settings()
     try:

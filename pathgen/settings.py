@@ -33,6 +33,7 @@ NON_SETTING_ENV_VARS = frozenset(
         "PATHGEN_STAGING_DIR",  # tasks/store/objects.py: local copies of remote objects
         "PATHGEN_HOME",  # prefect.yaml and deploy/Dockerfile.gpu-worker: where workers find the code
         "PATHGEN_THREADS",  # pathgen/processes.py: the thread budget
+        "PATHGEN_LOCAL_API_IDLE_S",  # pathgen/local_api.py: how long the shared local Prefect API waits
         "PATHGEN_DIGEST_CACHE",  # pathgen/digest.py: cache of model folder digests
         "PATHGEN_MODEL_CACHE",  # agents/tiny.py: where the tiny random-weight models are built
         "PATHGEN_OPENAI_API_KEY",  # agents/backends/openai_compat.py: a credential, never a setting

@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PATHGEN_LOCAL_API_IDLE_S", "20")  # a shared local API a test started stops soon after it
 
 import uuid
 from pathlib import Path

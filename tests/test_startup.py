@@ -1,5 +1,5 @@
-"""Start-up of a command: the temporary Prefect API server boots while the command works, and Prefect prints no
-telemetry notice. Each check runs in a subprocess (process-wide state: environment, a server child)."""
+"""Start-up of a command: commands share one local Prefect API server, which stops by itself when idle, and Prefect
+prints no telemetry notice. Each check runs in a subprocess (process-wide state: environment, a server child)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,22 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
+import pytest
+
+from pathgen import local_api
 from pathgen.processes import _server_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDE = ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
-ADOPT_TARGET_S = 0.5  # blocking in ensure_api_server once a prestarted server has booted; the old code: 4-9 s
+WARM_TARGET_S = 0.5  # a command's wait for the Prefect API when a shared server runs; the old code: 6-9 s
 CI_VARIABLES = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "BUILDKITE", "CIRCLECI", "JENKINS_URL", "TRAVIS", "TF_BUILD")
 
 
@@ -28,52 +33,130 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-PRESTART = """
-import json, os, time, urllib.request
-from pathgen import processes
+ENTER = """
+import json, sys, time
+import prefect  # a command has imported its flows, and with them Prefect, before it needs the API
+from pathgen import local_api
 
-started = time.monotonic()
-server = processes.prestart_api_server()
-prestart_s = time.monotonic() - started
-import flows.extract  # the command's own work, meanwhile
-processes._wait_healthy(server, 120)  # ... for as long as the server takes to boot
 entered = time.monotonic()
-with processes.ensure_api_server(timeout=120) as url:
+with local_api.api_server(timeout=240) as url:
     blocked_s = time.monotonic() - entered
-    health = urllib.request.urlopen(url + "/health", timeout=10).status
-try:
-    urllib.request.urlopen(url + "/health", timeout=5)
-    closed = False
-except OSError:
-    closed = True
-print(json.dumps({"prestart_s": prestart_s, "blocked_s": blocked_s, "url": url, "own": server.api_url,
-                  "health": health, "closed": closed, "exit": server.process.poll()}))
+    record = local_api.read_record(local_api.state_directory())
+    print(json.dumps({"url": url, "blocked_s": blocked_s, "pid": record["pid"], "pid_start": record["pid_start"],
+                      "directory": str(local_api.state_directory())}), flush=True)
+    time.sleep(float(sys.argv[1]))
 """
 
 
-def test_a_prestarted_server_is_adopted_without_waiting() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(PRESTART)], env=_env(), capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["url"] == report["own"], report  # the prestarted server, not a second one
-    assert report["health"] == 200 and report["closed"] and report["exit"] is not None, report
-    assert report["prestart_s"] < 2.0, report  # starting it does not wait for it
-    assert report["blocked_s"] < ADOPT_TARGET_S, report
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory) -> Path:
+    """One Prefect home for this module's shared servers: its database is created (migrated) once."""
+    return tmp_path_factory.mktemp("prefect-home")
 
 
-def test_prestart_does_nothing_when_an_api_is_configured() -> None:
-    code = "from pathgen import processes; print(processes.prestart_api_server())"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=_env(PREFECT_API_URL="http://127.0.0.1:9/api"),
-        capture_output=True,
-        text=True,
-        timeout=120,
+def _enter(home: Path, idle: float, hold_s: float = 0.0) -> subprocess.Popen:
+    """A process that takes a lease on the shared server, reports it as JSON, holds it ``hold_s`` seconds."""
+    env = _env(PREFECT_HOME=str(home), PATHGEN_LOCAL_API_IDLE_S=str(idle), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    command = [sys.executable, "-c", textwrap.dedent(ENTER), str(hold_s)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _report(process: subprocess.Popen) -> dict:
+    line = process.stdout.readline()
+    if not line:
+        raise AssertionError(f"exited with {process.wait()}: {process.stderr.read()[-3000:]}")
+    return json.loads(line)
+
+
+def _alive(report: dict) -> bool:
+    return local_api.process_alive(report["pid"], report["pid_start"])
+
+
+def _wait_stopped(report: dict, seconds: float) -> float:
+    started = time.monotonic()
+    while _alive(report) and time.monotonic() - started < seconds:
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def _kill_server(report: dict) -> None:
+    if _alive(report):
+        os.kill(report["pid"], signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_commands_share_one_local_server_that_stops_when_idle(prefect_home: Path) -> None:
+    first = _enter(prefect_home, idle=10)
+    one = _report(first)
+    try:
+        assert first.wait(timeout=60) == 0
+        assert "started a local Prefect API" in first.stderr.read()
+        second = _enter(prefect_home, idle=10)
+        two = _report(second)
+        assert second.wait(timeout=60) == 0
+        assert second.stderr.read().count("started a local Prefect API") == 0  # reused, said nothing
+        assert (two["url"], two["pid"]) == (one["url"], one["pid"])  # the same server
+        assert two["blocked_s"] < WARM_TARGET_S, two  # the old code booted a server per command: 6-9 s
+        waited = _wait_stopped(two, 60)
+        assert not _alive(two), "the shared server did not stop after 10 s without a command"
+        assert waited < 25 and local_api.read_record(Path(two["directory"])) is None
+    finally:
+        _kill_server(one)
+
+
+@pytest.mark.timeout(300)
+def test_a_held_lease_keeps_the_server_and_a_killed_holder_releases_it(prefect_home: Path) -> None:
+    holder = _enter(prefect_home, idle=1, hold_s=600)
+    report = _report(holder)
+    try:
+        time.sleep(5)  # five times the idle time
+        assert _alive(report), "the server stopped while a command held it"
+        assert urllib.request.urlopen(report["url"] + "/health", timeout=10).status == 200
+        holder.send_signal(signal.SIGKILL)  # as the OOM killer would: no cleanup runs in the holder
+        holder.wait(timeout=10)
+        _wait_stopped(report, 30)
+        assert not _alive(report), "the server outlived its killed holder's lease"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        _kill_server(report)
+
+
+@pytest.mark.timeout(300)
+def test_commands_starting_together_start_one_server(prefect_home: Path) -> None:
+    processes = [_enter(prefect_home, idle=2) for _ in range(3)]
+    reports = [_report(process) for process in processes]
+    try:
+        assert all(process.wait(timeout=60) == 0 for process in processes)
+        assert sum(process.stderr.read().count("started a local Prefect API") for process in processes) == 1
+        assert len({(r["url"], r["pid"]) for r in reports}) == 1, reports
+    finally:
+        for report in reports:
+            _kill_server(report)
+
+
+def test_idle_zero_gives_a_private_server_and_a_bad_value_is_named(prefect_home: Path) -> None:
+    code = (
+        "from pathgen import local_api\n"
+        "with local_api.api_server(timeout=240) as url: print(url)\n"
+        "print(local_api.read_record(local_api.state_directory()))"
     )
+    env = _env(PREFECT_HOME=str(prefect_home), PATHGEN_LOCAL_API_IDLE_S="0")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "None"
+    url, record = done.stdout.strip().split("\n")[-2:]
+    assert url.startswith("http://127.0.0.1:") and url not in record  # not the shared server's
+    env[local_api.IDLE_ENV] = "ten minutes"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "PATHGEN_LOCAL_API_IDLE_S='ten minutes' is not a number" in done.stderr
+
+
+def test_other_prefect_settings_get_another_server(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    base = local_api.state_directory()
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/other.db")
+    other = local_api.state_directory()
+    assert base.parent == other.parent == tmp_path / "pathgen-api" and base != other
 
 
 def test_the_temporary_server_sends_no_usage_data() -> None:
@@ -111,9 +194,10 @@ def _run_in_terminal(command: list[str], env: dict[str, str], timeout: float) ->
         os.close(main)
 
 
-def test_a_command_in_a_terminal_prints_no_telemetry_notice(tmp_path: Path) -> None:
-    """A first-time user (empty PREFECT_HOME) in a terminal: neither the CLI nor its temporary server prints it."""
-    env = _env(PREFECT_HOME=str(tmp_path / "prefect-home"))
+def test_a_command_in_a_terminal_prints_no_telemetry_notice(prefect_home: Path, tmp_path: Path) -> None:
+    """A first-time user in a terminal: neither the CLI nor its local API server prints it."""
+    assert not (prefect_home / ".sdk_telemetry" / "notice_shown").exists()  # Prefect's "shown once" marker
+    env = _env(PREFECT_HOME=str(prefect_home))
     env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # as outside `make`
     command = [sys.executable, "-m", "pathgen", "extract", str(SLIDE), "--store", str(tmp_path / "store")]
     command += ["--set", "selection.method=all", "--set", "patch.patch_px=224"]

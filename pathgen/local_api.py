@@ -1,0 +1,334 @@
+"""A local Prefect API server that commands share, so only the first command of a session waits for one to boot.
+
+Without a configured ``PREFECT_API_URL`` every command needs a Prefect API, and booting one costs 6-9 s (importing
+Prefect's server alone is over 5 s). Here the first command starts a server in the background and later commands
+(in any shell, with the same Prefect settings) reuse it. Each command holds a *lease* on it while it runs: a file
+named after its process, which a SIGKILL cannot take back but which the server recognises as stale once that process
+is gone. The server stops by itself when no live lease has been held for ``PATHGEN_LOCAL_API_IDLE_S`` seconds
+(default 600); ``PATHGEN_LOCAL_API_IDLE_S=0`` gives each command its own private server instead, one that dies with
+it (:func:`pathgen.processes.ensure_api_server`).
+
+The state lives under Prefect's home, in a folder per set of Prefect settings (database, home, Python, Prefect
+version), so a command never talks to a server that runs with other settings than its own::
+
+    $PREFECT_HOME/pathgen-api/<digest>/server.json   pid, port and URL of the running server
+                                      /leases/        one file per command that uses it
+                                      /lock           serialises start, lease and stop decisions
+                                      /server.log     the server's own output
+
+The server decides to stop under the same lock under which commands take leases, and removes ``server.json`` first,
+so a command that found the record holds a server that stays up. Only the standard library is imported at module
+level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from pathgen import processes
+
+IDLE_ENV = "PATHGEN_LOCAL_API_IDLE_S"
+DEFAULT_IDLE_S = 600
+LEASE_POLL_S = 1.0
+RECORD = "server.json"
+# Prefect settings only the client reads: commands that differ in these (`--debug` sets the logging level) still
+# share a server.
+CLIENT_ONLY_PREFIXES = (
+    "PREFECT_LOGGING_",
+    "PREFECT_CLIENT_",
+    "PREFECT_TASKS_",
+    "PREFECT_FLOWS_",
+    "PREFECT_RESULTS_",
+    "PREFECT_RUNNER_",
+    "PREFECT_WORKER_",
+    "PREFECT_TASK_",
+    "PREFECT_CLOUD_",
+)
+
+_lease_numbers = itertools.count()
+
+
+class LocalApiError(RuntimeError):
+    """The shared local server could not be started or reached."""
+
+
+def idle_seconds() -> float:
+    """``PATHGEN_LOCAL_API_IDLE_S``: how long the shared server waits for the next command; 0 means no sharing."""
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return float(DEFAULT_IDLE_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise LocalApiError(f"{IDLE_ENV}={raw!r} is not a number of seconds >= 0; unset it for {DEFAULT_IDLE_S}")
+    return value
+
+
+@contextlib.contextmanager
+def api_server(timeout: float | None = None) -> Iterator[str | None]:
+    """Within the block Prefect has an API: the configured one, else the shared local server, else a private one.
+
+    As :func:`pathgen.processes.ensure_api_server` (which this falls back to when ``PATHGEN_LOCAL_API_IDLE_S`` is
+    0), but the server outlives the block: this process holds a lease on it until the block ends, and the server
+    stops by itself once nobody has held one for the idle time. Prints one line to stderr when it starts a server.
+    """
+    url, ephemeral_allowed = processes._configured_api_url()
+    idle = idle_seconds()
+    if url or not ephemeral_allowed or idle == 0:
+        with processes.ensure_api_server(timeout) as url:
+            yield url
+        return
+    directory = state_directory()
+    record, lease, started = acquire(directory, idle, timeout)
+    if started:
+        print(
+            f"pathgen: started a local Prefect API at {record['url']} for this and later commands; it stops "
+            f"{idle:.0f} s after the last one ends ({IDLE_ENV}=0: a private server per command)",
+            file=sys.stderr,
+        )
+    os.environ["PREFECT_API_URL"] = record["url"]
+    processes._refresh_prefect_settings()
+    try:
+        yield record["url"]
+    finally:
+        try:
+            processes._drain_prefect_workers()
+        finally:
+            lease.unlink(missing_ok=True)
+            if os.environ.get("PREFECT_API_URL") == record["url"]:
+                del os.environ["PREFECT_API_URL"]
+            processes._refresh_prefect_settings()
+
+
+def state_directory() -> Path:
+    """The folder of the shared server for this process's Prefect settings (see the module's docstring)."""
+    from prefect import __version__ as prefect_version
+
+    env = processes._server_environment()
+    identity = {
+        "prefect": prefect_version,
+        "python": sys.executable,
+        "settings": {name: value for name, value in sorted(env.items()) if _server_side(name)},
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return processes.prefect_home() / "pathgen-api" / digest
+
+
+def _server_side(name: str) -> bool:
+    """Whether environment variable ``name`` may change what the server does (client-only settings do not)."""
+    return name.startswith("PREFECT_") and not name.startswith(CLIENT_ONLY_PREFIXES)
+
+
+def acquire(directory: Path, idle: float, timeout: float | None = None) -> tuple[dict, Path, bool]:
+    """A lease on the shared server in ``directory``, starting the server when none runs.
+
+    Returns (the server's record, this process's lease file, whether this call started the server). Waits until the
+    server answers; a server that dies while booting is replaced once.
+
+    Raises:
+        LocalApiError: no server answered within ``timeout`` seconds (default as
+            :func:`pathgen.processes.start_api_server`).
+    """
+    timeout = processes.startup_timeout() if timeout is None else timeout
+    directory.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        with _locked(directory):
+            record = read_record(directory)
+            started = record is None or not process_alive(record["pid"], record["pid_start"])
+            if started:
+                record = _spawn(directory, idle)
+            lease = _take_lease(directory)
+        try:
+            _wait_healthy(record, timeout)
+            return record, lease, started
+        except LocalApiError:
+            lease.unlink(missing_ok=True)
+            if attempt == 1 or process_alive(record["pid"], record["pid_start"]):
+                raise
+    raise AssertionError("unreachable")
+
+
+def read_record(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / RECORD).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def process_alive(pid: int, start: int) -> bool:
+    """True while process ``pid`` runs and is the one that started at ``start`` (not a later one with its number)."""
+    return _process_start(pid) == start if start else _pid_exists(pid)
+
+
+def live_leases(directory: Path) -> list[Path]:
+    """The leases whose processes still run; removes the others (left by a command that was killed)."""
+    live = []
+    for lease in (directory / "leases").glob("*"):
+        try:
+            pid, start, _ = lease.name.split("-")
+            alive = process_alive(int(pid), int(start))
+        except ValueError:
+            alive = False
+        if alive:
+            live.append(lease)
+        else:
+            lease.unlink(missing_ok=True)
+    return live
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    with open(directory / "lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _take_lease(directory: Path) -> Path:
+    leases = directory / "leases"
+    leases.mkdir(exist_ok=True)
+    pid = os.getpid()
+    lease = leases / f"{pid}-{_process_start(pid)}-{next(_lease_numbers)}"
+    lease.touch()
+    return lease
+
+
+def _spawn(directory: Path, idle: float) -> dict:
+    """Start the server detached from this process (its own session, output to server.log) and record it."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        command = [sys.executable, "-m", "pathgen.local_api", "serve", str(listener.fileno()), str(directory)]
+        command.append(str(idle))
+        with open(directory / "server.log", "ab") as log:
+            process = subprocess.Popen(
+                command,
+                pass_fds=(listener.fileno(),),
+                env=processes._server_environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    finally:
+        listener.close()  # the server holds its own copy
+    process.returncode = 0  # never waited for here: it outlives this process (keeps Popen.__del__ quiet)
+    record = {
+        "pid": process.pid,
+        "pid_start": _process_start(process.pid),
+        "port": port,
+        "url": f"http://127.0.0.1:{port}/api",
+        "idle_s": idle,
+        "started_at": time.time(),
+    }
+    temporary = directory / f"{RECORD}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, directory / RECORD)
+    return record
+
+
+def _wait_healthy(record: dict, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    health = f"{record['url']}/health"
+    while True:
+        if not process_alive(record["pid"], record["pid_start"]):
+            raise LocalApiError(f"the local Prefect API server (pid {record['pid']}) exited while starting")
+        try:
+            with urllib.request.urlopen(health, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise LocalApiError(f"the local Prefect API server did not answer {health} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _process_start(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 where unknown; -1 when there is no process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return -1
+    except OSError:
+        return 0
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # exited, not yet reaped
+        return -1
+    return int(fields[19])
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the server's side ---------------------------------------------------------------------------------------------
+
+
+def _serve(fd: int, directory: Path, idle: float) -> None:
+    """Serve the API on the inherited socket until :func:`_watch_leases` says stop."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    listener = socket.socket(fileno=fd)
+    app = create_app(ephemeral=True, final=True)
+    config = uvicorn.Config(app, log_level="error", lifespan="on", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    threading.Thread(target=_watch_leases, args=(server, directory, idle), name="pathgen-leases", daemon=True).start()
+    server.run(sockets=[listener])
+
+
+def _watch_leases(server, directory: Path, idle: float) -> None:
+    """Tell ``server`` to stop once no live lease has been held for ``idle`` seconds, or its record is gone."""
+    idle_since = time.monotonic()
+    while not server.should_exit:
+        time.sleep(LEASE_POLL_S)
+        try:
+            with _locked(directory):
+                record = read_record(directory)
+                if record is None or record["pid"] != os.getpid():
+                    server.should_exit = True  # replaced or removed: this server is nobody's any more
+                elif live_leases(directory):
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= idle:
+                    (directory / RECORD).unlink()  # first, under the lock: no command takes a lease on it now
+                    server.should_exit = True
+        except OSError:  # the folder was removed
+            server.should_exit = True
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[0] == "serve":
+        _serve(int(argv[1]), Path(argv[2]), float(argv[3]))
+        return 0
+    print("usage: python -m pathgen.local_api serve FD STATE_DIR IDLE_S", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -21,9 +21,10 @@ from pathgen.settings import Settings, run_settings
 from tasks.captions.caption import caption_slides_task
 from tasks.captions.plan import plan_captions
 from tasks.captions.records import failed_prefix, pairs_prefix
+from tasks.models import require_real_models
 from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
-from tasks.work.parts import publish_summary, record_worker, run_parts
+from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
 from tasks.work.runner import Stage, open_store, run_units
 from tasks.work.units import UnitOutcome, groups_of, summarize
 
@@ -59,6 +60,7 @@ def caption_flow(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
+    require_real_models(settings, ["caption"])  # before any work: production refuses random-weight agents
     require_patch_shards(settings)  # caption before extract: a clear error, before models load or the store is made
     # Resolved before any work: an unreachable model server fails the run here, with every slide still pending.
     agents_hash = agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
@@ -69,6 +71,7 @@ def caption_flow(
     record_worker("caption", part, parts)
     target = open_store(settings, [pairs_prefix(agents_hash), failed_prefix(agents_hash)], logger)
     plan = plan_captions(target, agents_hash, part, parts)
+    name_flow_run(f"caption-{agents_hash}-{len(plan.pending)}-slides", part, parts)
     logger.info("agents %s: %d slides done, %d pending", agents_hash, len(plan.done), len(plan.pending))
     stage = Stage(
         "caption",

@@ -18,8 +18,10 @@ from tasks.clip.spec import parse_model_spec
 from tasks.clip.stages import RUNS
 from tasks.clip.train import epoch_of
 from tasks.clip.work import evaluate_task
+from tasks.models import require_real_models
 from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
+from tasks.work.parts import name_flow_run
 from tasks.work.runner import Stage, open_store, run_units
 from tasks.work.units import summarize
 
@@ -67,10 +69,12 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
+    require_real_models(settings, ["evaluate"], model)
     target = open_store(settings, ["eval"], logger)
     model = model or newest_checkpoint(target)
     spec = parse_model_spec(model)
     eval_run = eval_run_name(spec.pretrained if spec.pretrained and "/" in spec.pretrained else spec.label)
+    name_flow_run(f"evaluate-{eval_run}-{len(datasets)}-datasets")
     logger.info("evaluating %s as %s", spec.label, eval_run)
     units = [{"dataset": d["dataset"], "classes": d["classes"], "holdout": holdout} for d in datasets]
     stage = Stage(

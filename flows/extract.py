@@ -11,9 +11,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pathgen.settings import run_settings
+from tasks.models import require_real_models
 from tasks.slides.extract import extract_slides_task
 from tasks.slides.sources import resolve_sources
-from tasks.work.parts import publish_summary, record_worker, run_parts
+from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts, source_label
 from tasks.work.runner import Stage, open_store, run_units
 from tasks.work.units import groups_of, in_part, summarize
 
@@ -34,6 +35,7 @@ def extract_flow(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
+    require_real_models(settings, ["extract"])  # before any work: production refuses random-weight embeddings
     if parts > 1 and part is None:
         parameters = {"sources": sources, "store": store, "config": config, "overrides": overrides}
         summary = run_parts("extract", extract_flow, {**parameters, "processes": processes}, parts, logger)
@@ -55,6 +57,7 @@ def extract_flow(
         tags=gpu,
         table_description=f"Extraction into {target.url}",
     )
+    name_flow_run(f"extract-{source_label(list(sources) or settings.sources)}-{len(refs)}-slides", part, parts)
     logger.info("%d slides in %d groups into %s", len(refs), len(groups), target.url)
     summary = summarize("extract", run_units(stage, groups, settings, logger))
     summary["selection"] = settings.selection.method

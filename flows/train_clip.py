@@ -18,6 +18,8 @@ from tasks.clip.spec import ModelSpec
 from tasks.clip.stages import RUNS, resolve_pair_set, run_name, stage_sets, start_spec, write_run_record
 from tasks.clip.webdataset import HOLDOUT
 from tasks.clip.work import evaluate_task, export_task, train_task
+from tasks.models import require_real_models
+from tasks.work.parts import name_flow_run
 from tasks.work.runner import Stage, open_store, run_units
 from tasks.work.units import UnitOutcome
 
@@ -28,6 +30,7 @@ def train_clip_flow(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
+    require_real_models(settings, ["train-clip"])  # before any work: production refuses a random start
     target = open_store(settings, [RUNS, "eval"], logger)
     sets = [(name, resolve_pair_set(target, pair_set)) for name, pair_set in stage_sets(settings.clip)]
     export_stage = Stage("clip-export", export_task, unit_id=lambda u: u["stage"], units="sets", unit_column="stage")
@@ -37,6 +40,7 @@ def train_clip_flow(
         return _finish(summary, settings, logger, "export failed: " + "; ".join(str(o.error) for o in exports))
     run = run_name(settings.clip, [o.columns["digest"] for o in exports])
     summary["run"] = run
+    name_flow_run(f"train-clip-{run}")
     start = start_spec(settings.clip)
     for (stage, _), export in zip(sets, exports, strict=True):
         trained = _train(settings, run, stage, export, start, logger)

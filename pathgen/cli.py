@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--samples", type=int, default=24, help="patches on the contact sheet")
     inspect.add_argument("--rows", type=int, default=5, help="sample rows printed")
 
+    from pathgen.factory_cli import add_commands
+
+    add_commands(sub, common, _settings_args, _parts_arg)
     settings = sub.add_parser("settings", parents=[common], help="print the effective settings as YAML")
     _settings_args(settings)
     return parser
@@ -141,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pathgen.clip_cli import evaluate
 
             return evaluate(args, _overrides(args))
+        if args.command in ("run", "status"):
+            return _factory_command(args)
         if args.command == "inspect":
             from pathgen.inspect import inspect_url
 
@@ -226,6 +231,21 @@ def _extract(args: argparse.Namespace) -> int:
         return EXIT_USAGE if isinstance(error, SettingsError | SourceError) else EXIT_NONE_SUCCEEDED
     _print_summary(state.result())
     return EXIT_OK
+
+
+def _factory_command(args: argparse.Namespace) -> int:
+    from pathgen import factory_cli
+
+    overrides = _overrides(args)
+    settings = load_settings(args.config, overrides)
+    if args.command == "status":
+        return factory_cli.status(settings)
+    for spec in args.sources:  # a missing local path is a usage error: nothing starts for it
+        problem = _source_problem(spec)
+        if problem:
+            print(f"pathgen run: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+    return factory_cli.run_factory(args, overrides, settings)
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -389,6 +389,14 @@ class EvalSettings(_Section):
     retrieval_pairs: int = Field(5000, ge=2, le=100_000, description="held-out pairs scored for retrieval, at most")
 
 
+class ModelsSettings(_Section):
+    allow_random_weights: bool = Field(
+        True,
+        description="let a run use random-weight models (tiny defaults, unloaded weights); false in production: "
+        "such a run fails before any work, naming the setting of the missing model",
+    )
+
+
 class Settings(_Section):
     store: str = Field("file://./store", description="fsspec URL of the store root")
     sources: list[str] = Field(default_factory=list)
@@ -405,6 +413,7 @@ class Settings(_Section):
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
 
 
 def _unwrap_optional(annotation: Any) -> Any:

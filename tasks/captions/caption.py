@@ -199,6 +199,18 @@ def _gather(store: Store, units: list[str], agents_hash: str) -> tuple[list[Slid
     return work, skipped
 
 
+def _refuse_random_weights(agents: CaptionAgents, settings: Settings) -> None:
+    """A hub model whose weights did not load is random too: where they are not allowed, nothing is captioned."""
+    if settings.models.allow_random_weights or not agents.random_weights:
+        return
+    unloaded = [f"agents.{name}.model {role.backend.model_id}" for name, role in agents.roles.items()]
+    unloaded = [text for text, role in zip(unloaded, agents.roles.values(), strict=True) if role.backend.random_weights]
+    raise BackendError(
+        f"models.allow_random_weights is false and {', '.join(unloaded)} loaded with random weights on this worker "
+        "(its weight files are missing or incomplete); the slides stay pending"
+    )
+
+
 def caption_slides(
     units: list[str], settings: Settings, agents_hash: str, logger: logging.Logger | None = None
 ) -> list[UnitOutcome]:
@@ -212,6 +224,7 @@ def caption_slides(
             f"the models on this worker ({agents.identity}) are not those the run was planned with (agents_hash "
             f"{agents_hash}, here {agents.agents_hash()}); give every worker the same model files"
         )
+    _refuse_random_weights(agents, settings)
     work, outcomes = _gather(store, units, agents_hash)
     try:
         result = agents.run({r["patch_id"]: r["image"] for w in work for r in w.rows})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from tasks.work.units import worker_identity
@@ -34,9 +36,24 @@ def record_worker(stage: str, part: int | None, parts: int) -> dict[str, str]:
     return worker
 
 
+async def _stage_deployment(deployment_id: str, stage: str) -> str:
+    async with get_client() as client:
+        deployment = await client.read_deployment(deployment_id)
+        if (await client.read_flow(deployment.flow_id)).name == stage:
+            return deployment_id
+        try:  # the stage runs inside another deployment's flow (the factory): its parts go to the stage's own
+            return str((await client.read_deployment_by_name(f"{stage}/{stage}")).id)
+        except ObjectNotFound:
+            raise RuntimeError(
+                f"{stage} with parts > 1 inside the {deployment.name} deployment runs its parts on the {stage}/{stage} "
+                "deployment, which does not exist: register it (prefect --no-prompt deploy --all) or use parts=1"
+            ) from None
+
+
 def start_parts(stage: str, parameters: dict[str, Any], parts: int, logger: logging.Logger) -> list[Any]:
-    """One child flow run of this deployment per part; returns them at once (they run on the pool's workers)."""
-    deployment_id = current_deployment_id()
+    """One child flow run per part of the stage's deployment (this run's own, unless the stage runs inside another
+    deployment's flow); returns them at once (they run on the pool's workers)."""
+    deployment_id = run_coro_as_sync(_stage_deployment(current_deployment_id(), stage))
     children = []
     for part in range(parts):
         child = run_deployment(
@@ -131,3 +148,28 @@ def run_parts(stage: str, flow_fn: Any, parameters: dict[str, Any], parts: int, 
     for report in lost:
         logger.error("part %s ended %s: its slides stay pending for the next run", report["part"], report["state"])
     return summary
+
+
+def source_label(sources: list[str]) -> str:
+    """A short name for a source set, for flow run names: the last path part of the first source (+N more)."""
+    if not sources:
+        return "no-sources"
+    first = sources[0].rstrip("/").rsplit("/", 1)[-1] or sources[0]
+    first = re.sub(r"[^A-Za-z0-9_.-]+", "-", first.rsplit(".", 1)[0] if "." in first else first)[:40]
+    return first + (f"+{len(sources) - 1}" if len(sources) > 1 else "")
+
+
+def name_flow_run(name: str, part: int | None = None, parts: int = 1) -> None:
+    """Name this flow run after what it processes (``extract-<source>-<n>-slides``), so the UI's list says it."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    if part is not None:
+        name += f"-part-{part}-of-{parts}"
+
+    async def rename() -> None:
+        async with get_client() as client:
+            await client.update_flow_run(flow_run.id, name=name)
+
+    run_coro_as_sync(rename())

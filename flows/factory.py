@@ -1,0 +1,137 @@
+"""The whole chain for a source set: extract, caption, train-clip, evaluate, each stage switchable.
+
+Every stage runs as a subflow (its own run, table and progress in the UI) and skips what the store already holds:
+committed slides and pairs, finished CLIP stages. ``parts`` goes to extract and caption. Models are checked for all
+chosen stages before any work (``models.allow_random_weights``). The run ends with a ``factory-report`` markdown
+artifact: each stage's state, counts and throughput, then what the store holds (``pathgen status``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.caption import caption_flow
+from flows.evaluate import evaluate_flow
+from flows.extract import extract_flow
+from flows.train_clip import train_clip_flow
+from pathgen.settings import Settings, SettingsError, run_settings
+from tasks.models import STAGES, require_real_models
+from tasks.report import markdown, store_report
+from tasks.store.objects import Store
+from tasks.work.parts import name_flow_run, source_label
+
+
+class FactoryStageFailed(RuntimeError):
+    """A stage of the factory ended without a result; the later stages did not run."""
+
+
+@flow(name="factory", description="Slides to pairs to PathGen-CLIP: extract, caption, train-clip, evaluate.")
+def factory_flow(
+    sources: list[str] | None = None,
+    store: str | None = None,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    parts: int = 1,
+    datasets: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    settings = run_settings(store, config, overrides)
+    chosen = checked_stages(stages)
+    require_real_models(settings, chosen)  # every chosen stage's models, before the first stage starts
+    sources = list(sources or settings.sources)
+    if "extract" in chosen and not sources:
+        raise SettingsError("the extract stage needs sources: pass sources or set `sources` in the settings")
+    name_flow_run(f"factory-{source_label(sources)}-{'-'.join(chosen)}")
+    common = {"store": store, "config": config, "overrides": overrides}
+    rows: list[dict[str, Any]] = []
+    for stage in chosen:
+        started = time.perf_counter()
+        row = _run_stage(stage, sources, common, parts, datasets or settings.clip.evaluate)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        logger.info("%s: %s", stage, _row_text(row))
+        if row["state"] not in ("Completed", "skipped"):
+            break
+    summary = {"store": settings.store, "stages": rows, "report": _publish(settings, rows)}
+    failed = [r for r in rows if r["state"] not in ("Completed", "skipped")]
+    if failed:
+        later = [s for s in chosen if s not in {r["stage"] for r in rows}]
+        raise FactoryStageFailed(f"{failed[0]['stage']}: {failed[0].get('error')}; not run: {later or 'none'}")
+    return summary
+
+
+def checked_stages(stages: list[str] | None) -> list[str]:
+    """The chosen stages in the factory's order; an unknown name is a settings error naming the known ones."""
+    chosen = list(stages or STAGES)
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise SettingsError(f"unknown factory stages {unknown}; choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in chosen]
+
+
+def _run_stage(stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict]) -> dict[str, Any]:
+    if stage == "extract":
+        state = extract_flow(sources=sources, parts=parts, return_state=True, **common)
+    elif stage == "caption":
+        state = caption_flow(parts=parts, return_state=True, **common)
+    elif stage == "train-clip":
+        state = train_clip_flow(return_state=True, **common)
+    elif not datasets:
+        return {"stage": stage, "state": "skipped", "note": "no datasets: pass datasets or set clip.evaluate"}
+    else:
+        state = evaluate_flow(datasets, return_state=True, **common)
+    result = state.result(raise_on_failure=False)
+    row: dict[str, Any] = {"stage": stage, "state": state.name}
+    if not state.is_completed():
+        row["error"] = str(result)
+        return row
+    row.update(_counts(stage, result))
+    if stage == "train-clip" and result.get("error"):
+        row.update(state="Failed", error=result["error"])
+    return row
+
+
+def _counts(stage: str, result: dict[str, Any]) -> dict[str, Any]:
+    if stage == "extract":
+        counts = {key: result.get(key) for key in ("ok", "skipped", "failed", "pending", "patches")}
+    elif stage == "caption":
+        counts = {key: result.get(key) for key in ("ok", "skipped", "pending", "pairs", "failed", "agents_hash")}
+    elif stage == "train-clip":
+        trained = ", ".join(f"{s['stage']} {s['status']}" for s in result["stages"])
+        counts = {"run": result.get("run"), "stages": trained}
+    else:
+        counts = {"eval_run": result.get("eval_run"), "results": ", ".join(r["status"] for r in result["results"])}
+    counts["random_weights"] = bool(result.get("random_weights"))
+    return counts
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row.items() if k != "stage" and v not in (None, ""))
+
+
+def _throughput(row: dict[str, Any]) -> str:
+    hours = max(row.get("seconds", 0), 1e-9) / 3600
+    if row["stage"] == "extract" and row.get("ok"):
+        return f"{row['ok'] / hours:.0f} slides/h, {row.get('patches', 0) / hours:.0f} patches/h"
+    if row["stage"] == "caption" and row.get("pairs"):
+        return f"{row['pairs'] / hours:.0f} pairs/h"
+    return ""
+
+
+def _publish(settings: Settings, rows: list[dict[str, Any]]) -> str:
+    """The ``factory-report`` markdown artifact: the stages of this run, then what the store holds."""
+    lines = ["| stage | state | seconds | throughput | details |", "|---|---|---|---|---|"]
+    for row in rows:
+        details = _row_text({k: v for k, v in row.items() if k not in ("state", "seconds")})
+        lines.append(f"| {row['stage']} | {row['state']} | {row.get('seconds', '')} | {_throughput(row)} | {details} |")
+    random = [row["stage"] for row in rows if row.get("random_weights")]
+    said = f"RANDOM WEIGHTS used by: {', '.join(random)} (their output is noise)" if random else "Random weights: none"
+    lines += ["", said]
+    text = markdown(store_report(Store(settings.store, settings.s3)), "PathGen Factory run", lines)
+    create_markdown_artifact(text, key="factory-report", description="what this factory run made, and where")
+    return text

@@ -5,6 +5,7 @@ import inspect
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,82 @@ def test_pool_templates_are_prefect_base_job_templates():
     # Each worker's own CUDA_VISIBLE_DEVICES must reach its flow runs: the template may not set it (see
     # tests/test_parts_workers.py for the flow runs' environments rendered by the worker's own code).
     assert "CUDA_VISIBLE_DEVICES" not in a100["variables"]["properties"]["env"]["default"]
-    k8s = json.loads((ROOT / "deploy" / "pools" / "a100-kubernetes.json").read_text())
-    container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
-    assert "nvidia.com/gpu" in container["resources"]["limits"]
+    # a100-kubernetes.json: rendered into Kubernetes Jobs by the Kubernetes worker's own code in tests/test_k8s.py.
+
+
+# -- the settings each deployment and schedule would run with ------------------------------------------------------
+
+
+def _deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def _run_settings(deployment: dict):
+    """What a flow run of ``deployment`` loads: its parameters, with the config path as the pull step's folder sees
+    it (the repository root), and no PATHGEN_ variables from this machine."""
+    from pathgen.settings import load_settings
+
+    params = deployment.get("parameters", {})
+    overrides = dict(params.get("overrides") or {})
+    if params.get("store"):
+        overrides["store"] = params["store"]
+    config = str(ROOT / params["config"]) if params.get("config") else None
+    return load_settings(config, overrides, environ={})
+
+
+def _stages(deployment: dict) -> list[str]:
+    flow = deployment["entrypoint"].split(":")[1]
+    if flow == "factory_flow":
+        return deployment.get("parameters", {}).get("stages") or ["extract", "caption", "train-clip", "evaluate"]
+    return [
+        {"extract_flow": "extract", "caption_flow": "caption", "train_clip_flow": "train-clip"}.get(flow, "evaluate")
+    ]
+
+
+def test_every_deployment_and_schedule_runs_with_real_models():
+    from tasks.models import random_weight_models
+
+    for name, deployment in _deployments().items():
+        settings = _run_settings(deployment)
+        assert deployment["parameters"].get("config") == "deploy/production.yaml", name
+        assert settings.models.allow_random_weights is False, name
+        assert random_weight_models(settings, _stages(deployment)) == [], name
+        assert settings.store.startswith("s3://"), name
+
+
+def test_production_without_a_model_fails_naming_its_setting():
+    from pathgen.settings import load_settings
+    from tasks.models import RandomWeightsRefused, require_real_models
+
+    settings = load_settings(str(ROOT / "deploy" / "production.yaml"), {"agents.revise.model": None}, environ={})
+    with pytest.raises(RandomWeightsRefused, match=r"agents\.revise\.model is unset"):
+        require_real_models(settings, ["caption"])
+    settings = load_settings(str(ROOT / "deploy" / "production.yaml"), {"embedding.pretrained": None}, environ={})
+    with pytest.raises(RandomWeightsRefused, match=r"embedding\.model / embedding\.pretrained: ViT-L-14-336"):
+        require_real_models(settings, ["extract"])
+
+
+def test_regeneration_skips_committed_work_and_recaption_changes_only_the_describe_model():
+    from agents.identity import agents_hash, hash_inputs, identities
+    from tasks.slides.hashing import slide_extraction_hash
+    from tasks.slides.sources import SlideRef
+
+    deployments = _deployments()
+    ref = SlideRef("TCGA-XX-0001", "s3://pathgen-slides/tcga/TCGA-XX-0001.svs", "s3://pathgen-slides/tcga/")
+    extract, regen = _run_settings(deployments["extract"]), _run_settings(deployments["factory-weekly-regeneration"])
+    # The weekly run extracts with exactly the settings the slides were extracted with: committed slides are skipped.
+    assert slide_extraction_hash(ref, regen) == slide_extraction_hash(ref, extract)
+    assert regen.sources == extract.sources == deployments["extract"]["parameters"]["sources"]
+
+    def agents_of(settings):
+        found = identities(settings.agents, settings.retries)
+        return agents_hash(settings.agents, found), hash_inputs(settings.agents, found)
+
+    caption, regen_agents = agents_of(_run_settings(deployments["caption"])), agents_of(regen)
+    assert regen_agents[0] == caption[0]  # it captions what is pending, into the same pairs/<agents_hash>/
+    recaption = agents_of(_run_settings(deployments["recaption-new-describe-model"]))
+    assert recaption[0] != caption[0]  # a new agents_hash: new pairs beside the old
+    changed = {key for key in caption[1] if caption[1][key] != recaption[1][key]}
+    roles = {name for name in caption[1]["roles"] if caption[1]["roles"][name] != recaption[1]["roles"][name]}
+    assert (changed, roles) == ({"roles"}, {"describe"})

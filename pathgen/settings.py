@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.errors import cut, short_repr
 
@@ -50,6 +50,14 @@ MAX_SEED = 2**32 - 1  # numpy, torch and the OpenAI-compatible servers all take 
 MAX_SLIDE_MPP = 100.0  # a slide coarser than 100 µm/px holds no cells worth a caption
 MAX_YAML_BYTES = 2**20  # a settings file (or prompts file) larger than this is refused before it is parsed
 MAX_ERRORS_SHOWN = 10  # one settings error lists at most this many fields
+
+
+def _blank_is_unset(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+# A model given as "" (``--set agents.describe.model=``) means unset, as null does; never the current folder.
+ModelName = Annotated[str | None, BeforeValidator(_blank_is_unset)]
 
 
 class SettingsError(ValueError):
@@ -173,8 +181,8 @@ class SelectionSettings(_Section):
 
 
 class EmbeddingSettings(_Section):
-    model: str | None = Field(None, description="open_clip model name; unset builds the tiny-random model")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag or a local checkpoint path")
+    model: ModelName = Field(None, description="open_clip model name; unset builds the tiny-random model")
+    pretrained: ModelName = Field(None, description="open_clip pretrained tag or a local checkpoint path")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     batch_size: int = Field(64, ge=1, le=4096)
 
@@ -272,7 +280,7 @@ class CleanupSettings(_Section):
 
 class RoleSettings(_Section):
     backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    model: str | None = Field(
+    model: ModelName = Field(
         None, description="hub id, local folder or served model name; unset: a tiny random-weight model (offline)"
     )
     prompt: str = Field(..., description="versioned prompt under agents/prompts (e.g. describe.v1) or a .txt path")
@@ -350,7 +358,7 @@ class ClipSettings(_Section):
     """PathGen-CLIP training with open_clip's own trainer (open_clip_train)."""
 
     model: str = Field("ViT-B-16", description="open_clip model name; used with pretrained")
-    pretrained: str | None = Field(
+    pretrained: ModelName = Field(
         None, description="open_clip pretrained tag (openai) or checkpoint path; unset trains the tiny-random model"
     )
     run: str | None = Field(None, description="run name under models/clip/; unset: a hash of the training inputs")

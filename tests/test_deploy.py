@@ -20,7 +20,7 @@ def test_every_deployment_names_a_flow_and_valid_parameters():
         flow = getattr(module, flow_name)
         signature = inspect.signature(flow.fn)
         signature.bind(**deployment.get("parameters", {}))  # raises on an unknown or missing parameter
-        assert deployment["work_pool"]["name"] in {"pathgen-cpu", "pathgen-a100"}
+        assert deployment["work_pool"]["name"] in {"pathgen-cpu", "pathgen-a100", "pathgen-a100-k8s"}
 
 
 def test_pool_templates_are_prefect_base_job_templates():

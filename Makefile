@@ -21,12 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/pathgen extract $(SLIDES) --store $(STORE)
-	$(BIN)/pathgen inspect $(STORE) --out $(STORE)/contact-sheet.png
-	$(BIN)/pathgen caption --store $(STORE)
+	$(BIN)/pathgen run $(SLIDES) --store $(STORE) --dataset $(KATHER) --classes tasks/clip/data/kather2016-classes.json \
+		--set clip.batch_size=8 --set clip.stage1.epochs=2 --set clip.holdout_fraction=0.25
 	$(BIN)/pathgen export pathgen-json --store $(STORE) --out $(STORE)/pairs.json
-	$(BIN)/pathgen train-clip --store $(STORE) --set clip.batch_size=8 --set clip.stage1.epochs=2 --set clip.holdout_fraction=0.25
-	$(BIN)/pathgen evaluate --store $(STORE) --dataset $(KATHER) --classes tasks/clip/data/kather2016-classes.json
 	@echo "pathgen lives in $(VENV): run $(BIN)/pathgen --help, or source $(BIN)/activate first and then pathgen --help"
 
 lint: setup

@@ -132,6 +132,24 @@ def _publish(settings: Settings, rows: list[dict[str, Any]]) -> str:
     random = [row["stage"] for row in rows if row.get("random_weights")]
     said = f"RANDOM WEIGHTS used by: {', '.join(random)} (their output is noise)" if random else "Random weights: none"
     lines += ["", said]
-    text = markdown(store_report(Store(settings.store, settings.s3)), "PathGen Factory run", lines)
+    store = Store(settings.store, settings.s3)
+    if any(row["stage"] in ("extract", "caption") and row["state"] == "Completed" for row in rows):
+        _contact_sheet(store)
+    text = markdown(store_report(store), "PathGen Factory run", lines)
     create_markdown_artifact(text, key="factory-report", description="what this factory run made, and where")
     return text
+
+
+def _contact_sheet(store: Store) -> None:
+    """``reports/contact-sheet.png``: sample patches with their captions (``pathgen inspect``), for the report."""
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from pathgen.inspect import inspect_url
+
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        sheet = Path(folder) / "contact-sheet.png"
+        if inspect_url(store.url, out=str(sheet)) == 0 and sheet.exists():
+            store.put_file(sheet, "reports/contact-sheet.png")

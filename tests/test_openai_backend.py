@@ -65,12 +65,14 @@ class TinyModelServer:
                 try:
                     time.sleep(0.05)
                     if self.path != "/v1/chat/completions" or status != 200:
-                        self._send(status if status != 200 else 404, {"error": {"message": "try again"}})
-                        return
-                    self._send(200, server.answer(body))
+                        reply = (status if status != 200 else 404, {"error": {"message": "try again"}})
+                    else:
+                        reply = (200, server.answer(body))
                 finally:
+                    # Out of flight before the reply leaves: once the client has it, it may send the next request.
                     with server.lock:
                         server.in_flight -= 1
+                self._send(*reply)
 
             def _send(self, status, payload):
                 data = json.dumps(payload).encode()

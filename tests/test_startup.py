@@ -151,12 +151,19 @@ def test_idle_zero_gives_a_private_server_and_a_bad_value_is_named(prefect_home:
     assert done.returncode != 0 and "PATHGEN_LOCAL_API_IDLE_S='ten minutes' is not a number" in done.stderr
 
 
-def test_other_prefect_settings_get_another_server(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
-    base = local_api.state_directory()
-    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/other.db")
-    other = local_api.state_directory()
-    assert base.parent == other.parent == tmp_path / "pathgen-api" and base != other
+def test_other_prefect_settings_get_another_server(tmp_path: Path) -> None:
+    code = "from pathgen import local_api; print(local_api.state_directory())"
+
+    def folder(**extra: str) -> Path:
+        env = _env(PREFECT_HOME=str(tmp_path), **extra)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return Path(done.stdout.strip())
+
+    base, debug = folder(), folder(PREFECT_LOGGING_LEVEL="DEBUG")
+    other = folder(PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/other.db")
+    assert base.parent == other.parent == tmp_path / "pathgen-api"
+    assert base == debug != other  # a client-only setting (--debug's log level) shares; another database does not
 
 
 def test_the_temporary_server_sends_no_usage_data() -> None:

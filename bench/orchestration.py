@@ -1,8 +1,9 @@
 """Orchestration at scale: does the Prefect server record every task run of a big job, and what does a task run cost?
 
-Run: ``python bench/orchestration.py --api URL [--api URL ...] [--tasks 2000] [--concurrency 16]``, one ``--api``
-per server to compare (for example the local stack on SQLite and ``deploy/local-stack.sh up --production`` on
-PostgreSQL with Redis messaging); ``--label`` names them in the same order.
+Run: ``python bench/orchestration.py --stacks [--tasks 2000] [--concurrency 16]`` starts two local stacks
+(``deploy/local-stack.sh up``: Prefect on SQLite with in-memory messaging, and ``up --production``: PostgreSQL with
+Redis messaging; state under bench/_work/orchestration, free ports), measures both, and stops them. Or measure running
+servers: ``--api URL [--api URL ...]``, with ``--label`` naming them in the same order.
 
 For each server: one flow run submits ``--tasks`` task runs of a trivial task (threads, ``--concurrency`` at once,
 as the factory's runner submits slide groups), waits for them, then asks the server, until the count stops growing
@@ -123,14 +124,63 @@ def job_shape(slides: int = 7300, pairs: int = 1_600_000, parts: int = 8) -> lis
     ]
 
 
+STACK_PORTS = ("PREFECT_PORT", "S3_PORT", "WEED_MASTER_PORT", "WEED_VOLUME_PORT", "WEED_FILER_PORT", "PG_PORT")
+
+
+def start_stack(mode: str) -> tuple[dict[str, str], str]:
+    """``deploy/local-stack.sh up [--production]`` on free ports, state under bench/_work; (its env, API URL)."""
+    from bench.seaweed import free_port_pair
+
+    state = ROOT / "bench" / "_work" / "orchestration" / mode
+    if state.exists():
+        subprocess.run(["bash", str(ROOT / "deploy/local-stack.sh"), "down"], env=dict(os.environ, STATE=str(state)))
+    import shutil
+
+    shutil.rmtree(state, ignore_errors=True)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.parent.chmod(0o755)  # as root, PostgreSQL runs as the postgres user, which must reach its folder
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({name: str(free_port_pair()) for name in STACK_PORTS}, STATE=str(state))
+    env["REDIS_PORT"] = str(free_port_pair())
+    command = ["bash", str(ROOT / "deploy/local-stack.sh"), "up"] + (["--production"] if mode == "postgres" else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {mode} stack did not start:\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
+    return env, f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+
+
+def stop_stack(env: dict[str, str]) -> None:
+    subprocess.run(["bash", str(ROOT / "deploy/local-stack.sh"), "down"], env=env, capture_output=True, text=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--api", action="append", required=True, help="a Prefect API URL (repeat to compare)")
+    parser.add_argument("--api", action="append", default=[], help="a Prefect API URL (repeat to compare)")
+    parser.add_argument("--stacks", action="store_true", help="start a SQLite and a PostgreSQL + Redis local stack")
     parser.add_argument("--label", action="append", default=[], help="a name for each --api, in order")
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--settle", type=float, default=120.0, help="seconds to wait for the server to record")
     args = parser.parse_args()
+    stacks = []
+    try:
+        if args.stacks:
+            for mode, label in (("sqlite", "SQLite, in-memory"), ("postgres", "PostgreSQL + Redis")):
+                print(f"starting the {label} stack ...", flush=True)
+                env, api = start_stack(mode)
+                stacks.append(env)
+                args.api.append(api)
+                args.label.append(label)
+        if not args.api:
+            parser.error("give --stacks or at least one --api")
+        measure_all(args)
+    finally:
+        for env in stacks:
+            stop_stack(env)
+    print_job_shape()
+
+
+def measure_all(args: argparse.Namespace) -> None:
     labels = args.label + [f"api{i}" for i in range(len(args.label), len(args.api))]
     header = f"{'server':<22} {'tasks':>6} {'recorded':>9} {'completed':>10} {'flow s':>8} {'ms/task run':>12}"
     print(header + f" {'settle s':>9}")
@@ -141,6 +191,9 @@ def main() -> None:
             f"{r['api_ms_per_task_run']:>12.1f} {r['settle_s']:>9}",
             flush=True,
         )
+
+
+def print_job_shape() -> None:
     print("\na 7,300-slide, 1.6 M-pair factory run with deploy/production.yaml and parts=8:")
     total_tasks = total_flows = 0
     for stage, tasks, flows in job_shape():

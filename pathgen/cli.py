@@ -115,9 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--samples", type=int, default=24, help="patches on the contact sheet")
     inspect.add_argument("--rows", type=int, default=5, help="sample rows printed")
 
-    from pathgen.factory_cli import add_commands
-
-    add_commands(sub, common, _settings_args, _parts_arg)
+    for module in _command_modules():
+        module.add_commands(sub, common, _settings_args, _parts_arg)
     settings = sub.add_parser("settings", parents=[common], help="print the effective settings as YAML")
     _settings_args(settings)
     return parser
@@ -139,13 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train-clip":
             from pathgen.clip_cli import train_clip
 
-            return train_clip(args, _overrides(args))
+            return train_clip(args, overrides_of(args))
         if args.command == "evaluate":
             from pathgen.clip_cli import evaluate
 
-            return evaluate(args, _overrides(args))
-        if args.command in ("run", "status"):
-            return _factory_command(args)
+            return evaluate(args, overrides_of(args))
+        for module in _command_modules():
+            if args.command in module.COMMANDS:
+                return module.COMMANDS[args.command](args)
         if args.command == "inspect":
             from pathgen.inspect import inspect_url
 
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _source_problem(spec: str) -> str | None:
+def source_problem(spec: str) -> str | None:
     """Why a local SOURCE names nothing (it does not exist, or its glob matches no slide file), told before Prefect
     starts; None for a remote URL or a local source that is there (whether it reads is the flow's to find out)."""
     from tasks.slides.sources import is_slide_name
@@ -207,7 +207,7 @@ def _extract(args: argparse.Namespace) -> int:
         print("pathgen extract: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
         return EXIT_USAGE
     for spec in sources:  # a missing local path is a usage error: nothing starts and nothing is written for it
-        problem = _source_problem(spec)
+        problem = source_problem(spec)
         if problem:
             print(f"pathgen extract: {problem}", file=sys.stderr)
             return EXIT_USAGE
@@ -233,22 +233,18 @@ def _extract(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _factory_command(args: argparse.Namespace) -> int:
-    from pathgen import factory_cli
-
-    overrides = _overrides(args)
-    settings = load_settings(args.config, overrides)
-    if args.command == "status":
-        return factory_cli.status(settings)
-    for spec in args.sources:  # a missing local path is a usage error: nothing starts for it
-        problem = _source_problem(spec)
-        if problem:
-            print(f"pathgen run: {problem}", file=sys.stderr)
-            return EXIT_USAGE
-    return factory_cli.run_factory(args, overrides, settings)
+# Modules that add subcommands: each has add_commands(sub, common, settings_args, parts_arg) and COMMANDS, a map of
+# command name -> handler(args) -> exit code. Imported when the parser is built; they import their flows lazily.
+COMMAND_MODULES = ("pathgen.factory_cli",)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def _command_modules() -> list:
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
     overrides = parse_assignments(args.assignments)
     if args.store:
         overrides["store"] = args.store
@@ -271,7 +267,7 @@ def credentials_to_environment(overrides: dict) -> dict:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    overrides = _overrides(args)
+    overrides = overrides_of(args)
     from flows.caption import NoPatchShardsError, caption_flow, require_patch_shards
     from tasks.store.objects import StoreError
 
@@ -319,7 +315,7 @@ def _export(args: argparse.Namespace) -> int:
     if problem:  # before reading the store: a wrong --out is told at once
         print(f"pathgen export: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    settings = load_settings(args.config, _overrides(args))
+    settings = load_settings(args.config, overrides_of(args))
     if args.format == "webdataset":
         from pathgen.clip_cli import export_webdataset
 

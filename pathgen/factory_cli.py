@@ -34,6 +34,27 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     settings_args(status)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pathgen.cli import EXIT_USAGE as USAGE
+    from pathgen.cli import overrides_of, source_problem
+    from pathgen.settings import load_settings
+
+    overrides = overrides_of(args)
+    for spec in args.sources:  # a missing local path is a usage error: nothing starts for it
+        problem = source_problem(spec)
+        if problem:
+            print(f"pathgen run: {problem}", file=sys.stderr)
+            return USAGE
+    return run_factory(args, overrides, load_settings(args.config, overrides))
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pathgen.cli import overrides_of
+    from pathgen.settings import load_settings
+
+    return status(load_settings(args.config, overrides_of(args)))
+
+
 def run_factory(args: argparse.Namespace, overrides: dict, settings: Settings) -> int:
     from flows.factory import checked_stages, factory_flow
     from tasks.models import require_real_models
@@ -85,3 +106,6 @@ def _print_status(settings: Settings) -> None:
     from tasks.store.objects import Store
 
     print(text(store_report(Store(settings.store, settings.s3))))
+
+
+COMMANDS = {"run": _run, "status": _status}

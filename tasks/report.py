@@ -133,9 +133,11 @@ def _evaluations(store: Store) -> list[dict[str, Any]]:
         retrieval = result.get("retrieval")
         if isinstance(retrieval, dict) and "image_to_text" in retrieval:
             headline["image_to_text_R@5"] = retrieval["image_to_text"].get("R@5")
-        found.append(
-            {"eval": key.split("/")[1], "dataset": key.rsplit("/", 1)[1].removesuffix(".json"), "headline": headline}
-        )
+        overall = result.get("overall")  # a multiple-choice report (eval/mc/<run>/<dataset>.json)
+        if isinstance(overall, dict) and "accuracy" in overall:
+            headline["multiple_choice_accuracy"] = overall["accuracy"]
+        run = key.rsplit("/", 2)[1] if key.startswith("eval/mc/") else key.split("/")[1]
+        found.append({"eval": run, "dataset": key.rsplit("/", 1)[1].removesuffix(".json"), "headline": headline})
     return found
 
 

@@ -71,12 +71,12 @@ def test_extract_of_a_glob_matching_no_slide_says_so_at_once(tmp_path):
 
 
 def test_sources_that_exist_or_are_remote_pass_the_check(tmp_path):
-    assert cli._source_problem(str(CMU)) is None
-    assert cli._source_problem(f"file://{CMU}") is None
-    assert cli._source_problem(str(CMU.parent)) is None
-    assert cli._source_problem(str(CMU.parent / "*.svs")) is None
-    assert cli._source_problem("s3://bucket/slides/") is None  # whether it reads is the flow's to find out
-    assert "does not exist" in cli._source_problem(str(tmp_path / "x.svs"))
+    assert cli.source_problem(str(CMU)) is None
+    assert cli.source_problem(f"file://{CMU}") is None
+    assert cli.source_problem(str(CMU.parent)) is None
+    assert cli.source_problem(str(CMU.parent / "*.svs")) is None
+    assert cli.source_problem("s3://bucket/slides/") is None  # whether it reads is the flow's to find out
+    assert "does not exist" in cli.source_problem(str(tmp_path / "x.svs"))
 
 
 # -- export: --out into a missing folder ------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class Stack:
     def __init__(self, state: Path, ports: dict[str, int]):
         self.state = state
         self.ports = ports
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PATHGEN_STACK"))}
+        inherited = os.environ.items()
+        self.env = {k: v for k, v in inherited if not k.startswith("PREFECT_API") and k != "PATHGEN_STACK_STATE"}
         self.env.update({k: str(v) for k, v in ports.items()})
         self.env.update(STATE=str(state), BIN=str(BIN), STACK_TIMEOUT="150")
         self.seen: set[int] = set()

@@ -1,0 +1,159 @@
+"""``pathgen evaluate-mc``: score a vision-language model (PathGen-LLaVA, a baseline, or the tiny random VLM) on a
+PathMMU-style multiple-choice JSON Lines file, in this process; the report goes to ``eval/mc/<run>/<dataset>.json``
+in a store (--store) and/or to a file (--out).
+
+Exit codes: 0 when every question was put to the model (however many it got right); 2 for bad usage, a bad
+dataset file or a refused random-weight model; 1 when the model or the store failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+COMMAND = "evaluate-mc"
+
+
+def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
+    mc = sub.add_parser(
+        COMMAND, parents=[common], help="multiple-choice accuracy of a vision-language model (PathMMU format)"
+    )
+    mc.add_argument(
+        "--dataset", metavar="FILE", required=True, help="JSONL: id, image, question, options, answer[, subset]"
+    )
+    mc.add_argument(
+        "--model",
+        metavar="NAME_OR_FOLDER",
+        help="hub id, local folder (e.g. a PathGen-LLaVA export) or served model name; default: the tiny "
+        "random-weight VLM (its scores are noise)",
+    )
+    mc.add_argument(
+        "--backend",
+        choices=["transformers", "openai", "vllm"],
+        default="transformers",
+        help="transformers (default), openai (with --set agents.openai_base_url=URL) or vllm",
+    )
+    mc.add_argument("--store", metavar="URL", help="write the report to eval/mc/<run>/<dataset>.json in this store")
+    mc.add_argument("--out", metavar="FILE", help="write the report to this JSON file (also with --store)")
+    mc.add_argument("--limit", type=int, metavar="N", help="only the first N questions (named <dataset>-firstN)")
+    mc.add_argument("--run", metavar="NAME", help="the report's folder under eval/mc/ (default: from the model)")
+    mc.add_argument(
+        "--prompt",
+        metavar="FILE",
+        help="prompt .txt ([system], [user] with {image}, {question}, {options}); default: tasks/mc/prompts/mc.v1.txt",
+    )
+    mc.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="reply length cap (default 32)")
+    settings_args(mc)
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, told before any model loads."""
+    if not args.store and not args.out:
+        return "give --store URL (eval/mc/<run>/<dataset>.json there) or --out FILE, or both"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be at least 1 (got {args.limit})"
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= 8192:
+        return f"--max-new-tokens must be between 1 and 8192 (got {args.max_new_tokens})"
+    if args.backend in ("openai", "vllm") and not args.model:
+        return f"the {args.backend} backend needs --model (the served model name, hub id or folder)"
+    if args.out:
+        out = Path(args.out).expanduser()
+        if out.is_dir():
+            return f"--out {args.out} is a folder; give a file name, e.g. {out / 'mc.json'}"
+        if not out.absolute().parent.is_dir():
+            return f"folder {out.absolute().parent} does not exist; create it or choose another --out"
+    return None
+
+
+def evaluate_mc(args: argparse.Namespace) -> int:
+    from pathgen.settings import load_settings, parse_assignments
+    from tasks.mc.answers import load_mc_prompt
+    from tasks.mc.dataset import DatasetError, load_questions
+
+    problem = usage_problem(args)
+    if problem:
+        print(f"pathgen {COMMAND}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = load_settings(args.config, parse_assignments(args.assignments))
+    try:
+        prompt = load_mc_prompt(args.prompt)
+    except ValueError as exc:  # a missing or malformed --prompt file
+        print(f"pathgen {COMMAND}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        questions = load_questions(args.dataset)
+    except DatasetError as exc:
+        print(f"pathgen {COMMAND}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    store = _checked_store(args.store, settings) if args.store else None  # before the model: fail fast
+    return _evaluate(args, settings, prompt, questions, store)
+
+
+def _checked_store(url: str, settings) -> Any:
+    from tasks.store.objects import Store
+
+    store = Store(url, settings.s3)
+    store.check()
+    return store
+
+
+def _evaluate(args: argparse.Namespace, settings, prompt, questions: list, store) -> int:
+    from tasks.mc.backend import load_backend
+    from tasks.mc.evaluate import (
+        DEFAULT_MAX_NEW_TOKENS,
+        answer_questions,
+        build_report,
+        dataset_name,
+        mc_sampling,
+        publish,
+        report_bytes,
+        run_name,
+    )
+
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    chosen = questions[: args.limit] if args.limit else questions
+    backend, model = load_backend(settings, args.backend, args.model, max_new_tokens, args.prompt)
+    sampling = mc_sampling(max_new_tokens)
+    predictions = answer_questions(backend, chosen, prompt, sampling, progress=_progress)
+    name = dataset_name(Path(args.dataset), args.limit, len(questions))
+    report = build_report(Path(args.dataset).resolve(), name, predictions, model, prompt, sampling, args.limit)
+    run = args.run or run_name(model)
+    written = [publish(store, run, report)] if store else []
+    if args.out:
+        Path(args.out).expanduser().write_bytes(report_bytes(report))
+        written.append(str(Path(args.out).expanduser().absolute()))
+    print_report(run, report, written)
+    return EXIT_OK
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"answered {done}/{total} questions", file=sys.stderr, flush=True)
+
+
+def print_report(run: str, report: dict[str, Any], written: list[str]) -> None:
+    overall = report["overall"]
+    print(
+        f"\n{run} on {report['dataset']}: accuracy {overall['accuracy']:.3f} ({overall['correct']}/{overall['n']} "
+        f"correct), {overall['unparsed']} replies named no single option"
+    )
+    if report["by_subset"]:
+        print(f"  {'subset':<16} {'n':>6} {'correct':>8} {'accuracy':>9} {'unparsed':>9}")
+        for subset, f in report["by_subset"].items():
+            print(f"  {subset:<16} {f['n']:>6} {f['correct']:>8} {f['accuracy']:>9.3f} {f['unparsed']:>9}")
+    if report["unparsed"]:
+        print("unparsed replies (scored wrong):")
+        for reason, ids in report["unparsed"].items():
+            shown = ", ".join(ids[:10]) + (f", ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+            print(f"  {reason}: {len(ids)} ({shown})")
+    for target in written:
+        print(f"report: {target}")
+    if report["random_weights"]:
+        model = report["model"]
+        print(f"RANDOM WEIGHTS: {model['model_id']} ({model['random_reason']}); its replies are noise and these "
+              "numbers measure nothing; pass --model for a real evaluation")  # fmt: skip
+
+
+COMMANDS = {COMMAND: evaluate_mc}

@@ -251,12 +251,23 @@ TINY_FACTORY = {  # deploy/production.yaml, with the tiny random-weight models i
 }  # fmt: skip
 
 
+def _call(api: httpx.Client, method: str, url: str, **kwargs) -> httpx.Response:
+    """One API call, retried while the server answers 503 as Prefect's own client does: a busy SQLite server
+    (a loaded 2-core machine) turns a database timeout into 503."""
+    for _ in range(30):
+        reply = api.request(method, url, **kwargs)
+        if reply.status_code not in (502, 503, 504):
+            return reply
+        time.sleep(2)
+    return reply
+
+
 def _start_deployment(api: httpx.Client, name: str, parameters: dict) -> str:
     """A flow run of deployment ``name`` (flow/deployment), for the stack's worker to pick up; returns its id."""
     flow, deployment = name.split("/")
-    found = api.get(f"deployments/name/{flow}/{deployment}")
+    found = _call(api, "GET", f"deployments/name/{flow}/{deployment}")
     assert found.status_code == 200, found.text
-    run = api.post(f"deployments/{found.json()['id']}/create_flow_run", json={"parameters": parameters})
+    run = _call(api, "POST", f"deployments/{found.json()['id']}/create_flow_run", json={"parameters": parameters})
     assert run.status_code in (200, 201), run.text
     return run.json()["id"]
 
@@ -264,7 +275,7 @@ def _start_deployment(api: httpx.Client, name: str, parameters: dict) -> str:
 def _wait_final(api: httpx.Client, run_ids: list[str], timeout: float) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
-        runs = [api.get(f"flow_runs/{run_id}").json() for run_id in run_ids]
+        runs = [_call(api, "GET", f"flow_runs/{run_id}").json() for run_id in run_ids]
         if all(r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs):
             return runs
         if time.monotonic() > deadline:
@@ -287,7 +298,8 @@ def deploy_all_and_run_the_factory(stack: Stack) -> None:
     import yaml
 
     names = {d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
-    registered = httpx.post(f"{stack.api}/deployments/filter", json={}, timeout=30).json()
+    with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
+        registered = _call(api, "POST", "deployments/filter", json={}).json()
     assert {d["name"] for d in registered} == names
 
     # Production settings with a model left unset: the run fails at once, naming the setting.
@@ -344,19 +356,22 @@ def check_factory_outputs(stack: Stack, run: dict, prefix: str) -> None:
     assert any(k.startswith("eval/") and k.endswith("/kather2016-samples.json") for k in keys), sorted(keys)
     assert "reports/contact-sheet.png" in keys, sorted(keys)
     with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
-        artifacts = api.post("artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+        query = {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+        artifacts = _call(api, "POST", "artifacts/filter", json=query).json()
         report = next(a for a in artifacts if a["key"] == "factory-report")
         assert report["type"] == "markdown"
         for expected in ("| extract | Completed", "| caption | Completed", "| train-clip | Completed",
                          "| evaluate | Completed", "RANDOM WEIGHTS used by", "CMU-1-Small-Region", "contact-sheet.png",
                          "Pairs "):  # fmt: skip
             assert expected in report["data"], report["data"]
-        children = api.post("flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+        query = {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}}
+        children = _call(api, "POST", "flow_runs/filter", json=query)
         names = sorted(child["name"] for child in children.json())
         assert any(n.startswith("extract-CMU-1-Small-Region-1-slides") for n in names), names
         assert any(n.startswith("caption-") and n.endswith("-1-slides") for n in names), names
         child_ids = [child["id"] for child in children.json()]
-        tables = api.post("artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": child_ids}}}).json()
+        query = {"artifacts": {"flow_run_id": {"any_": child_ids}}}
+        tables = _call(api, "POST", "artifacts/filter", json=query).json()
         assert {"extract-slides", "caption-slides", "summary"} <= {a["key"] for a in tables}, tables
 
 

@@ -16,9 +16,11 @@ TINY_VLM = "tiny-random-vlm"
 TINY_LM = "tiny-random-lm"
 RANDOM_MARKER = "pathgen_random_weights"  # a config.json key: the weights were never trained
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
+# A fixed list, not every prompt file: a new prompt (instruct.v1, ...) must not change the tiny models, whose
+# identity in hashes is TINY_VERSION. These are the files tiny-v3 was built from.
 CORPUS = [
     Path(__file__).resolve().parents[1] / "tasks" / "selection" / "data" / "tcga_prompts.yaml",
-    *sorted((Path(__file__).parent / "prompts").glob("*.txt")),
+    *(Path(__file__).parent / "prompts" / f"{name}.v1.txt" for name in ("describe", "revise", "shorten", "summarize")),
 ]
 
 # ChatML; a message's content is a string or a list of {"type": "image"} / {"type": "text"} parts.

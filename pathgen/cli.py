@@ -81,12 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common], help="write pairs in an interchange format")
     export.add_argument(
         "format",
-        choices=["pathgen-json", "webdataset"],
-        help="pathgen-json: the PathGen-1.6M JSON format (--out FILE); webdataset: tars for open_clip (--out DIR)",
+        choices=["pathgen-json", "webdataset", "llava"],
+        help="pathgen-json: the PathGen-1.6M JSON format (--out FILE); webdataset: tars for open_clip (--out DIR); "
+        "llava: stage1.json, stage2.json and images/ for PathGen-LLaVA (--out DIR)",
     )
     export.add_argument("--out", metavar="PATH", required=True)
     export.add_argument("--store", metavar="URL")
     export.add_argument("--agents-hash", metavar="HASH", help="which pairs (needed when the store holds several)")
+    export.add_argument("--instruct-hash", metavar="HASH", help="llava: which instruction data (when several)")
     _settings_args(export)
 
     train = sub.add_parser(
@@ -235,7 +237,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 # Modules that add subcommands: each has add_commands(sub, common, settings_args, parts_arg) and COMMANDS, a map of
 # command name -> handler(args) -> exit code. Imported when the parser is built; they import their flows lazily.
-COMMAND_MODULES = ("pathgen.factory_cli",)
+COMMAND_MODULES = ("pathgen.factory_cli", "pathgen.mc_cli", "pathgen.instruct_cli", "pathgen.llava_cli")
 
 
 def _command_modules() -> list:
@@ -320,6 +322,10 @@ def _export(args: argparse.Namespace) -> int:
         from pathgen.clip_cli import export_webdataset
 
         return export_webdataset(args, settings)
+    if args.format == "llava":
+        from pathgen.instruct_cli import export_llava
+
+        return export_llava(args, settings)
     try:
         count = export_pathgen_json(Store(settings.store, settings.s3), args.out, args.agents_hash)
     except ValueError as exc:
@@ -342,9 +348,9 @@ def _out_problem(fmt: str, out: str) -> str | None:
     from pathlib import Path
 
     path = Path(out).expanduser()
-    if fmt == "webdataset":
+    if fmt in ("webdataset", "llava"):
         if path.exists() and not path.is_dir():
-            return f"--out {out} is a file; webdataset writes a folder of tars: choose a folder"
+            return f"--out {out} is a file; {fmt} writes a folder: choose a folder"
         return None
     if path.is_dir():
         return f"--out {out} is a folder; pathgen-json writes one file: choose a file name, e.g. {path / 'pairs.json'}"

@@ -389,6 +389,43 @@ class ClipSettings(_Section):
     )
 
 
+class LlavaSettings(_Section):
+    """PathGen-LLaVA: vision tower + two-layer GELU projector + causal LM; stage 1 trains the projector on caption
+    pairs, stage 2 tunes on instruction conversations (fully or with LoRA)."""
+
+    vision: ModelName = Field(
+        None,
+        description="vision tower: a PathGen-CLIP checkpoint, an open_clip NAME:PRETRAINED, or a transformers CLIP/"
+        "SigLIP hub id or folder; unset: the newest PathGen-CLIP checkpoint in the store, else tiny-random",
+    )
+    language_model: ModelName = Field(
+        None, description="causal LM hub id or local folder; unset: a tiny random-weight LM (offline)"
+    )
+    run: str | None = Field(None, description="run name under models/llava/; unset: a hash of the training inputs")
+    lr_stage1: float = Field(1e-3, gt=0.0, le=1.0, description="projector learning rate (LLaVA-1.5: 1e-3)")
+    lr_stage2: float = Field(2e-5, gt=0.0, le=1.0, description="instruction tuning learning rate (LLaVA-1.5: 2e-5)")
+    epochs_stage1: int = Field(1, ge=1, le=1000)
+    epochs_stage2: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="cap on optimizer steps per stage")
+    batch_size: int = Field(16, ge=1, le=4096, description="conversations per device and micro-batch")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    max_length: int = Field(2048, ge=16, le=131_072, description="tokens per conversation, image tokens included")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="share of steps with a linear warmup (then cosine)")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0)
+    lora: bool = Field(False, description="stage 2 with LoRA on the LM's attention projections (merged when saved)")
+    lora_r: int = Field(128, ge=1, le=4096)
+    lora_alpha: int = Field(256, ge=1, le=65536)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    vision_feature_layer: int = Field(-2, ge=-64, le=-1, description="vision hidden layer fed to the projector")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, else fp32")
+    gradient_checkpointing: bool = False
+    devices: int = Field(1, ge=1, le=64, description="GPUs; more than one runs torchrun --nproc-per-node")
+    workers: int = Field(2, ge=0, le=64, description="data loader workers per device")
+    save_steps: int = Field(500, ge=1, le=10_000_000, description="a resumable checkpoint every N optimizer steps")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    work_dir: str | None = Field(None, description="local folder for models and checkpoints; unset: ~/.cache")
+
+
 class EvalSettings(_Section):
     batch_size: int = Field(64, ge=1, le=4096)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -396,6 +433,37 @@ class EvalSettings(_Section):
     seeds: int = Field(3, ge=1, le=100, description="samplings per k-shot probe")
     probe_c: float = Field(1.0, gt=0.0, le=1e6, description="inverse L2 strength of the logistic regression")
     retrieval_pairs: int = Field(5000, ge=2, le=100_000, description="held-out pairs scored for retrieval, at most")
+
+
+class InstructSettings(RoleSettings):
+    """The instruct role (PathGen-Instruct): conversations about a patch from its revised description. Its own
+    backend, model, prompt and sampling (``instruct.model`` etc.); server, device and batch settings are shared with
+    the caption roles (``agents.openai_base_url``, ``agents.batch_size``, ...)."""
+
+    prompt: str = Field(
+        "instruct.v1",
+        description="versioned prompt: instruct.v1 (text: the description) or instruct-image.v1 (image too, a VLM)",
+    )
+    max_new_tokens: int = Field(768, ge=1, le=8192)
+    max_words: int = Field(900, ge=1, le=100_000, description="a longer reply is rejected as over-long")
+    conversations_per_description: int = Field(
+        3, ge=1, le=20, description="conversations asked for per description; later ones in a reply are ignored"
+    )
+    max_turns: int = Field(3, ge=1, le=10, description="question-answer turns a conversation may have")
+    min_support: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="share of an answer's (or correct option's) content words the description must contain",
+    )
+    min_question_support: float = Field(
+        0.5, ge=0.0, le=1.0, description="yes/no questions: share of their content words the description must contain"
+    )
+    slides_per_task: int = Field(4, ge=1, le=10_000, description="slides per instruct task (one model batch)")
+    concurrency: int = Field(1, ge=1, le=256, description="instruct tasks at once; above 1 only for openai")
+    agents_hash: str | None = Field(
+        None, description="read pairs/<agents_hash>/; unset: the only agents_hash in the store (an error if several)"
+    )
 
 
 class ModelsSettings(_Section):
@@ -421,7 +489,9 @@ class Settings(_Section):
     retries: RetrySettings = Field(default_factory=RetrySettings)
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
+    llava: LlavaSettings = Field(default_factory=LlavaSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    instruct: InstructSettings = Field(default_factory=InstructSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
 
 

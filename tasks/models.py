@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathgen.settings import Settings, SettingsError
 
 STAGES = ("extract", "caption", "train-clip", "evaluate")
+# Stages whose models are checked; the factory runs STAGES (instruct is run on its own: pathgen instruct).
+MODEL_STAGES = (*STAGES, "instruct")
 ROLES = ("describe", "revise", "summarize")
 
 
@@ -27,9 +29,9 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
     from tasks.selection.embedding import embedding_spec
 
     stages = set(stages)
-    unknown = stages - set(STAGES)
+    unknown = stages - set(MODEL_STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
+        raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(MODEL_STAGES)}")
     found = []
     if "extract" in stages and settings.selection.method == "representative":
         spec = embedding_spec(settings.embedding)
@@ -37,6 +39,8 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
             found.append(f"embedding.model / embedding.pretrained: {spec.label} has no pretrained weights")
     if "caption" in stages:
         found += _random_agents(settings)
+    if "instruct" in stages:
+        found += _random_instruct(settings)
     if "train-clip" in stages and start_spec(settings.clip).random_weights:
         found.append(f"clip.pretrained is unset: training would start {start_spec(settings.clip).label} from random")
     if "evaluate" in stages and evaluate_model and parse_model_spec(evaluate_model).random_weights:
@@ -55,6 +59,16 @@ def _random_agents(settings: Settings) -> list[str]:
         elif reason := folder_random_weights(model):
             found.append(f"agents.{role}.model {model}: {reason}")
     return found
+
+
+def _random_instruct(settings: Settings) -> list[str]:
+    from agents.backends import folder_random_weights
+
+    model = settings.instruct.model
+    if model is None:
+        return ["instruct.model is unset (the tiny random-weight model)"]
+    reason = folder_random_weights(model)
+    return [f"instruct.model {model}: {reason}"] if reason else []
 
 
 def require_real_models(settings: Settings, stages: Iterable[str], evaluate_model: str | None = None) -> None:

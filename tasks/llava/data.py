@@ -1,0 +1,170 @@
+"""Training data in LLaVA's own JSON format: a folder with ``stage1.json`` (caption pairs as single-turn
+conversations) and ``stage2.json`` (instruction conversations), each a list of ``{"id", "image": "images/x.jpg"
+(relative to the folder), "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}``,
+and the images beside. Any folder in this format trains, LLaVA's released data included.
+
+A conversation becomes token ids through the processor's own chat template, so training sees exactly the text that
+generation is prompted with. The loss counts only the assistant's tokens: everything else, image tokens included,
+is labelled -100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE = -100
+STAGE_FILES = {"stage1": "stage1.json", "stage2": "stage2.json"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def read_records(folder: Path, stage: str) -> list[dict[str, Any]]:
+    """One stage's records, checked: known roles, an assistant turn, and every named image present."""
+    path = Path(folder) / STAGE_FILES[stage]
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: a LLaVA data folder holds stage1.json and stage2.json")
+    records = json.loads(path.read_text())
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of conversations")
+    problems = [f"{r.get('id', i) if isinstance(r, dict) else i}: {p}" for i, r in enumerate(records)
+                if (p := record_problem(folder, r))]  # fmt: skip
+    if problems:
+        raise ValueError(f"{len(problems)} bad records in {path}, e.g. {'; '.join(problems[:3])}")
+    return records
+
+
+def record_problem(folder: Path, record: Any) -> str | None:
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return "not an object with a conversations list"
+    turns = record["conversations"]
+    if any(not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str) for t in turns):
+        return f"turns need from (one of {', '.join(ROLES)}) and a string value"
+    roles = [ROLES[t["from"]] for t in turns]
+    if "assistant" not in roles:
+        return "no gpt turn to learn from"
+    if "user" not in roles[: roles.index("assistant")]:
+        return "a gpt turn before any human turn"
+    if record.get("image") and not (Path(folder) / record["image"]).is_file():
+        return f"image {record['image']} is missing"
+    if not record.get("image") and any("<image>" in t["value"] for t in turns):
+        return "an <image> placeholder without an image"
+    return None
+
+
+def data_digest(folder: Path, stages: list[str]) -> str:
+    """What the data holds, not where it lies: the stage files' bytes and each named image's size."""
+    digest = hashlib.sha256()
+    for stage in stages:
+        path = Path(folder) / STAGE_FILES[stage]
+        digest.update(f"{stage}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        names = sorted({r["image"] for r in json.loads(path.read_text()) if r.get("image")})
+        for name in names:  # a missing image is the training unit's to report, with its record
+            image = Path(folder) / name
+            digest.update(f"{name}\0{image.stat().st_size if image.is_file() else -1}\n".encode())
+    return digest.hexdigest()
+
+
+def messages_of(record: dict[str, Any]) -> list[dict[str, str]]:
+    """LLaVA turns -> chat messages; an image with no placeholder gets one before the first question (as LLaVA)."""
+    messages = [{"role": ROLES[t["from"]], "content": t["value"]} for t in record["conversations"]]
+    if record.get("image") and not any("<image>" in m["content"] for m in messages):
+        first = next(m for m in messages if m["role"] == "user")
+        first["content"] = "<image>\n" + first["content"]
+    return messages
+
+
+@dataclass
+class Encoder:
+    """Turns a conversation into (input_ids, labels) with the processor's template and image token count."""
+
+    processor: Any
+    image_tokens: int
+    max_length: int
+
+    def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_assistant) pieces: each assistant piece is what the full
+        rendering adds after the prompt that asks for that answer, so the template decides every boundary."""
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:i], generation=True)
+            full = self._render(messages[: i + 1], generation=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise ValueError("the chat template does not render a conversation as a growing prefix")
+            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+        rest = self._render(messages, generation=False)[len(done) :]
+        return pieces + ([(rest, False)] if rest else [])
+
+    def _render(self, messages: list[dict[str, str]], generation: bool) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+
+    def encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        tokenizer = self.processor.tokenizer
+        image = self.processor.image_token
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, target in self.segments(messages):
+            text = text.replace(image, image * self.image_tokens)  # as the processor expands it at inference
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if target else [IGNORE] * len(piece)
+        image_id = self.processor.image_token_id
+        labels = [IGNORE if t == image_id else label for t, label in zip(ids, labels, strict=True)]
+        return self._truncate(ids, labels)
+
+    def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        if len(ids) <= self.max_length:
+            return ids, labels
+        if self.processor.image_token_id in ids[self.max_length :]:  # the image's features would have no place
+            raise ValueError(f"llava.max_length {self.max_length} cuts off image tokens; raise it")
+        return ids[: self.max_length], labels[: self.max_length]
+
+
+class ConversationDataset:
+    """Records of one stage as model inputs; images are read and preprocessed per item (in loader workers)."""
+
+    def __init__(self, folder: Path, records: list[dict[str, Any]], encoder: Encoder) -> None:
+        self.folder, self.records, self.encoder = Path(folder), records, encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        record = self.records[index]
+        ids, labels = self.encoder.encode(messages_of(record))
+        item: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": None}
+        if record.get("image"):
+            with Image.open(self.folder / record["image"]) as picture:
+                rgb = picture.convert("RGB")
+            pixels = self.encoder.processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
+            item["pixel_values"] = pixels[0]
+        return item
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded ids, labels and mask; the pixels of the items that have an image, in order (LLaVA fills the
+    image tokens of the batch with the images' features in that order)."""
+    import torch
+
+    width = max(len(i["input_ids"]) for i in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        ids[row, :n] = torch.tensor(item["input_ids"])
+        labels[row, :n] = torch.tensor(item["labels"])
+        mask[row, :n] = 1
+    batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [i["pixel_values"] for i in items if i["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch

@@ -33,6 +33,12 @@ def read_records(folder: Path, stage: str) -> list[dict[str, Any]]:
                 if (p := record_problem(folder, r))]  # fmt: skip
     if problems:
         raise ValueError(f"{len(problems)} bad records in {path}, e.g. {'; '.join(problems[:3])}")
+    if not records:
+        source = "pathgen instruct" if stage == "stage2" else "pathgen caption"
+        raise ValueError(
+            f"{path} holds no conversations to train on: {source} wrote none that passed validation (random-weight "
+            "models never write valid ones; their failures are in the store's failed tables)"
+        )
     return records
 
 

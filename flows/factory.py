@@ -1,4 +1,5 @@
-"""The whole chain for a source set: extract, caption, train-clip, evaluate, each stage switchable.
+"""The whole chain for a source set: extract, caption, train-clip, evaluate (and, when chosen, PathGen-LLaVA's
+instruct and train-llava), each stage switchable.
 
 Every stage runs as a subflow (its own run, table and progress in the UI) and skips what the store already holds:
 committed slides and pairs, finished CLIP stages. ``parts`` goes to extract and caption. Models are checked for all
@@ -17,9 +18,11 @@ from prefect.artifacts import create_markdown_artifact
 from flows.caption import caption_flow
 from flows.evaluate import evaluate_flow
 from flows.extract import extract_flow
+from flows.instruct import instruct_flow
 from flows.train_clip import train_clip_flow
+from flows.train_llava import train_llava_flow
 from pathgen.settings import Settings, SettingsError, run_settings
-from tasks.models import STAGES, require_real_models
+from tasks.models import DEFAULT_STAGES, STAGES, require_real_models
 from tasks.report import markdown, store_report
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run, source_label
@@ -67,7 +70,7 @@ def factory_flow(
 
 def checked_stages(stages: list[str] | None) -> list[str]:
     """The chosen stages in the factory's order; an unknown name is a settings error naming the known ones."""
-    chosen = list(stages or STAGES)
+    chosen = list(stages or DEFAULT_STAGES)
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         raise SettingsError(f"unknown factory stages {unknown}; choose from {', '.join(STAGES)}")
@@ -79,6 +82,10 @@ def _run_stage(stage: str, sources: list[str], common: dict, parts: int, dataset
         state = extract_flow(sources=sources, parts=parts, return_state=True, **common)
     elif stage == "caption":
         state = caption_flow(parts=parts, return_state=True, **common)
+    elif stage == "instruct":
+        state = instruct_flow(parts=parts, return_state=True, **common)
+    elif stage == "train-llava":
+        state = train_llava_flow(return_state=True, **common)
     elif stage == "train-clip":
         state = train_clip_flow(return_state=True, **common)
     elif not datasets:
@@ -91,7 +98,7 @@ def _run_stage(stage: str, sources: list[str], common: dict, parts: int, dataset
         row["error"] = str(result)
         return row
     row.update(_counts(stage, result))
-    if stage == "train-clip" and result.get("error"):
+    if stage in ("train-clip", "train-llava") and result.get("error"):
         row.update(state="Failed", error=result["error"])
     return row
 
@@ -101,7 +108,9 @@ def _counts(stage: str, result: dict[str, Any]) -> dict[str, Any]:
         counts = {key: result.get(key) for key in ("ok", "skipped", "failed", "pending", "patches")}
     elif stage == "caption":
         counts = {key: result.get(key) for key in ("ok", "skipped", "pending", "pairs", "failed", "agents_hash")}
-    elif stage == "train-clip":
+    elif stage == "instruct":
+        counts = {key: result.get(key) for key in ("ok", "skipped", "pending", "conversations", "failed")}
+    elif stage in ("train-clip", "train-llava"):
         trained = ", ".join(f"{s['stage']} {s['status']}" for s in result["stages"])
         counts = {"run": result.get("run"), "stages": trained}
     else:

@@ -22,7 +22,8 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
         "--stages",
         default="extract,caption,train-clip,evaluate",
         metavar="LIST",
-        help="comma-separated stages to run, in the factory's order (default: all four)",
+        help="comma-separated stages, run in the factory's order: extract, caption, instruct, train-clip, evaluate, "
+        "train-llava (default: extract,caption,train-clip,evaluate)",
     )
     run.add_argument("--dataset", metavar="DIR", help="evaluate on this labelled folder (with --classes)")
     run.add_argument("--classes", metavar="FILE", help="JSON: folder -> class names, for --dataset")

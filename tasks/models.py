@@ -12,9 +12,11 @@ from collections.abc import Iterable
 
 from pathgen.settings import Settings, SettingsError
 
-STAGES = ("extract", "caption", "train-clip", "evaluate")
-# Stages whose models are checked; the factory runs STAGES (instruct is run on its own: pathgen instruct).
-MODEL_STAGES = (*STAGES, "instruct")
+# The factory's stages in their order; DEFAULT_STAGES run unless others are chosen (PathGen-LLaVA's data and
+# training are asked for by name: --stages ...,instruct,train-llava).
+STAGES = ("extract", "caption", "instruct", "train-clip", "evaluate", "train-llava")
+DEFAULT_STAGES = ("extract", "caption", "train-clip", "evaluate")
+MODEL_STAGES = STAGES
 ROLES = ("describe", "revise", "summarize")
 
 
@@ -41,6 +43,8 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
         found += _random_agents(settings)
     if "instruct" in stages:
         found += _random_instruct(settings)
+    if "train-llava" in stages:
+        found += _random_llava_language_model(settings)
     if "train-clip" in stages and start_spec(settings.clip).random_weights:
         found.append(f"clip.pretrained is unset: training would start {start_spec(settings.clip).label} from random")
     if "evaluate" in stages and evaluate_model and parse_model_spec(evaluate_model).random_weights:
@@ -69,6 +73,18 @@ def _random_instruct(settings: Settings) -> list[str]:
         return ["instruct.model is unset (the tiny random-weight model)"]
     reason = folder_random_weights(model)
     return [f"instruct.model {model}: {reason}"] if reason else []
+
+
+def _random_llava_language_model(settings: Settings) -> list[str]:
+    """The LLaVA language model; its vision tower may be the CLIP stage's output, so the train-llava flow checks that
+    once the stages before it have run."""
+    from agents.backends import folder_random_weights
+
+    model = settings.llava.language_model
+    if model is None:
+        return ["llava.language_model is unset (the tiny random-weight LM)"]
+    reason = folder_random_weights(model)
+    return [f"llava.language_model {model}: {reason}"] if reason else []
 
 
 def require_real_models(settings: Settings, stages: Iterable[str], evaluate_model: str | None = None) -> None:

@@ -60,9 +60,9 @@ def _stages(deployment: dict) -> list[str]:
     flow = deployment["entrypoint"].split(":")[1]
     if flow == "factory_flow":
         return deployment.get("parameters", {}).get("stages") or ["extract", "caption", "train-clip", "evaluate"]
-    return [
-        {"extract_flow": "extract", "caption_flow": "caption", "train_clip_flow": "train-clip"}.get(flow, "evaluate")
-    ]
+    stages = {"extract_flow": "extract", "caption_flow": "caption", "train_clip_flow": "train-clip"}
+    stages |= {"instruct_flow": "instruct", "train_llava_flow": "train-llava", "evaluate_flow": "evaluate"}
+    return [stages[flow]]
 
 
 def test_every_deployment_and_schedule_runs_with_real_models():

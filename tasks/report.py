@@ -32,7 +32,9 @@ def store_report(store: Store) -> dict[str, Any]:
         "store": store.url,
         "slides": _slides(store),
         "pairs": _pairs(store),
+        "instruct": _instruct(store),
         "clip_runs": _clip_runs(store),
+        "llava_runs": _llava_runs(store),
         "evaluations": _evaluations(store),
         "contact_sheets": [store.uri(k) for k in store.list("reports", ".png")],
     }
@@ -101,6 +103,40 @@ def _pairs(store: Store) -> list[dict[str, Any]]:
     return found
 
 
+def _instruct(store: Store) -> list[dict[str, Any]]:
+    """Instruction conversations per instruct_hash, and their failed items by stage and reason."""
+    shards, failed_keys = store.list("instruct", ".parquet"), store.list("failed-instruct", ".parquet")
+    found = []
+    for instruct_hash in sorted({k.split("/")[1] for k in shards + failed_keys}):
+        mine = [k for k in shards if k.split("/")[1] == instruct_hash]
+        reasons: Counter[str] = Counter()
+        for key in (k for k in failed_keys if k.split("/")[1] == instruct_hash):
+            table = _rows(store, key, ["stage", "reason"])
+            stages, why = table["stage"].to_pylist(), table["reason"].to_pylist()
+            reasons.update(f"{a}:{b}" for a, b in zip(stages, why, strict=True))
+        found.append(
+            {
+                "instruct_hash": instruct_hash,
+                "slides": len(mine),
+                "conversations": sum(_rows(store, k, ["patch_id"]).num_rows for k in mine),
+                "failures": dict(reasons.most_common()),
+                "prefix": store.uri(f"instruct/{instruct_hash}"),
+            }
+        )
+    return found
+
+
+def _llava_runs(store: Store) -> list[dict[str, Any]]:
+    runs = []
+    for key in store.list("models/llava", "run.json"):
+        record = store.read_json(key)
+        stages = [
+            {k: s.get(k) for k in ("stage", "status", "steps", "first_loss", "last_loss")} for s in record["stages"]
+        ]
+        runs.append({"run": key.split("/")[2], "stages": stages, "random_weights": bool(record.get("random_weights"))})
+    return runs
+
+
 def _clip_runs(store: Store) -> list[dict[str, Any]]:
     runs = []
     for key in store.list("models/clip", "run.json"):
@@ -160,6 +196,20 @@ def _lines(report: dict[str, Any], link) -> list[str]:
         lines.append(line + (" (RANDOM WEIGHTS: captions are noise)" if pairs["random_weights"] else ""))
         for reason, count in pairs["failures"].items():
             lines.append(f"  failed x{count}: {reason}")
+    for found in report.get("instruct", []):
+        lines.append(
+            f"Instruct {found['instruct_hash']}: {found['conversations']} conversations from {found['slides']} "
+            f"slides; {link(found['prefix'], found['prefix'])}"
+        )
+        for reason, count in found["failures"].items():
+            lines.append(f"  failed x{count}: {reason}")
+    for run in report.get("llava_runs", []):
+        for stage in run["stages"]:
+            lines.append(
+                f"PathGen-LLaVA {run['run']} {stage['stage']}: {stage['status']}, {stage.get('steps')} steps, loss "
+                f"{stage.get('first_loss')} -> {stage.get('last_loss')}"
+                + (" (RANDOM WEIGHTS)" if run["random_weights"] else "")
+            )
     for run in report["clip_runs"]:
         for stage in run["stages"]:
             lines.append(

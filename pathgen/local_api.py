@@ -34,8 +34,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,20 +245,12 @@ def _spawn(directory: Path, idle: float) -> dict:
 
 
 def _wait_healthy(record: dict, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    health = f"{record['url']}/health"
-    while True:
-        if not process_alive(record["pid"], record["pid_start"]):
-            raise LocalApiError(f"the local Prefect API server (pid {record['pid']}) exited while starting")
-        try:
-            with urllib.request.urlopen(health, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise LocalApiError(f"the local Prefect API server did not answer {health} within {timeout:.0f} s")
-        time.sleep(0.05)
+    def exited() -> str | None:
+        if process_alive(record["pid"], record["pid_start"]):
+            return None
+        return f"the local Prefect API server (pid {record['pid']}) exited while starting"
+
+    processes.wait_for_health(record["url"], exited, timeout, LocalApiError, "the local Prefect API server")
 
 
 def _process_start(pid: int) -> int:

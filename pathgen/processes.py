@@ -372,12 +372,22 @@ def _server_environment() -> dict[str, str]:
 
 
 def _wait_healthy(server: ApiServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    health = f"{server.api_url}/health"
-    while True:
+    def exited() -> str | None:
         code = server.process.poll()
-        if code is not None:
-            raise RuntimeError(f"the Prefect API server exited with code {code} while starting")
+        return None if code is None else f"the Prefect API server exited with code {code} while starting"
+
+    wait_for_health(server.api_url, exited, timeout, RuntimeError, "the Prefect API server")
+
+
+def wait_for_health(api_url: str, exited, timeout: float, error: type[Exception], what: str) -> None:
+    """Poll ``<api_url>/health`` until it answers 200; raise ``error`` when ``exited()`` names a reason (the server
+    process is gone) or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    health = f"{api_url}/health"
+    while True:
+        reason = exited()
+        if reason:
+            raise error(reason)
         try:
             with urllib.request.urlopen(health, timeout=2) as response:
                 if response.status == 200:
@@ -385,7 +395,7 @@ def _wait_healthy(server: ApiServer, timeout: float) -> None:
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the Prefect API server did not answer {health} within {timeout:.0f} s")
+            raise error(f"{what} did not answer {health} within {timeout:.0f} s")
         time.sleep(0.05)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pathgen.settings import Settings, run_settings
-from tasks.llava.data import data_digest
+from tasks.llava.data import data_digest, empty_stage
 from tasks.llava.spec import random_llava_models, require_real_llava
 from tasks.llava.stages import data_stages, run_name, work_root, write_run_record
 from tasks.llava.train import RUNS
@@ -58,7 +58,14 @@ def train_llava_flow(
     name_flow_run(f"train-llava-{run}")
     summary: dict[str, Any] = {"store": settings.store, "run": run, "vision": vision.label, "stages": []}
     random = random_llava_models(settings, vision) + _random_data(folder)
+    empty = {stage: reason for stage in stages if (reason := empty_stage(folder, stage))}
+    if len(empty) == len(stages):
+        raise ValueError("; ".join(empty.values()))
     for stage in stages:
+        if stage in empty:
+            logger.warning("%s: NOT TRAINED, %s", stage, empty[stage])
+            summary["stages"].append({"stage": stage, "status": "no-data", "error": empty[stage]})
+            continue
         outcome = _train(settings, run, stage, folder, vision)
         summary["stages"].append(outcome.row("stage"))
         if outcome.status not in ("ok", "skipped"):

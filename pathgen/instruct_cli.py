@@ -79,6 +79,7 @@ def _report(summary: dict) -> int:
 
 def export_llava(args: argparse.Namespace, settings: Settings) -> int:
     """``pathgen export llava --out DIR``: stage1.json, stage2.json, images/, provenance.json."""
+    from tasks.instruct.export import empty_because
     from tasks.instruct.export import export_llava as export
     from tasks.store.objects import Store
 
@@ -93,7 +94,7 @@ def export_llava(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  stage2.json  {result.stage2} conversations ({kinds}; instruct_hash {result.instruct_hash})")
     print(f"  images/      {result.images} JPEGs; provenance.json")
     if not result.stage2:
-        print(f"  no conversation passed validation: see failed-instruct/{result.instruct_hash}/ in the store")
+        print(f"  stage2.json is empty: {empty_because(result)}")
     if result.missing_images:
         print(f"  {result.missing_images} conversations left out: no pair shard holds their patch's image")
     if result.random_weights:
@@ -102,7 +103,7 @@ def export_llava(args: argparse.Namespace, settings: Settings) -> int:
             f"RANDOM WEIGHTS: {records['stage1']} of {result.stage1} stage-1 and {records['stage2']} of "
             f"{result.stage2} stage-2 records come from random-weight models; they are noise"
         )
-    return EXIT_OK if result.stage1 and result.stage2 else EXIT_FAILED
+    return EXIT_OK if result.stage1 else EXIT_FAILED  # stage 1 alone trains; stage 2 says why it is empty
 
 
 COMMANDS = {"instruct": _instruct}

@@ -49,6 +49,9 @@ def train_llava(args: argparse.Namespace) -> int:
 def print_summary(summary: dict) -> None:
     for stage in summary["stages"]:
         random = "  RANDOM WEIGHTS" if stage.get("random_weights") else ""
+        if stage["status"] == "no-data":
+            print(f"{stage['stage']}: NOT TRAINED  {stage['error']}")
+            continue
         if stage["status"] not in ("ok", "skipped"):
             print(f"{stage['stage']}: {stage['status']}  {stage.get('error')}")
             continue

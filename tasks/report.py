@@ -131,7 +131,8 @@ def _llava_runs(store: Store) -> list[dict[str, Any]]:
     for key in store.list("models/llava", "run.json"):
         record = store.read_json(key)
         stages = [
-            {k: s.get(k) for k in ("stage", "status", "steps", "first_loss", "last_loss")} for s in record["stages"]
+            {k: s.get(k) for k in ("stage", "status", "steps", "first_loss", "last_loss", "error")}
+            for s in record["stages"]
         ]
         runs.append({"run": key.split("/")[2], "stages": stages, "random_weights": bool(record.get("random_weights"))})
     return runs
@@ -205,6 +206,9 @@ def _lines(report: dict[str, Any], link) -> list[str]:
             lines.append(f"  failed x{count}: {reason}")
     for run in report.get("llava_runs", []):
         for stage in run["stages"]:
+            if stage["status"] == "no-data":
+                lines.append(f"PathGen-LLaVA {run['run']} {stage['stage']}: NOT TRAINED, {stage.get('error')}")
+                continue
             lines.append(
                 f"PathGen-LLaVA {run['run']} {stage['stage']}: {stage['status']}, {stage.get('steps')} steps, loss "
                 f"{stage.get('first_loss')} -> {stage.get('last_loss')}"

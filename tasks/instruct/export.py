@@ -56,7 +56,7 @@ _WORK_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)~[0-9a-f]{12}\.(partial|ol
 class LlavaExport:
     out: Path
     agents_hash: str
-    instruct_hash: str
+    instruct_hash: str | None  # None: no instruction data was written from these pairs (stage 1 only)
     stage1: int = 0
     stage2: int = 0
     images: int = 0
@@ -78,9 +78,10 @@ def _source_of(store: Store, instruct_hash: str) -> str:
     return metadata(store, first).get("pathgen.source_agents_hash", "")
 
 
-def choose_hashes(store: Store, agents_hash: str | None, instruct_hash: str | None) -> tuple[str, str]:
+def choose_hashes(store: Store, agents_hash: str | None, instruct_hash: str | None) -> tuple[str, str | None]:
     """(agents_hash for stage 1, instruct_hash for stage 2). Unset, the instruct_hash is the only one written from
-    the chosen pairs, and the agents_hash the one the chosen instruct data was written from, or the only one."""
+    the chosen pairs (None when there is none: stage 1 only), and the agents_hash the one the chosen instruct data
+    was written from, or the only one."""
     pairs, made = agents_hashes(store), instruct_hashes(store)
     if agents_hash is not None and agents_hash not in pairs:
         raise ValueError(f"no pairs under agents_hash {agents_hash!r} (found: {', '.join(pairs) or 'none'})")
@@ -95,10 +96,10 @@ def choose_hashes(store: Store, agents_hash: str | None, instruct_hash: str | No
             raise ValueError(f"choose the pairs with --agents-hash (found: {', '.join(pairs) or 'none'})")
     if instruct_hash is None:
         mine = [h for h in made if _source_of(store, h) == agents_hash]
-        if len(mine) != 1:
-            hint = "run pathgen instruct first" if not mine else "choose one with --instruct-hash"
-            raise ValueError(f"instruction data written from pairs {agents_hash}: {', '.join(mine) or 'none'}; {hint}")
-        instruct_hash = mine[0]
+        if len(mine) > 1:
+            raise ValueError(f"instruction data written from pairs {agents_hash}: {', '.join(mine)}; choose one "
+                             "with --instruct-hash")  # fmt: skip
+        instruct_hash = mine[0] if mine else None  # none: stage 1 only, stage2.json empty and saying why
     return agents_hash, instruct_hash
 
 
@@ -176,10 +177,13 @@ def _images_of_slide(store: Store, source_hash: str, slide_id: str, folder: Path
             result.images += _write_image(folder / "images", row["patch_id"], row["image"])
 
 
-def _stage2(store: Store, instruct_hash: str, folder: Path, result: LlavaExport) -> dict[str, Any]:
-    """Every conversation of the instruct_hash; returns the instruct run's provenance."""
+def _stage2(store: Store, instruct_hash: str | None, folder: Path, result: LlavaExport) -> dict[str, Any]:
+    """Every conversation of the instruct_hash (none without one); returns the instruct run's provenance."""
     out = _JsonList(folder / "stage2.json")
     provenance: dict[str, Any] = {}
+    if instruct_hash is None:
+        out.close()
+        return provenance
     columns = ["conversation_id", "patch_id", "slide_id", "kind", "conversation", "random_weights"]
     for key in store.list(instruct_prefix(instruct_hash), ".parquet"):
         rows, meta = _read(store, key, columns)
@@ -275,6 +279,7 @@ def _provenance(store: Store, result: LlavaExport, captions: dict, instructions:
             "random_weight_records": result.random_weight_records["stage2"],
             "kinds": result.kinds,
             "missing_images": result.missing_images,
+            "empty_because": empty_because(result),
         },
         "images": {"folder": "images", "count": result.images},
         "image_token": IMAGE_TOKEN,
@@ -284,3 +289,15 @@ def _provenance(store: Store, result: LlavaExport, captions: dict, instructions:
         "instruct_provenance": instructions,
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def empty_because(result: LlavaExport) -> str | None:
+    """Why stage2.json holds nothing, in words a trainer can repeat."""
+    if result.stage2:
+        return None
+    if result.instruct_hash is None:
+        return f"no instruction data was written from pairs {result.agents_hash}: run pathgen instruct first"
+    return (
+        f"pathgen instruct ({result.instruct_hash}) wrote no conversation that passed validation (random-weight "
+        "models never write valid ones; the reasons are in the store's failed-instruct tables)"
+    )

@@ -34,12 +34,34 @@ def read_records(folder: Path, stage: str) -> list[dict[str, Any]]:
     if problems:
         raise ValueError(f"{len(problems)} bad records in {path}, e.g. {'; '.join(problems[:3])}")
     if not records:
-        source = "pathgen instruct" if stage == "stage2" else "pathgen caption"
-        raise ValueError(
-            f"{path} holds no conversations to train on: {source} wrote none that passed validation (random-weight "
-            "models never write valid ones; their failures are in the store's failed tables)"
-        )
+        raise ValueError(empty_stage(folder, stage))
     return records
+
+
+def empty_stage(folder: Path, stage: str) -> str | None:
+    """Why a stage of the folder has nothing to train on, or None. Random-weight instruct models never write a
+    conversation that passes validation, so an all-tiny factory run has an empty stage2.json: that stage is not
+    trained (and says why) rather than failing the run."""
+    path = Path(folder) / STAGE_FILES[stage]
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the training unit reports a missing or malformed file with its reason
+    if isinstance(records, list) and not records:
+        return f"{path} holds no conversations: {_export_says(Path(folder), stage)}"
+    return None
+
+
+def _export_says(folder: Path, stage: str) -> str:
+    """The reason an export's provenance.json gives for an empty stage file, or a general one."""
+    try:
+        reason = json.loads((folder / "provenance.json").read_text())[stage]["empty_because"]
+    except (OSError, ValueError, KeyError, TypeError):
+        reason = None
+    if isinstance(reason, str) and reason:
+        return reason
+    source = "pathgen instruct" if stage == "stage2" else "pathgen caption"
+    return f"{source} wrote none that passed validation (random-weight models never write valid ones)"
 
 
 def record_problem(folder: Path, record: Any) -> str | None:

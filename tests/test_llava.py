@@ -247,6 +247,41 @@ def test_stage1_trains_only_the_projector_and_the_folder_loads_and_generates(bas
     assert all(processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
+def test_two_processes_under_torchrun_train_as_one_with_the_same_global_batch(base, tiny_models, tmp_path):
+    """llava.devices=2 launches torchrun (two CPU processes, gloo here; one per GPU on a GPU worker): each rank takes
+    half of every global batch, gradients are averaged, and the run matches one process with the same global batch
+    (up to the mean being taken per rank), step for step."""
+    import torch
+
+    from tasks.llava.train import micro_batches
+
+    whole = micro_batches(17, 4, 2, 0)  # one process, global batch 4: the last, short batch of each epoch kept
+    ranks = [micro_batches(17, 2, 2, 0, world=2, rank=r) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 8 and len(whole) == 10  # ranks use whole global batches only
+    full = [b for b in whole if len(b) == 4]
+    assert [sorted(r0 + r1) for r0, r1 in zip(*ranks, strict=True)] == [sorted(b) for b in full]
+    assert all(not set(r0) & set(r1) for r0, r1 in zip(*ranks, strict=True))
+
+    data = _write_folder(tmp_path / "data", per_class=2)
+    one = _train(_settings(tmp_path / "one", tiny_models[0], **{"llava.batch_size": 4}), "stage1", data, base)
+    more = {"llava.batch_size": 2, "llava.devices": 2}
+    two = _train(_settings(tmp_path / "two", tiny_models[0], **more), "stage1", data, base)
+    print(f"\nstage1, 1 process: loss {one.first_loss:.4f} -> {one.last_loss:.4f}; 2 processes under torchrun: "
+          f"{two.first_loss:.4f} -> {two.last_loss:.4f}")  # fmt: skip
+    assert one.steps == two.steps == 3
+    assert abs(one.first_loss - two.first_loss) < 5e-3 and abs(one.last_loss - two.last_loss) < 5e-3
+    a, b = _weights(Path(one.local_model)), _weights(Path(two.local_model))
+    projector = _parts(a, "multi_modal_projector")
+    start = _weights(base)
+    moved = [torch.cat([(w[k] - start[k]).flatten() for k in sorted(projector)]) for w in (a, b)]
+    similarity = torch.nn.functional.cosine_similarity(*moved, dim=0).item()
+    print(f"projector updates, 1 vs 2 processes: cosine similarity {similarity:.4f}")
+    assert similarity > 0.9
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in projector)  # only the projector trains in stage 1
+    rows = (tmp_path / "two" / "store" / "models" / "llava" / "test" / "stage1" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in rows.splitlines()] == [1, 2, 3]  # rank 0 alone writes
+
+
 def test_the_loss_falls_on_a_repeated_batch(base, tiny_models, tmp_path):
     """Full stage 2 on two conversations, 30 steps at a high learning rate: the model must fit them."""
     full = _write_folder(tmp_path / "full")

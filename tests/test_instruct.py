@@ -418,6 +418,22 @@ def test_the_shared_slides_conversations_train_both_llava_stages(instructed, tin
     for stage in ("stage1", "stage2"):
         assert (root / "models" / "llava" / summary["run"] / stage / "model" / "config.json").is_file()
 
+    # The loop closed: the trained PathGen-LLaVA folder is the describe model of the caption stage.
+    from agents.identity import agents_hash, identities
+    from tasks.captions.caption import caption_slides
+
+    model = root / "models" / "llava" / summary["run"] / "stage2" / "model"
+    overrides = {"store": str(root), "agents.model_cache": str(tiny_models[0]), "agents.describe.model": str(model)}
+    settings = load_settings(overrides=overrides, environ={})
+    digest = agents_hash(settings.agents, identities(settings.agents, settings.retries))
+    (outcome,) = caption_slides([CMU.stem], settings, digest)
+    assert outcome.status == "ok" and digest != instructed[1]["agents_hash"]
+    rows = pq.read_table(root / "pairs" / digest / f"{CMU.stem}.parquet").to_pylist()
+    failed = pq.read_table(root / "failed" / digest / f"{CMU.stem}.parquet").num_rows
+    assert len(rows) + failed > 0 and len(rows) == outcome.items
+    assert all(r["describe_model"].startswith(str(model)) and r["random_weights"] for r in rows)
+    print(f"\ncaptioned by the trained PathGen-LLaVA: {len(rows)} pairs, {failed} failed items")
+
 
 def test_the_tiny_random_model_runs_and_its_noise_is_recorded_as_failures(
     prefect_api, tiny_models, captioned_store, tmp_path, capsys

@@ -25,8 +25,8 @@ from tasks.models import require_real_models
 from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
-from tasks.work.runner import Stage, open_store, run_units
-from tasks.work.units import UnitOutcome, groups_of, summarize
+from tasks.work.runner import Stage, open_store, run_plan
+from tasks.work.units import log_pending, tally
 
 
 class NoPatchShardsError(ValueError):
@@ -82,22 +82,16 @@ def caption_flow(
         extra={"agents_hash": agents_hash},
         table_description=f"Captioning into {target.uri(pairs_prefix(agents_hash))}",
     )
-    outcomes = run_units(stage, groups_of(plan.pending, settings.agents.slides_per_task), settings, logger)
-    outcomes += [UnitOutcome(slide_id, "skipped") for slide_id in plan.done]
-    summary = summarize("caption", outcomes)
+    # Its failed count is of patches, not slides.
+    summary, outcomes = run_plan(stage, plan, settings.agents.slides_per_task, settings, logger)
     summary["agents_hash"] = agents_hash
-    summary["failed"] = sum(int(o.columns.get("failed", 0)) for o in outcomes)  # patches, not slides
     summary = _finish(summary, settings, logger, agents_hash, outcomes)
     publish_summary(summary)
     return summary
 
 
 def _finish(summary: dict, settings, logger, agents_hash: str, outcomes=None) -> dict[str, Any]:
-    failures: dict[str, int] = {}
-    for outcome in outcomes or []:
-        for item in filter(None, str(outcome.columns.get("failures", "")).split(", ")):
-            reason, count = item.rsplit(": ", 1)
-            failures[reason] = failures.get(reason, 0) + int(count)
+    failures = tally(outcomes or [], "failures")
     summary.update(
         store=settings.store,
         agents_hash=agents_hash,
@@ -106,10 +100,7 @@ def _finish(summary: dict, settings, logger, agents_hash: str, outcomes=None) ->
         failures=failures,
         max_tokens=max([int(o.columns.get("max_tokens", 0)) for o in outcomes or []] + [summary.get("max_tokens", 0)]),
     )
-    for pending in summary["pending_slides"]:
-        logger.error("pending (run again): %s: %s", pending["slide_id"], pending["error"])
-    if summary["random_weights"]:
-        logger.warning("captions come from tiny RANDOM-WEIGHT models: they are noise, not descriptions")
+    log_pending(summary, logger, "captions come from tiny RANDOM-WEIGHT models: they are noise, not descriptions")
     logger.info(
         "%d pairs, %d failed items (%s), %d slides pending, in %s",
         summary["pairs"],

@@ -23,8 +23,8 @@ from tasks.instruct.records import instruct_failed_prefix, instruct_prefix
 from tasks.models import require_real_models
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
-from tasks.work.runner import Stage, open_store, run_units
-from tasks.work.units import UnitOutcome, groups_of, summarize
+from tasks.work.runner import Stage, open_store, run_plan
+from tasks.work.units import log_pending, tally
 
 
 def resolve_hashes(settings: Settings) -> tuple[str, str]:
@@ -74,23 +74,10 @@ def instruct_flow(
         extra={"instruct_hash": instruct_hash, "agents_hash": agents_hash},
         table_description=f"Instruction conversations into {target.uri(instruct_prefix(instruct_hash))}",
     )
-    outcomes = run_units(stage, groups_of(plan.pending, settings.instruct.slides_per_task), settings, logger)
-    outcomes += [UnitOutcome(slide_id, "skipped") for slide_id in plan.done]
-    summary = summarize("instruct", outcomes)
-    summary["failed"] = sum(int(o.columns.get("failed", 0)) for o in outcomes)  # items, not slides
+    summary, outcomes = run_plan(stage, plan, settings.instruct.slides_per_task, settings, logger)
     summary = _finish(summary, settings, logger, agents_hash, instruct_hash, outcomes)
     publish_summary(summary)
     return summary
-
-
-def _tally(outcomes: list[UnitOutcome], column: str) -> dict[str, int]:
-    """Add up a "name: count, ..." column of the slides' outcomes."""
-    counts: dict[str, int] = {}
-    for outcome in outcomes:
-        for item in filter(None, str(outcome.columns.get(column, "")).split(", ")):
-            name, count = item.rsplit(": ", 1)
-            counts[name] = counts.get(name, 0) + int(count)
-    return counts
 
 
 def _finish(
@@ -103,13 +90,12 @@ def _finish(
         instruct_hash=instruct_hash,
         conversations=summary["items"],
         instruct_prefix=f"{settings.store.rstrip('/')}/{instruct_prefix(instruct_hash)}",
-        failures=_tally(outcomes, "failures") or summary.get("failures", {}),
-        kinds=_tally(outcomes, "kinds") or summary.get("kinds", {}),
+        failures=tally(outcomes, "failures") or summary.get("failures", {}),
+        kinds=tally(outcomes, "kinds") or summary.get("kinds", {}),
     )
-    for pending in summary["pending_slides"]:
-        logger.error("pending (run again): %s: %s", pending["slide_id"], pending["error"])
-    if summary["random_weights"]:
-        logger.warning("instruction data from RANDOM WEIGHTS (the instruct model or the captions): it is noise")
+    log_pending(
+        summary, logger, "instruction data from RANDOM WEIGHTS (the instruct model or the captions): it is noise"
+    )
     logger.info(
         "%d conversations %s, %d failed items (%s), %d slides pending, in %s",
         summary["conversations"],

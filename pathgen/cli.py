@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pathgen.processes import prefect_offline_defaults
 
@@ -26,6 +27,10 @@ EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
 EXIT_ERROR = 1
 SOURCE_KINDS = "a slide file, a folder, a glob, an s3:// URL, a GDC manifest or a PathGen JSON file"
 GLOB_CHARS = "*?["
+RANDOM_CAPTIONS = (
+    "RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise;\n"
+    "set agents.describe.model, agents.revise.model and agents.summarize.model for real captions"
+)
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
@@ -279,34 +284,47 @@ def _caption(args: argparse.Namespace) -> int:
     except (NoPatchShardsError, StoreError) as exc:
         print(f"pathgen caption: {exc}", file=sys.stderr)
         return EXIT_NONE_SUCCEEDED
-    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
-        state = caption_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
-    if not state.is_completed():
-        print(f"pathgen caption: {state.result(raise_on_failure=False)}", file=sys.stderr)
-        print("pathgen caption: nothing was committed for the slides still pending; run again", file=sys.stderr)
+    summary = run_stage_flow("caption", caption_flow, args, overrides)
+    if summary is None:
         return EXIT_NONE_SUCCEEDED
-    summary = state.result()
     print(
         f"\ncaptioned {summary['ok']} slides ({summary['pairs']} pairs; {summary['skipped']} slides already done); "
         f"{summary['failed']} patches failed {summary['failures'] or ''}"
     )
     print(f"pairs: {summary['pairs_prefix']}/<slide_id>.parquet; failed items under failed/{summary['agents_hash']}/")
     print(f"longest caption: {summary['max_tokens']} CLIP tokens")
+    export = f"export them:  pathgen export pathgen-json --store {summary['store']} --out pairs.json"
+    return EXIT_NONE_SUCCEEDED if report_parts_and_pending("caption", summary, RANDOM_CAPTIONS, export) else EXIT_OK
+
+
+def run_stage_flow(command: str, flow: Any, args: argparse.Namespace, overrides: dict) -> dict | None:
+    """Run a slide stage's flow; its summary, or None (the reason told on stderr) when the run did not complete."""
+    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
+        state = flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
+    if not state.is_completed():
+        print(f"pathgen {command}: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        print(f"pathgen {command}: nothing was committed for the slides still pending; run again", file=sys.stderr)
+        return None
+    return state.result()
+
+
+def report_parts_and_pending(command: str, summary: dict, random_weights_note: str, next_step: str) -> bool:
+    """Print each part's run, the note when random weights made the data and the next step; then, on stderr, why
+    slides remain pending. Returns whether any do."""
     for part in summary.get("parts", []):
         print(f"part {part['part']}: {part.get('state')} {part.get('flow_run', '')} {part.get('host', '')}".rstrip())
     if summary["random_weights"]:
-        print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise;")
-        print("set agents.describe.model, agents.revise.model and agents.summarize.model for real captions")
-    print(f"export them:  pathgen export pathgen-json --store {summary['store']} --out pairs.json")
-    if summary["pending"] or summary.get("lost_parts"):
-        causes = sorted({p["error"] for p in summary["pending_slides"] if p.get("error")})
-        print(
-            f"pathgen caption: {summary['pending']} slides remain pending (nothing committed for them); "
-            f"cause: {'; '.join(causes) or 'a part did not complete'}; run again",
-            file=sys.stderr,
-        )
-        return EXIT_NONE_SUCCEEDED
-    return EXIT_OK
+        print(random_weights_note)
+    print(next_step)
+    if not (summary["pending"] or summary.get("lost_parts")):
+        return False
+    causes = sorted({p["error"] for p in summary["pending_slides"] if p.get("error")})
+    print(
+        f"pathgen {command}: {summary['pending']} slides remain pending (nothing committed for them); "
+        f"cause: {'; '.join(causes) or 'a part did not complete'}; run again",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pathgen.local_api import api_server
 from pathgen.settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+RANDOM_INSTRUCT = (
+    "RANDOM WEIGHTS: the instruct model or the captioning models have random weights; this data is noise.\n"
+    "Set instruct.model (and the agents.* models) to models with trained weights for real data"
+)
 
 
 def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
@@ -25,7 +28,7 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
 
 def _instruct(args: argparse.Namespace) -> int:
     from flows.instruct import resolve_hashes
-    from pathgen.cli import overrides_of
+    from pathgen.cli import overrides_of, run_stage_flow
     from pathgen.settings import load_settings
     from tasks.instruct.plan import NoPairsError
     from tasks.models import require_real_models
@@ -41,16 +44,13 @@ def _instruct(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     from flows.instruct import instruct_flow
 
-    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
-        state = instruct_flow(config=args.config, overrides=overrides, parts=args.parts, return_state=True)
-    if not state.is_completed():
-        print(f"pathgen instruct: {state.result(raise_on_failure=False)}", file=sys.stderr)
-        print("pathgen instruct: nothing was committed for the slides still pending; run again", file=sys.stderr)
-        return EXIT_FAILED
-    return _report(state.result())
+    summary = run_stage_flow("instruct", instruct_flow, args, overrides)
+    return EXIT_FAILED if summary is None else _report(summary)
 
 
 def _report(summary: dict) -> int:
+    from pathgen.cli import report_parts_and_pending
+
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(summary["kinds"].items())) or "none"
     print(
         f"\ninstruct: {summary['ok']} slides written, {summary['skipped']} already done; "
@@ -60,21 +60,8 @@ def _report(summary: dict) -> int:
         print(f"  failed {reason}: {count}")
     print(f"conversations: {summary['instruct_prefix']}/<slide_id>.parquet (from pairs/{summary['agents_hash']}/)")
     print(f"failed items:  failed-instruct/{summary['instruct_hash']}/<slide_id>.parquet")
-    for part in summary.get("parts", []):
-        print(f"part {part['part']}: {part.get('state')} {part.get('flow_run', '')} {part.get('host', '')}".rstrip())
-    if summary["random_weights"]:
-        print("RANDOM WEIGHTS: the instruct model or the captioning models have random weights; this data is noise.")
-        print("Set instruct.model (and the agents.* models) to models with trained weights for real data")
-    print(f"export both LLaVA stages:  pathgen export llava --store {summary['store']} --out llava/")
-    if summary["pending"] or summary.get("lost_parts"):
-        causes = sorted({p["error"] for p in summary["pending_slides"] if p.get("error")})
-        print(
-            f"pathgen instruct: {summary['pending']} slides remain pending (nothing committed for them); "
-            f"cause: {'; '.join(causes) or 'a part did not complete'}; run again",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    return EXIT_OK
+    export = f"export both LLaVA stages:  pathgen export llava --store {summary['store']} --out llava/"
+    return EXIT_FAILED if report_parts_and_pending("instruct", summary, RANDOM_INSTRUCT, export) else EXIT_OK
 
 
 def export_llava(args: argparse.Namespace, settings: Settings) -> int:

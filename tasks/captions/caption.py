@@ -16,29 +16,22 @@ import datetime as dt
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from agents.pipeline import BatchResult, CaptionAgents
 from pathgen import __version__
 from pathgen.settings import Settings
-from tasks.captions.records import (
-    FAILED_SCHEMA,
-    PAIR_SCHEMA,
-    PATCH_FIELDS,
-    failed_key,
-    pair_key,
-    patches_key,
-)
-from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure, short_error
-from tasks.slides.shard import read_shard, shard_metadata
+from tasks.captions.records import PAIRS, PATCH_FIELDS, pair_key, patches_key
+from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure
+from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
-from tasks.work.units import PendingWork, UnitOutcome, worker_identity
+from tasks.work.commit import commit_each, commit_tables, failed_rows, outcome_columns, still_pending
+from tasks.work.commit import metadata as _metadata
+from tasks.work.commit import sync_failed_table as sync_shards_failed_table
+from tasks.work.units import UnitOutcome, worker_identity
 
 log = logging.getLogger("pathgen.captions")
 
@@ -48,12 +41,6 @@ class SlideWork:
     slide_id: str
     extraction_hash: str
     rows: list[dict[str, Any]]
-
-
-def _metadata(store: Store, key: str) -> dict[str, str]:
-    with store.open(key) as handle:
-        raw = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.metadata or {}
-    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 def _current_pairs(store: Store, agents_hash: str, slide_id: str, extraction_hash: str) -> dict[str, str] | None:
@@ -105,84 +92,31 @@ def _pair_rows(work: SlideWork, result: BatchResult, agents: CaptionAgents, agen
     return pairs
 
 
-def _failed_rows(work: SlideWork, result: BatchResult, agents_hash: str, now: str) -> list[dict[str, Any]]:
-    by_id = {r["patch_id"]: r for r in work.rows}
-    return [
-        {
-            "patch_id": f.key,
-            "slide_id": work.slide_id,
-            "x": by_id[f.key]["x"],
-            "y": by_id[f.key]["y"],
-            "stage": f.stage,
-            "reason": f.reason,
-            "detail": redact_urls(f.detail) if isinstance(f.detail, str) else f.detail,  # no URL credentials
-            "agents_hash": agents_hash,
-            "created_at": now,
-        }
-        for f in result.failures
-        if f.key in by_id
-    ]
-
-
-def _write_table(store: Store, key: str, rows: list, schema: pa.Schema, kind: str, meta: dict[str, str]) -> None:
-    """Rows as one Parquet file through the store's staged file: committed whole, never held as bytes."""
-    table = pa.Table.from_pylist(rows, schema.with_metadata(shard_metadata(kind, meta)))
-    with store.staged_file(key) as local:
-        pq.write_table(table, local, compression={n: ("NONE" if n == "image" else "ZSTD") for n in schema.names})
-
-
 def commit_slide(store: Store, work: SlideWork, pairs: list, failed: list, agents_hash: str, extra: dict) -> str:
     """Failed table first, pair shard last (the marker); returns "ok", or "skipped" when another run committed
     this slide's captions of the same extraction meanwhile."""
     if _current_pairs(store, agents_hash, work.slide_id, work.extraction_hash):
         return "skipped"
-    meta = {
-        **extra,
-        "pathgen.slide_id": work.slide_id,
-        "pathgen.extraction_hash": work.extraction_hash,
-        "pathgen.commit_id": uuid.uuid4().hex,
-        "pathgen.failed_items": str(len(failed)),
-    }
-    _write_table(store, failed_key(agents_hash, work.slide_id), failed, FAILED_SCHEMA, "failed", meta)
-    pair_meta = {**meta, "pathgen.failed_rows": json.dumps(failed)}
-    _write_table(store, pair_key(agents_hash, work.slide_id), pairs, PAIR_SCHEMA, "pairs", pair_meta)
-    sync_failed_table(store, agents_hash, work.slide_id)
+    meta = {**extra, "pathgen.slide_id": work.slide_id, "pathgen.extraction_hash": work.extraction_hash}
+    commit_tables(store, PAIRS, agents_hash, work.slide_id, pairs, failed, meta)
     return "ok"
 
 
 def sync_failed_table(store: Store, agents_hash: str, slide_id: str, rounds: int = 3) -> bool:
-    """Make the failed table belong to the committed pair shard's commit, rebuilding it from the pair shard's
-    metadata if an overlapping run replaced it; returns whether it had to. Repeated a few times: another run may
-    commit in between, and every run repairs towards whatever pair shard stands."""
-    repaired = False
-    for _ in range(rounds):
-        pair_meta = _metadata(store, pair_key(agents_hash, slide_id))
-        key = failed_key(agents_hash, slide_id)
-        failed_commit = _metadata(store, key).get("pathgen.commit_id") if store.exists(key) else None
-        if failed_commit == pair_meta.get("pathgen.commit_id") or "pathgen.failed_rows" not in pair_meta:
-            return repaired
-        rows = json.loads(pair_meta["pathgen.failed_rows"])
-        meta = {k: v for k, v in pair_meta.items() if k.startswith("pathgen.") and k != "pathgen.failed_rows"}
-        meta = {k: v for k, v in meta.items() if k not in ("pathgen.kind", "pathgen.schema_version")}
-        _write_table(store, key, rows, FAILED_SCHEMA, "failed", {**meta, "pathgen.failed_items": str(len(rows))})
-        repaired = True
-    return repaired
+    """Make the failed table belong to the committed pair shard's commit (see tasks.work.commit)."""
+    return sync_shards_failed_table(store, PAIRS, agents_hash, slide_id, rounds)
 
 
 def _columns(pairs: list, failed: list, worker: dict[str, str]) -> dict[str, Any]:
     tokens = [p["caption_tokens"] for p in pairs]
-    reasons: dict[str, int] = {}
-    for f in failed:
-        reasons[f"{f['stage']}:{f['reason']}"] = reasons.get(f"{f['stage']}:{f['reason']}", 0) + 1
-    return {
-        "failed": len(failed),
-        "failures": ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
-        "mean_tokens": round(sum(tokens) / len(tokens), 2) if tokens else 0.0,
-        "max_tokens": max(tokens, default=0),
-        "changed_by_revise": round(sum(p["revise_changed"] for p in pairs) / len(pairs), 4) if pairs else 0.0,
-        "trimmed": sum(p["caption_trimmed"] for p in pairs),
-        "worker": f"{worker['host']} pid {worker['pid']} cuda={worker['cuda_visible_devices'] or '-'}",
-    }
+    return outcome_columns(
+        failed,
+        worker,
+        mean_tokens=round(sum(tokens) / len(tokens), 2) if tokens else 0.0,
+        max_tokens=max(tokens, default=0),
+        changed_by_revise=round(sum(p["revise_changed"] for p in pairs) / len(pairs), 4) if pairs else 0.0,
+        trimmed=sum(p["caption_trimmed"] for p in pairs),
+    )
 
 
 def _gather(store: Store, units: list[str], agents_hash: str) -> tuple[list[SlideWork], list[UnitOutcome]]:
@@ -225,37 +159,33 @@ def caption_slides(
             f"{agents_hash}, here {agents.agents_hash()}); give every worker the same model files"
         )
     _refuse_random_weights(agents, settings)
-    work, outcomes = _gather(store, units, agents_hash)
+    work, skipped = _gather(store, units, agents_hash)
     try:
         result = agents.run({r["patch_id"]: r["image"] for w in work for r in w.rows})
     except InfrastructureError as exc:
-        pending = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work]
         message = f"captioning failed, {len(work)} slides stay pending: {redact_urls(str(exc))}"
-        raise PendingWork(message, outcomes + pending) from exc
+        raise still_pending(message, skipped, work, exc) from exc
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     worker = worker_identity()
     extra = {"pathgen.agents_hash": agents_hash, "pathgen.provenance": json.dumps(agents.provenance())}
     extra["pathgen.worker"] = json.dumps(worker)
     seconds = (time.perf_counter() - start) / max(1, sum(len(w.rows) for w in work))
-    for index, slide in enumerate(work):
+    stamp = {"agents_hash": agents_hash, "created_at": now}  # the failed rows' last columns
+
+    def commit(slide: SlideWork) -> UnitOutcome:
         pairs = _pair_rows(slide, result, agents, agents_hash, now)
-        failed = _failed_rows(slide, result, agents_hash, now)
-        try:
-            status = commit_slide(store, slide, pairs, failed, agents_hash, extra)
-        except Exception as exc:  # storage failed: this slide and the ones after it stay pending
-            rest = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work[index:]]
-            raise PendingWork(f"committing {slide.slide_id} failed: {short_error(exc)}", outcomes + rest) from exc
-        outcomes.append(
-            UnitOutcome(
-                slide.slide_id,
-                status,
-                len(pairs) if status == "ok" else 0,  # a slide another run committed meanwhile is not ours
-                round(seconds * len(slide.rows), 3),
-                random_weights=agents.random_weights,
-                columns=_columns(pairs, failed, worker),
-            )
+        failed = failed_rows(slide.slide_id, slide.rows, result.failures, stamp)
+        status = commit_slide(store, slide, pairs, failed, agents_hash, extra)
+        return UnitOutcome(
+            slide.slide_id,
+            status,
+            len(pairs) if status == "ok" else 0,  # a slide another run committed meanwhile is not ours
+            round(seconds * len(slide.rows), 3),
+            random_weights=agents.random_weights,
+            columns=_columns(pairs, failed, worker),
         )
-    return outcomes
+
+    return commit_each(work, commit, skipped)
 
 
 @task(name="caption-slides", retry_condition_fn=retry_infrastructure, tags=["caption", "gpu"])

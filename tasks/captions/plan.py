@@ -7,26 +7,14 @@ extraction hash the pair shard records with the patch shard's before doing any w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from tasks.captions.records import pair_key, pairs_prefix, slide_of
-from tasks.store.listing import list_mtimes
+from tasks.captions.records import pairs_prefix
 from tasks.store.objects import Store
-from tasks.work.units import in_part
+from tasks.work.shards import SlidePlan, plan_slides
 
 
-@dataclass(frozen=True)
-class CaptionPlan:
-    pending: list[str]  # slide ids, sorted
-    done: list[str]
+class CaptionPlan(SlidePlan):
+    """The slides a caption run has to do, and those already done."""
 
 
 def plan_captions(store: Store, agents_hash: str, part: int | None = None, parts: int = 1) -> CaptionPlan:
-    patches = list_mtimes(store, "patches", ".parquet")
-    pairs = list_mtimes(store, pairs_prefix(agents_hash), ".parquet")
-    pending, done = [], []
-    for key, patch_mtime in sorted(patches.items()):
-        slide_id = slide_of(key)
-        pair_mtime = pairs.get(pair_key(agents_hash, slide_id))
-        (done if pair_mtime is not None and pair_mtime > patch_mtime else pending).append(slide_id)
-    return CaptionPlan(in_part(pending, part, parts), in_part(done, part, parts))
+    return CaptionPlan(*plan_slides(store, "patches", pairs_prefix(agents_hash), part, parts))

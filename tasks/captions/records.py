@@ -10,6 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from tasks.slides.shard import PATCH_SCHEMA
+from tasks.work.shards import SlideShards, slide_key
+from tasks.work.shards import slide_of as slide_of  # re-exported: tasks.clip.webdataset reads it from here
 
 PATCH_FIELDS = [f for f in PATCH_SCHEMA if f.name != "embedding"]
 PAIR_SCHEMA = pa.schema(
@@ -49,25 +51,13 @@ FAILED_SCHEMA = pa.schema(
 )
 
 
-def pairs_prefix(agents_hash: str) -> str:
-    return f"pairs/{agents_hash}"
-
-
-def failed_prefix(agents_hash: str) -> str:
-    return f"failed/{agents_hash}"
-
-
-def pair_key(agents_hash: str, slide_id: str) -> str:
-    return f"{pairs_prefix(agents_hash)}/{slide_id}.parquet"
-
-
-def failed_key(agents_hash: str, slide_id: str) -> str:
-    return f"{failed_prefix(agents_hash)}/{slide_id}.parquet"
+# The layout the docstring describes; the names below are the ones the tasks, the export and the tools import.
+PAIRS = SlideShards("pairs", "failed", PAIR_SCHEMA, "pairs", FAILED_SCHEMA, "failed")
+pairs_prefix = PAIRS.prefix
+failed_prefix = PAIRS.failed_prefix
+pair_key = PAIRS.key
+failed_key = PAIRS.failed_key
 
 
 def patches_key(slide_id: str) -> str:
-    return f"patches/{slide_id}.parquet"
-
-
-def slide_of(key: str) -> str:
-    return key.rsplit("/", 1)[-1][: -len(".parquet")]
+    return slide_key("patches", slide_id)

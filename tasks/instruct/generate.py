@@ -21,12 +21,13 @@ from agents.protocol import ChatBackend
 from pathgen import __version__
 from pathgen.settings import Settings
 from tasks.captions.records import pair_key
-from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure, short_error
+from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure
 from tasks.instruct.commit import commit_slide, is_current, metadata, sync_failed_table
 from tasks.instruct.records import PAIR_COLUMNS, conversation_id
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
-from tasks.work.units import PendingWork, UnitOutcome, worker_identity
+from tasks.work.commit import commit_each, failed_rows, outcome_columns, still_pending
+from tasks.work.units import PendingWork, UnitOutcome, counts_text, worker_identity
 
 log = logging.getLogger("pathgen.instruct")
 
@@ -90,39 +91,11 @@ def conversation_rows(
     return rows
 
 
-def failed_rows(work: SlideWork, result: InstructResult, instruct_hash: str, now: str) -> list[dict[str, Any]]:
-    by_id = {r["patch_id"]: r for r in work.rows}
-    return [
-        {
-            "patch_id": f.key,
-            "slide_id": work.slide_id,
-            "x": by_id[f.key]["x"],
-            "y": by_id[f.key]["y"],
-            "conversation": f.conversation,
-            "stage": f.stage,
-            "reason": f.reason,
-            "detail": redact_urls(f.detail)[:1000],  # no URL credentials; a reply's head is enough to judge it
-            "instruct_hash": instruct_hash,
-            "created_at": now,
-        }
-        for f in result.failures
-        if f.key in by_id
-    ]
-
-
 def _columns(rows: list, failed: list, worker: dict[str, str]) -> dict[str, Any]:
-    reasons: dict[str, int] = {}
-    for f in failed:
-        reasons[f"{f['stage']}:{f['reason']}"] = reasons.get(f"{f['stage']}:{f['reason']}", 0) + 1
     kinds: dict[str, int] = {}
     for row in rows:
         kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
-    return {
-        "failed": len(failed),
-        "failures": ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
-        "kinds": ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())),
-        "worker": f"{worker['host']} pid {worker['pid']} cuda={worker['cuda_visible_devices'] or '-'}",
-    }
+    return outcome_columns(failed, worker, kinds=counts_text(kinds))
 
 
 def _check_agent(agent: InstructAgent, settings: Settings, instruct_hash: str, agents_hash: str) -> None:
@@ -151,26 +124,23 @@ def _commit_all(
         "pathgen.provenance": json.dumps(agent.provenance(agents_hash)),
         "pathgen.worker": json.dumps(worker),
     }
-    outcomes = []
-    for index, slide in enumerate(work):
+    stamp = {"instruct_hash": instruct_hash, "created_at": now}  # the failed rows' last columns
+
+    def commit(slide: SlideWork) -> UnitOutcome:
         rows = conversation_rows(slide, result, agent, agents_hash, now)
-        failed = failed_rows(slide, result, instruct_hash, now)
-        try:
-            status = commit_slide(store, instruct_hash, slide.slide_id, slide.source_commit, rows, failed, extra)
-        except Exception as exc:  # storage failed: this slide and the ones after it stay pending
-            rest = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work[index:]]
-            raise PendingWork(f"committing {slide.slide_id} failed: {short_error(exc)}", outcomes + rest) from exc
-        outcomes.append(
-            UnitOutcome(
-                slide.slide_id,
-                status,
-                len(rows) if status == "ok" else 0,  # a slide another run committed meanwhile is not ours
-                round(seconds * len(slide.rows), 3),
-                random_weights=any(r["random_weights"] for r in rows) or agent.random_weights,
-                columns=_columns(rows, failed, worker),
-            )
+        # A reply's head is enough to judge it.
+        failed = failed_rows(slide.slide_id, slide.rows, result.failures, stamp, ("conversation",), detail_chars=1000)
+        status = commit_slide(store, instruct_hash, slide.slide_id, slide.source_commit, rows, failed, extra)
+        return UnitOutcome(
+            slide.slide_id,
+            status,
+            len(rows) if status == "ok" else 0,  # a slide another run committed meanwhile is not ours
+            round(seconds * len(slide.rows), 3),
+            random_weights=any(r["random_weights"] for r in rows) or agent.random_weights,
+            columns=_columns(rows, failed, worker),
         )
-    return outcomes
+
+    return commit_each(work, commit, [])
 
 
 def instruct_slides(
@@ -192,9 +162,8 @@ def instruct_slides(
     try:
         result = agent.run(sources)
     except InfrastructureError as exc:
-        pending = [UnitOutcome(w.slide_id, "pending", error=short_error(exc)) for w in work]
         message = f"instruct failed, {len(work)} slides stay pending: {redact_urls(str(exc))}"
-        raise PendingWork(message, skipped + pending) from exc
+        raise still_pending(message, skipped, work, exc) from exc
     seconds = (time.perf_counter() - start) / max(1, len(sources))
     try:
         return skipped + _commit_all(store, work, result, agent, agents_hash, seconds)

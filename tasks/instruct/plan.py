@@ -8,25 +8,20 @@ the pair shard's commit id recorded in the instruct shard with the pair shard's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pathgen.settings import SettingsError
 from tasks.captions.export import agents_hashes
-from tasks.captions.records import pairs_prefix, slide_of
-from tasks.instruct.records import instruct_key, instruct_prefix
-from tasks.store.listing import list_mtimes
+from tasks.captions.records import pairs_prefix
+from tasks.instruct.records import instruct_prefix
 from tasks.store.objects import Store
-from tasks.work.units import in_part
+from tasks.work.shards import SlidePlan, plan_slides
 
 
 class NoPairsError(ValueError):
     """The store holds no pair shards: nothing to write conversations from until ``pathgen caption`` has run."""
 
 
-@dataclass(frozen=True)
-class InstructPlan:
-    pending: list[str]  # slide ids, sorted
-    done: list[str]
+class InstructPlan(SlidePlan):
+    """The slides an instruct run has to do, and those already done."""
 
 
 def source_agents_hash(store: Store, wanted: str | None) -> str:
@@ -49,11 +44,4 @@ def source_agents_hash(store: Store, wanted: str | None) -> str:
 def plan_instruct(
     store: Store, agents_hash: str, instruct_hash: str, part: int | None = None, parts: int = 1
 ) -> InstructPlan:
-    pairs = list_mtimes(store, pairs_prefix(agents_hash), ".parquet")
-    made = list_mtimes(store, instruct_prefix(instruct_hash), ".parquet")
-    pending, done = [], []
-    for key, pair_mtime in sorted(pairs.items()):
-        slide_id = slide_of(key)
-        made_mtime = made.get(instruct_key(instruct_hash, slide_id))
-        (done if made_mtime is not None and made_mtime > pair_mtime else pending).append(slide_id)
-    return InstructPlan(in_part(pending, part, parts), in_part(done, part, parts))
+    return InstructPlan(*plan_slides(store, pairs_prefix(agents_hash), instruct_prefix(instruct_hash), part, parts))

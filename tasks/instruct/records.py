@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from tasks.work.shards import SlideShards
+
 INSTRUCT_SCHEMA = pa.schema(
     [
         pa.field("conversation_id", pa.string(), nullable=False),  # <patch_id>-<index in the reply>
@@ -49,20 +51,14 @@ INSTRUCT_FAILED_SCHEMA = pa.schema(
 PAIR_COLUMNS = ["patch_id", "slide_id", "x", "y", "revised_description", "random_weights"]
 
 
-def instruct_prefix(instruct_hash: str) -> str:
-    return f"instruct/{instruct_hash}"
-
-
-def instruct_failed_prefix(instruct_hash: str) -> str:
-    return f"failed-instruct/{instruct_hash}"
-
-
-def instruct_key(instruct_hash: str, slide_id: str) -> str:
-    return f"{instruct_prefix(instruct_hash)}/{slide_id}.parquet"
-
-
-def instruct_failed_key(instruct_hash: str, slide_id: str) -> str:
-    return f"{instruct_failed_prefix(instruct_hash)}/{slide_id}.parquet"
+# The layout the docstring describes; the names below are the ones the tasks and the export import.
+INSTRUCT = SlideShards(
+    "instruct", "failed-instruct", INSTRUCT_SCHEMA, "instruct", INSTRUCT_FAILED_SCHEMA, "failed-instruct"
+)
+instruct_prefix = INSTRUCT.prefix
+instruct_failed_prefix = INSTRUCT.failed_prefix
+instruct_key = INSTRUCT.key
+instruct_failed_key = INSTRUCT.failed_key
 
 
 def conversation_id(patch_id: str, index: int) -> str:

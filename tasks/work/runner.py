@@ -24,7 +24,8 @@ from pathgen.processes import bound_threads, worker_process_setup
 from pathgen.settings import Settings
 from tasks.errors import short_error
 from tasks.store.objects import Store, remove_stale_staging
-from tasks.work.units import PendingWork, UnitOutcome
+from tasks.work.shards import SlidePlan
+from tasks.work.units import PendingWork, UnitOutcome, groups_of, summarize
 
 
 @dataclass
@@ -133,3 +134,15 @@ def open_store(settings: Settings, prefixes: list[str], logger: logging.Logger) 
     if removed:
         logger.info("removed %d temporary objects left by crashed runs", removed)
     return store
+
+
+def run_plan(
+    stage: Stage, plan: SlidePlan, slides_per_task: int, settings: Settings, logger: logging.Logger
+) -> tuple[dict[str, Any], list[UnitOutcome]]:
+    """Run a plan's pending slides, ``slides_per_task`` to a task, its done ones counting as skipped; returns the
+    run's summary and the outcomes. The summary's ``failed`` counts the failed items the tasks report, not slides."""
+    outcomes = run_units(stage, groups_of(plan.pending, slides_per_task), settings, logger)
+    outcomes += [UnitOutcome(slide_id, "skipped") for slide_id in plan.done]
+    summary = summarize(stage.name, outcomes)
+    summary["failed"] = sum(int(o.columns.get("failed", 0)) for o in outcomes)  # items, not slides
+    return summary, outcomes

@@ -8,6 +8,7 @@ recorded with the reason) or ``pending`` (infrastructure failed: nothing committ
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -77,6 +78,29 @@ def summarize(stage: str, outcomes: list[UnitOutcome]) -> dict[str, Any]:
         "pending_slides": [{"slide_id": o.unit, "error": o.error} for o in by["pending"]],
         "random_weights": any(o.random_weights for o in outcomes),
     }
+
+
+def log_pending(summary: dict[str, Any], logger: logging.Logger, random_weights_warning: str) -> None:
+    """Log each slide a run left pending, and warn when random weights made its data."""
+    for pending in summary["pending_slides"]:
+        logger.error("pending (run again): %s: %s", pending["slide_id"], pending["error"])
+    if summary["random_weights"]:
+        logger.warning(random_weights_warning)
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    """Counts as one table cell, "name: count, ...", sorted by name; :func:`tally` adds such cells up."""
+    return ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+
+
+def tally(outcomes: list[UnitOutcome], column: str) -> dict[str, int]:
+    """Add up a "name: count, ..." column of the slides' outcomes."""
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        for item in filter(None, str(outcome.columns.get(column, "")).split(", ")):
+            name, count = item.rsplit(": ", 1)
+            counts[name] = counts.get(name, 0) + int(count)
+    return counts
 
 
 def worker_identity() -> dict[str, str]:

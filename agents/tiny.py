@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TINY_VERSION = "3"  # 3: config.json carries RANDOM_MARKER
+TINY_VERSION = "4"  # 3: config.json carries RANDOM_MARKER; 4: 2048 positions (the instruct prompt and reply fit)
 TINY_VLM = "tiny-random-vlm"
 TINY_LM = "tiny-random-lm"
 RANDOM_MARKER = "pathgen_random_weights"  # a config.json key: the weights were never trained
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
 # A fixed list, not every prompt file: a new prompt (instruct.v1, ...) must not change the tiny models, whose
-# identity in hashes is TINY_VERSION. These are the files tiny-v3 was built from.
+# identity in hashes is TINY_VERSION. These are the files the tiny models are built from (since tiny-v3).
 CORPUS = [
     Path(__file__).resolve().parents[1] / "tasks" / "selection" / "data" / "tcga_prompts.yaml",
     *(Path(__file__).parent / "prompts" / f"{name}.v1.txt" for name in ("describe", "revise", "shorten", "summarize")),
@@ -70,7 +70,7 @@ def _text_config(tokenizer):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -81,7 +81,8 @@ def _export(settings: Settings, logger) -> Path:
 
     if importlib.util.find_spec("tasks.instruct.export") is None:
         raise ValueError(NO_DATA)
-    out = work_root(settings.llava) / "data" / f"export-{hashlib.sha256(settings.store.encode()).hexdigest()[:12]}"
+    store = Store(settings.store, settings.s3).url  # absolute: two checkouts' ./store are two stores
+    out = work_root(settings.llava) / "data" / f"export-{hashlib.sha256(store.encode()).hexdigest()[:12]}"
     stage = Stage("llava-export", export_task, unit_id=lambda u: "llava", units="exports", unit_column="export")
     (outcome,) = run_units(stage, [[{"out": str(out)}]], settings, logger)
     if outcome.status != "ok":

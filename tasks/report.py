@@ -211,14 +211,15 @@ def _lines(report: dict[str, Any], link) -> list[str]:
                 continue
             lines.append(
                 f"PathGen-LLaVA {run['run']} {stage['stage']}: {stage['status']}, {stage.get('steps')} steps, loss "
-                f"{stage.get('first_loss')} -> {stage.get('last_loss')}"
+                f"{_number(stage.get('first_loss'))} -> {_number(stage.get('last_loss'))}"
                 + (" (RANDOM WEIGHTS)" if run["random_weights"] else "")
             )
     for run in report["clip_runs"]:
         for stage in run["stages"]:
             lines.append(
                 f"PathGen-CLIP {run['run']} {stage['stage']}: {stage['status']}, {stage.get('items')} pairs, "
-                f"final loss {stage.get('final_loss')}" + (" (RANDOM WEIGHTS start)" if run["random_weights"] else "")
+                f"final loss {_number(stage.get('final_loss'))}"
+                + (" (RANDOM WEIGHTS start)" if run["random_weights"] else "")
             )
     for evaluation in report["evaluations"]:
         numbers = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["headline"].items() if isinstance(v, int | float))
@@ -246,3 +247,7 @@ def markdown(report: dict[str, Any], title: str = "PathGen Factory report", extr
 
 def _md_link(name: str, uri: str) -> str:
     return f"[{name}]({uri})"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else str(value)

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 
 def busy_ports(specs: list[str]) -> int:
@@ -38,6 +39,27 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def wait_until(
+    ready: Callable[[], bool], process: str, pid: int | None, timeout: float, pause: float, late: str
+) -> int:
+    """Calls ``ready`` until it returns True (0); 1, saying why, when the ``process`` (pid) exits first or ``timeout``
+    passes (``late`` says what did not happen, with the last error)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            print(f"{process} (pid {pid}) exited")
+            return 1
+        try:
+            if ready():
+                return 0
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            last = f" ({type(exc).__name__}: {exc})"
+        time.sleep(pause)
+    print(f"{late} within {timeout:.0f} s{last}")
+    return 1
+
+
 def ensure_bucket(endpoint: str, key: str, secret: str, bucket: str, timeout: float, pid: int | None) -> int:
     """Creates the bucket if missing, then writes and deletes one object: SeaweedFS allocates volumes lazily, so
     only a write proves the S3 gateway is ready for the factory."""
@@ -52,28 +74,21 @@ def ensure_bucket(endpoint: str, key: str, secret: str, bucket: str, timeout: fl
         region_name="us-east-1",
         config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 1}),
     )
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            print(f"SeaweedFS (pid {pid}) exited")
-            return 1
+
+    def written() -> bool:
         try:
-            try:
-                client.head_bucket(Bucket=bucket)
-            except client.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-                    raise
-                client.create_bucket(Bucket=bucket)
-            probe = ".local-stack-probe"
-            client.put_object(Bucket=bucket, Key=probe, Body=b"1")
-            client.delete_object(Bucket=bucket, Key=probe)
-            return 0
-        except Exception as exc:  # noqa: BLE001 - not up yet
-            last = f"{type(exc).__name__}: {exc}"
-            time.sleep(1)
-    print(f"S3 at {endpoint} did not take a write to s3://{bucket} within {timeout:.0f} s ({last})")
-    return 1
+            client.head_bucket(Bucket=bucket)
+        except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            client.create_bucket(Bucket=bucket)
+        probe = ".local-stack-probe"
+        client.put_object(Bucket=bucket, Key=probe, Body=b"1")
+        client.delete_object(Bucket=bucket, Key=probe)
+        return True
+
+    late = f"S3 at {endpoint} did not take a write to s3://{bucket}"
+    return wait_until(written, "SeaweedFS", pid, timeout, 1, late)
 
 
 def ensure_database(port: int, user: str, password: str, database: str, timeout: float, pid: int | None) -> int:
@@ -92,38 +107,21 @@ def ensure_database(port: int, user: str, password: str, database: str, timeout:
         finally:
             await conn.close()
 
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            print(f"PostgreSQL (pid {pid}) exited")
-            return 1
-        try:
-            asyncio.run(attempt())
-            return 0
-        except Exception as exc:  # noqa: BLE001 - not up yet
-            last = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.5)
-    print(f"PostgreSQL on 127.0.0.1:{port} did not accept a login within {timeout:.0f} s ({last})")
-    return 1
+    def logged_in() -> bool:
+        asyncio.run(attempt())
+        return True
+
+    late = f"PostgreSQL on 127.0.0.1:{port} did not accept a login"
+    return wait_until(logged_in, "PostgreSQL", pid, timeout, 0.5, late)
 
 
 def redis_ping(port: int, timeout: float, pid: int | None) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            print(f"redis-server (pid {pid}) exited")
-            return 1
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return 0
-        except OSError:
-            pass
-        time.sleep(0.3)
-    print(f"Redis on 127.0.0.1:{port} did not answer PING within {timeout:.0f} s")
-    return 1
+    def pong() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+
+    return wait_until(pong, "redis-server", pid, timeout, 0.3, f"Redis on 127.0.0.1:{port} did not answer PING")
 
 
 def ensure_pool(api: str, name: str, template_path: str, kind: str = "process") -> int:
@@ -169,23 +167,15 @@ def wait_worker(api: str, pool: str, worker: str, timeout: float, pid: int | Non
     """Waits until the worker named ``worker`` has sent its heartbeat to ``pool`` (it is then ONLINE)."""
     import httpx
 
-    deadline = time.monotonic() + timeout
     with httpx.Client(base_url=api.rstrip("/") + "/", timeout=10) as client:
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                print(f"worker for pool {pool} (pid {pid}) exited")
-                return 1
-            try:
-                reply = client.post(f"work_pools/{pool}/workers/filter", json={})
-                if reply.status_code == 200 and any(
-                    w.get("name") == worker and w.get("status", "ONLINE") == "ONLINE" for w in reply.json()
-                ):
-                    return 0
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-    print(f"worker {worker} did not report to pool {pool} within {timeout:.0f} s")
-    return 1
+
+        def online() -> bool:
+            reply = client.post(f"work_pools/{pool}/workers/filter", json={})
+            found = reply.json() if reply.status_code == 200 else []
+            return any(w.get("name") == worker and w.get("status", "ONLINE") == "ONLINE" for w in found)
+
+        late = f"worker {worker} did not report to pool {pool}"
+        return wait_until(online, f"worker for pool {pool}", pid, timeout, 1, late)
 
 
 def main(argv: list[str]) -> int:

@@ -27,7 +27,6 @@ from tasks.work.parts import name_flow_run
 from tasks.work.runner import Stage, open_store, run_units
 
 MAKE_DATA = "run pathgen export llava --out DIR first, then pass --data DIR"
-NO_DATA = f"no LLaVA data given: {MAKE_DATA}"
 
 
 def default_vision(store: Store) -> str | None:
@@ -52,7 +51,7 @@ def train_llava_flow(
     target = open_store(settings, [RUNS], logger)
     vision = vision_source(settings.llava.vision or default_vision(target))
     require_real_llava(settings, vision)  # before any work: production refuses random weights
-    folder = Path(data).expanduser().resolve() if data else _export(settings, logger)
+    folder = Path(data).expanduser().resolve() if data else _export(settings, target, logger)
     stages = data_stages(folder)
     run = run_name(settings.llava, data_digest(folder, stages), vision)
     name_flow_run(f"train-llava-{run}")
@@ -74,15 +73,12 @@ def train_llava_flow(
     return _finish(summary, random, logger)
 
 
-def _export(settings: Settings, logger) -> Path:
-    """No data given: export the store's pairs and instruction data, when this installation has the exporter."""
+def _export(settings: Settings, store: Store, logger) -> Path:
+    """No data given: export the store's pairs and instruction data."""
     import hashlib
-    import importlib.util
 
-    if importlib.util.find_spec("tasks.instruct.export") is None:
-        raise ValueError(NO_DATA)
-    store = Store(settings.store, settings.s3).url  # absolute: two checkouts' ./store are two stores
-    out = work_root(settings.llava) / "data" / f"export-{hashlib.sha256(store.encode()).hexdigest()[:12]}"
+    # Named by the absolute URL: two checkouts' ./store are two stores.
+    out = work_root(settings.llava) / "data" / f"export-{hashlib.sha256(store.url.encode()).hexdigest()[:12]}"
     stage = Stage("llava-export", export_task, unit_id=lambda u: "llava", units="exports", unit_column="export")
     (outcome,) = run_units(stage, [[{"out": str(out)}]], settings, logger)
     if outcome.status != "ok":

@@ -52,7 +52,7 @@ FAILED_SCHEMA = pa.schema(
 
 
 # The layout the docstring describes; the names below are the ones the tasks, the export and the tools import.
-PAIRS = SlideShards("pairs", "failed", PAIR_SCHEMA, "pairs", FAILED_SCHEMA, "failed")
+PAIRS = SlideShards("pairs", "failed", PAIR_SCHEMA, FAILED_SCHEMA)
 pairs_prefix = PAIRS.prefix
 failed_prefix = PAIRS.failed_prefix
 pair_key = PAIRS.key

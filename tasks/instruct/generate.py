@@ -27,7 +27,7 @@ from tasks.instruct.records import PAIR_COLUMNS, conversation_id
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 from tasks.work.commit import commit_each, failed_rows, outcome_columns, still_pending
-from tasks.work.units import PendingWork, UnitOutcome, counts_text, worker_identity
+from tasks.work.units import UnitOutcome, counts_text, worker_identity
 
 log = logging.getLogger("pathgen.instruct")
 
@@ -113,8 +113,15 @@ def _check_agent(agent: InstructAgent, settings: Settings, instruct_hash: str, a
 
 
 def _commit_all(
-    store: Store, work: list[SlideWork], result: InstructResult, agent: InstructAgent, agents_hash: str, seconds: float
+    store: Store,
+    work: list[SlideWork],
+    skipped: list[UnitOutcome],
+    result: InstructResult,
+    agent: InstructAgent,
+    agents_hash: str,
+    seconds: float,
 ) -> list[UnitOutcome]:
+    """``skipped`` and the outcome of committing each slide; PendingWork (carrying both) when a commit fails."""
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     instruct_hash = agent.instruct_hash(agents_hash)
     worker = worker_identity()
@@ -140,7 +147,7 @@ def _commit_all(
             columns=_columns(rows, failed, worker),
         )
 
-    return commit_each(work, commit, [])
+    return commit_each(work, commit, skipped)
 
 
 def instruct_slides(
@@ -165,10 +172,7 @@ def instruct_slides(
         message = f"instruct failed, {len(work)} slides stay pending: {redact_urls(str(exc))}"
         raise still_pending(message, skipped, work, exc) from exc
     seconds = (time.perf_counter() - start) / max(1, len(sources))
-    try:
-        return skipped + _commit_all(store, work, result, agent, agents_hash, seconds)
-    except PendingWork as exc:
-        raise PendingWork(str(exc), skipped + exc.outcomes) from exc
+    return _commit_all(store, work, skipped, result, agent, agents_hash, seconds)
 
 
 @task(name="instruct-slides", retry_condition_fn=retry_infrastructure, tags=["instruct", "gpu"])

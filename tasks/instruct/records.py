@@ -52,13 +52,10 @@ PAIR_COLUMNS = ["patch_id", "slide_id", "x", "y", "revised_description", "random
 
 
 # The layout the docstring describes; the names below are the ones the tasks and the export import.
-INSTRUCT = SlideShards(
-    "instruct", "failed-instruct", INSTRUCT_SCHEMA, "instruct", INSTRUCT_FAILED_SCHEMA, "failed-instruct"
-)
+INSTRUCT = SlideShards("instruct", "failed-instruct", INSTRUCT_SCHEMA, INSTRUCT_FAILED_SCHEMA)
 instruct_prefix = INSTRUCT.prefix
 instruct_failed_prefix = INSTRUCT.failed_prefix
 instruct_key = INSTRUCT.key
-instruct_failed_key = INSTRUCT.failed_key
 
 
 def conversation_id(patch_id: str, index: int) -> str:

@@ -86,9 +86,9 @@ def data_digest(folder: Path, stages: list[str]) -> str:
     """What the data holds, not where it lies: the stage files' bytes and each named image's size."""
     digest = hashlib.sha256()
     for stage in stages:
-        path = Path(folder) / STAGE_FILES[stage]
-        digest.update(f"{stage}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
-        names = sorted({r["image"] for r in json.loads(path.read_text()) if r.get("image")})
+        raw = (Path(folder) / STAGE_FILES[stage]).read_bytes()
+        digest.update(f"{stage}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
+        names = sorted({r["image"] for r in json.loads(raw) if r.get("image")})
         for name in names:  # a missing image is the training unit's to report, with its record
             image = Path(folder) / name
             digest.update(f"{name}\0{image.stat().st_size if image.is_file() else -1}\n".encode())

@@ -173,10 +173,3 @@ def load_llava(folder: str | Path, dtype: str = "float32"):
 
     model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype)
     return model, AutoProcessor.from_pretrained(str(folder))
-
-
-def is_random(folder: str | Path) -> bool:
-    import json
-
-    config = Path(folder) / "config.json"
-    return bool(config.is_file() and json.loads(config.read_text()).get(RANDOM_MARKER))

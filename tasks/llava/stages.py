@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -179,6 +180,8 @@ def fetch_model(store: Store, plan: TrainPlan) -> Path:
     if (folder / "config.json").is_file():
         return folder
     partial = folder.with_name(".model.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a crashed fetch's leftovers
+    shutil.rmtree(folder, ignore_errors=True)  # a folder without config.json is incomplete
     for key in store.list(f"{plan.prefix}/model"):
         target = partial / key[len(f"{plan.prefix}/model/") :]
         target.parent.mkdir(parents=True, exist_ok=True)

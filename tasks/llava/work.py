@@ -17,6 +17,7 @@ from pathgen.settings import Settings
 from tasks.errors import retry_infrastructure, short_error
 from tasks.llava.spec import random_llava_models
 from tasks.llava.stages import build_base, fetch_model, stage_plan, train_stage, work_root
+from tasks.llava.train import RUNS
 from tasks.llava.vision import vision_source
 from tasks.store.objects import Store
 from tasks.work.units import UnitOutcome
@@ -29,7 +30,7 @@ def start_folder(
     here from the store when stage 1 ran elsewhere; the untrained model when the data has no stage 1)."""
     base = work_root(settings.llava) / "runs" / run / "base"
     store = Store(settings.store, settings.s3)
-    if stage == "stage2" and store.exists(f"models/llava/{run}/stage1/stage.json"):
+    if stage == "stage2" and store.exists(f"{RUNS}/{run}/stage1/stage.json"):
         return fetch_model(store, stage_plan(settings, run, "stage1", data, base, random)), {}
     if stage == "stage2":
         logger.warning("%s: no stage 1 in this run; stage 2 starts from an untrained projector", run)

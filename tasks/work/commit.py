@@ -45,9 +45,9 @@ def commit_tables(
     """Write a slide's failed table, then its shard (the marker), each stamped with ``meta`` and a new commit id."""
     meta = {**meta, "pathgen.commit_id": uuid.uuid4().hex, "pathgen.failed_items": str(len(failed))}
     failed_key, key = shards.failed_key(settings_hash, slide_id), shards.key(settings_hash, slide_id)
-    write_table(store, failed_key, failed, shards.failed_schema, shards.failed_kind, meta)
+    write_table(store, failed_key, failed, shards.failed_schema, shards.failed_folder, meta)
     shard_meta = {**meta, "pathgen.failed_rows": json.dumps(failed)}
-    write_table(store, key, rows, shards.schema, shards.kind, shard_meta)
+    write_table(store, key, rows, shards.schema, shards.folder, shard_meta)
     sync_failed_table(store, shards, settings_hash, slide_id)
 
 
@@ -66,7 +66,7 @@ def sync_failed_table(store: Store, shards: SlideShards, settings_hash: str, sli
         skip = ("pathgen.failed_rows", "pathgen.kind", "pathgen.schema_version")
         meta = {k: v for k, v in shard_meta.items() if k.startswith("pathgen.") and k not in skip}
         meta["pathgen.failed_items"] = str(len(rows))
-        write_table(store, key, rows, shards.failed_schema, shards.failed_kind, meta)
+        write_table(store, key, rows, shards.failed_schema, shards.failed_folder, meta)
         repaired = True
     return repaired
 

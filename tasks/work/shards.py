@@ -30,12 +30,10 @@ def slide_of(key: str) -> str:
 class SlideShards:
     """Where a stage's shards and failed tables live, and what they hold."""
 
-    folder: str
-    failed_folder: str
+    folder: str  # also the shards' pathgen.kind
+    failed_folder: str  # also the failed tables' pathgen.kind
     schema: pa.Schema
-    kind: str  # pathgen.kind of a shard
     failed_schema: pa.Schema
-    failed_kind: str
 
     def prefix(self, settings_hash: str) -> str:
         """The folder of the shards written under one settings hash."""

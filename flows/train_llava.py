@@ -74,7 +74,8 @@ def train_llava_flow(
 
 
 def _export(settings: Settings, store: Store, logger) -> Path:
-    """No data given: export the store's pairs and instruction data."""
+    """No data given: export the store's pairs and instruction data, incrementally (a store with nothing new writes
+    nothing, so a re-run reaches its finished stages at once)."""
     import hashlib
 
     # Named by the absolute URL: two checkouts' ./store are two stores.

@@ -76,10 +76,10 @@ def export_llava(args: argparse.Namespace, settings: Settings) -> int:
         print(f"pathgen export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(result.kinds.items())) or "none"
-    print(f"wrote {result.out}:")
+    print(f"llava export {result.out}:")
     print(f"  stage1.json  {result.stage1} caption pairs (agents_hash {result.agents_hash})")
     print(f"  stage2.json  {result.stage2} conversations ({kinds}; instruct_hash {result.instruct_hash})")
-    print(f"  images/      {result.images} JPEGs; provenance.json")
+    print(f"  images/      {result.images} JPEGs ({result.written} written now, the rest up to date); provenance.json")
     if not result.stage2:
         print(f"  stage2.json is empty: {empty_because(result)}")
     if result.missing_images:

@@ -1,6 +1,6 @@
 """``pathgen evaluate-mc``: score a vision-language model (PathGen-LLaVA, a baseline, or the tiny random VLM) on a
 PathMMU-style multiple-choice JSON Lines file, in this process; the report goes to ``eval/mc/<run>/<dataset>.json``
-in a store (--store) and/or to a file (--out).
+in the store (--store, by default settings.store as for every command) and, with --out, to a file as well.
 
 Exit codes: 0 when every question was put to the model (however many it got right); 2 for bad usage, a bad
 dataset file or a refused random-weight model; 1 when the model or the store failed.
@@ -36,8 +36,12 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
         default="transformers",
         help="transformers (default), openai (with --set agents.openai_base_url=URL) or vllm",
     )
-    mc.add_argument("--store", metavar="URL", help="write the report to eval/mc/<run>/<dataset>.json in this store")
-    mc.add_argument("--out", metavar="FILE", help="write the report to this JSON file (also with --store)")
+    mc.add_argument(
+        "--store",
+        metavar="URL",
+        help="store root URL for eval/mc/<run>/<dataset>.json (default: settings.store, file://./store)",
+    )
+    mc.add_argument("--out", metavar="FILE", help="also write the report to this JSON file")
     mc.add_argument("--limit", type=int, metavar="N", help="only the first N questions (named <dataset>-firstN)")
     mc.add_argument("--run", metavar="NAME", help="the report's folder under eval/mc/ (default: from the model)")
     mc.add_argument(
@@ -51,8 +55,6 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
 
 def usage_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the command line, told before any model loads."""
-    if not args.store and not args.out:
-        return "give --store URL (eval/mc/<run>/<dataset>.json there) or --out FILE, or both"
     if args.limit is not None and args.limit < 1:
         return f"--limit must be at least 1 (got {args.limit})"
     if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= 8192:
@@ -77,7 +79,10 @@ def evaluate_mc(args: argparse.Namespace) -> int:
     if problem:
         print(f"pathgen {COMMAND}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    settings = load_settings(args.config, parse_assignments(args.assignments))
+    overrides = parse_assignments(args.assignments)
+    if args.store:
+        overrides["store"] = args.store
+    settings = load_settings(args.config, overrides)
     try:
         prompt = load_mc_prompt(args.prompt)
     except ValueError as exc:  # a missing or malformed --prompt file
@@ -88,7 +93,7 @@ def evaluate_mc(args: argparse.Namespace) -> int:
     except DatasetError as exc:
         print(f"pathgen {COMMAND}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    store = _checked_store(args.store, settings) if args.store else None  # before the model: fail fast
+    store = _checked_store(settings.store, settings)  # before the model: fail fast
     return _evaluate(args, settings, prompt, questions, store)
 
 
@@ -121,7 +126,7 @@ def _evaluate(args: argparse.Namespace, settings, prompt, questions: list, store
     name = dataset_name(Path(args.dataset), args.limit, len(questions))
     report = build_report(Path(args.dataset).resolve(), name, predictions, model, prompt, sampling, args.limit)
     run = args.run or run_name(model)
-    written = [publish(store, run, report)] if store else []
+    written = [publish(store, run, report)]
     if args.out:
         Path(args.out).expanduser().write_bytes(report_bytes(report))
         written.append(str(Path(args.out).expanduser().absolute()))

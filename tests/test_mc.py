@@ -210,12 +210,44 @@ def test_accepted_shapes_of_options_and_answers(tmp_path):
     assert fourth.id == "7" and fourth.subset is None
 
 
-def test_cli_dataset_and_usage_errors_exit_2(tmp_path, capsys):
+def test_an_image_outside_the_dataset_folder_is_refused_naming_file_and_line(tmp_path):
+    """A real image outside the folder, by '..' or by absolute path, is one error per line; nothing is read."""
+    folder = tmp_path / "dataset"
+    outside = tmp_path / "outside.png"
+    rows = [_row("ok"), _row("up", image="../outside.png"), _row("abs", image=str(outside))]
+    rows.append(_row("deep", image="images/../../outside.png"))
+    path = _write(folder, rows)
+    assert outside.is_file()  # the file is there and is an image: only its place is wrong
+    with pytest.raises(DatasetError) as caught:
+        load_questions(path)
+    text = str(caught.value)
+    assert text.startswith(f"3 problem(s) in {path}")
+    for line, name in ((2, "../outside.png"), (3, str(outside)), (4, "images/../../outside.png")):
+        assert f"{path} line {line}: image {name!r} lies outside the dataset's folder" in text
+
+
+def test_evaluate_mc_defaults_the_store_like_every_command(tmp_path, monkeypatch, capsys):
+    """No --store and no --out: the report goes to settings.store (file://./store here), as for every command."""
+    questions, backend = _scripted(tmp_path)
+    model = {"backend": "scripted", "model_id": "scripted-test", "identity": "x", "random_weights": False}
+    monkeypatch.setattr("tasks.mc.backend.load_backend", lambda *a, **k: (backend, model))
+    monkeypatch.delenv("PATHGEN_STORE", raising=False)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli.main(["evaluate-mc", "--dataset", str(tmp_path / "mc.jsonl")]) == 0
+    report = json.loads((work / "store" / "eval" / "mc" / "scripted-test" / "mc.json").read_text())
+    assert report["overall"]["n"] == 5 and "report: " in capsys.readouterr().out
+    other = tmp_path / "other"
+    assert cli.main(["evaluate-mc", "--dataset", str(tmp_path / "mc.jsonl"), "--set", f"store={other}"]) == 0
+    assert (other / "eval" / "mc" / "scripted-test" / "mc.json").is_file()
+
+
+def test_cli_dataset_and_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default store (./store) lands here, not in the checkout
     path = _write(tmp_path, [_row("a", answer="Z")])
     assert cli.main(["evaluate-mc", "--dataset", str(path), "--out", str(tmp_path / "r.json")]) == 2
     assert f"{path} line 1: answer 'Z'" in capsys.readouterr().err
-    assert cli.main(["evaluate-mc", "--dataset", str(path)]) == 2
-    assert "give --store URL" in capsys.readouterr().err
     ok = _write(tmp_path, [_row("b")], name="ok.jsonl")
     refused = ["evaluate-mc", "--dataset", str(ok), "--out", str(tmp_path / "r.json")]
     assert cli.main([*refused, "--set", "models.allow_random_weights=false"]) == 2
@@ -335,8 +367,10 @@ def test_a_llava_folder_by_path_is_its_own_run_and_still_declared_random(tmp_pat
     assert report["overall"]["n"] == 3
 
 
-def test_openai_backend_end_to_end(tmp_path, tiny_models, capsys):
+def test_openai_backend_end_to_end(tmp_path, tiny_models, monkeypatch, capsys):
     from tests.test_openai_backend import TinyModelServer
+
+    monkeypatch.chdir(tmp_path)  # the default store (./store) lands here, not in the checkout
 
     server = TinyModelServer(tiny_models[1])
     try:

@@ -7,10 +7,13 @@ patch images written beside it::
     DIR/stage2.json     the instruction conversations, "<image>\\n" opening the first human turn
     DIR/images/<patch_id>.jpg   the patch JPEG bytes from the pair shards
     DIR/provenance.json store, hashes, counts, models, random_weights
+    DIR/manifest.json   which shard (by commit id) each image and conversation came from
 
-The set is built in a hidden folder beside DIR and moved onto DIR when complete; a folder DIR of an earlier llava
-export is moved aside first and removed after, so a reader finds the old complete set or the new one (or, for the
-instant between two renames, none), never a mixture. A DIR that holds anything else is refused, never overwritten.
+The export is incremental, as the WebDataset export is: a pair shard whose commit id the manifest records, and whose
+images are all there, is not read for images again, so a re-export of an unchanged store writes nothing (it reads
+shard footers only) and one new slide writes that slide's images. Every file is written under a temporary name and
+renamed; the images a JSON file names are in place before it is replaced, and images no record names any more are
+removed after. A DIR that holds anything but an earlier llava export is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ STAGE1_INSTRUCTIONS = (
     "Provide a brief pathology description of this image.",
     "Caption this histology image concisely.",
 )
-_WORK_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)~[0-9a-f]{12}\.(partial|old)$")
+MANIFEST = "manifest.json"
+STAGE_FILES = ("stage1.json", "stage2.json")
+# A patch id becomes a file name: a plain one only, never a path ('/', a leading '.', '..').
+PATCH_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}")
+_PARTIAL = re.compile(r"^\..+\.(?P<pid>\d+)\.part$")
 
 
 @dataclass
@@ -59,7 +64,8 @@ class LlavaExport:
     instruct_hash: str | None  # None: no instruction data was written from these pairs (stage 1 only)
     stage1: int = 0
     stage2: int = 0
-    images: int = 0
+    images: int = 0  # JPEGs in the set
+    written: int = 0  # images this export (re)wrote: none when the store holds nothing new
     missing_images: int = 0  # conversations left out: no pair shard held their patch's image
     kinds: dict[str, int] = field(default_factory=dict)
     random_weight_records: dict[str, int] = field(default_factory=lambda: {"stage1": 0, "stage2": 0})
@@ -104,10 +110,12 @@ def choose_hashes(store: Store, agents_hash: str | None, instruct_hash: str | No
 
 
 class _JsonList:
-    """A JSON list written one record at a time: an export of 1.6M pairs is never held in memory."""
+    """A JSON list written one record at a time (an export of 1.6M pairs is never held in memory), under a temporary
+    name until ``close`` renames it onto the file."""
 
     def __init__(self, path: Path) -> None:
-        self.handle = open(path, "w")  # noqa: SIM115 - closed in close()
+        self.path, self.partial = path, path.with_name(f".{path.name}.{os.getpid()}.part")
+        self.handle = open(self.partial, "w")  # noqa: SIM115 - closed in close() or discard()
         self.count = 0
         self.handle.write("[")
 
@@ -118,6 +126,11 @@ class _JsonList:
     def close(self) -> None:
         self.handle.write("\n]\n")
         self.handle.close()
+        os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        self.handle.close()
+        self.partial.unlink(missing_ok=True)
 
 
 def stage1_instruction(patch_id: str) -> str:
@@ -132,6 +145,17 @@ def with_image_token(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return turns
 
 
+def image_file(key: str, patch_id: Any) -> str:
+    """The file name of a patch's image under images/; a patch_id that is no plain file name is an error naming the
+    shard and the record, never a path to write to."""
+    if not isinstance(patch_id, str) or not PATCH_FILE.fullmatch(patch_id):
+        raise ValueError(
+            f"{key}: patch_id {patch_id!r} is not a plain file name (letters, digits, '.', '_', '-', no '/' and no "
+            "leading '.'), so its image cannot be exported; fix or remove that shard"
+        )
+    return f"{patch_id}.jpg"
+
+
 def _read(store: Store, key: str, columns: list[str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     with store.open(key) as handle:
         shard = pq.ParquetFile(handle, pre_buffer=False)
@@ -141,123 +165,234 @@ def _read(store: Store, key: str, columns: list[str]) -> tuple[list[dict[str, An
     return rows, {k.decode(): v.decode() for k, v in raw.items()}
 
 
-def _write_image(folder: Path, patch_id: str, jpeg: bytes) -> bool:
-    path = folder / f"{patch_id}.jpg"
-    if path.exists():
-        return False
-    path.write_bytes(jpeg)
-    return True
+@dataclass
+class _Images:
+    """The images/ folder of the set being exported: the files there, the ones written, and per shard the ones its
+    records name (the manifest's entries)."""
+
+    folder: Path
+    present: set[str]
+    written: int = 0
+
+    def write(self, key: str, patch_id: str, jpeg: bytes) -> None:
+        name = image_file(key, patch_id)
+        partial = self.folder / f".{name}.{os.getpid()}.part"
+        partial.write_bytes(jpeg)
+        os.replace(partial, self.folder / name)  # a reader never meets half an image
+        self.present.add(name)
+        self.written += 1
+
+    def has(self, key: str, patch_id: str) -> bool:
+        return image_file(key, patch_id) in self.present
+
+    def remove_unnamed(self, named: set[str]) -> None:
+        """Images of pairs no longer in the set, and the temporary files of exports that were killed."""
+        for name in self.present - named:
+            match = _PARTIAL.match(name)
+            path = self.folder / name
+            if not (match and pid_alive(int(match["pid"]))) and not path.is_dir():
+                path.unlink(missing_ok=True)
+        self.present &= named
 
 
-def _stage1(store: Store, agents_hash: str, folder: Path, result: LlavaExport) -> dict[str, Any]:
-    """Every pair of the agents_hash as a one-turn conversation; returns the captioning's provenance."""
-    out = _JsonList(folder / "stage1.json")
+def _stage1(store: Store, commits: dict[str, str], kept: dict, images: _Images, result: LlavaExport) -> tuple:
+    """Every pair of the agents_hash as a one-turn conversation, images written for the shards the manifest does not
+    vouch for; returns the manifest's entries of the shards and the captioning's provenance."""
+    out = _JsonList(result.out / "stage1.json")
+    entries: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
-    columns = ["patch_id", "caption", "image", "random_weights"]
-    for key in store.list(pairs_prefix(agents_hash), ".parquet"):
-        rows, meta = _read(store, key, columns)
-        provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
-        for row in rows:
-            result.images += _write_image(folder / "images", row["patch_id"], row["image"])
-            human = f"{IMAGE_TOKEN}\n{stage1_instruction(row['patch_id'])}"
-            conversations = [{"from": "human", "value": human}, {"from": "gpt", "value": row["caption"]}]
-            out.add({"id": row["patch_id"], "image": f"images/{row['patch_id']}.jpg", "conversations": conversations})
-            result.random_weight_records["stage1"] += bool(row.get("random_weights"))
+    try:
+        for key in commits:
+            rows, meta = _read(store, key, ["patch_id", "caption", "random_weights"])
+            commit = meta.get("pathgen.commit_id", "")
+            if not commit or kept.get(key, {}).get("commit_id") != commit:  # new or changed: its images too
+                rows, meta = _read(store, key, ["patch_id", "caption", "image", "random_weights"])
+                for row in rows:
+                    images.write(key, row["patch_id"], row["image"])
+            provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
+            entries[key] = {"commit_id": commit, "images": [image_file(key, row["patch_id"]) for row in rows]}
+            for row in rows:
+                human = f"{IMAGE_TOKEN}\n{stage1_instruction(row['patch_id'])}"
+                turns = [{"from": "human", "value": human}, {"from": "gpt", "value": row["caption"]}]
+                out.add({"id": row["patch_id"], "image": f"images/{row['patch_id']}.jpg", "conversations": turns})
+                result.random_weight_records["stage1"] += bool(row.get("random_weights"))
+    except BaseException:
+        out.discard()
+        raise
     out.close()
     result.stage1 = out.count
-    return provenance
+    return entries, provenance
 
 
-def _images_of_slide(store: Store, source_hash: str, slide_id: str, folder: Path, result: LlavaExport) -> None:
+def _images_of_slide(store: Store, source_hash: str, slide_id: str, needed: set[str], images: _Images) -> None:
     """The images of a slide's patches that stage 1 did not write (instruct data from other pairs)."""
     key = pair_key(source_hash, slide_id)
     if store.exists(key):
         rows, _ = _read(store, key, ["patch_id", "image"])
         for row in rows:
-            result.images += _write_image(folder / "images", row["patch_id"], row["image"])
+            if row["patch_id"] in needed:
+                images.write(key, row["patch_id"], row["image"])
 
 
-def _stage2(store: Store, instruct_hash: str | None, folder: Path, result: LlavaExport) -> dict[str, Any]:
-    """Every conversation of the instruct_hash (none without one); returns the instruct run's provenance."""
-    out = _JsonList(folder / "stage2.json")
+def _stage2(store: Store, commits: dict[str, str], images: _Images, result: LlavaExport) -> tuple:
+    """Every conversation of the instruct_hash (none without one); returns the manifest's entries of its shards and
+    the instruct run's provenance."""
+    out = _JsonList(result.out / "stage2.json")
+    entries: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
-    if instruct_hash is None:
-        out.close()
-        return provenance
     columns = ["conversation_id", "patch_id", "slide_id", "kind", "conversation", "random_weights"]
-    for key in store.list(instruct_prefix(instruct_hash), ".parquet"):
-        rows, meta = _read(store, key, columns)
-        provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
-        if any(not (folder / "images" / f"{r['patch_id']}.jpg").exists() for r in rows):
-            _images_of_slide(store, meta.get("pathgen.source_agents_hash", ""), rows[0]["slide_id"], folder, result)
-        for row in rows:
-            if not (folder / "images" / f"{row['patch_id']}.jpg").exists():
-                result.missing_images += 1
-                continue
-            turns = with_image_token(json.loads(row["conversation"]))
-            out.add({"id": row["conversation_id"], "image": f"images/{row['patch_id']}.jpg", "conversations": turns})
-            result.kinds[row["kind"]] = result.kinds.get(row["kind"], 0) + 1
-            result.random_weight_records["stage2"] += bool(row.get("random_weights"))
+    try:
+        for key in commits:
+            rows, meta = _read(store, key, columns)
+            provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
+            needed = {r["patch_id"] for r in rows if not images.has(key, r["patch_id"])}
+            if needed:
+                _images_of_slide(store, meta.get("pathgen.source_agents_hash", ""), rows[0]["slide_id"], needed, images)
+            kept = [row for row in rows if images.has(key, row["patch_id"])]
+            result.missing_images += len(rows) - len(kept)
+            entries[key] = {"commit_id": meta.get("pathgen.commit_id", ""), "images": []}
+            for row in kept:
+                entries[key]["images"].append(image_file(key, row["patch_id"]))
+                turns = with_image_token(json.loads(row["conversation"]))
+                out.add(
+                    {"id": row["conversation_id"], "image": f"images/{row['patch_id']}.jpg", "conversations": turns}
+                )
+                result.kinds[row["kind"]] = result.kinds.get(row["kind"], 0) + 1
+                result.random_weight_records["stage2"] += bool(row.get("random_weights"))
+    except BaseException:
+        out.discard()
+        raise
     out.close()
     result.stage2 = out.count
-    return provenance
+    return entries, provenance
 
 
 def _check_out(out: Path) -> None:
-    """DIR may be new, empty, or an earlier llava export (replaced); anything else is refused, never deleted."""
+    """DIR may be new, empty, or an earlier llava export (updated); anything else is refused, never deleted."""
     if not out.exists():
         if not out.parent.is_dir():
             raise ValueError(f"folder {out.parent} does not exist; create it or choose another --out")
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} is a file; the llava export writes a folder")
-    marker = out / "provenance.json"
-    try:
-        earlier = json.loads(marker.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        earlier = False
+    earlier = any(_json(out / name).get("format") == FORMAT for name in (MANIFEST, "provenance.json"))
     if any(out.iterdir()) and not earlier:
         raise ValueError(f"--out {out} holds files that are not a llava export; choose a new or empty folder")
 
 
-def _remove_leftovers(out: Path) -> None:
-    """Work folders of exports to the same DIR whose process is gone (killed mid-export)."""
-    for entry in out.parent.glob(f".{out.name}.*"):
-        match = _WORK_DIR.match(entry.name)
-        if match and match["name"] == out.name and not pid_alive(int(match["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
-def _swap_in(work: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.{os.getpid()}~{uuid.uuid4().hex[:12]}.old"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+def _write_json(path: Path, value: Any) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def _shard_commits(store: Store, prefix: str | None) -> dict[str, str]:
+    """{shard key: commit id}, from the footers alone."""
+    if prefix is None:
+        return {}
+    return {key: metadata(store, key).get("pathgen.commit_id", "") for key in store.list(prefix, ".parquet")}
+
+
+def _manifest(out: Path, agents_hash: str) -> dict[str, Any]:
+    """The last export's manifest, or an empty one when there is none or it exported other pairs."""
+    manifest = _json(out / MANIFEST)
+    parts = [manifest.get(part) for part in ("pairs", "instruct")]
+    entries_ok = all(isinstance(p, dict) and all(isinstance(e, dict) for e in p.values()) for p in parts)
+    if manifest.get("format") != FORMAT or manifest.get("agents_hash") != agents_hash or not entries_ok:
+        return {"format": FORMAT, "agents_hash": agents_hash, "instruct_hash": None, "pairs": {}, "instruct": {}}
+    return manifest
+
+
+def _commits(entries: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {key: entry.get("commit_id", "") for key, entry in entries.items()}
+
+
+def _named(*parts: dict[str, dict[str, Any]]) -> set[str]:
+    return {name for entries in parts for entry in entries.values() for name in entry.get("images", [])}
+
+
+def _unchanged(out: Path, manifest: dict, instruct_hash: str | None, shards: dict, present: set[str]) -> bool:
+    """Whether DIR already is the export of these shards: the same commits, exactly its images, every file there.
+    A shard without a commit id cannot be told unchanged."""
+    return (
+        manifest.get("complete") is True
+        and manifest.get("instruct_hash") == instruct_hash
+        and {part: _commits(manifest[part]) for part in shards} == shards
+        and "" not in (*shards["pairs"].values(), *shards["instruct"].values())
+        and _named(manifest["pairs"], manifest["instruct"]) == present
+        and all((out / name).is_file() for name in (*STAGE_FILES, "provenance.json"))
+    )
 
 
 def export_llava(
     store: Store, out: str | Path, agents_hash: str | None = None, instruct_hash: str | None = None
 ) -> LlavaExport:
-    """Write DIR/stage1.json, stage2.json, images/ and provenance.json (see the module's docstring)."""
+    """Write or update DIR/stage1.json, stage2.json, images/, provenance.json and manifest.json (see the module's
+    docstring); a store with nothing new writes nothing."""
     agents_hash, instruct_hash = choose_hashes(store, agents_hash, instruct_hash)
     out = Path(out).expanduser().absolute()
     _check_out(out)
-    _remove_leftovers(out)
-    work = out.parent / f".{out.name}.{os.getpid()}~{uuid.uuid4().hex[:12]}.partial"
     result = LlavaExport(out, agents_hash, instruct_hash)
+    shards = {
+        "pairs": _shard_commits(store, pairs_prefix(agents_hash)),
+        "instruct": _shard_commits(store, instruct_prefix(instruct_hash) if instruct_hash else None),
+    }
+    manifest = _manifest(out, agents_hash)
+    images = _Images(out / "images", _present(out / "images"))
+    if _unchanged(out, manifest, instruct_hash, shards, images.present):
+        try:
+            return _as_exported(result)
+        except (KeyError, TypeError):  # a damaged provenance.json: export again
+            pass
+    # Written before any image changes: the manifest vouches only for shards whose images are there and stay so.
+    kept = {key: entry for key, entry in manifest["pairs"].items()
+            if entry.get("commit_id") and set(entry.get("images", [])) <= images.present}  # fmt: skip
+    images.folder.mkdir(parents=True, exist_ok=True)
+    _remove_partials(out)
+    _write_json(out / MANIFEST, {**manifest, "complete": False, "pairs": kept, "instruct": {}})
+    pairs, captions = _stage1(store, shards["pairs"], kept, images, result)
+    conversations, instructions = _stage2(store, shards["instruct"], images, result)
+    named = _named(pairs, conversations)
+    images.remove_unnamed(named)
+    result.images, result.written = len(named), images.written
+    _write_json(out / "provenance.json", _provenance(store, result, captions, instructions))
+    manifest = {"format": FORMAT, "agents_hash": agents_hash, "instruct_hash": instruct_hash, "complete": True}
+    _write_json(out / MANIFEST, manifest | {"pairs": pairs, "instruct": conversations})
+    return result
+
+
+def _remove_partials(out: Path) -> None:
+    """The temporary JSON files of exports to DIR that were killed (their process is gone)."""
+    for path in out.glob(".*.part"):
+        match = _PARTIAL.match(path.name)
+        if match and not pid_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+
+
+def _present(folder: Path) -> set[str]:
     try:
-        (work / "images").mkdir(parents=True)
-        captions = _stage1(store, agents_hash, work, result)
-        instructions = _stage2(store, instruct_hash, work, result)
-        provenance = _provenance(store, result, captions, instructions)
-        (work / "provenance.json").write_text(json.dumps(provenance, indent=1) + "\n")
-        _swap_in(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        return {entry.name for entry in os.scandir(folder)}
+    except FileNotFoundError:
+        return set()
+
+
+def _as_exported(result: LlavaExport) -> LlavaExport:
+    """The counts of the set already in DIR, from its provenance.json."""
+    provenance = _json(result.out / "provenance.json")
+    result.stage1 = provenance["stage1"]["records"]
+    result.stage2 = provenance["stage2"]["records"]
+    result.kinds = provenance["stage2"]["kinds"]
+    result.missing_images = provenance["stage2"]["missing_images"]
+    result.images = provenance["images"]["count"]
+    result.random_weight_records = {s: provenance[s]["random_weight_records"] for s in ("stage1", "stage2")}
     return result
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,8 @@ def record_problem(folder: Path, record: Any) -> str | None:
         return "no gpt turn to learn from"
     if "user" not in roles[: roles.index("assistant")]:
         return "a gpt turn before any human turn"
+    if record.get("image") and (problem := image_problem(record["image"])):
+        return problem
     if record.get("image") and not (Path(folder) / record["image"]).is_file():
         return f"image {record['image']} is missing"
     if not record.get("image") and any("<image>" in t["value"] for t in turns):
@@ -82,17 +87,94 @@ def record_problem(folder: Path, record: Any) -> str | None:
     return None
 
 
+def image_problem(name: Any) -> str | None:
+    """Why a record's ``image`` does not name a file inside the data folder, or None. Only the name is judged: an
+    absolute path or a ``..`` part would let a record read any file of the machine into training."""
+    if not isinstance(name, str):
+        return f"image must be a path relative to the data folder, got {json.dumps(name)[:80]}"
+    parts = re.split(r"[/\\]", name)
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        return (
+            f"image {name!r} lies outside the data folder (an absolute path or '..'); name images relative to "
+            "the folder, e.g. images/x.jpg"
+        )
+    return None
+
+
+def unsafe_images(path: Path, records: list[Any]) -> str | None:
+    """One error naming the stage file and its records whose image lies outside the folder, or None."""
+    bad = [f"{r.get('id', i)}: {p}" for i, r in enumerate(records)
+           if isinstance(r, dict) and r.get("image") and (p := image_problem(r["image"]))]  # fmt: skip
+    return f"{len(bad)} bad records in {path}, e.g. {'; '.join(bad[:3])}" if bad else None
+
+
 def data_digest(folder: Path, stages: list[str]) -> str:
-    """What the data holds, not where it lies: the stage files' bytes and each named image's size."""
+    """What the data holds, not where it lies: the stage files' bytes and the bytes of each named image."""
     digest = hashlib.sha256()
     for stage in stages:
-        raw = (Path(folder) / STAGE_FILES[stage]).read_bytes()
+        path = Path(folder) / STAGE_FILES[stage]
+        raw = path.read_bytes()
         digest.update(f"{stage}\0{hashlib.sha256(raw).hexdigest()}\n".encode())
-        names = sorted({r["image"] for r in json.loads(raw) if r.get("image")})
-        for name in names:  # a missing image is the training unit's to report, with its record
-            image = Path(folder) / name
-            digest.update(f"{name}\0{image.stat().st_size if image.is_file() else -1}\n".encode())
+        records = json.loads(raw)
+        records = records if isinstance(records, list) else []  # the training unit reports a malformed file
+        if problem := unsafe_images(path, records):  # before any of them is read
+            raise ValueError(problem)
+        names = sorted({r["image"] for r in records if isinstance(r, dict) and r.get("image")})
+        for name, content in image_digests(Path(folder), names).items():
+            digest.update(f"{name}\0{content}\n".encode())  # a missing image: the training unit reports it
     return digest.hexdigest()
+
+
+# A cached image digest is trusted only for a file this much older than the moment it was hashed: the file system's
+# clock is coarse, so a file rewritten within the same tick as its hashing could keep its (size, mtime) stamp.
+SETTLED_NS = 2 * 10**9
+
+
+def _digest_cache(folder: Path) -> Path:
+    """Per data folder, beside pathgen/digest.py's cache; holds only that folder's current images (bounded)."""
+    root = os.environ.get("PATHGEN_DIGEST_CACHE") or Path.home() / ".cache" / "pathgen" / "digests.json"
+    name = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
+    return Path(root).parent / "llava-images" / f"{name}.json"
+
+
+def image_digests(folder: Path, names: list[str]) -> dict[str, str]:
+    """{name: sha256 of the image's bytes} ("missing" for an absent file). A digest is remembered per data folder
+    under the file's (size, mtime): a second run over an unchanged folder reads no image."""
+    cache_file = _digest_cache(folder)
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digests, kept = {}, {}
+    for name in names:
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            digests[name] = "missing"
+            continue
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = cache.get(name)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
+            digests[name] = entry[2]
+        else:
+            hashed_at = time.time_ns()
+            digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            if stat.st_mtime_ns > hashed_at - SETTLED_NS:
+                continue  # too fresh to trust its stamp: hashed again next time
+        kept[name] = [*stamp, digests[name]]
+    _save_digests(cache_file, kept)
+    return digests
+
+
+def _save_digests(cache_file: Path, entries: dict[str, list]) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(entries))
+        os.replace(staging, cache_file)
+    except OSError:  # a read-only home only costs hashing the images again
+        pass
 
 
 def messages_of(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -170,6 +252,8 @@ class ConversationDataset:
         ids, labels = self.encoder.encode(messages_of(record))
         item: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": None}
         if record.get("image"):
+            if problem := image_problem(record["image"]):  # read_records refuses these; never open one
+                raise ValueError(f"record {record.get('id', index)}: {problem}")
             with Image.open(self.folder / record["image"]) as picture:
                 rgb = picture.convert("RGB")
             pixels = self.encoder.processor.image_processor(rgb, return_tensors="pt")["pixel_values"]

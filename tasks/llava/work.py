@@ -80,10 +80,12 @@ def export_units(units: list[dict[str, Any]], settings: Settings, logger: loggin
         Path(unit["out"]).parent.mkdir(parents=True, exist_ok=True)
         try:
             result = export_llava(store, unit["out"])
-        except ValueError as exc:  # nothing to export, or several sets to choose from
+        except ValueError as exc:  # nothing to export, several sets to choose from, a patch_id that is a path
             outcomes.append(UnitOutcome("llava", "failed", error=short_error(exc)))
             continue
-        logger.info("exported %d caption pairs and %d conversations to %s", result.stage1, result.stage2, result.out)
+        logger.info("exported %d caption pairs and %d conversations to %s (%d images written, %d up to date)",
+                    result.stage1, result.stage2, result.out, result.written,
+                    result.images - result.written)  # fmt: skip
         status, error = ("ok", None) if result.stage1 else ("failed", "no caption pairs to train stage 1 on")
         columns = {"out": str(result.out), "stage1": result.stage1, "stage2": result.stage2}
         seconds = time.perf_counter() - started

@@ -1,8 +1,9 @@
 """PathMMU-style multiple-choice datasets: a JSON Lines file, one question per line, with its images beside it.
 
-A line is an object with ``id`` (string or integer), ``image`` (a path relative to the file's folder), ``question``,
-``options`` (a list of strings, lettered A, B, ... in order, or an object letter -> text), ``answer`` (a letter or
-the exact text of one option) and an optional ``subset`` (PubMed, SocialPath, EduContent, Atlas, PathCLS, ...).
+A line is an object with ``id`` (string or integer), ``image`` (a path relative to the file's folder, inside it: an
+absolute path or ``..`` is refused), ``question``, ``options`` (a list of strings, lettered A, B, ... in order, or
+an object letter -> text), ``answer`` (a letter or the exact text of one option) and an optional ``subset``
+(PubMed, SocialPath, EduContent, Atlas, PathCLS, ...).
 Other keys are ignored. Blank lines are skipped. The whole file is checked before any model runs, and every
 problem is reported at once as ``FILE line N: ...``, so a dataset is fixed in one pass rather than one run per error.
 """
@@ -126,6 +127,11 @@ def _image(value: Any, root: Path) -> Path:
     from PIL import Image, UnidentifiedImageError
 
     name = _text(value, "image")
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+        raise DatasetError(
+            f"image {name!r} lies outside the dataset's folder (an absolute path or '..'); name it relative to "
+            f"{root}, e.g. images/x.jpg"
+        )
     path = root / name
     if not path.is_file():
         raise DatasetError(f"image {name!r} not found (looked for {path}; paths are relative to the file's folder)")

@@ -2,7 +2,8 @@
 
 A ``SlideError`` is about the input (corrupt, unsupported, no MPP, no tissue): retrying cannot help, so it is
 recorded at once with a message that names the cause and the fix. Infrastructure failures (a dropped connection,
-a timeout, an endpoint that does not answer, a model server or engine that fails) are never final: a call is
+a timeout, an endpoint that does not answer, a model server or engine that fails, a full disk or any other storage
+error, model weights that cannot be fetched, a CUDA fault or out-of-memory) are never final: a call is
 retried with backoff (``retry_io``, settings ``retries.io_retries``), then the task raises and Prefect retries it
 (``retries.task_retries``); if that fails too, its units stay pending and the run names the cause.
 """
@@ -49,6 +50,16 @@ class TransientIOError(InfrastructureError):
 class BackendError(InfrastructureError):
     """A model backend failed (server unreachable, 5xx or 429 after retries, engine or CUDA error); the message
     names the endpoint or engine."""
+
+
+class StorageError(InfrastructureError):
+    """Writing to or reading from the store failed for a reason of the storage itself (a full disk, a quota, a
+    read-only mount, an I/O error): nothing of the slide is committed and it stays pending."""
+
+
+class ModelUnavailable(InfrastructureError):
+    """A model's weights could not be fetched or loaded (hub or network error, missing model, incomplete files) or
+    its device failed (CUDA fault, out of memory at the smallest batch): the work stays pending, never failed."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -149,10 +160,59 @@ def redact_urls(text: str) -> str:
     return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
 
 
+# Errors of the machine rather than of the input, whatever the file: a full disk, a quota, a read-only mount,
+# memory or file handles exhausted.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+# Hub and download failures by type name, so that neither huggingface_hub nor requests has to be imported here.
+_HUB_NAMES = {
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "HfHubHTTPError",
+    "RepositoryNotFoundError",
+    "GatedRepoError",
+    "RevisionNotFoundError",
+    "EntryNotFoundError",
+    "RemoteEntryNotFoundError",
+    "URLError",
+    "HTTPError",
+}
+_DEVICE_MARKERS = ("cuda error", "cuda out of memory", "out of memory", "cudnn_status", "cublas_status", "nccl error")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    found, current = [], exc
+    while current is not None and len(found) < 8:
+        found.append(current)
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """A full disk, quota, read-only mount or I/O error anywhere in the chain."""
+    return any(isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS for e in _chain(exc))
+
+
+def is_model_fault(exc: BaseException) -> bool:
+    """A hub or download failure, or a CUDA fault or out-of-memory (by type name or message, torch not imported)."""
+    for current in _chain(exc):
+        name = type(current).__name__
+        if name in _HUB_NAMES or name in ("OutOfMemoryError", "AcceleratorError"):
+            return True
+        text = str(current).lower()
+        if isinstance(current, RuntimeError) and any(marker in text for marker in _DEVICE_MARKERS):
+            return True
+        if "failed to download" in text:  # open_clip's wrapper of any download failure
+            return True
+    return False
+
+
 def is_infrastructure(exc: BaseException) -> bool:
+    """Work that failed for this stays pending: storage, network, hub, device, model server, engine."""
     from tasks.work.units import PendingWork
 
-    return isinstance(exc, InfrastructureError | PendingWork) or is_transient(exc)
+    if isinstance(exc, InfrastructureError | PendingWork) or is_transient(exc):
+        return True
+    return not isinstance(exc, SlideError) and (is_storage_fault(exc) or is_model_fault(exc))
 
 
 def retry_infrastructure(task, task_run, state) -> bool:

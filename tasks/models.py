@@ -4,6 +4,11 @@ Decided from the settings before anything loads: an unset model is a tiny random
 without pretrained weights is random initialisation, and a local model folder marked by :mod:`agents.tiny` is random
 whatever its name. A hub model whose weights turn out missing when loaded is caught where it loads
 (:class:`agents.pipeline.CaptionPipeline`).
+
+The same check then resolves every chosen stage's weights (:func:`resolve_model_weights`): an open_clip tag is
+fetched into its cache, a hub model is found on the hub (or, offline, in the local cache), a file or folder must
+exist. Weights that cannot be had are infrastructure (:class:`ModelUnavailable`): nothing starts, and every slide stays
+pending instead of failing one by one.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pathgen.settings import Settings, SettingsError
+from tasks.errors import ModelUnavailable, short_error
 
 # The factory's stages in their order; DEFAULT_STAGES run unless others are chosen (PathGen-LLaVA's data and
 # training are asked for by name: --stages ...,instruct,train-llava).
@@ -88,9 +94,15 @@ def _random_llava_language_model(settings: Settings) -> list[str]:
 
 
 def require_real_models(settings: Settings, stages: Iterable[str], evaluate_model: str | None = None) -> None:
-    """Raise :class:`RandomWeightsRefused` when random weights are not allowed and a model of ``stages`` has them."""
-    if settings.models.allow_random_weights:
-        return
+    """Raise :class:`RandomWeightsRefused` when random weights are not allowed and a model of ``stages`` has them,
+    then :class:`ModelUnavailable` when a model's weights cannot be resolved (before any work starts)."""
+    stages = list(stages)
+    if not settings.models.allow_random_weights:
+        _refuse_random(settings, stages, evaluate_model)
+    resolve_model_weights(settings, stages, evaluate_model)
+
+
+def _refuse_random(settings: Settings, stages: list[str], evaluate_model: str | None) -> None:
     found = random_weight_models(settings, stages, evaluate_model)
     if found:
         raise RandomWeightsRefused(
@@ -98,3 +110,116 @@ def require_real_models(settings: Settings, stages: Iterable[str], evaluate_mode
             + "; ".join(found)
             + ". Set those models (see deploy/production.yaml), or models.allow_random_weights=true for a test run"
         )
+
+
+def stage_weights(settings: Settings, stages: Iterable[str], evaluate_model: str | None = None) -> list[tuple]:
+    """``(setting, kind, model)`` for each model of ``stages`` that has weights to fetch: kind ``open_clip`` (a
+    ModelSpec) or ``hub`` (a hub id or local folder). Random-weight models and served models have none."""
+    from tasks.clip.spec import parse_model_spec
+    from tasks.clip.stages import start_spec
+    from tasks.selection.embedding import embedding_spec
+
+    stages = set(stages)
+    found: list[tuple] = []
+    if "extract" in stages and settings.selection.method == "representative":
+        found.append(("embedding.model / embedding.pretrained", "open_clip", embedding_spec(settings.embedding)))
+    if "caption" in stages:
+        for role in ROLES:
+            cfg = getattr(settings.agents, role)
+            if cfg.model and cfg.backend != "openai":
+                found.append((f"agents.{role}.model", "hub", cfg.model))
+    if "instruct" in stages and settings.instruct.model and settings.instruct.backend != "openai":
+        found.append(("instruct.model", "hub", settings.instruct.model))
+    if "train-clip" in stages:
+        found.append(("clip.model / clip.pretrained", "open_clip", start_spec(settings.clip)))
+    if "evaluate" in stages and evaluate_model:
+        found.append(("the evaluated model", "open_clip", parse_model_spec(evaluate_model)))
+    if "train-llava" in stages:
+        if settings.llava.vision:  # unset: the store's newest PathGen-CLIP checkpoint, checked by train-llava
+            from tasks.llava.vision import vision_source
+
+            source = vision_source(settings.llava.vision)
+            kind = "open_clip" if source.kind == "open_clip" else "hub"
+            model = parse_model_spec(source.text) if kind == "open_clip" else source.text
+            found.append(("llava.vision", kind, model))
+        if settings.llava.language_model:
+            found.append(("llava.language_model", "hub", settings.llava.language_model))
+    return found
+
+
+def resolve_model_weights(settings: Settings, stages: Iterable[str], evaluate_model: str | None = None) -> None:
+    """Fetch or find the weights of every model of ``stages``; :class:`ModelUnavailable` naming each one that cannot
+    be had (a hub or network error, a missing model or file), so that nothing starts without them."""
+    problems, seen = [], set()
+    for setting, kind, model in stage_weights(settings, stages, evaluate_model):
+        if (kind, model) in seen:
+            continue
+        seen.add((kind, model))
+        try:
+            _resolve_open_clip(model, settings) if kind == "open_clip" else _resolve_hub(str(model))
+        except Exception as exc:  # noqa: BLE001 - every model's trouble is told at once
+            label = model.label if kind == "open_clip" else model
+            problems.append(f"{setting} {label}: {short_error(exc)}")
+    if problems:
+        raise ModelUnavailable(
+            "the weights of these models cannot be fetched or found: "
+            + "; ".join(problems)
+            + ". Give the workers hub access (or pre-fill the hub cache, HF_HOME), or point the settings at local "
+            "files, then run again: nothing was started and the work stays pending"
+        )
+
+
+def _resolve_open_clip(spec, settings: Settings) -> None:
+    """An open_clip model's weights: a tag's file fetched into open_clip's cache, a checkpoint that exists."""
+    from pathlib import Path
+
+    import open_clip
+
+    from tasks.clip.spec import local_checkpoint
+    from tasks.selection.embedding import _register_configs
+
+    _register_configs()
+    if spec.name.startswith(("local-dir:", "hf-hub:")):
+        if spec.name.startswith("local-dir:") and not Path(spec.name.removeprefix("local-dir:")).is_dir():
+            raise FileNotFoundError(f"the open_clip folder {spec.name.removeprefix('local-dir:')} does not exist")
+        if spec.name.startswith("hf-hub:"):
+            _resolve_hub(spec.name.removeprefix("hf-hub:"))
+        return
+    if spec.random_weights or not spec.pretrained:
+        return
+    if "://" in spec.pretrained and not spec.pretrained.startswith("file://"):
+        local_checkpoint(spec.pretrained)  # fetched once into the local cache, as loading does
+        return
+    if spec.name not in open_clip.list_models():
+        raise ValueError(f"open_clip has no model named {spec.name}; see open_clip.list_models()")
+    tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+    if tag_cfg:
+        open_clip.download_pretrained(tag_cfg)  # found in the cache, or fetched into it
+        return
+    path = spec.pretrained.removeprefix("file://")
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{spec.pretrained!r} is neither an open_clip pretrained tag of {spec.name} "
+            f"({', '.join(open_clip.list_pretrained_tags_by_model(spec.name)) or 'none'}) nor an existing file"
+        )
+
+
+def _resolve_hub(model_id: str) -> None:
+    """A hub model: a local folder that exists, else a repository the hub lists with weight files (offline: one in
+    the local hub cache)."""
+    from pathlib import Path
+
+    folder = Path(model_id).expanduser()
+    if folder.exists() or model_id.startswith(("/", ".", "~")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the model folder {model_id} does not exist")
+        return
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        snapshot_download(model_id, local_files_only=True)  # LocalEntryNotFoundError when it is not cached
+        return
+    info = HfApi().model_info(model_id)
+    names = [s.rfilename for s in info.siblings or []]
+    if not any(n.endswith((".safetensors", ".bin", ".pt", ".gguf")) for n in names):
+        raise FileNotFoundError(f"the hub repository {model_id} holds no weight files")

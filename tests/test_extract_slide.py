@@ -11,7 +11,7 @@ from tasks.slides.extract import extract_slide, shard_key, slide_json_key, thumb
 from tasks.slides.hashing import slide_extraction_hash
 from tasks.slides.record import SlideRecord
 from tasks.slides.shard import SCHEMA_VERSION, patch_id_for, read_shard
-from tasks.slides.sources import resolve_sources
+from tasks.slides.sources import resolve_sources, source_identity
 from tasks.store.objects import Store
 
 from .conftest import CMU, DAPI
@@ -42,7 +42,7 @@ def test_cmu_patches_thumbnail_and_slide_json(tmp_path):
     assert record["seconds"]["total"] > 0 and record["source_uri"].endswith("CMU-1-Small-Region.svs")
     assert SlideRecord.model_validate(record) == outcome.record and outcome.record.kept == outcome.patches
     (ref,) = resolve_sources([str(CMU)], settings)
-    assert record["extraction_hash"] == slide_extraction_hash(ref, settings)
+    assert record["extraction_hash"] == slide_extraction_hash(ref, settings, source_identity(ref, settings))
     assert store.exists(thumbnail_key("CMU-1-Small-Region"))
 
     with store.open(shard_key("CMU-1-Small-Region")) as handle:

@@ -20,6 +20,7 @@ import numpy as np
 
 from pathgen.settings import EmbeddingSettings
 from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint, parse_model_spec
+from tasks.errors import ModelUnavailable, short_error
 
 MODEL_CONFIGS = Path(__file__).parent / "data" / "open_clip"
 RANDOM_WEIGHTS_WARNING = (
@@ -108,7 +109,14 @@ def embedding_spec(cfg: EmbeddingSettings) -> ModelSpec:
 def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None = None) -> EmbeddingModel:
     """The configured selection model, loaded once per process (workers embed many slides with one model)."""
     spec = embedding_spec(cfg)
-    model = load_clip_model(spec, cfg.device, logger)
+    try:
+        model = load_clip_model(spec, cfg.device, logger)
+    except Exception as exc:  # whatever the cause (hub, network, missing file, device), it is not the slide's
+        raise ModelUnavailable(
+            f"the selection model {spec.label} (embedding.model / embedding.pretrained) could not be loaded "
+            f"({short_error(exc)}); make its weights reachable from this worker (hub access or a local file), "
+            "then run again: the slides stay pending"
+        ) from exc
     if model.random_weights:
         (logger or log).warning(RANDOM_WEIGHTS_WARNING.format(model=spec.label))
     return model
@@ -190,7 +198,12 @@ class PatchEmbedder:
             try:
                 self._done.append(self._forward(chunk))
             except Exception as exc:
-                if not _is_out_of_memory(exc) or self.batch_size == 1:
+                if _is_out_of_memory(exc) and self.batch_size == 1:
+                    raise ModelUnavailable(
+                        f"{self.model.name} on {self.model.device} ran out of memory embedding one patch; free the "
+                        "device or choose a smaller embedding.model, then run again: the slides stay pending"
+                    ) from exc
+                if not _is_out_of_memory(exc):
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
                 self.logger.warning("GPU out of memory while embedding: batch size halved to %d", self.batch_size)

@@ -1,9 +1,13 @@
 """Extraction of one slide: open, MPP, tissue mask, grid, read, quality filters, select, write.
 
 ``extract_slide`` never raises for a bad slide: it records ``slide.json`` with ``status: failed`` and a one-sentence
-reason, and returns; a storage failure that outlasts its retries leaves the slide pending, with nothing written.
-Commit order is shard, thumbnail, then ``slide.json``: a ``slide.json`` with ``status: ok`` means everything it
-names is committed and whole.
+reason, and returns. Infrastructure (a storage failure that outlasts its retries, a full disk, a model whose weights
+cannot be fetched, a CUDA fault or out-of-memory) leaves the slide pending, with nothing written. Commit order is
+shard, thumbnail, then ``slide.json``: a ``slide.json`` with ``status: ok`` means everything it names is committed
+and whole, and a re-run that fails never removes such a committed extraction.
+
+The slide's source identity (:func:`source_identity`) is part of its extraction hash, so a slide whose file changed
+at the same path is extracted again (and its pairs become pending), while an unchanged one is skipped.
 """
 
 from __future__ import annotations
@@ -23,9 +27,20 @@ from prefect import get_run_logger, task
 from pathgen import __version__
 from pathgen.processes import worker_process_setup
 from pathgen.settings import Settings
-from tasks.errors import SlideError, TransientIOError, retry_infrastructure, retry_io
+from tasks.errors import (
+    InfrastructureError,
+    SlideError,
+    StorageError,
+    TransientIOError,
+    is_infrastructure,
+    is_transient,
+    redact_urls,
+    retry_infrastructure,
+    retry_io,
+    short_error,
+)
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
-from tasks.slides.hashing import mpp_override, slide_extraction_hash
+from tasks.slides.hashing import legacy_extraction_hash, mpp_override, slide_extraction_hash
 from tasks.slides.passes import (
     PassResult,
     SlidePass,
@@ -35,9 +50,9 @@ from tasks.slides.passes import (
 )
 from tasks.slides.pictures import draw_selection, draw_thumbnail
 from tasks.slides.reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
-from tasks.slides.record import LevelInfo, SlideRecord
+from tasks.slides.record import LevelInfo, PositionProblem, SlideRecord, SourceIdentity
 from tasks.slides.shard import SCHEMA_VERSION, PatchShardWriter
-from tasks.slides.sources import SlideRef, slide_id_problem
+from tasks.slides.sources import SlideRef, slide_id_problem, source_identity
 from tasks.slides.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
 from tasks.store.objects import Store, is_remote, storage_options, url_to_fs
 from tasks.work.units import PendingWork, UnitOutcome
@@ -87,19 +102,73 @@ def shard_key(slide_id: str) -> str:
     return f"patches/{_key_id(slide_id)}.parquet"
 
 
-def _committed(store: Store, slide_id: str, extraction_hash: str) -> SlideRecord | None:
+def _good_record(store: Store, slide_id: str) -> SlideRecord | None:
+    """The slide's committed ``ok`` record whose shard is there, whatever its extraction hash; None otherwise."""
     key = slide_json_key(slide_id)
     if not store.exists(key):
         return None
     found = store.read_json(key)
-    if found.get("status") != "ok" or found.get("extraction_hash") != extraction_hash:
+    if found.get("status") != "ok" or not store.exists(shard_key(slide_id)):
         return None
-    return SlideRecord.model_validate(found) if store.exists(shard_key(slide_id)) else None
+    return SlideRecord.model_validate(found)
+
+
+def _committed(
+    store: Store, ref: SlideRef, settings: Settings, source: SourceIdentity | None, extraction_hash: str
+) -> SlideRecord | None:
+    """The slide's committed record when it holds this extraction: the same hash, or a record from before source
+    identities were kept whose settings match and whose source is provably unchanged since it was written."""
+    found = _good_record(store, ref.slide_id)
+    if found is None or found.extraction_hash == extraction_hash:
+        return found
+    if found.source is None and found.extraction_hash == legacy_extraction_hash(ref, settings):
+        return found if _unchanged_since(found, source) else None
+    return None
+
+
+def _unchanged_since(record: SlideRecord, source: SourceIdentity | None) -> bool:
+    """Whether a record without a source identity still describes ``source``: the manifest's md5 it was checked
+    against, or bytes last written before the record was (a folder slide cannot tell, so it is redone)."""
+    if source is None or not record.created_at:
+        return False
+    if source.kind == "md5":
+        return (record.md5 or "").strip().lower() == source.md5
+    if source.kind == "folder" or source.modified is None:
+        return False
+    return source.modified < dt.datetime.fromisoformat(record.created_at).timestamp()
 
 
 def _io(settings: Settings, fn, what: str, on_retry=None):
     retry = settings.retries
     return retry_io(fn, retries=retry.io_retries, backoff_seconds=retry.backoff_seconds, what=what, on_retry=on_retry)
+
+
+def _store_io(settings: Settings, store: Store, fn, what: str):
+    """A store call with retries; a storage error that is not a hiccup (a full disk, a quota, a read-only or
+    unwritable store) becomes a StorageError: infrastructure, so the slide stays pending."""
+    try:
+        return _io(settings, fn, what)
+    except OSError as exc:
+        raise _storage_error(store, what, exc) from exc
+
+
+def _storage_error(store: Store, what: str, exc: BaseException) -> StorageError:
+    return StorageError(
+        f"{what} in the store {store.url} failed ({short_error(exc)}); free space or fix the store's permissions, "
+        "then run again: the slide stays pending"
+    )
+
+
+def _examine_source(ref: SlideRef, settings: Settings) -> SourceIdentity | None:
+    """The slide's identity now; None when it cannot be examined for a reason of its own (the reader says why)."""
+    try:
+        return _io(settings, lambda: source_identity(ref, settings), f"examining slide {ref.slide_id}")
+    except TransientIOError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only infrastructure stops here; the slide's own trouble is read later
+        if is_infrastructure(exc):
+            raise TransientIOError(f"examining slide {ref.slide_id} failed ({short_error(exc)})") from exc
+        return None
 
 
 def extract_slide(
@@ -113,23 +182,31 @@ def extract_slide(
         error = f"slide id {ref.slide_id!r} cannot name a store key ({problem}); resolve slides with resolve_sources"
         logger.warning("%r: failed: %s", ref.slide_id, error)
         return SlideOutcome(ref.slide_id, "failed", 0, 0.0, error)
-    extraction_hash = slide_extraction_hash(ref, settings)
     start = time.perf_counter()
     try:
-        done = _io(settings, lambda: _committed(store, ref.slide_id, extraction_hash), f"reading {ref.slide_id}")
-    except TransientIOError as exc:
+        source = _examine_source(ref, settings)
+        extraction_hash = slide_extraction_hash(ref, settings, source)
+        done = _store_io(
+            settings,
+            store,
+            lambda: _committed(store, ref, settings, source, extraction_hash),
+            f"reading {ref.slide_id}",
+        )
+    except (TransientIOError, StorageError) as exc:
+        logger.warning("%s: stays pending: %s", ref.slide_id, exc)
         return SlideOutcome(ref.slide_id, "pending", 0, 0.0, str(exc))
     if done is not None:
-        logger.info("%s: already committed with these settings, skipped", ref.slide_id)
+        logger.info("%s: already committed with these settings and this source, skipped", ref.slide_id)
         return SlideOutcome(ref.slide_id, "skipped", done.kept, 0.0, None, done)
-    record = _attempt(ref, settings, store, logger, _base_record(ref, settings, extraction_hash))
+    record = _attempt(ref, settings, store, logger, _base_record(ref, settings, extraction_hash, source))
     if record is None or isinstance(record, str):
         return SlideOutcome(ref.slide_id, "pending", 0, round(time.perf_counter() - start, 3), record)
     record.seconds = {**record.seconds, "total": round(time.perf_counter() - start, 3)}
     record.created_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     try:
-        _commit_record(store, settings, record, logger)
-    except TransientIOError as exc:
+        record = _commit_record(store, settings, record, logger)
+    except (TransientIOError, StorageError) as exc:
+        logger.warning("%s: stays pending: %s", ref.slide_id, exc)
         return SlideOutcome(ref.slide_id, "pending", 0, record.seconds["total"], str(exc))
     return SlideOutcome(ref.slide_id, record.status, record.kept, record.seconds["total"], record.error, record)
 
@@ -137,7 +214,8 @@ def extract_slide(
 def _attempt(
     ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, base: SlideRecord
 ) -> SlideRecord | str:
-    """The finished record (ok or failed), or the error text when storage failed through every retry."""
+    """The finished record (ok or failed), or the error text when infrastructure failed (storage through every
+    retry, a full disk, model weights that cannot be fetched, the GPU): only the slide's own trouble is final."""
     partial = {"record": base}  # what the last attempt learned (vendor, levels, MPP) survives into a failure
 
     def attempt() -> SlideRecord:
@@ -157,20 +235,38 @@ def _attempt(
         logger.warning("%s: stays pending: %s", ref.slide_id, exc)
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - one broken slide must never sink the batch
+        if is_infrastructure(exc):  # a full disk, a hub, the GPU: not the slide's fault, so never final
+            # our own errors say what failed and what to do, in full; others are cut to one line
+            error = redact_urls(str(exc)) if isinstance(exc, InfrastructureError) else short_error(exc)
+            error = error if "pending" in error else f"{error}; the slide stays pending: run again once it is fixed"
+            logger.warning("%s: stays pending: %s", ref.slide_id, error)
+            return error
         logger.exception("%s: unexpected error", ref.slide_id)
         return partial["record"].failed(f"unexpected {type(exc).__name__} ({exc}); report it with this slide attached")
 
 
-def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger: logging.Logger) -> None:
+def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger: logging.Logger) -> SlideRecord:
+    """Commit the record; what is committed comes back. A failed re-run of a slide whose earlier extraction is
+    committed and whole leaves that extraction in place (it is reported failed, and tried again next run)."""
+    slide_id = record.slide_id
     if record.status == "failed":
-        logger.warning("%s: failed: %s", record.slide_id, record.error)
-        # A shard from an earlier, different run would contradict this record: remove it.
-        _io(settings, lambda: store.delete(shard_key(record.slide_id)), "cleaning the store")
+        earlier = _store_io(settings, store, lambda: _good_record(store, slide_id), f"reading {slide_id}")
+        if earlier is not None:
+            kept = f"the store keeps its earlier extraction {earlier.extraction_hash} of {earlier.created_at}"
+            record = record.model_copy(
+                update={"error": f"{record.error} ({kept}: a failed re-run never removes a committed shard)"}
+            )
+            logger.warning("%s: failed: %s", slide_id, record.error)
+            return record
+        logger.warning("%s: failed: %s", slide_id, record.error)
+        # A stray shard (no ok record names it) would contradict this record: remove it.
+        _store_io(settings, store, lambda: store.delete(shard_key(slide_id)), "cleaning the store")
     payload = record.model_dump(mode="json")
-    _io(settings, lambda: store.write_json(slide_json_key(record.slide_id), payload), f"writing {record.slide_id}")
+    _store_io(settings, store, lambda: store.write_json(slide_json_key(slide_id), payload), f"writing {slide_id}")
+    return record
 
 
-def _base_record(ref: SlideRef, settings: Settings, extraction_hash: str) -> SlideRecord:
+def _base_record(ref: SlideRef, settings: Settings, extraction_hash: str, source: SourceIdentity | None) -> SlideRecord:
     return SlideRecord(
         slide_id=ref.slide_id,
         source_uri=ref.uri,
@@ -178,6 +274,7 @@ def _base_record(ref: SlideRef, settings: Settings, extraction_hash: str) -> Sli
         project=ref.project,
         file_id=ref.file_id,
         md5=ref.md5,
+        source=source,
         target_mpp=settings.patch.target_mpp,
         patch_px=settings.patch.patch_px,
         selection=settings.selection.model_dump() if ref.positions is None else _positions_selection(settings),
@@ -301,9 +398,10 @@ def _extract(
         cell = settings.patch.patch_px * settings.patch.target_mpp / info.mpp
         if ref.positions is not None:
             side = settings.patch.positions_box_px
+            inside = _positions_inside(ref, record, side, logger)
             cells = [
                 GridCell(x, y, side, side, round(mask_fraction(mask, downsample, (x, y, side, side)), 4))
-                for x, y in ref.positions
+                for x, y in inside
             ]
             plan = SelectionPlan("positions", None, iter([ReadBatch(cells, list(range(len(cells))))]))
         else:
@@ -325,6 +423,8 @@ def _extract(
         counts = dict(
             result.counts, tissue_cells=len(cells), grid_cells=int(info.width // cell) * int(info.height // cell)
         )
+        if record.failed_positions:
+            counts["rejected"] = dict(counts["rejected"], outside_slide=len(record.failed_positions))
         if result.selection:
             record.selection = dict(record.selection, **result.selection)
         record.random_weights = result.random_weights
@@ -382,6 +482,31 @@ def _extract(
     return record
 
 
+def _positions_inside(ref: SlideRef, record: SlideRecord, side: int, logger: logging.Logger) -> list[tuple[int, int]]:
+    """The positions whose level-0 box lies on the slide. The others are recorded in ``failed_positions`` (reading
+    them would give glass-white patches that show nothing of the slide); a slide with none on it fails."""
+    width, height = int(record.width or 0), int(record.height or 0)
+    inside, outside = [], []
+    for x, y in ref.positions or []:
+        if x + side <= width and y + side <= height:
+            inside.append((x, y))
+        else:
+            reason = f"its {side} px box from ({x}, {y}) leaves the slide ({width} x {height} px at level 0)"
+            outside.append(PositionProblem(x=x, y=y, reason=reason))
+    record.failed_positions = outside
+    if outside:
+        named = "; ".join(f"({p.x}, {p.y})" for p in outside[:5]) + ("; ..." if len(outside) > 5 else "")
+        message = (
+            f"{len(outside)} of {len(ref.positions or [])} positions of {ref.origin} lie outside {ref.slide_id} "
+            f"({width} x {height} px at level 0, boxes of {side} px): {named}; check that the positions belong to "
+            "this slide (its wsi_id and file_id) and are level-0 pixels"
+        )
+        if not inside:
+            raise SlideError(message)
+        logger.warning("%s: %s; they are recorded in failed_positions", ref.slide_id, message)
+    return inside
+
+
 def _describe_slide(record: SlideRecord, reader: SlideReader) -> None:
     info = reader.info
     record.vendor, record.backend, record.tile_reader = info.vendor, info.backend, info.fast_tiles
@@ -396,7 +521,14 @@ def _describe_slide(record: SlideRecord, reader: SlideReader) -> None:
 
 def _write_png(store: Store, key: str, rgb) -> None:
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    store.write_bytes(key, png.tobytes())
+    if not ok or png is None or not png.size:  # an empty file would stand in the store as a picture
+        raise SlideError(f"{key} could not be encoded as PNG (a {rgb.shape} picture); report it with this slide")
+    try:
+        store.write_bytes(key, png.tobytes())
+    except OSError as exc:
+        if is_transient(exc):
+            raise
+        raise _storage_error(store, f"writing {key}", exc) from exc
 
 
 def _write_shard(
@@ -409,21 +541,26 @@ def _write_shard(
         "pathgen.extraction_hash": extraction_hash,
         "pathgen.selection": plan.name,
     }
-    with store.staged_file(shard_key(ref.slide_id)) as local:
-        writer = PatchShardWriter(local, metadata)
-        try:
-            if plan.name == "representative":
-                result = write_representative(slide, cells, writer)
-            else:
-                result = write_planned(slide, plan, writer)
-        finally:
-            writer.close()
-        if not result.kept:
-            raise SlideError(
-                f"no patch passed the quality filters ({result.counts['read']} read; rejected: "
-                f"{result.counts['rejected']}); check the slide or relax quality.max_background_fraction, "
-                "quality.min_sharpness or quality.max_pen_fraction"
-            )
+    try:
+        with store.staged_file(shard_key(ref.slide_id)) as local:
+            writer = PatchShardWriter(local, metadata)
+            try:
+                if plan.name == "representative":
+                    result = write_representative(slide, cells, writer)
+                else:
+                    result = write_planned(slide, plan, writer)
+            finally:
+                writer.close()
+            if not result.kept:
+                raise SlideError(
+                    f"no patch passed the quality filters ({result.counts['read']} read; rejected: "
+                    f"{result.counts['rejected']}); check the slide or relax quality.max_background_fraction, "
+                    "quality.min_sharpness or quality.max_pen_fraction"
+                )
+    except OSError as exc:  # the reader turns the slide's own read errors into SlideError: this is the store
+        if is_transient(exc):
+            raise
+        raise _storage_error(store, f"writing the patch shard of {ref.slide_id}", exc) from exc
     return result
 
 

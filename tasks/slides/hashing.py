@@ -2,8 +2,10 @@
 
 It covers the settings that apply to this slide (its own MPP override and TCGA project, never another slide's),
 and the contents of the files the settings name, as this slide uses them: the attribute prompts of its project,
-its own findings sentences and the embedding checkpoint (sha256). `slide.json` records it; a re-run re-extracts
-exactly the slides whose hash changed.
+its own findings sentences and the embedding checkpoint (sha256), and the identity of the slide's own bytes
+(:func:`tasks.slides.sources.source_identity`: the manifest's md5, else size and modification time of a file or the
+ETag and version id of an object), so that a changed slide at the same path is extracted again. `slide.json` records
+it; a re-run re-extracts exactly the slides whose hash changed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from pathgen.digest import path_digest
 from pathgen.settings import Settings
 from tasks.selection.retrieval import prompts_for
+from tasks.slides.record import SourceIdentity
 from tasks.slides.sources import SlideRef
 
 
@@ -74,9 +77,22 @@ def _selection_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
     return selection
 
 
-def slide_extraction_hash(ref: SlideRef, settings: Settings) -> str:
-    """12 hex digits of sha256 over this slide's extraction inputs (not where they are stored)."""
-    inputs = {
+def slide_extraction_hash(ref: SlideRef, settings: Settings, source: SourceIdentity | None = None) -> str:
+    """12 hex digits of sha256 over this slide's extraction inputs (not where they are stored). ``source`` is the
+    slide's identity (:func:`tasks.slides.sources.source_identity`, looked up by the caller under its I/O retries);
+    None for a slide that could not be examined."""
+    inputs = {"source": source.key if source is not None else None, **_settings_inputs(ref, settings)}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def legacy_extraction_hash(ref: SlideRef, settings: Settings) -> str:
+    """The hash of a slide extracted before source identities were recorded (settings only): such a slide is kept
+    while its source is provably unchanged since (``tasks.slides.extract``), and extracted again otherwise."""
+    return hashlib.sha256(json.dumps(_settings_inputs(ref, settings), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _settings_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
+    return {
         "patch": _patch_inputs(ref, settings),
         "tissue": settings.tissue.model_dump(),
         "quality": settings.quality.model_dump(),
@@ -85,4 +101,3 @@ def slide_extraction_hash(ref: SlideRef, settings: Settings) -> str:
         "default_mpp": settings.slides.default_mpp,
         "project": slide_project(ref, settings),
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]

@@ -15,6 +15,41 @@ class LevelInfo(BaseModel):
     downsample: float
 
 
+class SourceIdentity(BaseModel):
+    """What the slide's bytes were when they were extracted: a changed source at the same path is extracted again.
+
+    ``md5`` is the manifest's digest when it gives one (the content itself, so a re-download of the same bytes is
+    still the same slide); otherwise a local file is known by its size and modification time and an S3 object by its
+    ETag and version id. ``key`` is what the extraction hash covers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["md5", "file", "object", "folder"]
+    size: int | None = None
+    mtime_ns: int | None = None
+    etag: str | None = None
+    version_id: str | None = None
+    md5: str | None = None
+    files: int | None = None  # a folder (a DICOM series, an MRXS's data files): how many files its stamp covers
+    stamp: str | None = None  # a folder: sha256 of its files' names, sizes and modification times
+    # When the bytes were last written (seconds since the epoch): told, and compared with the ``created_at`` of a
+    # record that predates source identities; not part of ``key`` (an object uploaded again with the same ETag is
+    # the same slide).
+    modified: float | None = None
+
+    @property
+    def key(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"modified"})
+
+
+class PositionProblem(BaseModel):
+    """A PathGen JSON position that yielded no patch, and why."""
+
+    x: int
+    y: int
+    reason: str
+
+
 class SlideRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -27,6 +62,7 @@ class SlideRecord(BaseModel):
     project: str | None = None
     file_id: str | None = None
     md5: str | None = None
+    source: SourceIdentity | None = None  # None: the source could not be examined, or extracted before it was kept
     # what was asked for
     target_mpp: float
     patch_px: int
@@ -46,6 +82,7 @@ class SlideRecord(BaseModel):
     upsampled: bool | None = None
     read_level: int | None = None
     # what was made
+    failed_positions: list[PositionProblem] = Field(default_factory=list)
     random_weights: bool = False
     counts: dict[str, Any] = Field(default_factory=lambda: {"kept": 0})
     seconds: dict[str, float] = Field(default_factory=dict)

@@ -33,6 +33,7 @@ import fsspec
 from pathgen.settings import Settings
 from tasks.errors import cut, short_repr
 from tasks.slides.dicom import DICOM_SUFFIX
+from tasks.slides.record import SourceIdentity
 from tasks.store.objects import is_remote, local_path, storage_options, url_to_fs
 
 SLIDE_EXTENSIONS = (
@@ -147,6 +148,72 @@ def _identity(ref: SlideRef) -> tuple[str, str]:
     if is_remote(ref.uri):
         return ("url", ref.uri)
     return ("file", os.path.realpath(ref.uri))
+
+
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def source_identity(ref: SlideRef, settings: Settings) -> SourceIdentity | None:
+    """What the slide's bytes are now (see :class:`SourceIdentity`); None when there is nothing to examine (a slide
+    that was not found: the reader reports it). Storage errors other than a missing file propagate."""
+    if ref.missing_reason:
+        return None
+    md5 = (ref.md5 or "").strip().lower()
+    if _MD5.fullmatch(md5):
+        return SourceIdentity(kind="md5", md5=md5)
+    try:
+        if is_remote(ref.uri):
+            return _object_identity(ref.uri, settings)
+        path = local_path(ref.uri)
+        if os.path.isdir(path):
+            return _folder_identity(path)
+        stat = os.stat(path)
+        identity = SourceIdentity(kind="file", size=stat.st_size, mtime_ns=stat.st_mtime_ns, modified=stat.st_mtime)
+        companion = os.path.splitext(path)[0]  # an MRXS keeps its pixels in a folder of the same name
+        if path.lower().endswith(".mrxs") and os.path.isdir(companion):
+            folder = _folder_identity(companion)
+            identity = identity.model_copy(update={"files": folder.files, "stamp": folder.stamp})
+        return identity
+    except FileNotFoundError:
+        return None
+
+
+def _object_identity(uri: str, settings: Settings) -> SourceIdentity:
+    fs, path = url_to_fs(uri, settings.s3)
+    fs.invalidate_cache(path)  # a listing cached while resolving the sources may be older than the object
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag")
+    modified = _seconds(info.get("LastModified") or info.get("mtime"))
+    return SourceIdentity(
+        kind="object",
+        size=info.get("size"),
+        etag=str(etag).strip('"') if etag else None,
+        version_id=info.get("VersionId") or None,
+        mtime_ns=None if etag or modified is None else int(modified * 1e9),
+        modified=modified,
+    )
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    return float(value)
+
+
+def _folder_identity(path: str) -> SourceIdentity:
+    """A folder slide (a DICOM series) or an MRXS's data folder: every file's name, size and modification time."""
+    digest = hashlib.sha256()
+    count = 0
+    for dirpath, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(dirpath, name)
+            stat = os.stat(full)
+            digest.update(f"{_relative(full, path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            count += 1
+    return SourceIdentity(kind="folder", files=count, stamp=digest.hexdigest())
 
 
 def _glob_root(pattern: str) -> str:

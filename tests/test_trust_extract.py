@@ -323,3 +323,14 @@ def test_png_that_cannot_be_encoded_is_an_error_not_an_empty_file(tmp_path, monk
     outcome = _extract(CMU, settings)
     assert outcome.status == "failed" and "could not be encoded as PNG" in outcome.error
     assert not Store(settings.store).exists(thumbnail_key("CMU-1-Small-Region"))
+
+
+def test_a_corrupt_slide_json_is_redone_and_the_batch_goes_on(tmp_path):
+    """A slide.json that is not JSON (a torn copy, a hand edit) must not stop the slide group: it is redone."""
+    settings = _settings(tmp_path / "store")
+    assert _extract(CMU, settings).status == "ok"
+    store = Store(settings.store, settings.s3)
+    slide_id = CMU.stem
+    store.write_bytes(slide_json_key(slide_id), b'{"status": "ok", "slide_id": ')
+    assert _extract(CMU, settings).status == "ok"
+    assert _record(store, slide_id)["status"] == "ok"

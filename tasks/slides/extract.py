@@ -107,10 +107,14 @@ def _good_record(store: Store, slide_id: str) -> SlideRecord | None:
     key = slide_json_key(slide_id)
     if not store.exists(key):
         return None
-    found = store.read_json(key)
-    if found.get("status") != "ok" or not store.exists(shard_key(slide_id)):
+    try:
+        found = store.read_json(key)
+        if not isinstance(found, dict) or found.get("status") != "ok" or not store.exists(shard_key(slide_id)):
+            return None
+        return SlideRecord.model_validate(found)
+    except ValueError as exc:  # corrupt JSON or record: the slide is redone, never a reason to stop the batch
+        log.warning("%s: its slide.json cannot be read (%s); the slide is extracted again", slide_id, short_error(exc))
         return None
-    return SlideRecord.model_validate(found)
 
 
 def _committed(

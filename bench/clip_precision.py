@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from pathgen.settings import PairSetSettings  # noqa: E402
 from tasks.clip.spec import ModelSpec  # noqa: E402
-from tasks.clip.train import StagePlan, parse_metrics, run_trainer  # noqa: E402
+from tasks.clip.train import StagePlan, run_trainer, write_metrics  # noqa: E402
 from tasks.clip.webdataset import export_external, training_tars  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "clip_precision"
@@ -81,7 +81,7 @@ def train(tars: list[Path], samples: int, args: argparse.Namespace, precision: s
     started = time.perf_counter()
     run_trainer(plan, logging.getLogger("bench"))
     seconds = time.perf_counter() - started
-    rows = parse_metrics((plan.stage_dir / "out.log").read_text(), plan.global_batch, "stage1")
+    rows = write_metrics(plan)
     return {"seconds": seconds, "steps": len(rows), "first": rows[0]["loss"], "last": rows[-1]["loss"]}
 
 

@@ -15,7 +15,15 @@ from prefect import flow, get_run_logger
 
 from pathgen.settings import Settings, run_settings
 from tasks.clip.spec import ModelSpec
-from tasks.clip.stages import RUNS, resolve_pair_set, run_name, stage_sets, start_spec, write_run_record
+from tasks.clip.stages import (
+    RUNS,
+    random_start_warning,
+    resolve_pair_set,
+    run_name,
+    stage_sets,
+    start_spec,
+    write_run_record,
+)
 from tasks.clip.webdataset import HOLDOUT
 from tasks.clip.work import evaluate_task, export_task, train_task
 from tasks.models import require_real_models
@@ -94,11 +102,12 @@ def _model_name(settings: Settings) -> str:
 
 def _finish(summary: dict[str, Any], settings: Settings, logger, error: str | None = None) -> dict[str, Any]:
     summary["error"] = error
+    summary["model"] = start_spec(settings.clip).name
     summary["random_weights"] = start_spec(settings.clip).random_weights
     if error:
         logger.error("train-clip: %s", error)
     if summary["random_weights"]:
-        logger.warning("PathGen-CLIP started from RANDOM WEIGHTS (tiny-random): set clip.model and clip.pretrained")
+        logger.warning(random_start_warning("PathGen-CLIP", summary["model"]))
     for stage in summary["stages"]:
         logger.info("%s: %s %s", stage["stage"], stage["status"], stage.get("checkpoint") or stage.get("error") or "")
     return summary

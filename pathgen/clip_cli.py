@@ -57,7 +57,10 @@ def train_clip(args: argparse.Namespace, overrides: dict) -> int:
     if summary.get("run"):
         print(f"run: {summary['store'].rstrip('/')}/models/clip/{summary['run']}/ (run.json, metrics.jsonl per stage)")
     if summary["random_weights"]:
-        print("RANDOM WEIGHTS: training started from the tiny random-weight model; set clip.model and clip.pretrained")
+        print(
+            f"RANDOM WEIGHTS: {summary.get('model', 'the model')} was trained from random initialisation; set "
+            "clip.pretrained (with clip.model) to start from trained weights"
+        )
     if summary["error"]:
         print(f"pathgen train-clip: {summary['error']}", file=sys.stderr)
         return EXIT_FAILED
@@ -65,7 +68,7 @@ def train_clip(args: argparse.Namespace, overrides: dict) -> int:
 
 
 def evaluate(args: argparse.Namespace, overrides: dict) -> int:
-    from flows.evaluate import evaluate_flow
+    from flows.evaluate import RANDOM_WHY, evaluate_flow
 
     datasets = [{"dataset": str(Path(args.dataset)), "classes": str(Path(args.classes))}]
     with api_server():
@@ -81,7 +84,7 @@ def evaluate(args: argparse.Namespace, overrides: dict) -> int:
         print(f"{summary['model']} on {result['dataset']}: {result['status']} {_headline(result)}")
         print(f"  {result.get('json') or result.get('error')}")
     if summary["random_weights"]:
-        print(f"RANDOM WEIGHTS: {summary['model']} has no trained weights; these numbers measure noise")
+        print(f"RANDOM WEIGHTS: {summary['model']} has {RANDOM_WHY}; these numbers measure noise")
     return EXIT_OK if summary["ok"] == len(summary["results"]) else EXIT_FAILED
 
 

@@ -2,7 +2,8 @@
 
 A hash that covers only a path misses an edited file; hashing a multi-gigabyte checkpoint on every run is slow. So a
 file's sha256 is computed once and remembered, per machine, under its (path, size, mtime): an edited or replaced file
-has a new stamp and is hashed again.
+has a new stamp and is hashed again. Both memories are bounded (the newest ``MEMORY_ENTRIES`` in the process, the
+newest ``DISK_ENTRIES`` on disk): a long-lived worker hashing ever new files does not grow without end.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
-_memory: dict[tuple[str, int, int], str] = {}
+MEMORY_ENTRIES = 4096
+DISK_ENTRIES = 20_000
+_memory: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 _lock = threading.Lock()
 CHUNK = 8 * 2**20
 
@@ -36,6 +40,8 @@ def _load_disk() -> dict[str, str]:
 
 
 def _save_disk(entries: dict[str, str]) -> None:
+    """The newest ``DISK_ENTRIES`` (a dict keeps insertion order, and a new entry is inserted last)."""
+    entries = dict(list(entries.items())[-DISK_ENTRIES:])
     target = _cache_file()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -53,10 +59,11 @@ def file_digest(path: str | os.PathLike) -> str:
     disk_key = "|".join(str(part) for part in stamp)
     with _lock:
         if stamp in _memory:
+            _memory.move_to_end(stamp)
             return _memory[stamp]
         disk = _load_disk()
         if disk_key in disk:
-            _memory[stamp] = disk[disk_key]
+            _remember(stamp, disk[disk_key])
             return disk[disk_key]
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
@@ -64,11 +71,19 @@ def file_digest(path: str | os.PathLike) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     with _lock:
-        _memory[stamp] = value
+        _remember(stamp, value)
         disk = _load_disk()
+        disk.pop(disk_key, None)  # inserted again, last: the newest
         disk[disk_key] = value
         _save_disk(disk)
     return value
+
+
+def _remember(stamp: tuple[str, int, int], value: str) -> None:
+    _memory[stamp] = value
+    _memory.move_to_end(stamp)
+    while len(_memory) > MEMORY_ENTRIES:
+        _memory.popitem(last=False)  # the least recently used
 
 
 def folder_digest(path: str | os.PathLike) -> str:

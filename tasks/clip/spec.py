@@ -8,7 +8,10 @@ whatever the name, so it is declared random exactly like the tiny model.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,18 +67,50 @@ def checkpoint_model_name(checkpoint: str) -> str:
     )
 
 
+def trained_from_random(checkpoint: str | None, hops: int = 4) -> bool:
+    """Whether a PathGen-CLIP checkpoint (``<run>/<stage>/checkpoints/epoch_N.pt``) descends from random weights.
+
+    Loading it loads weights, yet its run may have started from none: the run's ``run.json`` says so, else the
+    trainer's ``params.txt`` of its stage names what it started from (nothing, or stage 1's checkpoint for stage 2,
+    followed in turn). Tags, other files and checkpoints without their run beside them are taken as trained."""
+    if not checkpoint or hops <= 0 or "/" not in checkpoint:
+        return False
+    folder, stage = _parents(checkpoint)
+    if not folder.endswith("/checkpoints"):
+        return False
+    record = _read_text(f"{stage.rsplit('/', 1)[0]}/run.json")
+    if record is not None:
+        return bool(json.loads(record).get("random_weights"))
+    params = _read_text(f"{stage}/params.txt")
+    if params is None:
+        return False
+    model = re.search(r"^model: (.*)$", params, re.MULTILINE)
+    start = re.search(r"^pretrained: (.*)$", params, re.MULTILINE)
+    weights = start.group(1).strip() if start else ""
+    if not weights or weights == "None":
+        return ModelSpec(model.group(1).strip() if model else TINY_RANDOM).random_weights
+    return trained_from_random(weights, hops - 1)
+
+
 def _parents(path: str) -> list[str]:
     head = path.rstrip("/").rsplit("/", 1)[0]
     return [head, head.rsplit("/", 1)[0]]
 
 
+CACHE_GB_ENV = "PATHGEN_CHECKPOINT_CACHE_GB"  # the fetched-checkpoint cache's bound; default 20
+PARTIAL = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.part$")
+
+
+def checkpoint_cache() -> Path:
+    return Path.home() / ".cache" / "pathgen" / "checkpoints"
+
+
 def local_checkpoint(pretrained: str | None) -> str | None:
     """A checkpoint in object storage is fetched once into the local cache (open_clip loads local files only);
-    tags and local paths pass through."""
+    tags and local paths pass through. The cache keeps the most recently used checkpoints within its bound."""
     if not pretrained or "://" not in pretrained or pretrained.startswith("file://"):
         return pretrained.removeprefix("file://") if pretrained else pretrained
     import hashlib
-    import os
 
     import fsspec
 
@@ -84,14 +119,54 @@ def local_checkpoint(pretrained: str | None) -> str | None:
     fs, path = fsspec.core.url_to_fs(pretrained, **storage_options(pretrained))
     info = fs.info(path)
     version = f"{pretrained}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
-    folder = Path.home() / ".cache" / "pathgen" / "checkpoints" / hashlib.sha256(version.encode()).hexdigest()[:16]
+    folder = checkpoint_cache() / hashlib.sha256(version.encode()).hexdigest()[:16]
     target = folder / Path(path).name
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f".{target.name}.{os.getpid()}.part"
-        fs.get(path, str(partial))
-        os.replace(partial, target)
+    if target.exists():
+        os.utime(target)  # recently used: evicted last
+    else:
+        fetch_whole(fs, path, target)
+    evict_checkpoints(checkpoint_cache(), keep=folder)
     return str(target)
+
+
+def fetch_whole(fs, remote: str, target: Path) -> None:
+    """``remote`` to ``target`` through a partial file of this process, renamed when complete. The partial file
+    never outlives a failed or interrupted fetch here, and those of killed processes are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(target.parent)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        fs.get(remote, str(partial))  # streamed to disk: checkpoints are gigabytes
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def remove_dead_partials(folder: Path) -> None:
+    """Partial files whose process is gone (killed mid-fetch), or that name no process (an older version's)."""
+    from tasks.store.objects import pid_alive
+
+    for path in folder.glob(".*.part"):
+        match = PARTIAL.match(path.name)
+        if match and not (match["pid"] and pid_alive(int(match["pid"]))):
+            path.unlink(missing_ok=True)
+
+
+def evict_checkpoints(root: Path, keep: Path) -> None:
+    """The least recently used cached checkpoints go until the cache is within its bound (``keep`` stays)."""
+    limit = float(os.environ.get(CACHE_GB_ENV) or 20) * 2**30
+    entries = []
+    for folder in (p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        files = [f for f in folder.iterdir() if f.is_file()]
+        used = max((f.stat().st_mtime for f in files), default=0.0)
+        entries.append((used, sum(f.stat().st_size for f in files), folder))
+    total = sum(size for _, size, _ in entries)
+    for _, size, folder in sorted(entries, key=lambda entry: entry[0]):
+        if total <= limit:
+            break
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
 
 
 def _read_text(url: str) -> str | None:

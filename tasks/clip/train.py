@@ -5,7 +5,7 @@ The trainer runs in this process for one device and under ``torchrun --nproc-per
 continues from the newest checkpoint of its stage. Checkpoints are mirrored to ``models/clip/<run>/<stage>/`` in
 the store while training goes (a checkpoint is copied once the trainer has moved past it, so never half-written),
 and fetched back from there when another machine resumes the run. ``metrics.jsonl`` (step, loss, lr, samples/s)
-is parsed from the trainer's own log.
+comes from the trainer's structured output (``tasks.clip.scalars``), not from its log's wording.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 import subprocess
 import sys
@@ -23,14 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.clip.spec import ModelSpec, local_checkpoint
+from tasks.clip import scalars
+from tasks.clip.spec import ModelSpec, fetch_whole, local_checkpoint
 from tasks.store.objects import Store
 
 CHECKPOINT = re.compile(r"epoch_(\d+)\.pt$")
-TRAIN_LINE = re.compile(
-    r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<seen>\d+)/(?P<per_epoch>\d+) .*?"
-    r"Batch \(t\): [\d.]+, (?P<rate>[\d.e+-]+)/s.*?LR: (?P<lr>[\d.e+-]+) .*?\bLoss: (?P<loss>[\d.e+-]+) \("
-)
 
 
 @dataclass
@@ -64,6 +60,10 @@ class StagePlan:
     def global_batch(self) -> int:
         return self.batch_size * self.devices
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return scalars.batches_per_epoch(self.samples, self.batch_size, self.devices, self.workers)
+
     def store_prefix(self) -> str:
         return f"models/clip/{self.run}/{self.name}"
 
@@ -81,6 +81,32 @@ def fitted_batch(batch_size: int, samples: int, devices: int, logger: logging.Lo
     return fitted
 
 
+def fitted_workers(tar_sizes: list[int], batch_size: int, workers: int, devices: int, logger: logging.Logger) -> int:
+    """Loader workers such that each one's tars fill a batch.
+
+    Without resampling, open_clip_train gives each worker every Nth tar of a shuffled list, drops partial batches
+    and repeats the worker's tars until it has yielded its share of the epoch: a worker whose tars hold fewer pairs
+    than a batch yields nothing, ever, and spins in WebDataset's repeat loop (one tar per worker, a few pairs per
+    tar: the training hangs). So a worker gets at least ``tars // workers`` tars, and the smallest that many hold
+    together must fill a batch, whichever tars the shuffle deals it. With several devices shards are resampled (an
+    endless stream per worker), which cannot starve; the tars are then only shared out between devices."""
+    if devices > 1:
+        return max(0, min(workers, len(tar_sizes) // devices))
+    ascending = sorted(tar_sizes)
+    fitted = min(workers, len(ascending))
+    while fitted > 1 and sum(ascending[: len(ascending) // fitted]) < batch_size:
+        fitted -= 1
+    if fitted < workers:
+        logger.warning(
+            "clip.workers %d: %d loader workers, so that each one's share of the %d tars fills a batch of %d",
+            workers,
+            fitted,
+            len(ascending),
+            batch_size,
+        )
+    return fitted
+
+
 def trainer_args(plan: StagePlan) -> list[str]:
     args = [
         "--model", plan.spec.name,
@@ -93,13 +119,13 @@ def trainer_args(plan: StagePlan) -> list[str]:
         "--wd", repr(plan.weight_decay),
         "--warmup", str(plan.warmup),
         "--precision", plan.precision,
-        "--workers", str(max(0, min(plan.workers, len(plan.tars) // plan.devices))),
+        "--workers", str(plan.workers),
         "--seed", str(plan.seed),
         "--logs", str(plan.folder),
         "--name", plan.name,
         "--resume", "latest",
         "--save-frequency", "1",
-        "--report-to", "",
+        "--report-to", "tensorboard",  # its scalars, through scalars.ScalarLog: the metrics we read
         "--log-every-n-steps", "10",
         "--device", "cuda" if _cuda() else "cpu",
     ]  # fmt: skip
@@ -140,6 +166,7 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
         from tasks.selection.embedding import _register_configs
 
         _register_configs()
+        scalars.install(trainer)
         with _isolated_logging(trainer):
             status = trainer.main(args)
         if status not in (None, 0):
@@ -157,25 +184,53 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
         raise RuntimeError(f"torchrun exited with {done.returncode}; see {plan.stage_dir / 'out.log'}")
 
 
+def complete_checkpoint(path: Path) -> bool:
+    """A torch checkpoint written to the end: a zip archive whose directory (written last) opens and lists the
+    pickled object, which reads back with a matching CRC. A file still being written, or cut short, is none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl"]
+            return len(pickles) == 1 and bool(archive.read(pickles[0]))
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
 def set_aside_incomplete(folder: Path, logger: logging.Logger) -> None:
-    """A run killed while saving leaves a truncated epoch_N.pt, which ``--resume latest`` would pick and fail on.
-    torch writes checkpoints as zip files whose directory comes last, so a truncated one is not a zip file."""
+    """A run killed while saving leaves a truncated epoch_N.pt, which ``--resume latest`` would pick and fail on:
+    only complete checkpoints (``complete_checkpoint``) stay where the trainer looks for one to resume from."""
     for path in checkpoints(folder):
-        if not zipfile.is_zipfile(path):
+        if not complete_checkpoint(path):
             path.rename(path.with_name(path.name + ".incomplete"))
             logger.warning("%s was cut short (killed while saving?): set aside, resuming from the one before", path)
 
 
+TRAINER_PROGRESS = ("Start epoch", "Train Epoch", "Eval Epoch")
+
+
+class TrainerProgressOnly(logging.Filter):
+    """For a terminal's handler while the trainer runs: of the trainer's own records (the root logger's) below
+    WARNING, only its progress lines pass; its model dump and parameter list (about 110 lines) stay in out.log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root" or record.levelno >= logging.WARNING:
+            return True
+        return record.getMessage().startswith(TRAINER_PROGRESS)
+
+
 @contextlib.contextmanager
 def _isolated_logging(trainer):
-    """open_clip_train's setup_logging adds a console handler to the root logger (whose records Prefect's handler
-    already shows) and sets every logger to INFO. Here it only writes out.log; afterwards the root logger gets its
-    handlers and level back, so a second stage does not write into the first one's log."""
+    """open_clip_train's setup_logging adds a console handler to the root logger and sets every logger to INFO.
+    Here it only writes out.log at INFO; the root logger's own handlers (Prefect's console) show the trainer's
+    progress and what they showed before; afterwards the root logger gets its handlers and level back, so a second
+    stage does not write into the first one's log."""
     root = logging.getLogger()
     handlers, level, original = list(root.handlers), root.level, trainer.setup_logging
+    terminal = TrainerProgressOnly()
 
     def file_only(log_file, level, include_host=False):
         root.setLevel(level)
+        for handler in handlers:
+            handler.addFilter(terminal)
         if log_file:
             handler = logging.FileHandler(filename=log_file)
             handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d,%H:%M:%S"))
@@ -186,6 +241,8 @@ def _isolated_logging(trainer):
         yield
     finally:
         trainer.setup_logging = original
+        for handler in handlers:
+            handler.removeFilter(terminal)
         for handler in root.handlers[:]:
             if handler not in handlers:
                 root.removeHandler(handler)
@@ -193,31 +250,9 @@ def _isolated_logging(trainer):
         root.setLevel(level)
 
 
-def parse_metrics(log_text: str, global_batch: int, stage: str) -> list[dict[str, Any]]:
-    """The trainer's progress lines as rows: step counts optimizer steps from the start of the stage. The log
-    goes on across resumes; steps a resumed run trains again replace those of the run that was cut short."""
-    rows: list[dict[str, Any]] = []
-    for match in TRAIN_LINE.finditer(log_text):
-        epoch, seen, per_epoch = int(match["epoch"]), int(match["seen"]), int(match["per_epoch"])
-        step = math.ceil((epoch * per_epoch + seen) / global_batch)
-        while rows and rows[-1]["step"] >= step:
-            rows.pop()
-        rows.append(
-            {
-                "stage": stage,
-                "epoch": epoch,
-                "step": step,
-                "loss": float(match["loss"]),
-                "lr": float(match["lr"]),
-                "samples_per_s": float(match["rate"]),
-            }
-        )
-    return rows
-
-
 def write_metrics(plan: StagePlan) -> list[dict[str, Any]]:
-    log = plan.stage_dir / "out.log"
-    rows = parse_metrics(log.read_text(errors="replace") if log.exists() else "", plan.global_batch, plan.name)
+    """``metrics.jsonl`` from the trainer's scalars; raises ``scalars.MetricsUnreadable`` when they cannot be read."""
+    rows = scalars.read_metrics(plan.stage_dir, plan.steps_per_epoch, plan.name)
     (plan.stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -247,19 +282,16 @@ class CheckpointMirror:
             return local[-1] if local else None
         target = self.plan.stage_dir / "checkpoints" / remote[-1].rsplit("/", 1)[-1]
         self._download(remote[-1], target)
-        if not zipfile.is_zipfile(target):
+        if not complete_checkpoint(target):
             target.rename(target.with_name(target.name + ".incomplete"))
             raise RuntimeError(f"{self.store.uri(remote[-1])} is not a complete checkpoint; remove it and run again")
-        for name in ("out.log", "params.txt"):  # the store's log goes with its newer checkpoint
+        for name in ("out.log", "params.txt", scalars.SCALARS):  # the store's logs go with its newer checkpoint
             if self.store.exists(self._key(name)):
                 self._download(self._key(name), self.plan.stage_dir / name)
         return target
 
     def _download(self, key: str, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.part")
-        self.store.fs.get(self.store.path(key), str(partial))  # streamed to disk: checkpoints are gigabytes
-        partial.replace(target)
+        fetch_whole(self.store.fs, self.store.path(key), target)
 
     def __enter__(self) -> CheckpointMirror:
         log = self.plan.stage_dir / "out.log"
@@ -289,12 +321,13 @@ class CheckpointMirror:
         stage_dir = self.plan.stage_dir
         started = self._epochs_started()
         for path in checkpoints(stage_dir / "checkpoints"):
-            if (final or epoch_of(path) in started) and zipfile.is_zipfile(path):
+            if (final or epoch_of(path) in started) and complete_checkpoint(path):
                 key = self._key(f"checkpoints/{path.name}")
                 if not self.store.exists(key):
                     self.store.put_file(path, key)
-        write_metrics(self.plan)
-        for name in ("params.txt", "out.log", "metrics.jsonl"):
+        with contextlib.suppress(scalars.MetricsUnreadable):  # none yet; at the end train_stage says so
+            write_metrics(self.plan)
+        for name in ("params.txt", "out.log", scalars.SCALARS, "metrics.jsonl"):
             if (stage_dir / name).exists():
                 self.store.put_file(stage_dir / name, self._key(name))
 

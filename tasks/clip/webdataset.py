@@ -1,7 +1,10 @@
 """Pairs to WebDataset tars, the input of open_clip's own trainer.
 
-Generated pairs: one tar per pair shard (slide), ``<slide>.tar``; pairs held out for retrieval evaluation go to
-``holdout/<slide>.tar`` instead, chosen by a hash of the pair id so that the choice never changes between exports.
+Generated pairs: one tar per pair shard (slide), ``<slide>.tar``; slides held out for retrieval evaluation go to
+``holdout/<slide>.tar`` instead, whole: neighbouring patches of one tissue on both sides would make held-out recall
+optimistic. The choice is a hash of the slide's case (the first 12 characters of a TCGA barcode, so that every slide
+of a patient falls on one side) or of the slide id, and never changes between exports. An external set is split by
+its rows' ``case_id`` or ``slide_id`` column when it has one, else pair by pair.
 An external set (a folder of images and a CSV/JSONL of captions) becomes ``ext-NNNNNN.tar`` of ``pairs_per_tar``
 pairs. A sample is ``<patch_id>.jpg`` + ``.txt`` (the caption) + ``.json`` (its provenance). ``sizes.json`` beside
 the tars gives open_clip_train the sample counts; ``manifest.json`` records which pair shard (by commit id) each
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pathgen.settings import PairSetSettings
@@ -64,11 +68,23 @@ class ExportSummary:
         return self.pairs / self.seconds if self.seconds else 0.0
 
 
-def is_holdout(pair_id: str, fraction: float) -> bool:
-    """Stable across exports, machines and settings other than the fraction."""
+HOLDOUT_SPLIT = "case-or-slide"  # in the manifest: an export split another way is never reused
+TCGA_CASE = re.compile(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}", re.IGNORECASE)
+
+
+def is_holdout(group: str, fraction: float) -> bool:
+    """Whether a case, slide or pair (``group``) is held out; stable across exports, machines and settings other
+    than the fraction."""
     if fraction <= 0:
         return False
-    return int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+    return int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def holdout_group(slide_id: str) -> str:
+    """What is held out together: the case of a TCGA slide (``TCGA-XX-XXXX``, its first 12 characters), else the
+    slide."""
+    case = TCGA_CASE.match(slide_id)
+    return case.group(0).upper() if case else slide_id
 
 
 def tar_name(slide_id: str) -> str:
@@ -83,15 +99,18 @@ def write_tar(path: Path, samples: Iterable[Sample]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     count = 0
-    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            meta = json.dumps(sample.meta, sort_keys=True, default=str).encode()
-            for ext, data in ((sample.image_ext, sample.image), ("txt", sample.caption.encode()), ("json", meta)):
-                info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
-            count += 1
-    os.replace(partial, path)
+    try:
+        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                meta = json.dumps(sample.meta, sort_keys=True, default=str).encode()
+                for ext, data in ((sample.image_ext, sample.image), ("txt", sample.caption.encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # an export that failed half-way leaves no partial tar behind
     return count
 
 
@@ -108,12 +127,15 @@ def pair_samples(table_rows: list[dict[str, Any]]) -> Iterator[Sample]:
 
 
 def _shard_rows(store: Store, key: str) -> tuple[str, list[dict[str, Any]]]:
-    """A pair shard's commit id and rows (image, caption and provenance columns only)."""
-    with store.open(key) as handle:
-        shard = pq.ParquetFile(handle, pre_buffer=False)
-        metadata = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
-        columns = [c for c in ["image", "caption", *PROVENANCE] if c in shard.schema_arrow.names]
-        rows = shard.read(columns=columns).to_pylist()
+    """A pair shard's commit id and rows (image, caption and provenance columns only).
+
+    Read from its bytes on this thread alone: a threaded read starts Arrow's CPU pool, whose workers, having
+    touched the Python file object, outlive the command and can abort the interpreter at exit ("terminate called
+    without an active exception", exit 134)."""
+    shard = pq.ParquetFile(pa.BufferReader(store.read_bytes(key)), pre_buffer=False)
+    metadata = {k.decode(): v.decode() for k, v in (shard.schema_arrow.metadata or {}).items()}
+    columns = [c for c in ["image", "caption", *PROVENANCE] if c in shard.schema_arrow.names]
+    rows = shard.read(columns=columns, use_threads=False).to_pylist()
     return metadata.get("pathgen.commit_id", ""), rows
 
 
@@ -122,7 +144,8 @@ def export_pairs(store: Store, agents_hash: str, out: Path, holdout_fraction: fl
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_tars(out)
-    manifest = _load_manifest(out, {"agents_hash": agents_hash, "holdout_fraction": holdout_fraction})
+    identity = {"agents_hash": agents_hash, "holdout_fraction": holdout_fraction, "holdout_split": HOLDOUT_SPLIT}
+    manifest = _load_manifest(out, identity)
     summary = ExportSummary(str(out), sources=[store.uri(pairs_prefix(agents_hash))])
     entries: dict[str, dict[str, Any]] = {}
     for key in store.list(pairs_prefix(agents_hash), ".parquet"):
@@ -136,7 +159,15 @@ def export_pairs(store: Store, agents_hash: str, out: Path, holdout_fraction: fl
         entries[slide_id] = entry
     _remove_unlisted(out, entries.values(), previous)
     manifest["slides"] = entries
-    return _finish_export(out, manifest, summary, started)
+    summary = _finish_export(out, manifest, summary, started)
+    if logger and holdout_fraction > 0 and not summary.holdout_pairs:
+        logger.warning(
+            "none of %d slides held out at clip.holdout_fraction=%s (whole cases or slides are held out): no "
+            "retrieval evaluation; raise it or add slides",
+            len(entries),
+            holdout_fraction,
+        )
+    return summary
 
 
 def _commit_of(store: Store, key: str) -> str:
@@ -147,8 +178,8 @@ def _commit_of(store: Store, key: str) -> str:
 
 def _export_slide(store: Store, key: str, slide_id: str, out: Path, fraction: float) -> dict[str, Any]:
     commit_id, rows = _shard_rows(store, key)
-    held = [r for r in rows if is_holdout(r["patch_id"], fraction)]
-    kept = [r for r in rows if not is_holdout(r["patch_id"], fraction)]
+    held_out = is_holdout(holdout_group(slide_id), fraction)
+    held, kept = (rows, []) if held_out else ([], rows)
     name = tar_name(slide_id)
     entry = {"commit_id": commit_id, "tar": name, "pairs": len(kept), "holdout_pairs": len(held)}
     entry["random_weights"] = any(bool(r.get("random_weights")) for r in rows)
@@ -213,11 +244,17 @@ def training_tars(out: Path, holdout: bool = False) -> list[Path]:
     return [folder / name for name in sorted(sizes)]
 
 
-def sample_count(tars: list[Path]) -> int:
-    total = 0
+def tar_sizes(tars: list[Path]) -> list[int]:
+    """Each tar's pair count, from the ``sizes.json`` beside it."""
+    listed: dict[Path, dict[str, int]] = {}
     for tar in tars:
-        total += int(json.loads((tar.parent / "sizes.json").read_text())[tar.name])
-    return total
+        if tar.parent not in listed:
+            listed[tar.parent] = json.loads((tar.parent / "sizes.json").read_text())
+    return [int(listed[tar.parent][tar.name]) for tar in tars]
+
+
+def sample_count(tars: list[Path]) -> int:
+    return sum(tar_sizes(tars))
 
 
 def external_rows(pair_set: PairSetSettings) -> list[dict[str, str]]:
@@ -280,6 +317,15 @@ def _image_bytes(path: Path) -> tuple[bytes, str]:
     return data, ext
 
 
+def _external_group(sample: Sample) -> str:
+    """An external pair is held out with its case or slide when its row names one, else on its own."""
+    for column in ("case_id", "slide_id"):
+        if sample.meta.get(column) not in (None, ""):
+            value = str(sample.meta[column])
+            return value if column == "case_id" else holdout_group(value)
+    return sample.key
+
+
 def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, holdout_fraction: float) -> ExportSummary:
     """An external folder of images + captions into ``ext-NNNNNN.tar`` (and ``holdout/``); always rewritten."""
     started = time.perf_counter()
@@ -291,8 +337,8 @@ def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, ho
     for sample in samples:
         content.update(hashlib.sha256(sample.image).digest() + sample.caption.encode() + b"\0")
     entries = {}
-    held = [s for s in samples if is_holdout(s.key, holdout_fraction)]
-    kept = [s for s in samples if not is_holdout(s.key, holdout_fraction)]
+    held = [s for s in samples if is_holdout(_external_group(s), holdout_fraction)]
+    kept = [s for s in samples if not is_holdout(_external_group(s), holdout_fraction)]
     previous = _previous_tars(out)
     for index in range(0, max(len(kept), len(held)), pairs_per_tar):
         name = f"ext-{index // pairs_per_tar:06d}.tar"
@@ -305,6 +351,7 @@ def export_external(pair_set: PairSetSettings, out: Path, pairs_per_tar: int, ho
         entries[name] = {"commit_id": "", "tar": name, "pairs": len(part), "holdout_pairs": len(part_held)}
     _remove_unlisted(out, entries.values(), previous)
     identity = {"folder": str(folder.resolve()), "captions": str(pair_set.captions), "content": content.hexdigest()}
+    identity["holdout_split"] = HOLDOUT_SPLIT
     identity["slides"] = entries
     summary = ExportSummary(str(out), sources=[str(folder)], written=len(entries))
     return _finish_export(out, identity, summary, started)

@@ -14,9 +14,11 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from pathgen.settings import PairSetSettings, Settings
-from tasks.clip.evaluate import evaluate, publish, table_rows
+from tasks.clip.evaluate import evaluate, model_description, publish, table_rows
+from tasks.clip.lease import RunBusy
 from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import data_digest, export_set, stage_plan, train_stage
+from tasks.clip.webdataset import ExportSummary
 from tasks.errors import retry_infrastructure, short_error
 from tasks.selection.embedding import load_clip_model, release_clip_models
 from tasks.store.objects import Store
@@ -50,11 +52,20 @@ def export_units(units: list[dict[str, Any]], settings: Settings, logger) -> lis
             "digest": data_digest(Path(summary.out)),
         }
         status = "ok" if summary.pairs else "failed"
-        error = None if summary.pairs else f"no training pairs in {', '.join(summary.sources)}"
+        error = None if summary.pairs else _no_training_pairs(summary, settings.clip.holdout_fraction)
         outcomes.append(
             UnitOutcome(unit["stage"], status, summary.pairs, summary.seconds, error, summary.random_weights, columns)
         )
     return outcomes
+
+
+def _no_training_pairs(summary: ExportSummary, holdout_fraction: float) -> str:
+    if summary.holdout_pairs:  # every case or slide fell into the holdout: too few of them for this fraction
+        return (
+            f"no training pairs in {', '.join(summary.sources)}: clip.holdout_fraction={holdout_fraction} holds out "
+            f"every case or slide ({summary.holdout_pairs} pairs); lower it or add slides"
+        )
+    return f"no training pairs in {', '.join(summary.sources)}"
 
 
 @task(name="clip-export", retry_condition_fn=retry_infrastructure, tags=["clip"])
@@ -75,7 +86,11 @@ def train_units(
         except ValueError as exc:
             outcomes.append(UnitOutcome(unit["stage"], "failed", error=short_error(exc)))
             continue
-        result = train_stage(plan, store, logger)
+        try:
+            result = train_stage(plan, store, logger)
+        except RunBusy as exc:  # another trainer holds the run: nothing of it is ours to touch
+            outcomes.append(UnitOutcome(unit["stage"], "pending", error=str(exc)))
+            continue
         logger.info(
             "%s %s: %s (%d steps, final loss %s)",
             run,
@@ -84,10 +99,11 @@ def train_units(
             result.steps,
             result.final_loss,
         )
-        status = "ok" if result.trained else "skipped"
+        status = "failed" if result.metrics_error else "ok" if result.trained else "skipped"
         seconds = time.perf_counter() - started
+        row = result.row()
         outcomes.append(
-            UnitOutcome(unit["stage"], status, plan.samples, seconds, None, plan.random_start, result.row())
+            UnitOutcome(unit["stage"], status, plan.samples, seconds, row.pop("metrics_error"), plan.random_start, row)
         )
     return outcomes
 
@@ -126,7 +142,7 @@ def evaluate_units(
         }
         n = int(headline.get("n", 0))
         seconds = time.perf_counter() - started
-        outcomes.append(UnitOutcome(name, "ok", n, seconds, None, loaded.random_weights, columns))
+        outcomes.append(UnitOutcome(name, "ok", n, seconds, None, bool(result["random_weights"]), columns))
     release_clip_models()  # the next stage's training wants the GPU memory back
     return outcomes
 
@@ -140,9 +156,8 @@ def _evaluate_unit(model, unit: dict[str, Any], settings: Settings) -> dict[str,
     retrieval = holdout_retrieval(model, holdout, settings.eval) if holdout else None
     if retrieval is None:
         raise ValueError(f"fewer than 2 held-out pairs in {holdout}: raise clip.holdout_fraction for retrieval")
-    return {"dataset": "holdout", "model": model.describe(), "random_weights": model.random_weights} | {
-        "retrieval": retrieval
-    }
+    about = model_description(model)
+    return {"dataset": "holdout", "model": about, "random_weights": about["random_weights"], "retrieval": retrieval}
 
 
 def _artifact_key(text: str) -> str:

@@ -9,7 +9,8 @@
 #                                             Redis messaging instead of SQLite and in-memory messaging
 #   deploy/local-stack.sh status              each service: running (pid, URL) or not; exit 0 all run, 3 not all
 #   deploy/local-stack.sh down                stop everything the stack started and check that nothing is left
-#   deploy/local-stack.sh env                 print the exports that point a shell at the stack
+#   deploy/local-stack.sh env                 print the exports that point a shell at the stack (and put the
+#                                             project's .venv/bin, its prefect and pathgen, first on PATH)
 #
 # `up` prints success only once each service answers: PostgreSQL takes a login and has the `prefect` database, Redis
 # answers PING, Prefect's /api/health says true, SeaweedFS's S3 port takes a write to s3://factory, and each worker
@@ -314,8 +315,11 @@ report() {
   return $all
 }
 
+# The exports for a shell: the stack's endpoints and keys, and this checkout's .venv/bin first on PATH, so that the
+# `prefect` and `pathgen` the README runs next are the project's own.
 env_lines() {
   cat << ENV
+export PATH=$(printf '%q' "$BIN"):\$PATH
 export PREFECT_API_URL=$API_URL
 export PATHGEN_S3_ENDPOINT_URL=$S3_URL AWS_ACCESS_KEY_ID=$S3_KEY AWS_SECRET_ACCESS_KEY=$S3_SECRET AWS_DEFAULT_REGION=us-east-1
 export PATHGEN_HOME=$ROOT PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
@@ -327,6 +331,8 @@ usage_hint() {
 Use it from this shell (also in $STATE/env.sh):
 $(env_lines | sed 's/^/  /')
   pathgen extract ../shared/data/slides --store s3://$BUCKET/demo     # runs are listed in the UI
+  prefect --no-prompt deploy --all     # then the factory with the tiny models (deploy/local.yaml):
+  prefect deployment run factory/factory --params '{"config": "deploy/local.yaml"}'
 Status: deploy/local-stack.sh status    Stop it: deploy/local-stack.sh down
 MSG
 }

@@ -25,6 +25,8 @@ from tasks.work.parts import name_flow_run
 from tasks.work.runner import Stage, open_store, run_units
 from tasks.work.units import summarize
 
+RANDOM_WHY = "no pretrained weights: none loaded, or its training run started from random initialisation"
+
 
 def newest_checkpoint(store: Store) -> str:
     """The last checkpoint of the most recently trained stage: its highest epoch, not the newest file, so a slow
@@ -90,6 +92,7 @@ def evaluate_flow(
     summary = summarize("evaluate", outcomes)
     summary.update(model=spec.label, eval_run=eval_run, results=[o.row("dataset") for o in outcomes])
     summary["eval_prefix"] = target.uri(f"eval/{eval_run}")
-    if spec.random_weights or summary["random_weights"]:
-        logger.warning("%s has RANDOM WEIGHTS: these numbers measure noise", spec.label)
+    summary["random_weights"] = bool(spec.random_weights or summary["random_weights"])
+    if summary["random_weights"]:
+        logger.warning("%s has RANDOM WEIGHTS (%s): these numbers measure noise", spec.label, RANDOM_WHY)
     return summary

@@ -19,7 +19,7 @@ from pathgen.processes import prefect_offline_defaults
 
 prefect_offline_defaults()  # before Prefect is imported: no telemetry notice, no usage data
 
-from pathgen.local_api import api_server  # noqa: E402
+from pathgen.local_api import api_server, lost_api_explanation, name_command  # noqa: E402
 from pathgen.processes import bound_threads  # noqa: E402
 from pathgen.settings import SettingsError, load_settings, parse_assignments  # noqa: E402
 
@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", parents=[common], help="show what a store or a shard holds and write a contact sheet"
     )
     inspect.add_argument("url", metavar="URL", help="store root or a .parquet shard")
-    inspect.add_argument("--out", metavar="PNG", default="contact-sheet.png", help="contact sheet path")
+    inspect.add_argument(
+        "--out", metavar="PNG", help="contact sheet path (default: the store's reports/contact-sheet.png)"
+    )
     inspect.add_argument("--samples", type=int, default=24, help="patches on the contact sheet")
     inspect.add_argument("--rows", type=int, default=5, help="sample rows printed")
 
@@ -131,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    name_command(f"pathgen {args.command}")  # how a lost Prefect API is told (pathgen/local_api.py)
     bound_threads()  # one thread budget for torch/OpenMP/BLAS/OpenCV here and, via the environment, in children
     if getattr(args, "parts", 1) < 1:
         print(f"pathgen {args.command}: --parts must be at least 1 (got {args.parts})", file=sys.stderr)
@@ -169,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        lost = lost_api_explanation(exc)
+        if lost:
+            print(lost, file=sys.stderr)
+            return EXIT_ERROR
         from tasks.errors import cut
 
         reason = cut(" ".join(str(exc).split()), 300)
@@ -312,15 +319,19 @@ def report_parts_and_pending(command: str, summary: dict, random_weights_note: s
     """Print each part's run, the note when random weights made the data and the next step; then, on stderr, why
     slides remain pending. Returns whether any do."""
     for part in summary.get("parts", []):
-        print(f"part {part['part']}: {part.get('state')} {part.get('flow_run', '')} {part.get('host', '')}".rstrip())
+        line = f"part {part['part']}: {part.get('state')} {part.get('flow_run', '')} {part.get('host', '')}".rstrip()
+        print(line + (f": {part['reason']}" if part.get("reason") else ""))
     if summary["random_weights"]:
         print(random_weights_note)
     print(next_step)
     if not (summary["pending"] or summary.get("lost_parts")):
         return False
     causes = sorted({p["error"] for p in summary["pending_slides"] if p.get("error")})
+    causes += sorted({f"part {p['part']}: {p['reason']}" for p in summary.get("parts", []) if p.get("reason")})
+    lost = summary.get("lost_parts") or []
+    lost_text = f"; so do the slides that part(s) {', '.join(map(str, lost))} did not finish" if lost else ""
     print(
-        f"pathgen {command}: {summary['pending']} slides remain pending (nothing committed for them); "
+        f"pathgen {command}: {summary['pending']} slides remain pending (nothing committed for them){lost_text}; "
         f"cause: {'; '.join(causes) or 'a part did not complete'}; run again",
         file=sys.stderr,
     )

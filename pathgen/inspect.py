@@ -56,16 +56,27 @@ def _reading(store: Store, key: str):
         raise UnreadableShard(store.uri(key), str(exc)) from exc
 
 
+SHARD_FOLDERS = ("patches",)  # <store>/patches/<slide>.parquet
+HASHED_SHARD_FOLDERS = ("pairs", "failed", "instruct", "failed-instruct")  # <store>/<folder>/<hash>/<slide>.parquet
+CONTACT_SHEET = "reports/contact-sheet.png"
+
+
 def _open_shard(url: str) -> tuple[Store, str]:
+    """The store a shard URL lies in (what holds its ``patches/`` or ``pairs/<hash>/``) and its key there; a shard
+    outside any store: its folder."""
     parent, name = posixpath.split(url.rstrip("/"))
     head, folder = posixpath.split(parent)
-    # A shard URL is <store>/patches/<slide>.parquet (or deeper); the store is what holds "patches/".
-    if folder == "patches":
+    if folder in SHARD_FOLDERS:
         return Store(head), f"{folder}/{name}"
+    root, kind = posixpath.split(head)
+    if kind in HASHED_SHARD_FOLDERS:
+        return Store(root), f"{kind}/{folder}/{name}"
     return Store(parent), name
 
 
-def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, rows: int = 5) -> int:
+def inspect_url(url: str, out: str | None = None, samples: int = 24, rows: int = 5) -> int:
+    """Print what ``url`` (a store or one shard) holds and write a contact sheet: to ``out``, else to the store's
+    ``reports/contact-sheet.png``."""
     if not is_remote(url) and not url.rstrip("/").endswith(".parquet") and os.path.isfile(local_path(url)):
         print(
             f"pathgen inspect: {url} is a file, not a store folder or a .parquet shard; give the store root "
@@ -80,7 +91,7 @@ def inspect_url(url: str, out: str = "contact-sheet.png", samples: int = 24, row
         return EXIT_FAILED
 
 
-def _inspect(url: str, out: str, samples: int, rows: int) -> int:
+def _inspect(url: str, out: str | None, samples: int, rows: int) -> int:
     if url.rstrip("/").endswith(".parquet"):
         store, key = _open_shard(url)
         shards = [key] if store.exists(key) else []
@@ -148,9 +159,19 @@ def _inspect(url: str, out: str, samples: int, rows: int) -> int:
         ["captions from random-weight models"] if random_captions else []
     )
     banner = "RANDOM WEIGHTS: " + " and ".join(reasons) + " (noise)" if reasons else None
-    _contact_sheet(images, labels, out, banner)
-    print(f"\ncontact sheet of {len(images)} patches: {out}" + (f" ({banner})" if banner else ""))
+    written = _write_contact_sheet(store, images, labels, out, banner)
+    print(f"\ncontact sheet of {len(images)} patches: {written}" + (f" ({banner})" if banner else ""))
     return 0
+
+
+def _write_contact_sheet(store: Store, images: list[bytes], labels: list[str], out: str | None, banner) -> str:
+    """To ``out`` when given, else into the store (committed whole); returns where it went."""
+    if out:
+        _contact_sheet(images, labels, out, banner)
+        return out
+    with store.staged_file(CONTACT_SHEET) as local:
+        _contact_sheet(images, labels, local, banner)
+    return store.uri(CONTACT_SHEET)
 
 
 def _selected_with_random_weights(store: Store, slide_id: str, seen: dict[str, bool]) -> bool:
@@ -227,4 +248,4 @@ def _contact_sheet(images: list[bytes], labels: list[str], out: str, banner: str
         x, y = (i % cols) * TILE_PX, top + (i // cols) * (TILE_PX + label_h)
         sheet.paste(tile, (x, y))
         draw.multiline_text((x + 2, y + TILE_PX), label, fill=(0, 0, 0), spacing=2)
-    sheet.save(out)
+    sheet.save(out, format="PNG")  # a store's staged file has no .png suffix to go by

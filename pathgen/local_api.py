@@ -19,6 +19,13 @@ version), so a command never talks to a server that runs with other settings tha
 The server decides to stop under the same lock under which commands take leases, and removes ``server.json`` first,
 so a command that found the record holds a server that stays up. Only the standard library is imported at module
 level.
+
+While a command runs, a watchdog thread asks its API (whichever it uses) for ``/health`` every few seconds. An API
+that has not answered for ``PATHGEN_API_LOST_S`` seconds (default 20; 0 switches the watchdog off) is lost: the
+command says which API it lost (its URL without credentials), which units stay pending and to run again, and exits 1
+at once. Otherwise Prefect's client retries every request with exponential back-off (``PREFECT_CLIENT_MAX_RETRIES``,
+about a minute per request), so a killed server kept a command waiting for minutes. Nothing is lost by exiting:
+outputs are committed whole, one object each, and the next run skips what is committed.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ from pathgen import processes
 
 IDLE_ENV = "PATHGEN_LOCAL_API_IDLE_S"
 DEFAULT_IDLE_S = 600
+LOST_ENV = "PATHGEN_API_LOST_S"
+DEFAULT_LOST_S = 20.0
+PROBE_S = 2.0  # how often the watchdog asks the API for /health
+EXIT_API_LOST = 1
 LEASE_POLL_S = 1.0
 RECORD = "server.json"
 # Prefect settings only the client reads: commands that differ in these (`--debug` sets the logging level) still
@@ -87,11 +98,18 @@ def api_server(timeout: float | None = None) -> Iterator[str | None]:
     stops by itself once nobody has held one for the idle time. Prints one line to stderr when it starts a server.
     """
     url, ephemeral_allowed = processes._configured_api_url()
-    idle = idle_seconds()
+    idle, lost = idle_seconds(), lost_seconds()
     if url or not ephemeral_allowed or idle == 0:
-        with processes.ensure_api_server(timeout) as url:
-            yield url
+        with processes.ensure_api_server(timeout) as served, watching(served, lost, started_here=not url):
+            yield served
         return
+    with _shared_server(idle, timeout) as served, watching(served, lost, started_here=True):
+        yield served
+
+
+@contextlib.contextmanager
+def _shared_server(idle: float, timeout: float | None) -> Iterator[str]:
+    """A lease on the shared server for the block, ``PREFECT_API_URL`` pointing at it (see :func:`api_server`)."""
     directory = state_directory()
     record, lease, started = acquire(directory, idle, timeout)
     if started:
@@ -275,6 +293,129 @@ def _pid_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- the watchdog: a lost API ends the command in seconds, not minutes ---------------------------------------------
+
+_command = "pathgen"  # how the watchdog's message names the command (set by the CLI)
+_lost: tuple[BaseException, str] | None = None  # an API error that ended a block whose API was gone, and its message
+
+
+def name_command(name: str) -> None:
+    global _command
+    _command = name
+
+
+def lost_seconds() -> float:
+    """``PATHGEN_API_LOST_S``: how long the API may stay silent before a command gives up; 0 means never."""
+    raw = os.environ.get(LOST_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_LOST_S
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise LocalApiError(f"{LOST_ENV}={raw!r} is not a number of seconds >= 0; unset it for {DEFAULT_LOST_S:.0f}")
+    return value
+
+
+@contextlib.contextmanager
+def watching(url: str | None, lost_s: float, started_here: bool) -> Iterator[None]:
+    """Within the block a daemon thread probes ``url``; see the module's docstring. ``started_here``: the API is a
+    local server this command started or shared (running again starts another), not a configured one. A connection
+    error that ends the block while the API does not answer is noted for :func:`lost_api_explanation`."""
+    stop = threading.Event()
+    if url and lost_s > 0:
+        watchdog = threading.Thread(
+            target=_watch_api, args=(url, lost_s, started_here, stop), name="pathgen-api-watchdog", daemon=True
+        )
+        watchdog.start()
+    try:
+        yield
+    except Exception as exc:
+        _note_if_lost(exc, url, started_here)  # now, before a private server is stopped on the way out
+        raise
+    finally:
+        stop.set()
+
+
+def _watch_api(url: str, lost_s: float, started_here: bool, stop: threading.Event) -> None:
+    silent_since = None
+    while not stop.wait(PROBE_S):
+        reason = unreachable(url)
+        if reason is None:
+            silent_since = None
+            continue
+        silent_since = silent_since or time.monotonic()
+        if time.monotonic() - silent_since >= lost_s and not stop.is_set():
+            print(lost_api_message(url, f"no answer for {lost_s:.0f} s ({reason})", started_here), file=sys.stderr)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            # The main thread is stuck in Prefect's retries; what it has not committed stays pending either way.
+            os._exit(EXIT_API_LOST)
+
+
+def _note_if_lost(exc: BaseException, url: str | None, started_here: bool) -> None:
+    global _lost
+    httpx = sys.modules.get("httpx")  # Prefect's client raises httpx's errors
+    if url and httpx is not None and isinstance(exc, httpx.TransportError):
+        reason = unreachable(url)
+        if reason is not None:
+            _lost = (exc, lost_api_message(url, f"{reason} ({type(exc).__name__})", started_here))
+
+
+def lost_api_explanation(exc: BaseException) -> str | None:
+    """The lost-API message when ``exc`` ended an :func:`api_server` block because its API was gone (the watchdog
+    was off, or Prefect gave up first); None otherwise."""
+    return _lost[1] if _lost is not None and _lost[0] is exc else None
+
+
+def unreachable(url: str) -> str | None:
+    """Why the API at ``url`` does not answer ``/health``; None when it answers (any HTTP status: it is there)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(public_url(url).rstrip("/") + "/health", timeout=PROBE_S):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+
+
+def public_url(url: str) -> str:
+    """``url`` without user and password: what a message may show (the API's own credentials are not in it)."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
+def lost_api_message(url: str, why: str, started_here: bool) -> str:
+    """What a command says when its Prefect API is gone: which API, which units stay pending, and what to do."""
+    fix = (
+        "Run the command again: it starts a new local API"
+        if started_here
+        else f"Bring the Prefect API at {public_url(url)} back (or point PREFECT_API_URL at one that runs) and run "
+        "the command again"
+    )
+    return (
+        f"{_command}: lost the Prefect API at {public_url(url)}: {why}; its server stopped or cannot be reached. "
+        f"Stopped here: committed work stays, {_unfinished_text()}. {fix}; it skips what is committed."
+    )
+
+
+def _unfinished_text() -> str:
+    runner = sys.modules.get("tasks.work.runner")  # only a run that got as far as its units has any in flight
+    unfinished = runner.unfinished_units() if runner else {}
+    if not unfinished:
+        return "and the work this command had not started stays pending"
+    parts = []
+    for (stage, kind), units in sorted(unfinished.items()):
+        shown = ", ".join(units[:10]) + (f" and {len(units) - 10} more" if len(units) > 10 else "")
+        parts.append(f"{stage}: {len(units)} {kind} ({shown})")
+    return "and these had not reported back, so they stay pending: " + "; ".join(parts)
 
 
 # -- the server's side ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ NON_SETTING_ENV_VARS = frozenset(
         "PATHGEN_HOME",  # prefect.yaml and deploy/Dockerfile.gpu-worker: where workers find the code
         "PATHGEN_THREADS",  # pathgen/processes.py: the thread budget
         "PATHGEN_LOCAL_API_IDLE_S",  # pathgen/local_api.py: how long the shared local Prefect API waits
+        "PATHGEN_API_LOST_S",  # pathgen/local_api.py: how long a command waits for a silent Prefect API
         "PATHGEN_STACK_STATE",  # deploy/local-stack.sh: marks the processes the local stack started
         "PATHGEN_DIGEST_CACHE",  # pathgen/digest.py: cache of model folder digests
         "PATHGEN_MODEL_CACHE",  # agents/tiny.py: where the tiny random-weight models are built
@@ -279,6 +280,20 @@ class CleanupSettings(_Section):
     )
 
 
+class PartsSettings(_Section):
+    """A ``parts=N`` run as a deployment: the parent starts N child runs on the pool's workers and waits for them."""
+
+    timeout_seconds: float = Field(
+        2 * 86400.0,
+        gt=0.0,
+        le=30 * 86400.0,
+        description="the most the parent waits for its child runs (default 2 days: above the longest part of a "
+        "production job); then children that never started are cancelled and reported with Prefect's reason (no "
+        "worker, pool or queue paused, concurrency slots taken), running ones are reported unfinished, and the "
+        "slides of both stay pending for the next run. Why a child has not started is logged within a minute",
+    )
+
+
 class RoleSettings(_Section):
     backend: Literal["transformers", "openai", "vllm"] = "transformers"
     model: ModelName = Field(
@@ -358,9 +373,13 @@ class PairSetSettings(_Section):
 class ClipSettings(_Section):
     """PathGen-CLIP training with open_clip's own trainer (open_clip_train)."""
 
-    model: str = Field("ViT-B-16", description="open_clip model name; used with pretrained")
+    model: ModelName = Field(
+        None,
+        description="open_clip model name; unset: ViT-B-16 with clip.pretrained, else the tiny-random model. Named "
+        "without clip.pretrained, that architecture trains from random initialisation (RANDOM WEIGHTS)",
+    )
     pretrained: ModelName = Field(
-        None, description="open_clip pretrained tag (openai) or checkpoint path; unset trains the tiny-random model"
+        None, description="open_clip pretrained tag (openai) or checkpoint path; unset trains from random weights"
     )
     run: str | None = Field(None, description="run name under models/clip/; unset: a hash of the training inputs")
     lr: float = Field(3e-5, gt=0.0, le=1.0)
@@ -373,14 +392,16 @@ class ClipSettings(_Section):
     launcher: Literal["auto", "in-process", "torchrun"] = Field(
         "auto", description="auto: the trainer in this process for one device, under torchrun for more"
     )
-    workers: int = Field(4, ge=0, le=64, description="data loader workers per device (at most one per tar)")
+    workers: int = Field(
+        4, ge=0, le=64, description="data loader workers per device; lowered so each worker's tars fill a batch"
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED)
     pairs_per_tar: int = Field(1000, ge=1, le=1_000_000, description="external sets: pairs per exported tar")
     work_dir: str | None = Field(
         None, description="local folder for exported tars and trainer logs; unset: ~/.cache/pathgen/clip"
     )
     holdout_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0, description="pairs held out of training for retrieval evaluation (by pair id)"
+        0.05, ge=0.0, lt=1.0, description="cases (TCGA barcode) or slides held out whole, for retrieval evaluation"
     )
     stage1: PairSetSettings = Field(default_factory=PairSetSettings)
     stage2: PairSetSettings | None = Field(None, description="optional second stage, e.g. curated or external pairs")
@@ -488,6 +509,7 @@ class Settings(_Section):
     s3: S3Settings = Field(default_factory=S3Settings)
     retries: RetrySettings = Field(default_factory=RetrySettings)
     cleanup: CleanupSettings = Field(default_factory=CleanupSettings)
+    parts: PartsSettings = Field(default_factory=PartsSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
     llava: LlavaSettings = Field(default_factory=LlavaSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)

@@ -13,17 +13,28 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
 PICTURES_LISTED = 12  # slides whose thumbnail and selection picture the report links
 READ_THREADS = 16  # slide records are small objects: on S3 their latency, not bandwidth, bounds the read
 
 
-def failure_reason(error: str | None, slide_id: str = "") -> str:
-    """An error message with what differs from slide to slide (its id, numbers) taken out, so alike errors group."""
-    text = (error or "unknown error").replace(slide_id, "<slide>") if slide_id else (error or "unknown error")
-    text = re.sub(r"\d+(\.\d+)?", "N", text)
-    return text[:160]
+REASON_CODE_CHARS = 80
+_PATH = re.compile(r"\S*(?:://|/)\S*")  # a path or URL: differs from slide to slide
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")  # a number on its own, not a digit inside a name
+
+
+def reason_code(error: str | None, slide_id: str = "") -> str:
+    """The kind of failure a message tells, as the key that groups alike ones: its first clause (up to ``:``,
+    ``;`` or ``(``) with the slide's id, paths, URLs and numbers on their own taken out. A key only: the report
+    shows each group's first message whole, never this."""
+    text = error or "unknown error"
+    if slide_id:
+        text = text.replace(slide_id, "<slide>")
+    head = re.split(r"[:;(]", _PATH.sub("<path>", text), maxsplit=1)[0].strip() or "unknown error"
+    head = _NUMBER.sub("N", head)
+    return head if len(head) <= REASON_CODE_CHARS else head[: REASON_CODE_CHARS - 3] + "..."
 
 
 def store_report(store: Store) -> dict[str, Any]:
@@ -44,12 +55,13 @@ def _slides(store: Store) -> dict[str, Any]:
     keys = store.list("slides", "slide.json")
     with ThreadPoolExecutor(READ_THREADS) as pool:
         records = list(pool.map(store.read_json, keys))
-    failures: dict[str, list[str]] = {}
-    for record in records:
+    failures: dict[str, dict[str, Any]] = {}
+    for record in sorted(records, key=lambda r: r["slide_id"]):
         if record.get("status") == "failed":
-            reason = failure_reason(record.get("error"), record["slide_id"])
-            failures.setdefault(reason, []).append(record["slide_id"])
-    seconds = [r["seconds"]["total"] for r in records if isinstance(r.get("seconds"), dict) and "total" in r["seconds"]]
+            code = reason_code(record.get("error"), record["slide_id"])
+            group = failures.setdefault(code, {"slides": [], "example": record.get("error") or "unknown error"})
+            group["slides"].append(record["slide_id"])
+    seconds = [_total_seconds(r) for r in records if r.get("status") == "ok" and _total_seconds(r) is not None]
     pictures = [
         {
             "slide_id": r["slide_id"],
@@ -70,9 +82,51 @@ def _slides(store: Store) -> dict[str, Any]:
     }
 
 
-def _rows(store: Store, key: str, columns: list[str] | None = None):
+def _total_seconds(record: dict[str, Any]) -> float | None:
+    seconds = record.get("seconds")
+    return seconds.get("total") if isinstance(seconds, dict) else None
+
+
+def _rows(store: Store, key: str, columns: list[str]):
+    """The shard's ``columns`` that it has (an older shard may lack one)."""
     with store.open(key) as handle:
-        return pq.read_table(handle, columns=columns)
+        names = pq.ParquetFile(handle, pre_buffer=False).schema_arrow.names
+        return read_shard(handle, [c for c in columns if c in names])
+
+
+def _footer(store: Store, key: str) -> pq.FileMetaData:
+    """A shard's Parquet footer alone (row counts, column statistics): the pairs' images are never read."""
+    with store.open(key) as handle:
+        return pq.ParquetFile(handle, pre_buffer=False).metadata
+
+
+def _any_true(store: Store, key: str, footer: pq.FileMetaData, column: str) -> bool:
+    """Whether a boolean column holds a true value, from the footer's statistics (the column itself only when a
+    row group has none)."""
+    names = [footer.schema.column(i).name for i in range(footer.num_columns)]
+    if column not in names:
+        return False
+    index = names.index(column)
+    for group in range(footer.num_row_groups):
+        stats = footer.row_group(group).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            return any(_rows(store, key, [column])[column].to_pylist())
+        if stats.max:
+            return True
+    return False
+
+
+def _item_failures(store: Store, keys: list[str], columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Failed items by reason code (``stage:reason`` where the shard has stages), each with the first one's
+    detail whole: what the reply or the check said."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        table = _rows(store, key, columns).to_pylist()
+        for row in table:
+            code = f"{row['stage']}:{row['reason']}" if "stage" in row else row["reason"]
+            group = groups.setdefault(code, {"count": 0, "example": row.get("detail")})
+            group["count"] += 1
+    return dict(sorted(groups.items(), key=lambda item: -item[1]["count"]))
 
 
 def _pairs(store: Store) -> list[dict[str, Any]]:
@@ -83,19 +137,17 @@ def _pairs(store: Store) -> list[dict[str, Any]]:
         failed = [k for k in failed_keys if k.split("/")[1] == agents_hash]
         count, random = 0, False
         for key in pairs:
-            table = _rows(store, key, ["random_weights"])
-            count += table.num_rows
-            random |= any(table["random_weights"].to_pylist())
-        reasons: Counter[str] = Counter()
-        for key in failed:
-            reasons.update(_rows(store, key, ["reason"])["reason"].to_pylist())
+            footer = _footer(store, key)
+            count += footer.num_rows
+            random = random or _any_true(store, key, footer, "random_weights")
+        failures = _item_failures(store, failed, ["stage", "reason", "detail"])
         found.append(
             {
                 "agents_hash": agents_hash,
                 "slides": len(pairs),
                 "pairs": count,
-                "failed_items": sum(reasons.values()),
-                "failures": dict(reasons.most_common()),
+                "failed_items": sum(group["count"] for group in failures.values()),
+                "failures": failures,
                 "random_weights": random,
                 "prefix": store.uri(f"pairs/{agents_hash}"),
             }
@@ -109,17 +161,13 @@ def _instruct(store: Store) -> list[dict[str, Any]]:
     found = []
     for instruct_hash in sorted({k.split("/")[1] for k in shards + failed_keys}):
         mine = [k for k in shards if k.split("/")[1] == instruct_hash]
-        reasons: Counter[str] = Counter()
-        for key in (k for k in failed_keys if k.split("/")[1] == instruct_hash):
-            table = _rows(store, key, ["stage", "reason"])
-            stages, why = table["stage"].to_pylist(), table["reason"].to_pylist()
-            reasons.update(f"{a}:{b}" for a, b in zip(stages, why, strict=True))
+        failed = [k for k in failed_keys if k.split("/")[1] == instruct_hash]
         found.append(
             {
                 "instruct_hash": instruct_hash,
                 "slides": len(mine),
-                "conversations": sum(_rows(store, k, ["patch_id"]).num_rows for k in mine),
-                "failures": dict(reasons.most_common()),
+                "conversations": sum(_footer(store, k).num_rows for k in mine),
+                "failures": _item_failures(store, failed, ["stage", "reason", "detail"]),
                 "prefix": store.uri(f"instruct/{instruct_hash}"),
             }
         )
@@ -186,24 +234,26 @@ def _lines(report: dict[str, Any], link) -> list[str]:
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(slides["by_status"].items())) or "none"
     lines = [f"Store: {report['store']}", "", f"Slides: {slides['total']} ({statuses}); {slides['patches']} patches"]
     if slides["median_seconds_per_slide"] is not None:
-        lines.append(f"Extraction: median {slides['median_seconds_per_slide']} s per slide")
+        lines.append(
+            f"Extraction: median {slides['median_seconds_per_slide']} s per extracted slide (failed ones left out)"
+        )
     if slides["random_selection"]:
         lines.append(f"RANDOM WEIGHTS: {slides['random_selection']} slides selected with random-weight embeddings")
-    for reason, ids in slides["failures"].items():
-        lines.append(f"  failed x{len(ids)}: {reason} ({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''})")
+    for code, group in slides["failures"].items():
+        ids = group["slides"]
+        lines.append(f"  failed x{len(ids)}, {code}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+        lines.append(f"    for example {ids[0]}: {group['example']}")
     for pairs in report["pairs"]:
         line = f"Pairs {pairs['agents_hash']}: {pairs['pairs']} pairs from {pairs['slides']} slides, "
         line += f"{pairs['failed_items']} failed items; {link(pairs['prefix'], pairs['prefix'])}"
         lines.append(line + (" (RANDOM WEIGHTS: captions are noise)" if pairs["random_weights"] else ""))
-        for reason, count in pairs["failures"].items():
-            lines.append(f"  failed x{count}: {reason}")
+        lines += _item_failure_lines(pairs["failures"])
     for found in report.get("instruct", []):
         lines.append(
             f"Instruct {found['instruct_hash']}: {found['conversations']} conversations from {found['slides']} "
             f"slides; {link(found['prefix'], found['prefix'])}"
         )
-        for reason, count in found["failures"].items():
-            lines.append(f"  failed x{count}: {reason}")
+        lines += _item_failure_lines(found["failures"])
     for run in report.get("llava_runs", []):
         for stage in run["stages"]:
             if stage["status"] == "no-data":
@@ -235,14 +285,30 @@ def _lines(report: dict[str, Any], link) -> list[str]:
     return lines
 
 
+def _item_failure_lines(failures: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for code, group in failures.items():
+        lines.append(f"  failed x{group['count']}, {code}")
+        if group["example"]:
+            lines.append(f"    for example: {' '.join(str(group['example']).split())}")
+    return lines
+
+
 def text(report: dict[str, Any]) -> str:
     return "\n".join(_lines(report, lambda name, uri: uri))
 
 
 def markdown(report: dict[str, Any], title: str = "PathGen Factory report", extra: list[str] | None = None) -> str:
     """The report as markdown for a Prefect artifact; ``extra`` lines (the run's own figures) go first."""
-    body = ["- " + line.strip() if line.startswith("  ") else line for line in _lines(report, _md_link)]
+    body = [_md_item(line) for line in _lines(report, _md_link)]
     return "\n".join([f"# {title}", "", *(extra or []), "", *[line + "  " for line in body]])
+
+
+def _md_item(line: str) -> str:
+    """Indented lines as list items: two spaces a failure group, four its example."""
+    if line.startswith("    "):
+        return "  - " + line.strip()
+    return "- " + line.strip() if line.startswith("  ") else line
 
 
 def _md_link(name: str, uri: str) -> str:

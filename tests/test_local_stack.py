@@ -236,22 +236,14 @@ def test_up_is_idempotent_restarts_only_what_is_missing_and_down_leaves_nothing(
 
 # -- prefect.yaml on the stack: deploy everything, run the factory deployment ------------------------------------
 
-TINY_FACTORY = {  # deploy/production.yaml, with the tiny random-weight models instead of its real ones
-    "models.allow_random_weights": True,
-    "embedding.model": None,
-    "embedding.pretrained": None,
-    **{f"agents.{role}.{key}": value for role in ("describe", "revise", "summarize")
-       for key, value in (("backend", "transformers"), ("model", None))},
-    "clip.pretrained": None,
-    "clip.precision": "auto",
-    "clip.batch_size": 8,
-    "clip.holdout_fraction": 0.25,
+LOCAL_PROFILE = "deploy/local.yaml"  # the stack's tiny-model profile, as the README runs the factory with it
+QUICKER = {  # the profile made quicker for the test: 8 patches of 224 px, no evaluation folder
     "clip.workers": 0,
     "clip.evaluate": [],
     "selection.max_per_slide": 8,
     "patch.patch_px": 224,
     "extract.concurrency": 1,
-}  # fmt: skip
+}
 
 
 def _call(api: httpx.Client, method: str, url: str, **kwargs) -> httpx.Response:
@@ -302,8 +294,9 @@ def deploy_all_and_run_the_factory(stack: Stack) -> None:
 
     prefix = f"runs/{uuid.uuid4().hex[:8]}"
     parameters = {
+        "config": LOCAL_PROFILE,
         "sources": [str(CMU)],
-        "overrides": {**TINY_FACTORY, "store": f"s3://factory/{prefix}"},
+        "overrides": {**QUICKER, "store": f"s3://factory/{prefix}"},
         "datasets": [{"dataset": str(KATHER), "classes": str(ROOT / "tasks/clip/data/kather2016-classes.json")}],
     }
     with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
@@ -334,8 +327,8 @@ def run_every_other_deployment(stack: Stack, factory: dict) -> None:
         "instruct/instruct": {},  # the tiny model's replies fail validation: recorded as failures, not data
     }
     with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
-        overrides = {"overrides": factory["overrides"]}
-        ids = [_start_deployment(api, name, {**overrides, **extra}) for name, extra in runs.items()]
+        profile = {"config": factory["config"], "overrides": factory["overrides"]}
+        ids = [_start_deployment(api, name, {**profile, **extra}) for name, extra in runs.items()]
         finished = _wait_final(api, ids, timeout=240)
     assert [r["state"]["type"] for r in finished] == ["COMPLETED"] * len(runs), [
         (name, r["state"]) for name, r in zip(runs, finished, strict=True)

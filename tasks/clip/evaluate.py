@@ -33,9 +33,20 @@ from tasks.clip.metrics import (
     retrieval_recall,
     zero_shot_predict,
 )
+from tasks.clip.spec import trained_from_random
 from tasks.clip.webdataset import training_tars
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder
+from tasks.slides.pictures import random_weights_banner
 from tasks.store.objects import Store
+
+
+def random_weights(model: EmbeddingModel) -> bool:
+    """No pretrained weights: none loaded, or a PathGen-CLIP checkpoint whose run started from random weights."""
+    return model.random_weights or trained_from_random(model.pretrained)
+
+
+def model_description(model: EmbeddingModel) -> dict[str, Any]:
+    return model.describe() | {"random_weights": random_weights(model)}
 
 
 def embed_images(model: EmbeddingModel, images: list[Image.Image | Path], batch_size: int) -> np.ndarray:
@@ -57,10 +68,11 @@ def evaluate_dataset(model: EmbeddingModel, dataset: Path, spec: ClassSpec, cfg:
     test_x = embed_images(model, list(test.paths), cfg.batch_size)
     weights = class_weights(model.embed_texts, spec)
     predicted = zero_shot_predict(test_x, weights)
+    about = model_description(model)
     result: dict[str, Any] = {
         "dataset": dataset.name,
-        "model": model.describe(),
-        "random_weights": model.random_weights,
+        "model": about,
+        "random_weights": about["random_weights"],
         "classes": spec.folders,
         "templates": spec.templates,
         "zero_shot": classification_metrics(test.labels, predicted, spec.folders),
@@ -126,14 +138,26 @@ def publish(store: Store, run: str, result: dict[str, Any], logger: logging.Logg
     if "zero_shot" in result:
         with tempfile.TemporaryDirectory() as folder:
             png = Path(folder) / "confusion.png"
-            title = f"{name}: {result['model']['model']}" + (" (RANDOM WEIGHTS)" if result["random_weights"] else "")
-            confusion_png(result["zero_shot"]["confusion"], result["classes"], png, title)
+            confusion_png(result["zero_shot"]["confusion"], result["classes"], png, confusion_title(name, result))
+            if result["random_weights"]:  # said where the picture is looked at, not only in the JSON beside it
+                banded = random_weights_banner(np.asarray(Image.open(png).convert("RGB")), "these numbers are noise")
+                Image.fromarray(banded).save(png)
             store.put_file(png, f"{prefix}/{name}-confusion.png")
         result = result | {"confusion_png": store.uri(f"{prefix}/{name}-confusion.png")}
     store.write_bytes(f"{prefix}/{name}.json", (json.dumps(result, indent=1, default=str) + "\n").encode())
     if logger:
         logger.info("evaluation of %s on %s: %s", run, name, store.uri(f"{prefix}/{name}.json"))
     return store.uri(f"{prefix}/{name}.json")
+
+
+def confusion_title(name: str, result: dict[str, Any]) -> str:
+    """What the picture shows and how well: the model, then zero-shot accuracy and balanced accuracy on n images."""
+    zero = result["zero_shot"]
+    model = result["model"]["model"] + (" (RANDOM WEIGHTS)" if result["random_weights"] else "")
+    return (
+        f"{name}: {model}, zero-shot accuracy {zero['accuracy']:.3f}, "
+        f"balanced {zero['balanced_accuracy']:.3f} (n={zero['n']})"
+    )
 
 
 def table_rows(run: str, result: dict[str, Any]) -> list[dict[str, Any]]:

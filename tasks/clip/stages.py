@@ -20,6 +20,8 @@ from typing import Any
 from pathgen.digest import path_digest
 from pathgen.settings import ClipSettings, PairSetSettings, Settings
 from tasks.captions.export import agents_hashes
+from tasks.clip.lease import RunLease
+from tasks.clip.scalars import MetricsUnreadable
 from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint
 from tasks.clip.train import (
     CheckpointMirror,
@@ -27,11 +29,19 @@ from tasks.clip.train import (
     checkpoints,
     epoch_of,
     fitted_batch,
+    fitted_workers,
     run_trainer,
     set_aside_incomplete,
     write_metrics,
 )
-from tasks.clip.webdataset import ExportSummary, export_external, export_pairs, sample_count, training_tars
+from tasks.clip.webdataset import (
+    ExportSummary,
+    export_external,
+    export_pairs,
+    sample_count,
+    tar_sizes,
+    training_tars,
+)
 from tasks.store.objects import Store
 
 RUNS = "models/clip"
@@ -78,9 +88,15 @@ def export_set(store: Store, pair_set: PairSetSettings, settings: Settings, logg
     return export_pairs(store, pair_set.agents_hash, out, cfg.holdout_fraction, logger)
 
 
+PRETRAINED_ARCHITECTURE = "ViT-B-16"  # what clip.pretrained (openai, say) loads into when clip.model is unset
+
+
 def start_spec(cfg: ClipSettings) -> ModelSpec:
-    """The model stage 1 starts from; without pretrained weights, the tiny model (random weights, and says so)."""
-    return ModelSpec(cfg.model, cfg.pretrained) if cfg.pretrained else ModelSpec(TINY_RANDOM)
+    """The model stage 1 starts from. ``clip.model`` is trained as named: from ``clip.pretrained`` when given, else
+    from random initialisation (random weights, and says so); neither set: the tiny model, from random weights."""
+    if cfg.pretrained:
+        return ModelSpec(cfg.model or PRETRAINED_ARCHITECTURE, cfg.pretrained)
+    return ModelSpec(cfg.model or TINY_RANDOM)
 
 
 def run_name(cfg: ClipSettings, data_digests: list[str]) -> str:
@@ -119,6 +135,13 @@ def resolved_precision(precision: str) -> str:
     return "amp" if torch.cuda.is_available() else "fp32"
 
 
+def random_start_warning(run: str, model: str) -> str:
+    return (
+        f"{run} trains {model} from RANDOM WEIGHTS (random initialisation, no pretrained weights): set "
+        "clip.pretrained (with clip.model) to start from trained weights"
+    )
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -129,6 +152,7 @@ class StageResult:
     final_loss: float | None
     samples_per_s: float | None
     random_weights: bool
+    metrics_error: str | None = None  # the trainer's metrics could not be read: the stage is not ok
 
     def row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +168,7 @@ def stage_plan(
         raise ValueError(f"{stage}: {samples} training pairs in {data}; contrastive training needs at least 2")
     pair_set = dict(stage_sets(cfg))[stage]
     precision = resolved_precision(cfg.precision)
+    batch_size = fitted_batch(cfg.batch_size, samples, cfg.devices, logger)
     return StagePlan(
         run=run,
         name=stage,
@@ -152,8 +177,8 @@ def stage_plan(
         tars=tars,
         samples=samples,
         epochs=pair_set.epochs,
-        batch_size=fitted_batch(cfg.batch_size, samples, cfg.devices, logger),
-        workers=cfg.workers,
+        batch_size=batch_size,
+        workers=fitted_workers(tar_sizes(tars), batch_size, cfg.workers, cfg.devices, logger),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup=cfg.warmup,
@@ -170,30 +195,45 @@ def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_se
     """Train one stage to its last epoch, resuming from its newest checkpoint here or in the store."""
     final_key = f"{plan.store_prefix()}/checkpoints/epoch_{plan.epochs}.pt"
     mirror = CheckpointMirror(plan, store, mirror_seconds, logger)
-    trained = not store.exists(final_key)
-    set_aside_incomplete(plan.stage_dir / "checkpoints", logger)
-    newest = mirror.fetch_newest()
-    if trained:
-        if newest:
-            logger.info("%s %s: resuming from %s (epoch %d)", plan.run, plan.name, newest.name, epoch_of(newest))
-        if plan.random_start:
-            logger.warning("%s starts from RANDOM WEIGHTS (tiny-random): set clip.model and clip.pretrained", plan.run)
-        with mirror:
-            run_trainer(plan, logger)
+    with RunLease(store, f"{RUNS}/{plan.run}", plan.folder):  # raises RunBusy while another trainer holds the run
+        trained = not store.exists(final_key)
+        set_aside_incomplete(plan.stage_dir / "checkpoints", logger)
+        newest = mirror.fetch_newest()
+        if trained:
+            if newest:
+                logger.info("%s %s: resuming from %s (epoch %d)", plan.run, plan.name, newest.name, epoch_of(newest))
+            if plan.random_start:
+                logger.warning(random_start_warning(plan.run, plan.spec.name))
+            with mirror:
+                run_trainer(plan, logger)
     local = checkpoints(plan.stage_dir / "checkpoints")
     if not local or epoch_of(local[-1]) < plan.epochs:
         raise RuntimeError(f"{plan.run} {plan.name}: the trainer ended without epoch_{plan.epochs}.pt")
-    rows = write_metrics(plan)
-    return StageResult(
-        stage=plan.name,
-        checkpoint=store.uri(final_key),
-        local_checkpoint=str(local[-1]),
-        trained=trained,
-        steps=rows[-1]["step"] if rows else 0,
-        final_loss=rows[-1]["loss"] if rows else None,
-        samples_per_s=rows[-1]["samples_per_s"] if rows else None,
-        random_weights=plan.random_start,
-    )
+    result = StageResult(plan.name, store.uri(final_key), str(local[-1]), trained, 0, None, None, plan.random_start)
+    try:
+        rows = write_metrics(plan) if trained else _finished_rows(plan, store)
+    except MetricsUnreadable as exc:
+        result.metrics_error = f"{plan.run} {plan.name}: its training metrics cannot be read ({exc})"
+        return result
+    last = rows[-1]
+    result.steps, result.final_loss, result.samples_per_s = last["step"], last["loss"], last["samples_per_s"]
+    return result
+
+
+def _finished_rows(plan: StagePlan, store: Store) -> list[dict[str, Any]]:
+    """A stage finished earlier: its trainer's records, else the metrics.jsonl its run left in the store (a run of
+    an earlier version, before the records were kept)."""
+    try:
+        return write_metrics(plan)
+    except MetricsUnreadable:
+        key = f"{plan.store_prefix()}/metrics.jsonl"
+        try:
+            rows = [json.loads(line) for line in store.read_bytes(key).decode().splitlines()]
+        except (FileNotFoundError, ValueError):
+            rows = []
+        if not rows or not all(isinstance(row, dict) and isinstance(row.get("loss"), float) for row in rows):
+            raise
+        return rows
 
 
 def write_run_record(store: Store, run: str, cfg: ClipSettings, stages: list[dict], exports: list[dict]) -> None:

@@ -123,5 +123,6 @@ class PatchShardWriter:
 def read_shard(handle, columns: list[str] | None = None) -> pa.Table:
     """Read a shard from an open (fsspec) file. Through ParquetFile, not read_table: read_table goes through
     pyarrow.dataset, which brings up pyarrow's S3 client, whose C++ threads can abort the interpreter at exit
-    ("terminate called without an active exception"); pre-buffering over a Python file object can do the same."""
-    return pq.ParquetFile(handle, pre_buffer=False).read(columns=columns)
+    ("terminate called without an active exception"); pre-buffering over a Python file object can do the same, and
+    so can a threaded read, whose CPU pool workers touch the Python file object and outlive the command."""
+    return pq.ParquetFile(handle, pre_buffer=False).read(columns=columns, use_threads=False)

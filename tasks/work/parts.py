@@ -1,7 +1,13 @@
 """Many workers, one job: a flow run with ``parts=N`` that runs as a deployment starts each part as a child flow
 run of the same deployment, so that every worker of the pool can take one; outside a deployment the parts run
 one after another in this process. Each run records which worker ran it (host, pid, CUDA_VISIBLE_DEVICES) as
-its ``worker`` artifact, and the parent reports every part from its children's states and artifacts."""
+its ``worker`` artifact, and the parent reports every part from its children's states and artifacts.
+
+The parent waits at most ``parts.timeout_seconds``. A child that has not started by then is cancelled and reported
+with the reason Prefect's objects give (the deployment's concurrency slots taken, the work pool or queue paused or
+full, no worker online, every worker busy); while it waits, the parent logs such reasons as they change. The parent
+never waits on a slot only it holds: when the deployment's concurrency limit leaves its children none, it runs the
+parts itself."""
 
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from tasks.work.units import worker_identity
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+NOT_STARTED = ("SCHEDULED", "PENDING")  # state types of a child run that no worker has started yet
+REASON_EVERY_S = 30.0  # how often a waiting parent looks up, and logs when it changed, why a child has not started
 
 
 def current_deployment_id() -> str | None:
@@ -50,10 +58,10 @@ async def _stage_deployment(deployment_id: str, stage: str) -> str:
             ) from None
 
 
-def start_parts(stage: str, parameters: dict[str, Any], parts: int, logger: logging.Logger) -> list[Any]:
-    """One child flow run per part of the stage's deployment (this run's own, unless the stage runs inside another
-    deployment's flow); returns them at once (they run on the pool's workers)."""
-    deployment_id = run_coro_as_sync(_stage_deployment(current_deployment_id(), stage))
+def start_parts(
+    stage: str, deployment_id: str, parameters: dict[str, Any], parts: int, logger: logging.Logger
+) -> list[Any]:
+    """One child flow run per part of the stage's deployment; returns them at once (they run on the pool's workers)."""
     children = []
     for part in range(parts):
         child = run_deployment(
@@ -66,6 +74,27 @@ def start_parts(stage: str, parameters: dict[str, Any], parts: int, logger: logg
         logger.info("part %d of %d: flow run %s", part, parts, child.name)
         children.append(child)
     return children
+
+
+async def _slot_shortage(deployment_id: str) -> str | None:
+    """Why no child of the stage's deployment could ever start while this parent waits, or None.
+
+    The parent is a flow run of the deployment it starts its children on (unless the stage runs inside another
+    deployment's flow, the factory), so it holds one slot of that deployment's concurrency limit until it ends; a
+    limit of 1 leaves the children none. Tag limits (``gpu``) are not held: they bind task runs, which take a
+    flow run's tags only from their own decorator, and the parent waits outside any task.
+    """
+    if str(current_deployment_id()) != str(deployment_id):
+        return None
+    async with get_client() as client:
+        deployment = await client.read_deployment(deployment_id)
+    limit = deployment.global_concurrency_limit
+    if limit is None or not limit.active or limit.limit > 1:
+        return None
+    return (
+        f"the {deployment.name} deployment's concurrency limit is {limit.limit} and this parent run holds that slot "
+        "until it ends, so no child run of it could start"
+    )
 
 
 async def _read(run_ids: list[Any]) -> list[Any]:
@@ -84,30 +113,135 @@ async def _artifact_row(run_id: Any, key: str) -> dict[str, Any]:
     return rows[0] if rows else {}
 
 
-def wait_for_parts(children: list[Any], poll_seconds: float = 2.0) -> list[dict[str, Any]]:
-    """Wait until every child run is final; one report row per part, with the counts its run reported."""
-    while True:
+def _final(run: Any) -> bool:
+    return bool(run.state) and run.state.type.value in FINAL
+
+
+def _not_started(run: Any) -> bool:
+    return not run.state or run.state.type.value in NOT_STARTED
+
+
+def wait_for_parts(
+    children: list[Any], timeout_seconds: float, logger: logging.Logger, poll_seconds: float = 2.0
+) -> list[dict[str, Any]]:
+    """Wait until every child run is final, or ``timeout_seconds`` (``parts.timeout_seconds``) have passed; one
+    report row per part. At the deadline a child that never started is cancelled and its row gives Prefect's reason
+    (:func:`why_waiting`); one still running is left to finish. While waiting, why a child has not started yet is
+    logged every ``REASON_EVERY_S`` seconds, once per new reason."""
+    deadline = time.monotonic() + timeout_seconds
+    next_look, told = time.monotonic() + REASON_EVERY_S, {}
+    runs = run_coro_as_sync(_read([c.id for c in children]))
+    while not all(_final(r) for r in runs) and time.monotonic() < deadline:
+        if time.monotonic() >= next_look:
+            _tell_waiting(runs, told, logger)
+            next_look = time.monotonic() + REASON_EVERY_S
+        time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))
         runs = run_coro_as_sync(_read([c.id for c in children]))
-        if all(r.state and r.state.type.value in FINAL for r in runs):
-            break
-        time.sleep(poll_seconds)
-    reports = []
-    for part, run in enumerate(runs):
-        worker = run_coro_as_sync(_artifact_row(run.id, "worker"))
-        counts = run_coro_as_sync(_artifact_row(run.id, "summary"))
-        reports.append(
-            {
-                "part": part,
-                "flow_run": run.name,
-                "state": run.state.name,
-                "host": worker.get("host", ""),
-                "pid": worker.get("pid", ""),
-                "cuda_visible_devices": worker.get("cuda_visible_devices", ""),
-                **counts,
-            }
-        )
+    unfinished = run_coro_as_sync(_give_up(runs, timeout_seconds)) if not all(_final(r) for r in runs) else {}
+    reports = [_part_report(part, run, unfinished.get(part)) for part, run in enumerate(runs)]
     create_table_artifact(reports, key="parts", description="the child flow run of each part, and its worker")
     return reports
+
+
+def _tell_waiting(runs: list[Any], told: dict[int, str], logger: logging.Logger) -> None:
+    for part, run in enumerate(runs):
+        if _not_started(run):
+            reason = run_coro_as_sync(_why(run))
+            if told.get(part) != reason:
+                logger.warning("part %d (flow run %s) has not started: %s", part, run.name, reason)
+                told[part] = reason
+
+
+async def _give_up(runs: list[Any], timeout_seconds: float) -> dict[int, tuple[str, str]]:
+    """At the deadline: part -> (state, reason) of each child that is not final; cancels those that never started."""
+    from prefect.states import Cancelled, Cancelling
+
+    unfinished = {}
+    async with get_client() as client:
+        for part, run in enumerate(runs):
+            if _final(run):
+                continue
+            if not _not_started(run):
+                reason = f"still running when parts.timeout_seconds ({timeout_seconds:g} s) ran out; it goes on"
+                unfinished[part] = (f"{run.state.name} (unfinished)", reason)
+                continue
+            reason = await why_waiting(client, run)
+            message = f"never started within parts.timeout_seconds ({timeout_seconds:g} s): {reason}"
+            stop = Cancelling if run.state and run.state.type.value == "PENDING" else Cancelled
+            await client.set_flow_run_state(run.id, stop(message=message))
+            unfinished[part] = (f"never started ({run.state.name if run.state else 'no state'})", reason)
+    return unfinished
+
+
+async def _why(run: Any) -> str:
+    async with get_client() as client:
+        return await why_waiting(client, run)
+
+
+async def why_waiting(client: Any, run: Any) -> str:
+    """Why Prefect has not started ``run`` (Scheduled or Pending): the deployment's concurrency slots taken, its
+    work pool or queue paused or at its concurrency limit, no worker online, or every online worker busy."""
+    try:
+        reasons = await _deployment_reasons(client, run) + await _pool_reasons(client, run)
+    except Exception as exc:  # noqa: BLE001 - a reason that cannot be read must not sink the parent's report
+        reasons = [f"could not read why ({type(exc).__name__}: {exc})"]
+    if run.state and run.state.type.value == "PENDING":
+        reasons.append("a worker took it (Pending) but its flow run process did not start; see the worker's log")
+    if not reasons:
+        message = run.state.message if run.state and run.state.message else "no reason given"
+        reasons.append(f"{run.state.name if run.state else 'no state'}: {message}")
+    return "; ".join(reasons)
+
+
+async def _deployment_reasons(client: Any, run: Any) -> list[str]:
+    if not (run.state and run.state.name == "AwaitingConcurrencySlot" and run.deployment_id):
+        return []
+    deployment = await client.read_deployment(run.deployment_id)
+    limit = deployment.global_concurrency_limit
+    held = f"{limit.active_slots} of {limit.limit} slots held" if limit else "slots held"
+    parent = " (this parent holds one of them)" if str(current_deployment_id()) == str(run.deployment_id) else ""
+    return [f"the {deployment.name} deployment's concurrency limit is reached: {held}{parent}"]
+
+
+async def _pool_reasons(client: Any, run: Any) -> list[str]:
+    if not run.work_pool_name:
+        return []
+    name = run.work_pool_name
+    pool = await client.read_work_pool(name)
+    reasons = [f"work pool {name} is paused (prefect work-pool resume {name})"] if pool.is_paused else []
+    if pool.concurrency_limit is not None and (pool.active_slots or 0) >= pool.concurrency_limit:
+        reasons.append(f"work pool {name}'s concurrency limit ({pool.concurrency_limit}) is taken")
+    if run.work_queue_name:
+        queue = await client.read_work_queue_by_name(run.work_queue_name, work_pool_name=name)
+        if queue.is_paused:
+            reasons.append(f"work queue {queue.name} of pool {name} is paused")
+        if queue.concurrency_limit is not None and (queue.active_slots or 0) >= queue.concurrency_limit:
+            reasons.append(f"work queue {queue.name}'s concurrency limit ({queue.concurrency_limit}) is taken")
+    online = [w for w in await client.read_workers_for_work_pool(name) if w.status.value == "ONLINE"]
+    if not online:
+        reasons.append(f"no worker is online on work pool {name} (start one: prefect worker start --pool {name})")
+    elif not reasons and run.state and run.state.type.value == "SCHEDULED":
+        reasons.append(
+            f"{len(online)} worker(s) online on work pool {name}, none free: each runs its --limit of flow runs "
+            "(this parent holds one while it waits); start more workers or use fewer parts"
+        )
+    return reasons
+
+
+def _part_report(part: int, run: Any, unfinished: tuple[str, str] | None) -> dict[str, Any]:
+    worker = run_coro_as_sync(_artifact_row(run.id, "worker"))
+    counts = run_coro_as_sync(_artifact_row(run.id, "summary"))
+    state, reason = unfinished or (run.state.name, "")
+    return {
+        "part": part,
+        "flow_run": run.name,
+        "state": state,
+        "reason": reason,
+        "host": worker.get("host", ""),
+        "pid": worker.get("pid", ""),
+        "cuda_visible_devices": worker.get("cuda_visible_devices", ""),
+        **counts,
+    }
 
 
 COUNTS = ("slides", "ok", "skipped", "failed", "pending", "items")
@@ -130,24 +264,61 @@ def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def run_parts(stage: str, flow_fn: Any, parameters: dict[str, Any], parts: int, logger: logging.Logger) -> dict:
-    """The parent of a ``parts=N`` run: child runs on the pool's workers when this run is a deployment's, else
-    the parts one after another here (as subflows); returns the merged summary with a ``parts`` report."""
-    if current_deployment_id():
-        reports = wait_for_parts(start_parts(stage, parameters, parts, logger))
-    else:
-        reports = []
-        for part in range(parts):
-            state = flow_fn(**parameters, parts=parts, part=part, return_state=True)
-            result = state.result(raise_on_failure=False) if state.is_completed() else {}
-            reports.append({"part": part, "state": state.name, **(result or {})})
+def run_parts(
+    stage: str,
+    flow_fn: Any,
+    parameters: dict[str, Any],
+    parts: int,
+    logger: logging.Logger,
+    timeout_seconds: float | None = None,
+) -> dict:
+    """The parent of a ``parts=N`` run: child runs on the pool's workers when this run is a deployment's (waiting at
+    most ``timeout_seconds``, default the run's ``parts.timeout_seconds``), else the parts one after another here
+    (as subflows), as also when the children could never get a slot; returns the merged summary with a ``parts``
+    report."""
+    reports = _parts_on_workers(stage, parameters, parts, logger, timeout_seconds) if current_deployment_id() else None
+    if reports is None:
+        reports = _parts_here(flow_fn, parameters, parts)
     summary = merge_summaries(reports)
     lost = [r for r in reports if r["state"] != "Completed"]
     summary["parts"] = [{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in reports]
     summary["lost_parts"] = [r["part"] for r in lost]
     for report in lost:
-        logger.error("part %s ended %s: its slides stay pending for the next run", report["part"], report["state"])
+        why = f" ({report['reason']})" if report.get("reason") else ""
+        logger.error(
+            "part %s ended %s%s: its slides stay pending for the next run", report["part"], report["state"], why
+        )
     return summary
+
+
+def _parts_on_workers(
+    stage: str, parameters: dict[str, Any], parts: int, logger: logging.Logger, timeout_seconds: float | None
+) -> list[dict[str, Any]] | None:
+    """The parts as child runs of the stage's deployment; None when they could never get a slot (run them here)."""
+    deployment_id = run_coro_as_sync(_stage_deployment(current_deployment_id(), stage))
+    shortage = run_coro_as_sync(_slot_shortage(deployment_id))
+    if shortage:
+        logger.warning("%s: the %d parts run here, one after another (raise the limit to run them at once)",
+                       shortage, parts)  # fmt: skip
+        return None
+    timeout = _timeout_of(parameters) if timeout_seconds is None else timeout_seconds
+    return wait_for_parts(start_parts(stage, deployment_id, parameters, parts, logger), timeout, logger)
+
+
+def _parts_here(flow_fn: Any, parameters: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    reports = []
+    for part in range(parts):
+        state = flow_fn(**parameters, parts=parts, part=part, return_state=True)
+        result = state.result(raise_on_failure=False) if state.is_completed() else {}
+        reports.append({"part": part, "state": state.name, **(result or {})})
+    return reports
+
+
+def _timeout_of(parameters: dict[str, Any]) -> float:
+    from pathgen.settings import run_settings
+
+    settings = run_settings(parameters.get("store"), parameters.get("config"), parameters.get("overrides"))
+    return settings.parts.timeout_seconds
 
 
 def source_label(sources: list[str]) -> str:

@@ -52,8 +52,27 @@ def _task_options(stage: Stage, settings: Settings) -> Any:
     )
 
 
+# The units of the runs in this process that have not reported back yet, by (stage, kind of unit): what a command
+# names as pending when it must stop early (pathgen/local_api.py: its Prefect API lost). A run cut short by an
+# exception keeps its entry until the stage runs again here, so that the command can still name them.
+_unfinished: dict[tuple[str, str], list[str]] = {}
+
+
+def unfinished_units() -> dict[tuple[str, str], list[str]]:
+    """(stage, kind of unit) -> the ids of its units that have no outcome yet, for the runs in this process."""
+    return {key: sorted(units) for key, units in list(_unfinished.items()) if units}
+
+
 def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger: logging.Logger) -> list[UnitOutcome]:
     """Run every group; one outcome per unit, sorted by unit id."""
+    key = (stage.name, stage.units)
+    _unfinished[key] = [stage.unit_id(u) for group in groups for u in group]
+    outcomes = _run_groups(stage, groups, settings, logger)
+    _unfinished.pop(key, None)
+    return outcomes
+
+
+def _run_groups(stage: Stage, groups: list[list[Any]], settings: Settings, logger: logging.Logger) -> list[UnitOutcome]:
     bound_threads()  # a flow run started by a worker never went through the CLI: bound its threads here too
     total = sum(len(g) for g in groups)
     # Runs that overlap (two workers, a run started while another goes) start on different groups and then skip
@@ -79,6 +98,7 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
             group = futures[future]
             done = _collect(future, group, stage, logger)
             outcomes.extend(done)
+            _reported(stage, done)
             bar.update(bar_task, advance=len(group))
             update_progress_artifact(progress_id, 100.0 * len(outcomes) / max(total, 1))
     outcomes.sort(key=lambda o: o.unit)
@@ -88,6 +108,13 @@ def run_units(stage: Stage, groups: list[list[Any]], settings: Settings, logger:
         description=stage.table_description or stage.name,
     )
     return outcomes
+
+
+def _reported(stage: Stage, outcomes: list[UnitOutcome]) -> None:
+    """Units with a final outcome (committed, skipped, failed) leave the unfinished list; pending ones stay on it."""
+    finished = {o.unit for o in outcomes if o.status != "pending"}
+    key = (stage.name, stage.units)
+    _unfinished[key] = [u for u in _unfinished.get(key, []) if u not in finished]
 
 
 def _collect(future: Any, group: list[Any], stage: Stage, logger: logging.Logger) -> list[UnitOutcome]:

@@ -24,16 +24,19 @@ question itself must reach ``min_question_support``, and in a multiple-choice tu
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from agents.backends import backend_for
-from agents.identity import model_identity, role_inputs, sampling_of
+from agents.identity import item_seed, model_identity, role_inputs, sampling_of
 from agents.prompts import load_prompt
 from agents.protocol import ChatBackend, ChatReply, ChatRequest, Sampling
 from agents.validation import problem
@@ -42,7 +45,6 @@ from pathgen.settings import InstructSettings, Settings
 log = logging.getLogger("pathgen.instruct")
 
 KINDS = ("open", "yes-no", "multiple-choice")
-RULES_VERSION = "1"  # parsing, validation and rendering: bump on any change, it is part of instruct_hash
 MIN_OPTIONS, MAX_OPTIONS = 2, 6
 LETTERS = "ABCDEF"
 _KIND_ALIASES = {
@@ -81,6 +83,72 @@ class Invalid(ValueError):
         self.detail = detail
 
 
+# The code of the rules (parsing, validation, rendering), whose identity is part of instruct_hash: from this module,
+# what read_reply and Rules reach; agents.validation whole (its reply checks).
+RULES_CODE = ((Path(__file__), ("read_reply", "Rules")), (Path(__file__).with_name("validation.py"), None))
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _definitions(tree: ast.Module) -> dict[str, ast.stmt]:
+    """Each top-level name of a module with the statement that defines it."""
+    found: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found[node.name] = node
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                found.update({n.id: node for n in ast.walk(target) if isinstance(n, ast.Name)})
+    return found
+
+
+def _canonical(node: Any) -> str:
+    """A syntax tree as text, the same on every supported Python: ast.dump shows 3.12's new type_params field, and
+    ast.unparse writes f-strings with other quotes on 3.12. Workers on 3.11 and 3.12 must agree on instruct_hash."""
+    if isinstance(node, ast.AST):
+        fields = (_canonical(getattr(node, name, None)) for name in node._fields if name != "type_params")
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return f"[{', '.join(_canonical(item) for item in node)}]"
+    return repr(node)
+
+
+def reached_code(source: str, roots: tuple[str, ...] | None) -> str:
+    """The code of a module's ``roots`` and of every top-level definition they use, directly or not (all of it
+    when roots is None), as a canonical syntax tree: comments, layout and docstrings do not count, a changed rule
+    does."""
+    tree = _without_docstrings(ast.parse(source))
+    if roots is None:
+        return _canonical(tree)
+    definitions = _definitions(tree)
+    reached, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in reached or name not in definitions:
+            continue
+        reached.add(name)
+        todo += [n.id for n in ast.walk(definitions[name]) if isinstance(n, ast.Name)]
+    kept = [node for node in tree.body if any(definitions.get(name) is node for name in reached)]
+    return _canonical(kept)
+
+
+@functools.cache
+def rules_code(sources: tuple[tuple[Path, tuple[str, ...] | None], ...] | None = None) -> str:
+    """The rules' identity: a digest of their code (RULES_CODE), so that changing a rule changes instruct_hash
+    without anyone remembering to bump a version."""
+    digest = hashlib.sha256()
+    for path, roots in sources or RULES_CODE:
+        digest.update(reached_code(Path(path).read_text(), roots).encode())
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Rules:
     """Everything of the settings that decides what is accepted and how it is rendered (part of instruct_hash)."""
@@ -96,7 +164,7 @@ class Rules:
 
     def inputs(self) -> dict[str, Any]:
         return {
-            "version": RULES_VERSION,
+            "code": rules_code(),
             "conversations": self.conversations,
             "max_turns": self.max_turns,
             "min_support": self.min_support,
@@ -424,18 +492,23 @@ class InstructAgent:
         fields = {"count": self.rules.conversations, "turns": self.rules.max_turns, "description": item.description}
         return self.prompt.request(item.image, **fields)
 
-    def run(self, items: dict[str, Source]) -> InstructResult:
+    def run(self, items: dict[str, Source], source_agents_hash: str = "") -> InstructResult:
         """One batch for every item; a reply with no good conversation is asked again once with another seed, then
-        its failures are final. Backend failures raise (infrastructure: nothing is recorded)."""
+        its failures are final. Backend failures raise (infrastructure: nothing is recorded). Each request is seeded
+        from its item (patch id) and the instruct_hash, never from the rest of the batch."""
         tick = time.perf_counter()
         found: dict[str, list[Conversation]] = {}
         failures: list[InstructFailure] = []
         pending = list(items)
+        run_hash = self.instruct_hash(source_agents_hash)
         for attempt in range(2):
             if not pending:
                 break
             sampling = self.sampling if attempt == 0 else replace(self.sampling, seed=self.sampling.seed + 1)
-            replies = self.backend.generate([self.request(items[k]) for k in pending], sampling)
+            requests = [
+                replace(self.request(items[k]), seed=item_seed(run_hash, "instruct", k, attempt)) for k in pending
+            ]
+            replies = self.backend.generate(requests, sampling)
             retry = []
             for key, reply in zip(pending, replies, strict=True):
                 outcome = read_reply(key, reply, items[key].description, self.rules, self.role.max_words)

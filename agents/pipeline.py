@@ -17,7 +17,7 @@ from typing import Any
 
 from agents.backends import backend_for
 from agents.clip_tokens import clip_token_count, trim_to_tokens
-from agents.identity import ROLES, agents_hash, identities, sampling_of
+from agents.identity import ROLES, agents_hash, identities, item_seed, sampling_of
 from agents.prompts import Prompt, load_prompt
 from agents.protocol import ChatBackend, ChatRequest, Sampling
 from agents.validation import problem, tidy
@@ -155,15 +155,20 @@ class CaptionAgents:
 
     # -- stages --------------------------------------------------------------------------------------------
 
-    def _ask(self, stage: str, requests: dict[str, ChatRequest], failures: list[Failure]) -> dict[str, str]:
-        """Send a batch; re-ask the invalid ones once (new seed); record the twice-invalid as failures."""
+    def _ask(
+        self, stage: str, requests: dict[str, ChatRequest], failures: list[Failure], ask: str | None = None
+    ) -> dict[str, str]:
+        """Send a batch; re-ask the invalid ones once (new seed); record the twice-invalid as failures. Each request
+        is seeded from its item and ``ask`` (the stage, or which re-ask), never from the rest of the batch."""
         role = self.roles[stage]
         keys = list(requests)
         texts: dict[str, str] = {}
         pending = keys
+        run_hash = self.agents_hash()
         for attempt in range(2):
             sampling = role.sampling if attempt == 0 else replace(role.sampling, seed=role.sampling.seed + 1)
-            replies = role.backend.generate([requests[k] for k in pending], sampling)
+            seeded = [replace(requests[k], seed=item_seed(run_hash, ask or stage, k, attempt)) for k in pending]
+            replies = role.backend.generate(seeded, sampling)
             retry = []
             for key, reply in zip(pending, replies, strict=True):
                 reason = problem(reply, role.settings.max_words)
@@ -206,7 +211,7 @@ class CaptionAgents:
             failures,
         )
         rounds = dict.fromkeys(captions, 0)
-        for _ in range(self.settings.shorten_attempts):
+        for shorten_round in range(self.settings.shorten_attempts):
             over = {k: c for k, c in captions.items() if clip_token_count(c) > limit}
             if not over:
                 break
@@ -217,6 +222,7 @@ class CaptionAgents:
                     for k, c in over.items()
                 },
                 [],  # a failed re-ask keeps the earlier caption, to be trimmed below
+                f"shorten-{shorten_round}",
             )
             for key, text in shorter.items():
                 rounds[key] += 1

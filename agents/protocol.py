@@ -15,6 +15,12 @@ class ChatRequest:
     before_image: str
     image: bytes | None = None
     after_image: str = ""
+    # This request's own sampling seed (agents.identity.item_seed: from the item, never its place in a batch);
+    # None: the Sampling's seed.
+    seed: int | None = None
+
+    def seed_or(self, sampling: Sampling) -> int:
+        return sampling.seed if self.seed is None else self.seed
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ instruct and train-llava), each stage switchable.
 
 Every stage runs as a subflow (its own run, table and progress in the UI) and skips what the store already holds:
 committed slides and pairs, finished CLIP stages. ``parts`` goes to extract and caption. Models are checked for all
-chosen stages before any work (``models.allow_random_weights``). The run ends with a ``factory-report`` markdown
+chosen stages before any work (``models.allow_random_weights``); each stage's models leave the GPU when it ends
+(the next stage's training needs the memory). The run ends with a ``factory-report`` markdown
 artifact: each stage's state, counts and throughput, then what the store holds (``pathgen status``).
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from agents.backends import release_backends
 from flows.caption import caption_flow
 from flows.evaluate import evaluate_flow
 from flows.extract import extract_flow
@@ -24,6 +26,7 @@ from flows.train_llava import train_llava_flow
 from pathgen.settings import Settings, SettingsError, run_settings
 from tasks.models import DEFAULT_STAGES, STAGES, require_real_models
 from tasks.report import markdown, store_report
+from tasks.selection.embedding import release_clip_models
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run, source_label
 
@@ -77,7 +80,23 @@ def checked_stages(stages: list[str] | None) -> list[str]:
     return [s for s in STAGES if s in chosen]
 
 
+def release_models() -> None:
+    """Release every model a stage loaded in this process: the caption, instruct and evaluate-mc backends (a vLLM
+    engine shuts down) and the CLIP models of selection and evaluation. CLIP and LLaVA training run in processes of
+    their own, which give their memory back when they exit."""
+    release_clip_models()
+    release_backends()  # last: it collects garbage, then empties the CUDA cache
+
+
 def _run_stage(stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict]) -> dict[str, Any]:
+    """One stage as a subflow, its row for the report; its models are released when it ends, however it ends."""
+    try:
+        return _stage_row(stage, sources, common, parts, datasets)
+    finally:
+        release_models()  # the next stage (train-clip after caption) gets the GPU memory back
+
+
+def _stage_row(stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict]) -> dict[str, Any]:
     if stage == "extract":
         state = extract_flow(sources=sources, parts=parts, return_state=True, **common)
     elif stage == "caption":

@@ -227,4 +227,6 @@ def test_vllm_request_building_matches_its_public_api():
     backend.max_image_pixels = 672 * 672
     (conversation,) = backend.conversations([load_prompt("describe.v1").request(_jpeg(0))])
     assert conversation[1]["content"][1]["type"] == "image_url"
-    assert isinstance(backend.sampling_params(Sampling(0.2, 0.9, 16, 0)), vllm.SamplingParams)
+    requests = [ChatRequest("", "a", seed=7), ChatRequest("", "b")]
+    params = backend.sampling_params(requests, Sampling(0.2, 0.9, 16, 0))
+    assert all(isinstance(p, vllm.SamplingParams) for p in params) and [p.seed for p in params] == [7, 0]

@@ -6,7 +6,7 @@ most of whose parameters were missing from its weight files are all random weigh
 
 Backends are cached per process, keyed by the model's identity as loaded and every setting that shapes its replies
 (agents.identity.role_inputs): roles that name the same model with the same settings share one loaded model, and a
-backend built for other settings is never handed out.
+backend built for other settings is never handed out. release_backends() ends them when their stage ends.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 from pathlib import Path
 
 from agents.protocol import ChatBackend, ChatRequest
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
 
+log = logging.getLogger("pathgen.agents")
 _backends: dict[str, ChatBackend] = {}
 _lock = threading.Lock()
 
@@ -93,8 +95,11 @@ def backend_for(
     inputs.pop("prompt")
     inputs.pop("sampling")
     inputs.pop("max_words")
+    inputs.pop("seeding")
     inputs["needs_image"] = needs_image
     inputs["device"] = agents.device
+    if role.backend == "transformers":
+        inputs["batch_size"] = agents.batch_size
     if role.backend == "openai":
         inputs["connection"] = [agents.openai_base_url, agents.openai_concurrency, agents.openai_timeout_seconds]
         inputs["retries"] = [retries.io_retries, retries.backoff_seconds]
@@ -105,6 +110,37 @@ def backend_for(
         if key not in _backends:
             _backends[key] = _build(role, agents, retries, needs_image)
         return _backends[key]
+
+
+def release_backends() -> int:
+    """Close and forget every cached backend (a vLLM engine shuts down, a transformers model is dropped) and give
+    their GPU memory back: a stage's models must not hold the GPU that the next stage (train-clip) needs. Returns
+    how many were released; a later backend_for builds anew."""
+    import gc
+
+    with _lock:
+        released = list(_backends.values())
+        _backends.clear()
+    for backend in released:
+        close = getattr(backend, "close", None)
+        try:
+            if callable(close):
+                close()
+        except Exception as exc:  # a teardown fault must not turn the stage's result into a failure
+            log.warning("releasing the %s backend of %s failed: %s", backend.name, backend.model_id, exc)
+    count = len(released)
+    del released
+    gc.collect()
+    empty_cuda_cache()
+    return count
+
+
+def empty_cuda_cache() -> None:
+    """Hand the CUDA allocator's cached blocks back to the device (nothing to do without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _build(role: RoleSettings, agents: AgentsSettings, retries: RetrySettings, needs_image: bool) -> ChatBackend:

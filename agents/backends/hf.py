@@ -7,6 +7,7 @@ from its config, seeded, and says so), or weight files that lacked most of the m
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 from pathlib import Path
@@ -51,6 +52,34 @@ def load_model(cls, model_id: str, config, dtype, revision: str | None) -> tuple
             "%s: %.1f%% of its parameters were not in its weight files (initialised at random)", model_id, share * 100
         )
     return model, None
+
+
+class ItemSampler:
+    """A transformers logits processor that samples each row's next token with that row's own generator
+    (temperature, then nucleus top-p) and leaves only that token possible, so that greedy search takes it. A row's
+    draws then come from its own seed alone; its logits can still differ in the last bits with the batch's
+    padding."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: str) -> None:
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(dim=-1, descending=True)
+            outside = ordered.cumsum(dim=-1) - ordered > self.top_p  # the most likely token always stays
+            probs = probs.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+        chosen = torch.stack(
+            [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators, strict=True)]
+        )
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter(-1, chosen, 0.0)
 
 
 class TransformersBackend:
@@ -121,8 +150,19 @@ class TransformersBackend:
             replies.extend(self._generate(requests[start : start + self.batch_size], sampling))
         return replies
 
+    def close(self) -> None:
+        """Drop the model and its processor, and give the GPU memory back: the next stage needs it."""
+        from agents.backends import empty_cuda_cache
+
+        self.model = self.processor = self.tokenizer = None
+        gc.collect()
+        empty_cuda_cache()
+
     def _generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
         import torch
+
+        if self.model is None:
+            raise RuntimeError(f"the transformers backend for {self.model_id} was released at the end of its stage")
 
         if not self.vision and any(r.image is not None for r in requests):
             raise ValueError(
@@ -139,15 +179,18 @@ class TransformersBackend:
             return_tensors="pt",
             **kwargs,
         ).to(self.device)
-        torch.manual_seed(sampling.seed)
-        sample = sampling.temperature > 0
+        # Greedy search over logits that ItemSampler has reduced to one token per row: sampling with each request's
+        # own generator, never one generator shared by the batch (whose draws depend on the other rows).
+        processors = []
+        if sampling.temperature > 0:
+            seeds = [r.seed_or(sampling) for r in requests]
+            processors.append(ItemSampler(seeds, sampling.temperature, sampling.top_p, self.device))
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs,
                 max_new_tokens=sampling.max_new_tokens,
-                do_sample=sample,
-                temperature=sampling.temperature if sample else None,
-                top_p=sampling.top_p if sample else None,
+                do_sample=False,
+                logits_processor=processors,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]

@@ -69,20 +69,20 @@ class OpenAIBackend:
         gate = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
 
-            async def one(index: int, request: ChatRequest) -> ChatReply:
+            async def one(request: ChatRequest) -> ChatReply:
                 async with gate:
-                    return await self._one(client, request, sampling, index)
+                    return await self._one(client, request, sampling)
 
-            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+            return list(await asyncio.gather(*(one(r) for r in requests)))
 
-    async def _one(self, client: httpx.AsyncClient, request: ChatRequest, sampling: Sampling, index: int) -> ChatReply:
+    async def _one(self, client: httpx.AsyncClient, request: ChatRequest, sampling: Sampling) -> ChatReply:
         body = {
             "model": self.model_id,
             "messages": openai_messages(request, self.max_image_pixels),
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_new_tokens,
-            "seed": sampling.seed + index,
+            "seed": request.seed_or(sampling),  # the item's own seed: its reply never depends on its batch
         }
         problem = "no attempt made"
         for attempt in range(self.retries + 1):

@@ -38,19 +38,27 @@ class VLLMBackend:
     def conversations(self, requests: list[ChatRequest]) -> list[list[dict]]:
         return [openai_messages(r, self.max_image_pixels) for r in requests]
 
-    def sampling_params(self, sampling: Sampling):
+    def sampling_params(self, requests: list[ChatRequest], sampling: Sampling) -> list:
+        """One SamplingParams per request (LLM.chat pairs a list with its conversations one by one), each with the
+        request's own seed: an item's reply never depends on the batch it shares."""
         from vllm import SamplingParams
 
-        return SamplingParams(
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
-        )
+        return [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=request.seed_or(sampling),
+            )
+            for request in requests
+        ]
 
     def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
+        if self.llm is None:
+            raise RuntimeError(f"the vLLM engine for {self.model_id} was shut down at the end of its stage")
         try:
-            outputs = self.llm.chat(self.conversations(requests), self.sampling_params(sampling), use_tqdm=False)
+            params = self.sampling_params(requests, sampling)
+            outputs = self.llm.chat(self.conversations(requests), params, use_tqdm=False)
         except Exception as exc:  # an engine or CUDA error is infrastructure: nothing is committed, work stays pending
             raise BackendError(
                 f"the vLLM engine for {self.model_id} failed on a batch: {type(exc).__name__}: {exc}"
@@ -60,3 +68,18 @@ class VLLMBackend:
             completion = output.outputs[0]
             replies.append(ChatReply(completion.text.strip(), None, completion.finish_reason))
         return replies
+
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory (weights, KV cache) back: the next stage needs it."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        shutdown = getattr(llm, "shutdown", None)  # LLM.shutdown() where this vLLM has it
+        if callable(shutdown):
+            shutdown()
+        del llm
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:
+            return
+        cleanup_dist_env_and_memory()

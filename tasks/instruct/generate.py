@@ -167,7 +167,7 @@ def instruct_slides(
     work, skipped = _gather(store, units, agents_hash, instruct_hash, agent.prompt.has_image)
     sources = {r["patch_id"]: Source(r["revised_description"], r.get("image")) for w in work for r in w.rows}
     try:
-        result = agent.run(sources)
+        result = agent.run(sources, agents_hash)
     except InfrastructureError as exc:
         message = f"instruct failed, {len(work)} slides stay pending: {redact_urls(str(exc))}"
         raise still_pending(message, skipped, work, exc) from exc

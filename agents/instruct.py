@@ -504,11 +504,10 @@ class InstructAgent:
         for attempt in range(2):
             if not pending:
                 break
-            sampling = self.sampling if attempt == 0 else replace(self.sampling, seed=self.sampling.seed + 1)
-            requests = [
+            requests = [  # the re-ask's new seed is the item's own (attempt 1)
                 replace(self.request(items[k]), seed=item_seed(run_hash, "instruct", k, attempt)) for k in pending
             ]
-            replies = self.backend.generate(requests, sampling)
+            replies = self.backend.generate(requests, self.sampling)
             retry = []
             for key, reply in zip(pending, replies, strict=True):
                 outcome = read_reply(key, reply, items[key].description, self.rules, self.role.max_words)

@@ -166,9 +166,9 @@ class CaptionAgents:
         pending = keys
         run_hash = self.agents_hash()
         for attempt in range(2):
-            sampling = role.sampling if attempt == 0 else replace(role.sampling, seed=role.sampling.seed + 1)
+            # The re-ask's new seed is the item's own (attempt 1), never a shift of the batch's sampling seed.
             seeded = [replace(requests[k], seed=item_seed(run_hash, ask or stage, k, attempt)) for k in pending]
-            replies = role.backend.generate(seeded, sampling)
+            replies = role.backend.generate(seeded, role.sampling)
             retry = []
             for key, reply in zip(pending, replies, strict=True):
                 reason = problem(reply, role.settings.max_words)

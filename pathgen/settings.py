@@ -37,6 +37,7 @@ NON_SETTING_ENV_VARS = frozenset(
         "PATHGEN_API_LOST_S",  # pathgen/local_api.py: how long a command waits for a silent Prefect API
         "PATHGEN_STACK_STATE",  # deploy/local-stack.sh: marks the processes the local stack started
         "PATHGEN_DIGEST_CACHE",  # pathgen/digest.py: cache of model folder digests
+        "PATHGEN_CHECKPOINT_CACHE_GB",  # tasks/clip/spec.py: the bound of the fetched-checkpoint cache
         "PATHGEN_MODEL_CACHE",  # agents/tiny.py: where the tiny random-weight models are built
         "PATHGEN_OPENAI_API_KEY",  # agents/backends/openai_compat.py: a credential, never a setting
         "PATHGEN_KILL_TRIALS",  # tests/test_exactly_once.py, which runs `pathgen` with it set

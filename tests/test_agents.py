@@ -133,11 +133,14 @@ LONG = " ".join(f"Sentence {i} notes atypical glands in a desmoplastic stroma wi
 
 
 def test_loop_retries_once_then_records_the_failure():
+    asked: list[str] = []
+
     def describe(request, sampling):
         key = request.image.decode()
+        asked.append(key)
         if key == "bad":
             return ChatReply("I'm sorry, I can't help with that.")
-        if key == "flaky" and sampling.seed == 0:  # invalid on the first try, valid on the re-ask
+        if key == "flaky" and asked.count("flaky") == 1:  # invalid on the first try, valid on the re-ask
             return ChatReply("")
         return ChatReply(f"Glands of adenocarcinoma in {key}.")
 

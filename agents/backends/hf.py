@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from agents.protocol import ChatReply, ChatRequest, Sampling
+from tasks.errors import BackendError
 
 log = logging.getLogger("pathgen.agents")
 MOSTLY_MISSING = 0.5  # above this share of parameters (by count) left uninitialised, the model is random weights
@@ -162,7 +163,7 @@ class TransformersBackend:
         import torch
 
         if self.model is None:
-            raise RuntimeError(f"the transformers backend for {self.model_id} was released at the end of its stage")
+            raise BackendError(f"the transformers backend for {self.model_id} was released at the end of its stage")
 
         if not self.vision and any(r.image is not None for r in requests):
             raise ValueError(

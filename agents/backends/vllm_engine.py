@@ -55,7 +55,7 @@ class VLLMBackend:
 
     def generate(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
         if self.llm is None:
-            raise RuntimeError(f"the vLLM engine for {self.model_id} was shut down at the end of its stage")
+            raise BackendError(f"the vLLM engine for {self.model_id} was shut down at the end of its stage")
         try:
             params = self.sampling_params(requests, sampling)
             outputs = self.llm.chat(self.conversations(requests), params, use_tqdm=False)

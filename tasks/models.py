@@ -6,9 +6,9 @@ whatever its name. A hub model whose weights turn out missing when loaded is cau
 (:class:`agents.pipeline.CaptionPipeline`).
 
 The same check then resolves every chosen stage's weights (:func:`resolve_model_weights`): an open_clip tag is
-fetched into its cache, a hub model is found on the hub (or, offline, in the local cache), a file or folder must
-exist. Weights that cannot be had are infrastructure (:class:`ModelUnavailable`): nothing starts, and every slide stays
-pending instead of failing one by one.
+fetched into its cache, a hub model is found on the hub (or, offline or when the hub cannot be reached, in the
+local cache), a file or folder must exist. Weights that cannot be had are infrastructure (:class:`ModelUnavailable`):
+nothing starts, and every slide stays pending instead of failing one by one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pathgen.settings import Settings, SettingsError
-from tasks.errors import ModelUnavailable, short_error
+from tasks.errors import ModelUnavailable, redact_urls, short_error
 
 # The factory's stages in their order; DEFAULT_STAGES run unless others are chosen (PathGen-LLaVA's data and
 # training are asked for by name: --stages ...,instruct,train-llava).
@@ -34,7 +34,7 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
     """One line per model of ``stages`` that would run with random weights, naming the setting that chooses it."""
     from tasks.clip.spec import parse_model_spec
     from tasks.clip.stages import start_spec
-    from tasks.selection.embedding import embedding_spec
+    from tasks.selection.embedding import embedding_spec, has_random_weights
 
     stages = set(stages)
     unknown = stages - set(MODEL_STAGES)
@@ -43,8 +43,11 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
     found = []
     if "extract" in stages and settings.selection.method == "representative":
         spec = embedding_spec(settings.embedding)
-        if spec.random_weights:
-            found.append(f"embedding.model / embedding.pretrained: {spec.label} has no pretrained weights")
+        if has_random_weights(spec):
+            found.append(
+                f"embedding.model / embedding.pretrained: {spec.label} has no pretrained weights (or was trained from "
+                "random initialisation)"
+            )
     if "caption" in stages:
         found += _random_agents(settings)
     if "instruct" in stages:
@@ -53,8 +56,11 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
         found += _random_llava_language_model(settings)
     if "train-clip" in stages and start_spec(settings.clip).random_weights:
         found.append(f"clip.pretrained is unset: training would start {start_spec(settings.clip).label} from random")
-    if "evaluate" in stages and evaluate_model and parse_model_spec(evaluate_model).random_weights:
-        found.append(f"the evaluated model {evaluate_model} has no pretrained weights or checkpoint")
+    if "evaluate" in stages and evaluate_model and has_random_weights(parse_model_spec(evaluate_model)):
+        found.append(
+            f"the evaluated model {evaluate_model} has no pretrained weights or checkpoint, or was trained from "
+            "random initialisation"
+        )
     return found
 
 
@@ -159,7 +165,7 @@ def resolve_model_weights(settings: Settings, stages: Iterable[str], evaluate_mo
             _resolve_open_clip(model, settings) if kind == "open_clip" else _resolve_hub(str(model))
         except Exception as exc:  # noqa: BLE001 - every model's trouble is told at once
             label = model.label if kind == "open_clip" else model
-            problems.append(f"{setting} {label}: {short_error(exc)}")
+            problems.append(redact_urls(f"{setting} {label}: {short_error(exc)}"))  # an endpoint's user:secret@
     if problems:
         raise ModelUnavailable(
             "the weights of these models cannot be fetched or found: "
@@ -204,9 +210,12 @@ def _resolve_open_clip(spec, settings: Settings) -> None:
         )
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
 def _resolve_hub(model_id: str) -> None:
-    """A hub model: a local folder that exists, else a repository the hub lists with weight files (offline: one in
-    the local hub cache)."""
+    """A hub model: a local folder that exists, else a repository the hub lists with weight files, else (offline,
+    or the hub cannot be reached) a snapshot with weight files in the local hub cache."""
     from pathlib import Path
 
     folder = Path(model_id).expanduser()
@@ -214,12 +223,34 @@ def _resolve_hub(model_id: str) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(f"the model folder {model_id} does not exist")
         return
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
-        snapshot_download(model_id, local_files_only=True)  # LocalEntryNotFoundError when it is not cached
+        _cached_snapshot(model_id)
         return
-    info = HfApi().model_info(model_id)
+    try:
+        info = HfApi().model_info(model_id)
+    except Exception as exc:  # noqa: BLE001 - no answer, a 5xx or an auth error: the loaders fall back to the cache
+        _cached_snapshot(model_id, exc)
+        return
     names = [s.rfilename for s in info.siblings or []]
-    if not any(n.endswith((".safetensors", ".bin", ".pt", ".gguf")) for n in names):
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         raise FileNotFoundError(f"the hub repository {model_id} holds no weight files")
+
+
+def _cached_snapshot(model_id: str, hub_error: BaseException | None = None) -> None:
+    """The model's snapshot in the local hub cache (HF_HUB_CACHE), with weight files: what a worker without the hub
+    loads. ``hub_error`` is why the hub itself was not asked or did not answer."""
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    why = (
+        f"the hub cannot be reached ({short_error(hub_error)})" if hub_error else "the hub is offline (HF_HUB_OFFLINE)"
+    )
+    try:
+        folder = Path(snapshot_download(model_id, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - not cached, whatever the library calls it
+        raise FileNotFoundError(f"{why} and the local hub cache holds no snapshot of {model_id}") from exc
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in folder.rglob("*")):
+        raise FileNotFoundError(f"{why} and the local hub cache's snapshot of {model_id} holds no weight files")

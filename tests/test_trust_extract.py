@@ -51,6 +51,17 @@ def _footer_hash(store: Store, slide_id: str) -> str:
         return pq.ParquetFile(handle, pre_buffer=False).schema_arrow.metadata[b"pathgen.extraction_hash"].decode()
 
 
+def _set_footer_hash(store: Store, slide_id: str, extraction_hash: str) -> None:
+    """Rewrite the shard's footer hash, as the code of the time wrote it."""
+    import pyarrow.parquet as pq
+
+    with store.open(shard_key(slide_id)) as handle:
+        table = pq.read_table(handle)
+    meta = {**table.schema.metadata, b"pathgen.extraction_hash": extraction_hash.encode()}
+    with store.staged_file(shard_key(slide_id)) as local:
+        pq.write_table(table.replace_schema_metadata(meta), local)
+
+
 def _rows(store: Store, key: str) -> list[dict]:
     with store.open(key) as handle:
         return read_shard(handle, ["patch_id", "x", "y", "image"]).to_pylist()
@@ -105,11 +116,13 @@ def test_slide_extracted_before_identities_is_kept_until_its_source_changes(tmp_
     legacy = {**_record(store, "S2"), "extraction_hash": legacy_extraction_hash(ref, settings)}
     del legacy["source"], legacy["failed_positions"]  # as the earlier code wrote it
     store.write_json(slide_json_key("S2"), legacy)
+    _set_footer_hash(store, "S2", legacy["extraction_hash"])
     assert _extract(slide, settings).status == "skipped"
     assert "source" not in _record(store, "S2")  # left as it was
     other = _settings(tmp_path / "store", **{"patch.jpeg_quality": 70})  # other settings: redone, as ever
     assert _extract(slide, other).status == "ok"
     store.write_json(slide_json_key("S2"), legacy)
+    _set_footer_hash(store, "S2", legacy["extraction_hash"])
     os.utime(slide)  # the file changed after its record was written: redone, with its identity
     again = _extract(slide, settings)
     assert again.status == "ok" and _record(store, "S2")["source"]["kind"] == "file"
@@ -207,6 +220,45 @@ def test_unfetchable_embedding_weights_leave_the_slide_pending_and_its_shard(tmp
     assert store.read_bytes(shard_key("CMU-1-Small-Region")) == shard  # the good shard was not deleted
 
 
+def _hub_cache_snapshot(cache: Path, model_id: str, files: dict[str, bytes]) -> None:
+    """A model in the hub cache's layout, as a download leaves it: refs/main names the snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{model_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+def test_a_worker_without_network_starts_from_a_filled_hub_cache(tmp_path, monkeypatch):
+    """Online settings (no HF_HUB_OFFLINE) on a worker that cannot reach the hub: a model in its hub cache is
+    loaded from there, so the preflight lets the work start; a model it lacks is still refused, naming both."""
+    import huggingface_hub.constants as constants
+
+    from tasks.models import resolve_model_weights
+
+    cache = tmp_path / "hub-cache"
+    _hub_cache_snapshot(cache, "pathgen-test/cached", {"config.json": b"{}", "model.safetensors": b"weights"})
+    _hub_cache_snapshot(cache, "pathgen-test/no-weights", {"config.json": b"{}"})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: no network
+
+    def caption(model: str):
+        return _settings(tmp_path / "store", **{"agents.describe.model": model})
+
+    resolve_model_weights(caption("pathgen-test/cached"), ["caption"])  # the old code: ModelUnavailable
+    for model, reason in [("pathgen-test/absent", "holds no snapshot"), ("pathgen-test/no-weights", "no weight files")]:
+        with pytest.raises(ModelUnavailable) as caught:
+            resolve_model_weights(caption(model), ["caption"])
+        message = str(caught.value)
+        assert f"agents.describe.model {model}" in message and "the hub cannot be reached" in message, message
+        assert reason in message and "ConnectError" in message and "stays pending" in message
+
+
 @pytest.mark.parametrize(
     "fault",
     [
@@ -223,7 +275,7 @@ def test_gpu_faults_leave_the_slide_pending(tmp_path, monkeypatch, fault):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if fault == "oom" else fault
 
     monkeypatch.setattr(embedding.PatchEmbedder, "_forward", forward)
-    monkeypatch.setattr(embedding, "_empty_cuda_cache", lambda: None)
+    monkeypatch.setattr(embedding, "empty_cuda_cache", lambda: None)
     settings = _settings(tmp_path / "store", **{"selection.method": "representative", "embedding.batch_size": 4})
     outcome = _extract(CMU, settings)
     assert outcome.status == "pending", (outcome.status, outcome.error)
@@ -242,6 +294,73 @@ def test_failed_rerun_keeps_the_committed_shard(tmp_path, monkeypatch):
     assert _record(store, "CMU-1-Small-Region") == committed
     assert store.exists(shard_key("CMU-1-Small-Region"))
     assert _extract(CMU, settings).status == "skipped"
+
+
+def _png_writes_fail(monkeypatch) -> None:
+    real = Store.write_bytes
+
+    def write_bytes(store, key, data):
+        if key.endswith(".png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(store, key, data)
+
+    monkeypatch.setattr(Store, "write_bytes", write_bytes)
+
+
+def test_a_rerun_stopped_after_its_shard_leaves_no_ok_record_of_other_patches(tmp_path, monkeypatch):
+    """A re-run whose shard was committed but whose pictures or record were not (a storage error, a kill): the old
+    ``ok`` record no longer describes the shard, so the slide is redone, and a failing re-run cannot claim to keep
+    an earlier extraction that is gone."""
+    settings = _settings(tmp_path / "store")
+    store = Store(settings.store)
+    slide_id = "CMU-1-Small-Region"
+    assert _extract(CMU, settings).status == "ok"
+    committed = _record(store, slide_id)
+    with monkeypatch.context() as patch:
+        _png_writes_fail(patch)
+        stopped = _extract(CMU, _settings(tmp_path / "store", **{"patch.jpeg_quality": 70}))
+    assert stopped.status == "pending", stopped.error
+    assert _record(store, slide_id) == committed and _footer_hash(store, slide_id) != committed["extraction_hash"]
+
+    strict = _settings(tmp_path / "store", **{"tissue.threshold": 1.0, "quality.max_background_fraction": 0.0})
+    failed = _extract(CMU, strict)  # the old code: "the store keeps its earlier extraction", and kept the record
+    assert failed.status == "failed" and "keeps its earlier extraction" not in failed.error, failed.error
+    assert _record(store, slide_id)["status"] == "failed" and not store.exists(shard_key(slide_id))
+
+    with monkeypatch.context() as patch:
+        _png_writes_fail(patch)
+        assert _extract(CMU, _settings(tmp_path / "store", **{"patch.jpeg_quality": 70})).status == "pending"
+    store.write_json(slide_json_key(slide_id), committed)  # the ok record of the first settings, over other patches
+    redone = _extract(CMU, settings)  # the old code: "skipped", with the jpeg_quality 70 patches under this record
+    assert redone.status == "ok", (redone.status, redone.error)
+    assert _footer_hash(store, slide_id) == _record(store, slide_id)["extraction_hash"] == committed["extraction_hash"]
+
+
+def test_a_picture_that_fails_on_a_rerun_leaves_the_earlier_extraction_whole(tmp_path, monkeypatch):
+    settings = _settings(tmp_path / "store", **{"selection.method": "representative"})
+    store = Store(settings.store)
+    slide_id = "CMU-1-Small-Region"
+    assert _extract(CMU, settings).status == "ok"
+    committed, shard = _record(store, slide_id), store.read_bytes(shard_key(slide_id))
+    monkeypatch.setattr(extract_module.cv2, "imencode", lambda ext, img: (False, np.zeros(0, np.uint8)))
+    outcome = _extract(
+        CMU, _settings(tmp_path / "store", **{"selection.method": "representative", "patch.jpeg_quality": 70})
+    )
+    assert outcome.status == "failed" and "could not be encoded as PNG" in outcome.error
+    assert "keeps its earlier extraction" in outcome.error
+    assert _record(store, slide_id) == committed
+    assert store.read_bytes(shard_key(slide_id)) == shard  # the old code had committed the new shard under it
+    assert _footer_hash(store, slide_id) == committed["extraction_hash"]
+
+
+def test_storage_errors_never_show_the_credentials_of_a_store_url():
+    from types import SimpleNamespace
+
+    store = SimpleNamespace(url="https://pathgen:s3cret@minio.example:9000/bucket/store")
+    cause = OSError(errno.EACCES, "Access denied for https://pathgen:s3cret@minio.example:9000/bucket")
+    message = str(extract_module._storage_error(store, "writing slides/S/slide.json", cause))
+    assert "s3cret" not in message and "pathgen:" not in message
+    assert "https://***@minio.example:9000/bucket/store" in message and "stays pending" in message
 
 
 # -- point 11: storage errors ----------------------------------------------------------------------------------------
@@ -334,3 +453,48 @@ def test_a_corrupt_slide_json_is_redone_and_the_batch_goes_on(tmp_path):
     store.write_bytes(slide_json_key(slide_id), b'{"status": "ok", "slide_id": ')
     assert _extract(CMU, settings).status == "ok"
     assert _record(store, slide_id)["status"] == "ok"
+
+
+# -- review of issue 17: one flag for a checkpoint trained from random, one CUDA cache helper --------------------------
+
+
+def test_selection_with_a_checkpoint_trained_from_random_says_random_weights(tmp_path):
+    """``pathgen evaluate`` calls a PathGen-CLIP checkpoint whose run started from random weights RANDOM WEIGHTS;
+    selection with the same checkpoint says so too (the flag of the loaded model), and the guard refuses it."""
+    import open_clip
+    import torch
+
+    from pathgen.settings import load_settings
+    from tasks.clip.spec import ModelSpec
+    from tasks.models import random_weight_models
+    from tasks.selection.embedding import _register_configs, load_clip_model
+
+    _register_configs()
+    model = open_clip.create_model("tiny-random")
+    checkpoints = tmp_path / "run" / "stage1" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, checkpoints / "epoch_1.pt")
+    checkpoint = str(checkpoints / "epoch_1.pt")
+    (tmp_path / "run" / "stage1" / "params.txt").write_text("model: tiny-random\npretrained: None\n")
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"random_weights": True}))
+    loaded = load_clip_model(ModelSpec("tiny-random", checkpoint), "cpu")
+    assert loaded.random_weights and loaded.describe()["random_weights"]  # the old code: False
+    settings = load_settings(
+        overrides={"selection.method": "representative", "embedding.pretrained": checkpoint}, environ={}
+    )
+    assert any(checkpoint in line for line in random_weight_models(settings, ["extract"]))
+
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"random_weights": False}))
+    other = tmp_path / "run" / "stage1" / "checkpoints" / "epoch_2.pt"
+    shutil.copy(checkpoint, other)  # another spec: not the model loaded above
+    assert not load_clip_model(ModelSpec("tiny-random", str(other)), "cpu").random_weights
+
+
+def test_one_cuda_cache_helper_serves_selection_and_the_caption_backends():
+    import agents.backends
+    from tasks import devices
+    from tasks.selection import embedding
+
+    assert agents.backends.empty_cuda_cache is devices.empty_cuda_cache is embedding.empty_cuda_cache
+    assert not hasattr(embedding, "_empty_cuda_cache")
+    devices.empty_cuda_cache()  # nothing to do without CUDA, and no error

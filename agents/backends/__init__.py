@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agents.protocol import ChatBackend, ChatRequest
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
+from tasks.devices import empty_cuda_cache
 
 log = logging.getLogger("pathgen.agents")
 _backends: dict[str, ChatBackend] = {}
@@ -133,14 +134,6 @@ def release_backends() -> int:
     gc.collect()
     empty_cuda_cache()
     return count
-
-
-def empty_cuda_cache() -> None:
-    """Hand the CUDA allocator's cached blocks back to the device (nothing to do without CUDA)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _build(role: RoleSettings, agents: AgentsSettings, retries: RetrySettings, needs_image: bool) -> ChatBackend:

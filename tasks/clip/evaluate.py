@@ -33,20 +33,10 @@ from tasks.clip.metrics import (
     retrieval_recall,
     zero_shot_predict,
 )
-from tasks.clip.spec import trained_from_random
 from tasks.clip.webdataset import training_tars
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder
 from tasks.slides.pictures import random_weights_banner
 from tasks.store.objects import Store
-
-
-def random_weights(model: EmbeddingModel) -> bool:
-    """No pretrained weights: none loaded, or a PathGen-CLIP checkpoint whose run started from random weights."""
-    return model.random_weights or trained_from_random(model.pretrained)
-
-
-def model_description(model: EmbeddingModel) -> dict[str, Any]:
-    return model.describe() | {"random_weights": random_weights(model)}
 
 
 def embed_images(model: EmbeddingModel, images: list[Image.Image | Path], batch_size: int) -> np.ndarray:
@@ -68,7 +58,7 @@ def evaluate_dataset(model: EmbeddingModel, dataset: Path, spec: ClassSpec, cfg:
     test_x = embed_images(model, list(test.paths), cfg.batch_size)
     weights = class_weights(model.embed_texts, spec)
     predicted = zero_shot_predict(test_x, weights)
-    about = model_description(model)
+    about = model.describe()  # its random_weights counts a checkpoint trained from random too
     result: dict[str, Any] = {
         "dataset": dataset.name,
         "model": about,

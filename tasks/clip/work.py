@@ -14,7 +14,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from pathgen.settings import PairSetSettings, Settings
-from tasks.clip.evaluate import evaluate, model_description, publish, table_rows
+from tasks.clip.evaluate import evaluate, publish, table_rows
 from tasks.clip.lease import RunBusy
 from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import data_digest, export_set, stage_plan, train_stage
@@ -156,7 +156,7 @@ def _evaluate_unit(model, unit: dict[str, Any], settings: Settings) -> dict[str,
     retrieval = holdout_retrieval(model, holdout, settings.eval) if holdout else None
     if retrieval is None:
         raise ValueError(f"fewer than 2 held-out pairs in {holdout}: raise clip.holdout_fraction for retrieval")
-    about = model_description(model)
+    about = model.describe()
     return {"dataset": "holdout", "model": about, "random_weights": about["random_weights"], "retrieval": retrieval}
 
 

@@ -19,13 +19,15 @@ import cv2
 import numpy as np
 
 from pathgen.settings import EmbeddingSettings
-from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint, parse_model_spec
+from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint, parse_model_spec, trained_from_random
+from tasks.devices import empty_cuda_cache
 from tasks.errors import ModelUnavailable, short_error
 
 MODEL_CONFIGS = Path(__file__).parent / "data" / "open_clip"
 RANDOM_WEIGHTS_WARNING = (
-    "selection embeddings come from {model} with RANDOM WEIGHTS (no pretrained weights loaded): clusters and "
-    "retrieval picks are noise; set embedding.model and embedding.pretrained for real selection"
+    "selection embeddings come from {model} with RANDOM WEIGHTS (no pretrained weights, or a checkpoint trained "
+    "from random initialisation): clusters and retrieval picks are noise; set embedding.model and "
+    "embedding.pretrained for real selection"
 )
 
 log = logging.getLogger("pathgen.embedding")
@@ -106,6 +108,12 @@ def embedding_spec(cfg: EmbeddingSettings) -> ModelSpec:
     return ModelSpec(cfg.model or TINY_RANDOM, cfg.pretrained or None)
 
 
+def has_random_weights(spec: ModelSpec) -> bool:
+    """No pretrained weights: none given, or a PathGen-CLIP checkpoint whose run started from random weights (it
+    loads weights, yet they descend from none). Every loaded model's ``random_weights`` is this."""
+    return spec.random_weights or trained_from_random(spec.pretrained)
+
+
 def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None = None) -> EmbeddingModel:
     """The configured selection model, loaded once per process (workers embed many slides with one model)."""
     spec = embedding_spec(cfg)
@@ -151,7 +159,7 @@ def load_clip_model(spec: ModelSpec, device: str = "auto", logger: logging.Logge
             name=spec.name,
             pretrained=spec.pretrained,
             device=device,
-            random_weights=spec.random_weights,
+            random_weights=has_random_weights(spec),
             model=model,
             preprocess=preprocess,
             tokenizer=open_clip.get_tokenizer(spec.name),
@@ -165,7 +173,7 @@ def release_clip_models() -> None:
     """Drop the loaded models (and their GPU memory) before something else needs the device, such as training."""
     with _models_lock:
         _models.clear()
-    _empty_cuda_cache()
+    empty_cuda_cache()
 
 
 class PatchEmbedder:
@@ -207,7 +215,7 @@ class PatchEmbedder:
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
                 self.logger.warning("GPU out of memory while embedding: batch size halved to %d", self.batch_size)
-                _empty_cuda_cache()
+                empty_cuda_cache()
                 continue
             self._pending = self._pending[len(chunk) :]
 
@@ -225,10 +233,3 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

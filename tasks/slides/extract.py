@@ -2,9 +2,10 @@
 
 ``extract_slide`` never raises for a bad slide: it records ``slide.json`` with ``status: failed`` and a one-sentence
 reason, and returns. Infrastructure (a storage failure that outlasts its retries, a full disk, a model whose weights
-cannot be fetched, a CUDA fault or out-of-memory) leaves the slide pending, with nothing written. Commit order is
-shard, thumbnail, then ``slide.json``: a ``slide.json`` with ``status: ok`` means everything it names is committed
-and whole, and a re-run that fails never removes such a committed extraction.
+cannot be fetched, a CUDA fault or out-of-memory) leaves the slide pending. Pictures are encoded before the shard
+is committed; commit order is shard, pictures, then ``slide.json``. A ``slide.json`` with ``status: ok`` counts
+only while the shard's footer holds its extraction hash (a run stopped after its shard leaves a record of other
+patches, and the slide is redone), and a re-run that fails never removes such a committed extraction.
 
 The slide's source identity (:func:`source_identity`) is part of its extraction hash, so a slide whose file changed
 at the same path is extracted again (and its pairs become pending), while an unchanged one is skipped.
@@ -19,6 +20,7 @@ import os
 import posixpath
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -55,6 +57,7 @@ from tasks.slides.shard import SCHEMA_VERSION, PatchShardWriter
 from tasks.slides.sources import SlideRef, slide_id_problem, source_identity
 from tasks.slides.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
 from tasks.store.objects import Store, is_remote, storage_options, url_to_fs
+from tasks.work.commit import metadata as parquet_metadata
 from tasks.work.units import PendingWork, UnitOutcome
 
 log = logging.getLogger("pathgen.extract")
@@ -103,7 +106,9 @@ def shard_key(slide_id: str) -> str:
 
 
 def _good_record(store: Store, slide_id: str) -> SlideRecord | None:
-    """The slide's committed ``ok`` record whose shard is there, whatever its extraction hash; None otherwise."""
+    """The slide's committed ``ok`` record, whatever its extraction hash, when its shard is there and is the one it
+    describes (the shard's footer holds the record's extraction hash); None otherwise. A run stopped between a new
+    shard and its record (a storage error, a kill) leaves an ``ok`` record of other patches: the slide is redone."""
     key = slide_json_key(slide_id)
     if not store.exists(key):
         return None
@@ -111,10 +116,23 @@ def _good_record(store: Store, slide_id: str) -> SlideRecord | None:
         found = store.read_json(key)
         if not isinstance(found, dict) or found.get("status") != "ok" or not store.exists(shard_key(slide_id)):
             return None
-        return SlideRecord.model_validate(found)
-    except ValueError as exc:  # corrupt JSON or record: the slide is redone, never a reason to stop the batch
-        log.warning("%s: its slide.json cannot be read (%s); the slide is extracted again", slide_id, short_error(exc))
+        record = SlideRecord.model_validate(found)
+        in_shard = parquet_metadata(store, shard_key(slide_id)).get("pathgen.extraction_hash")
+    except ValueError as exc:  # corrupt JSON, record or shard: the slide is redone, never a reason to stop the batch
+        log.warning(
+            "%s: its slide.json or shard cannot be read (%s); the slide is extracted again", slide_id, short_error(exc)
+        )
         return None
+    if in_shard != record.extraction_hash:
+        log.warning(
+            "%s: its patch shard holds extraction %s, not the %s its slide.json describes (a run stopped between "
+            "them); the slide is extracted again",
+            slide_id,
+            in_shard,
+            record.extraction_hash,
+        )
+        return None
+    return record
 
 
 def _committed(
@@ -157,9 +175,12 @@ def _store_io(settings: Settings, store: Store, fn, what: str):
 
 
 def _storage_error(store: Store, what: str, exc: BaseException) -> StorageError:
+    # a store or endpoint URL may carry credentials (user:secret@host): the message never shows them
     return StorageError(
-        f"{what} in the store {store.url} failed ({short_error(exc)}); free space or fix the store's permissions, "
-        "then run again: the slide stays pending"
+        redact_urls(
+            f"{what} in the store {store.url} failed ({short_error(exc)}); free space or fix the store's "
+            "permissions, then run again: the slide stays pending"
+        )
     )
 
 
@@ -251,7 +272,8 @@ def _attempt(
 
 def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger: logging.Logger) -> SlideRecord:
     """Commit the record; what is committed comes back. A failed re-run of a slide whose earlier extraction is
-    committed and whole leaves that extraction in place (it is reported failed, and tried again next run)."""
+    committed and whole (its ``ok`` record and the shard that record describes) leaves that extraction in place (it
+    is reported failed, and tried again next run); a failing slide never commits a shard of its own."""
     slide_id = record.slide_id
     if record.status == "failed":
         earlier = _store_io(settings, store, lambda: _good_record(store, slide_id), f"reading {slide_id}")
@@ -263,7 +285,7 @@ def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger
             logger.warning("%s: failed: %s", slide_id, record.error)
             return record
         logger.warning("%s: failed: %s", slide_id, record.error)
-        # A stray shard (no ok record names it) would contradict this record: remove it.
+        # A stray shard (no ok record describes it: a run stopped before its record) would contradict this record.
         _store_io(settings, store, lambda: store.delete(shard_key(slide_id)), "cleaning the store")
     payload = record.model_dump(mode="json")
     _store_io(settings, store, lambda: store.write_json(slide_json_key(slide_id), payload), f"writing {slide_id}")
@@ -422,8 +444,15 @@ def _extract(
         tick = time.perf_counter()
         slide = SlidePass(ref, settings, reader, logger)
         record.read_level = slide.read_level
-        result = _write_shard(slide, store, plan, cells, record.extraction_hash)
-        timings["patches"] = time.perf_counter() - tick
+
+        def pictures(result: PassResult) -> dict[str, bytes]:
+            started = time.perf_counter()
+            encoded = _encode_pictures(reader, settings, ref.slide_id, plan.name, (overview, downsample, mask), result)
+            timings["thumbnail"] = time.perf_counter() - started
+            return encoded
+
+        result, pngs = _write_shard(slide, store, plan, cells, record.extraction_hash, pictures)
+        timings["patches"] = time.perf_counter() - tick - timings["thumbnail"]
         counts = dict(
             result.counts, tissue_cells=len(cells), grid_cells=int(info.width // cell) * int(info.height // cell)
         )
@@ -434,40 +463,11 @@ def _extract(
         record.random_weights = result.random_weights
 
         tick = time.perf_counter()
-        thumb_downsample = max(1.0, max(info.width, info.height) / settings.extract.thumbnail_px)
-        picture, picture_downsample = overview, downsample
-        if thumb_downsample < downsample * 0.8:  # the mask overview is too coarse to look at
-            picture, picture_downsample = reader.overview(thumb_downsample)
-        mask_big = cv2.resize(
-            mask.astype("uint8"), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST
-        )
-        kept_boxes = [k.box for k in result.kept]
-        _write_png(
-            store,
-            thumbnail_key(ref.slide_id),
-            draw_thumbnail(
-                picture,
-                mask_big,
-                picture_downsample,
-                kept_boxes,
-                settings.extract.thumbnail_px,
-                random_weights=result.random_weights,
-            ),
-        )
-        if plan.name == "representative":
-            _write_png(
-                store,
-                selection_key(ref.slide_id),
-                draw_selection(
-                    picture,
-                    picture_downsample,
-                    result.kept,
-                    settings.extract.thumbnail_px,
-                    random_weights=result.random_weights,
-                ),
-            )
+        for key, png in pngs.items():
+            _write_png(store, key, png)
+        if selection_key(ref.slide_id) in pngs:
             record.selection_png = selection_key(ref.slide_id)
-        timings["thumbnail"] = time.perf_counter() - tick
+        timings["thumbnail"] += time.perf_counter() - tick
 
     logger.info(
         "%s: %d patches kept of %d tissue cells (%s, level %d, %.1fs)",
@@ -523,12 +523,37 @@ def _describe_slide(record: SlideRecord, reader: SlideReader) -> None:
     record.objective_power = info.objective_power
 
 
-def _write_png(store: Store, key: str, rgb) -> None:
+def _encode_pictures(
+    reader: SlideReader, settings: Settings, slide_id: str, plan_name: str, overview: tuple, result: PassResult
+) -> dict[str, bytes]:
+    """The slide's thumbnail (and selection picture) as PNG bytes by store key. ``overview`` is the tissue mask's
+    (picture, downsample, mask)."""
+    info = reader.info
+    picture, picture_downsample, mask = overview
+    thumb_downsample = max(1.0, max(info.width, info.height) / settings.extract.thumbnail_px)
+    if thumb_downsample < picture_downsample * 0.8:  # the mask overview is too coarse to look at
+        picture, picture_downsample = reader.overview(thumb_downsample)
+    mask_big = cv2.resize(mask.astype("uint8"), (picture.shape[1], picture.shape[0]), interpolation=cv2.INTER_NEAREST)
+    size, random_weights = settings.extract.thumbnail_px, result.random_weights
+    boxes = [k.box for k in result.kept]
+    thumbnail = draw_thumbnail(picture, mask_big, picture_downsample, boxes, size, random_weights=random_weights)
+    pngs = {thumbnail_key(slide_id): _png(thumbnail_key(slide_id), thumbnail)}
+    if plan_name == "representative":
+        selection = draw_selection(picture, picture_downsample, result.kept, size, random_weights=random_weights)
+        pngs[selection_key(slide_id)] = _png(selection_key(slide_id), selection)
+    return pngs
+
+
+def _png(key: str, rgb) -> bytes:
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok or png is None or not png.size:  # an empty file would stand in the store as a picture
         raise SlideError(f"{key} could not be encoded as PNG (a {rgb.shape} picture); report it with this slide")
+    return png.tobytes()
+
+
+def _write_png(store: Store, key: str, png: bytes) -> None:
     try:
-        store.write_bytes(key, png.tobytes())
+        store.write_bytes(key, png)
     except OSError as exc:
         if is_transient(exc):
             raise
@@ -536,9 +561,15 @@ def _write_png(store: Store, key: str, rgb) -> None:
 
 
 def _write_shard(
-    slide: SlidePass, store: Store, plan: SelectionPlan, cells: list[GridCell], extraction_hash: str
-) -> PassResult:
-    """Write the slide's patch shard through a staged file: it is committed whole or not at all."""
+    slide: SlidePass,
+    store: Store,
+    plan: SelectionPlan,
+    cells: list[GridCell],
+    extraction_hash: str,
+    pictures: Callable[[PassResult], dict[str, bytes]],
+) -> tuple[PassResult, dict[str, bytes]]:
+    """Write the slide's patch shard through a staged file: it is committed whole or not at all. Its pictures are
+    encoded before the commit, so that a slide that fails never replaces a committed shard."""
     ref = slide.ref
     metadata = {
         "pathgen.slide_id": ref.slide_id,
@@ -561,11 +592,12 @@ def _write_shard(
                     f"{result.counts['rejected']}); check the slide or relax quality.max_background_fraction, "
                     "quality.min_sharpness or quality.max_pen_fraction"
                 )
+            pngs = pictures(result)
     except OSError as exc:  # the reader turns the slide's own read errors into SlideError: this is the store
         if is_transient(exc):
             raise
         raise _storage_error(store, f"writing the patch shard of {ref.slide_id}", exc) from exc
-    return result
+    return result, pngs
 
 
 def extract_slides(

@@ -29,7 +29,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/pathgen run $(SLIDES) --store $(STORE) --dataset $(KATHER) --classes tasks/clip/data/kather2016-classes.json \
-		--set clip.batch_size=8 --set clip.stage1.epochs=2 --set clip.holdout_fraction=0.25
+		--set clip.batch_size=8 --set clip.stage1.epochs=2
 	$(BIN)/pathgen export pathgen-json --store $(STORE) --out $(STORE)/pairs.json
 	@echo "pathgen lives in $(VENV): run $(BIN)/pathgen --help, or source $(BIN)/activate first and then pathgen --help"
 

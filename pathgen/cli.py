@@ -45,6 +45,14 @@ def _settings_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+STORE_HELP = "store root URL (default: settings.store, file://./store)"
+
+
+def store_arg(parser: argparse.ArgumentParser, help: str = STORE_HELP) -> None:
+    """``--store URL``: the store a command reads and writes; unset, settings.store (as for every command)."""
+    parser.add_argument("--store", metavar="URL", help=help)
+
+
 def _parts_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parts",
@@ -403,8 +411,8 @@ def _print_summary(summary: dict) -> None:
     if summary.get("selection") == "representative":
         print(f"  selection:     {store}/slides/<slide_id>/selection.png")
     if summary.get("random_weights"):
-        print("  RANDOM WEIGHTS: selection used the tiny-random embedding model, so its picks are noise;")
-        print("  set embedding.model and embedding.pretrained for a real selection")
+        print("  RANDOM WEIGHTS: the selection model has no pretrained weights (or was trained from random), so")
+        print("  its picks are noise; set embedding.model and embedding.pretrained for a real selection")
     for failed in summary["failed_slides"]:
         print(f"failed: {failed['slide_id']}: {failed['error']}")
     for pending in summary["pending_slides"]:

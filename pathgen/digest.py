@@ -14,6 +14,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 MEMORY_ENTRIES = 4096
 DISK_ENTRIES = 20_000
@@ -25,6 +26,23 @@ CHUNK = 8 * 2**20
 def _cache_file() -> Path:
     root = os.environ.get("PATHGEN_DIGEST_CACHE") or Path.home() / ".cache" / "pathgen" / "digests.json"
     return Path(root)
+
+
+def cache_dir() -> Path:
+    """The folder of this machine's digest caches: that of ``PATHGEN_DIGEST_CACHE``, else ~/.cache/pathgen."""
+    return _cache_file().parent
+
+
+def save_json_cache(path: Path, data: Any) -> None:
+    """Write a cache file whole (staged, then renamed: a reader never sees half of it). A cache that cannot be
+    written (a read-only home, a full disk) only costs hashing again next time, so the error is not raised."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(data))
+        os.replace(staging, path)
+    except OSError:
+        pass
 
 
 def _stamp(path: Path) -> tuple[str, int, int]:
@@ -41,15 +59,7 @@ def _load_disk() -> dict[str, str]:
 
 def _save_disk(entries: dict[str, str]) -> None:
     """The newest ``DISK_ENTRIES`` (a dict keeps insertion order, and a new entry is inserted last)."""
-    entries = dict(list(entries.items())[-DISK_ENTRIES:])
-    target = _cache_file()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        staging.write_text(json.dumps(entries))
-        os.replace(staging, target)
-    except OSError:  # a read-only home only costs a re-hash next time
-        pass
+    save_json_cache(_cache_file(), dict(list(entries.items())[-DISK_ENTRIES:]))
 
 
 def file_digest(path: str | os.PathLike) -> str:

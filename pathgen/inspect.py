@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from tasks.errors import cut
 from tasks.slides.shard import read_shard
-from tasks.store.objects import Store, is_remote, local_path
+from tasks.store.objects import Store, StoreError, is_remote, local_path
 
 TILE_PX = 336  # half a 672 px patch: nuclei and cells are still visible
 CAPTION_LINES = 4  # of a pair's caption under its tile (about 50 characters each)
@@ -159,7 +159,13 @@ def _inspect(url: str, out: str | None, samples: int, rows: int) -> int:
         ["captions from random-weight models"] if random_captions else []
     )
     banner = "RANDOM WEIGHTS: " + " and ".join(reasons) + " (noise)" if reasons else None
-    written = _write_contact_sheet(store, images, labels, out, banner)
+    try:
+        written = _write_contact_sheet(store, images, labels, out, banner)
+    except (OSError, StoreError) as exc:  # a read-only store (or a full disk): everything above still stands
+        where = out or store.uri(CONTACT_SHEET)
+        print(f"pathgen inspect: the contact sheet cannot be written to {where} ({cut(str(exc))}); pass --out FILE "
+              "to write it somewhere writable", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
     print(f"\ncontact sheet of {len(images)} patches: {written}" + (f" ({banner})" if banner else ""))
     return 0
 
@@ -229,7 +235,8 @@ def _random_pairs(store: Store, key: str) -> bool:
         shard = pq.ParquetFile(handle, pre_buffer=False)
         if "random_weights" not in shard.schema_arrow.names:
             return False
-        return any(shard.read(columns=["random_weights"])["random_weights"].to_pylist())
+        # No thread pool: its workers touch the Python file object and can outlive the command (see read_shard).
+        return any(shard.read(columns=["random_weights"], use_threads=False)["random_weights"].to_pylist())
 
 
 def _contact_sheet(images: list[bytes], labels: list[str], out: str, banner: str | None = None) -> None:

@@ -12,6 +12,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
+    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
+
     train = sub.add_parser(
         "train-llava",
         parents=[common],
@@ -22,7 +24,7 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
         metavar="DIR",
         help="LLaVA JSON folder (stage1.json, stage2.json, images); default: export the store's data first",
     )
-    train.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    store_arg(train)
     settings_args(train)
 
 

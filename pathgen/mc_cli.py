@@ -18,6 +18,8 @@ COMMAND = "evaluate-mc"
 
 
 def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
+    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
+
     mc = sub.add_parser(
         COMMAND, parents=[common], help="multiple-choice accuracy of a vision-language model (PathMMU format)"
     )
@@ -36,11 +38,7 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
         default="transformers",
         help="transformers (default), openai (with --set agents.openai_base_url=URL) or vllm",
     )
-    mc.add_argument(
-        "--store",
-        metavar="URL",
-        help="store root URL for eval/mc/<run>/<dataset>.json (default: settings.store, file://./store)",
-    )
+    store_arg(mc, "store root URL for eval/mc/<run>/<dataset>.json (default: settings.store, file://./store)")
     mc.add_argument("--out", metavar="FILE", help="also write the report to this JSON file")
     mc.add_argument("--limit", type=int, metavar="N", help="only the first N questions (named <dataset>-firstN)")
     mc.add_argument("--run", metavar="NAME", help="the report's folder under eval/mc/ (default: from the model)")

@@ -226,6 +226,25 @@ def test_an_image_outside_the_dataset_folder_is_refused_naming_file_and_line(tmp
         assert f"{path} line {line}: image {name!r} lies outside the dataset's folder" in text
 
 
+def test_an_image_linking_out_of_the_dataset_folder_is_refused(tmp_path):
+    """A plain name inside the folder that is a symlink to a file elsewhere: judged by what it opens."""
+    folder = tmp_path / "dataset"
+    outside = tmp_path / "outside.png"
+    _png(outside, 3)
+    path = _write(folder, [_row("ok"), _row("link", image="images/link.png")])
+    (folder / "images" / "link.png").unlink()
+    (folder / "images" / "link.png").symlink_to(outside)
+    (folder / "images" / "alias.png").symlink_to(folder / "images" / "ok.png")  # a link that stays inside: fine
+    with pytest.raises(DatasetError) as caught:
+        load_questions(path)
+    text = str(caught.value)
+    assert text.startswith(f"1 problem(s) in {path}")
+    assert f"{path} line 2: image 'images/link.png' lies outside the dataset's folder (a link to {outside})" in text
+    (folder / "images" / "link.png").unlink()
+    (folder / "images" / "link.png").symlink_to(folder / "images" / "alias.png")
+    assert len(load_questions(path)) == 2
+
+
 def test_evaluate_mc_defaults_the_store_like_every_command(tmp_path, monkeypatch, capsys):
     """No --store and no --out: the report goes to settings.store (file://./store here), as for every command."""
     questions, backend = _scripted(tmp_path)

@@ -269,6 +269,101 @@ def test_a_lease_left_by_a_dead_trainer_is_taken_over_and_a_live_one_is_not(tmp_
     assert not store.exists("models/clip/r/lease.json")  # given back
 
 
+def test_a_trainer_whose_lease_was_taken_over_stops_renewing_and_says_so(tmp_path, monkeypatch, caplog):
+    """After an outage longer than the lease, another trainer took the run: renewing blindly would make both train
+    on. The holder reads the record back first, gives the run up (LeaseLost, a RunBusy: the stage stays pending)
+    and leaves the new holder's record alone."""
+    import tasks.clip.lease
+    from tasks.clip.lease import LeaseLost, RunBusy, RunLease
+
+    monkeypatch.setattr(tasks.clip.lease, "SETTLE_SECONDS", 0.0)
+    store = Store(str(tmp_path / "store"))
+    store.check()
+    key = "models/clip/r/lease.json"
+    with RunLease(store, "models/clip/r", tmp_path / "runs" / "r") as lease:
+        lease.renew()  # still ours: renewed
+        assert lease.held() and store.read_json(key)["owner"] == lease.record["owner"]
+        rival = {"owner": "rival", "host": "elsewhere", "pid": 7, "renewed_at": "now", "renewed": time.time()}
+        store.write_json(key, rival)
+        with pytest.raises(LeaseLost, match="LEASE LOST: another trainer \\(pid 7 on elsewhere"):
+            lease.renew()
+        assert not lease.held() and store.read_json(key)["owner"] == "rival"  # not taken back
+        with pytest.raises(LeaseLost):
+            lease.renew()  # found out once: never writes again
+        with pytest.raises(RunBusy, match="stage stays pending"):
+            lease.ensure_held()
+    assert store.read_json(key)["owner"] == "rival"  # not given back either: it is not ours
+    assert "LEASE LOST" in caplog.text
+
+
+def test_a_stage_whose_run_was_taken_over_while_it_trained_ends_pending(
+    four_slide_store, tmp_path, monkeypatch, caplog
+):
+    """The trainer finishes, but another took the run over meanwhile: its checkpoints are not copied into the
+    store and the unit is pending, saying why, never "ok"."""
+    import logging
+
+    import torch
+
+    import tasks.clip.lease
+    import tasks.clip.stages
+    from tasks.clip.work import train_units
+
+    monkeypatch.setattr(tasks.clip.lease, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(tasks.clip.lease, "RENEW_SECONDS", 0.05)
+    store = tmp_path / "store"
+    lease_key = "models/clip/taken/lease.json"
+
+    def trainer_outlived_by_an_outage(plan, logger):
+        (plan.stage_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        torch.save({"epoch": 1, "state_dict": {}}, plan.stage_dir / "checkpoints" / "epoch_1.pt")
+        Store(str(store)).write_json(lease_key, {"owner": "rival", "host": "elsewhere", "pid": 7})
+        _wait_for(lambda: "LEASE LOST" in caplog.text, 10, "the renewer noticing the takeover")
+
+    monkeypatch.setattr(tasks.clip.stages, "run_trainer", trainer_outlived_by_an_outage)
+    settings, units = _training(store, four_slide_store, tmp_path)
+    (outcome,) = train_units(units, settings, "taken", "tiny-random", None, logging.getLogger("test"))
+    assert outcome.status == "pending" and "LEASE LOST" in outcome.error, outcome
+    assert not (store / "models" / "clip" / "taken" / "stage1" / "checkpoints").exists()  # nothing copied
+    assert Store(str(store)).read_json(lease_key)["owner"] == "rival"
+
+
+def test_the_renewer_thread_notices_a_takeover_and_stops(tmp_path, monkeypatch):
+    import tasks.clip.lease
+    from tasks.clip.lease import RunLease
+
+    monkeypatch.setattr(tasks.clip.lease, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(tasks.clip.lease, "RENEW_SECONDS", 0.05)
+    store = Store(str(tmp_path / "store"))
+    store.check()
+    with RunLease(store, "models/clip/r", tmp_path / "runs" / "r") as lease:
+        store.write_json("models/clip/r/lease.json", {"owner": "rival", "host": "elsewhere", "pid": 7})
+        _wait_for(lambda: not lease.held(), 5, "lease loss noticed")
+        lease._renewer.join(timeout=5)
+        assert not lease._renewer.is_alive()
+        assert store.read_json("models/clip/r/lease.json")["owner"] == "rival"
+
+
+def test_a_finished_stages_metrics_in_the_store_may_have_an_integer_loss(tmp_path):
+    """JSON writes a loss of 2.0 as 2 in some writers; it parses as an int and is a loss all the same."""
+    from types import SimpleNamespace
+
+    from tasks.clip.scalars import MetricsUnreadable
+    from tasks.clip.stages import _finished_rows
+
+    store = Store(str(tmp_path / "store"))
+    store.check()
+    prefix = "models/clip/r/stage1"
+    plan = SimpleNamespace(stage_dir=tmp_path / "stage1", steps_per_epoch=1, name="stage1", store_prefix=lambda: prefix)
+    plan.stage_dir.mkdir()  # no trainer records here: the store's metrics.jsonl is read
+    rows = [{"step": 1, "epoch": 0, "loss": 3, "samples_per_s": 1.0}, {"step": 2, "epoch": 0, "loss": 2.5}]
+    store.write_bytes(f"{prefix}/metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+    assert _finished_rows(plan, store) == rows
+    store.write_bytes(f"{prefix}/metrics.jsonl", json.dumps({"step": 1, "loss": True}).encode())
+    with pytest.raises(MetricsUnreadable, match="is missing"):  # a bool is no loss
+        _finished_rows(plan, store)
+
+
 # -- leftovers: partial downloads, a bounded checkpoint cache, bounded digest memories ---------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def _tiles(count: int, start: int = 0) -> list[Path]:
     return sorted(KATHER.rglob("*.tif"))[start : start + count]
 
 
-def _pair_shard(store: Path, slide: str, commit: str, shade: int = 0, ids: list[str] | None = None) -> list[str]:
+def _pair_shard(
+    store: Path, slide: str, commit: str, shade: int = 0, ids: list[str] | None = None, agents: str = AGENTS
+) -> list[str]:
     """A pair shard as the caption stage commits it (the columns the export reads), three patches of Kather tiles."""
     ids = ids or [f"{slide.lower()}{i:02d}" for i in range(3)]
     tiles = _tiles(len(ids), start=sum(map(ord, slide)) % 20)
@@ -44,7 +47,7 @@ def _pair_shard(store: Path, slide: str, commit: str, shade: int = 0, ids: list[
         for pid, tile in zip(ids, tiles, strict=True)
     ]  # fmt: skip
     meta = {"pathgen.commit_id": commit, "pathgen.provenance": json.dumps({"random_weights": True})}
-    folder = store / "pairs" / AGENTS
+    folder = store / "pairs" / agents
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata(meta), folder / f"{slide}.parquet")
     return ids
@@ -100,6 +103,65 @@ def test_a_re_export_writes_only_what_changed_and_nothing_when_nothing_did(tmp_p
     assert manifest["complete"] and sorted(manifest["pairs"]) == [f"pairs/{AGENTS}/{s}.parquet" for s in "BC"]
 
 
+def _instruct_shard(store: Path, instruct_hash: str, source: str, slide: str, commit: str, ids: list[str]) -> None:
+    """An instruct shard as the instruct stage commits it (the columns the export reads), written from ``source``."""
+    turns = [{"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "Tissue."}]
+    rows = [
+        {"conversation_id": f"{pid}-c0", "patch_id": pid, "slide_id": slide, "kind": "detail",
+         "conversation": json.dumps(turns), "random_weights": True}
+        for pid in ids
+    ]  # fmt: skip
+    meta = {"pathgen.commit_id": commit, "pathgen.source_agents_hash": source, "pathgen.provenance": "{}"}
+    folder = store / "instruct" / instruct_hash
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata(meta), folder / f"{slide}.parquet")
+
+
+def test_images_of_instruction_data_from_other_pairs_follow_their_shards_commit(tmp_path):
+    """Instruction data written from other pairs (another agents_hash) names patches that stage 1 does not export:
+    their images come from that pair shard, and a re-extracted slide (same patch ids, new pixels, new commit) has
+    them written again, even when neither the exported pairs nor the instruct shard changed."""
+    from tasks.instruct.export import export_llava
+    from tasks.store.objects import Store
+
+    store, out, other, instruct = tmp_path / "store", tmp_path / "llava", "b" * 16, "c" * 16
+    _pair_shard(store, "A", "a1")
+    ids = _pair_shard(store, "Z", "z1", agents=other)  # a slide only the other pairs hold
+    _instruct_shard(store, instruct, other, "Z", "i1", ids)
+    first = export_llava(Store(str(store)), out, AGENTS, instruct)
+    assert (first.stage1, first.stage2, first.missing_images) == (3, 3, 0)
+    assert export_llava(Store(str(store)), out, AGENTS, instruct).written == 0  # nothing changed: nothing written
+
+    _pair_shard(store, "Z", "z2", shade=60, agents=other)  # re-extracted: the same patch ids, other pixels
+    again = export_llava(Store(str(store)), out, AGENTS, instruct)
+    assert again.written == 3 and again.stage2 == 3
+    new_z = pq.read_table(store / "pairs" / other / "Z.parquet")["image"][0].as_py()
+    assert (out / "images" / f"{ids[0]}.jpg").read_bytes() == new_z
+    assert export_llava(Store(str(store)), out, AGENTS, instruct).written == 0
+
+
+def test_a_second_export_into_the_same_folder_waits_for_the_first(tmp_path, caplog):
+    import fcntl
+    import threading
+
+    store, out = tmp_path / "store", tmp_path / "llava"
+    _pair_shard(store, "A", "a1")
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # an export in progress elsewhere holds DIR
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = []
+        second = threading.Thread(target=lambda: done.append(_export(store, out)))
+        second.start()
+        deadline = time.monotonic() + 10
+        while "another export is writing" not in caplog.text:
+            assert time.monotonic() < deadline, "the second export neither waited nor said so"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not done and not (out / "stage1.json").exists()  # it waits and writes nothing meanwhile
+    second.join(timeout=30)
+    assert done and done[0].stage1 == 3 and (out / "stage1.json").is_file()
+
+
 def test_the_second_train_llava_run_writes_no_image_and_skips_its_stage(prefect_api, tiny_models, tmp_path):
     from flows.train_llava import train_llava_flow
 
@@ -142,6 +204,30 @@ def test_a_llava_record_naming_an_image_outside_its_folder_is_refused(tmp_path, 
         read_records(folder, "stage1")
     with pytest.raises(ValueError, match=expected):  # the run hash, computed first, reads none of it either
         data_digest(folder, ["stage1"])
+
+
+def test_a_llava_image_linking_out_of_its_folder_is_refused_before_and_at_open(tmp_path):
+    from tasks.llava.data import ConversationDataset, data_digest, read_records
+
+    folder = _write_folder(tmp_path / "data")
+    outside = tmp_path / "outside.jpg"
+    Image.new("RGB", (32, 32), (200, 90, 160)).save(outside)
+    records = json.loads((folder / "stage1.json").read_text())
+    (folder / records[0]["image"]).unlink()
+    (folder / records[0]["image"]).symlink_to(outside)
+    expected = f"image '{records[0]['image']}' lies outside the data folder (a link to {outside})"
+    with pytest.raises(ValueError, match=re.escape(f"{records[0]['id']}: {expected}")):
+        read_records(folder, "stage1")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        data_digest(folder, ["stage1"])
+    data = ConversationDataset(folder, records, _NoTokens())  # a link made after the check: refused at open
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        data[0]
+
+
+class _NoTokens:
+    def encode(self, messages):
+        return [1], [1]
 
 
 def test_train_llava_on_a_record_outside_its_folder_stops_before_training(prefect_api, tiny_models, tmp_path, capsys):

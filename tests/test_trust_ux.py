@@ -176,9 +176,9 @@ def test_the_confusion_picture_of_such_a_checkpoint_has_the_band_and_the_accurac
 
     checkpoint = Store(str(random_run.store)).uri(f"models/clip/{random_run.run}/stage1/checkpoints/epoch_1.pt")
     model = load_clip_model(parse_model_spec(checkpoint))
-    assert model.random_weights is False  # weights were loaded...
+    assert model.random_weights is True  # weights were loaded, but they descend from random initialisation
     result = evaluate_module.evaluate(model, Path(KATHER), kather.CLASSES, EvalSettings())
-    assert result["random_weights"] is True and result["model"]["random_weights"] is True  # ...random ones
+    assert result["random_weights"] is True and result["model"]["random_weights"] is True
     titles = []
     real = evaluate_module.confusion_png
     monkeypatch.setattr(evaluate_module, "confusion_png", lambda *a: titles.append(a[3]) or real(*a))
@@ -318,6 +318,46 @@ def test_inspect_writes_the_contact_sheet_under_the_stores_reports_and_says_wher
     given = tmp_path / "mine.png"
     assert cli.main(["inspect", str(store), "--samples", "2", "--out", str(given)]) == 0
     assert given.is_file() and f"contact sheet of 2 patches: {given}" in capsys.readouterr().out
+
+
+def test_inspect_of_a_read_only_store_says_to_pass_out(extracted_store, tmp_path, monkeypatch, capsys):
+    """Everything is printed first; the sheet, which cannot go into the store, is one clear line and exit 1."""
+    import errno
+
+    import pathgen.cli as cli
+
+    def read_only(self, key):
+        raise OSError(errno.EROFS, "Read-only file system", self.path(key))
+
+    monkeypatch.setattr(Store, "staged_file", read_only)  # the tests run as root: chmod would not stop a write
+    monkeypatch.setattr(cli, "bound_threads", lambda: None)
+    assert cli.main(["inspect", str(extracted_store), "--samples", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "shard(s):" in captured.out  # the listing came before
+    assert "contact sheet cannot be written to" in captured.err and "Read-only file system" in captured.err
+    assert "pass --out FILE" in captured.err
+    given = tmp_path / "sheet.png"
+    assert cli.main(["inspect", str(extracted_store), "--samples", "2", "--out", str(given)]) == 0
+    assert given.is_file()
+
+
+def test_inspect_reads_random_weights_without_a_thread_pool(tmp_path, monkeypatch):
+    """Arrow's pool threads reading a Python file object can outlive the command and abort the interpreter."""
+    from pathgen import inspect as inspect_module
+
+    folder = tmp_path / "store" / "pairs" / "dddd"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"patch_id": ["p0"], "random_weights": [True]}), folder / "s.parquet")
+    calls = []
+    real_read = pq.ParquetFile.read
+
+    def read(self, *args, **kwargs):
+        calls.append(kwargs.get("use_threads", True))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", read)
+    assert inspect_module._random_pairs(Store(str(tmp_path / "store")), "pairs/dddd/s.parquet") is True
+    assert calls == [False]
 
 
 # -- point 20: the local stack's environment and its tiny-model profile, as the README uses them -------------------

@@ -194,8 +194,8 @@ def stage_plan(
 def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_seconds: float = 30.0) -> StageResult:
     """Train one stage to its last epoch, resuming from its newest checkpoint here or in the store."""
     final_key = f"{plan.store_prefix()}/checkpoints/epoch_{plan.epochs}.pt"
-    mirror = CheckpointMirror(plan, store, mirror_seconds, logger)
-    with RunLease(store, f"{RUNS}/{plan.run}", plan.folder):  # raises RunBusy while another trainer holds the run
+    with RunLease(store, f"{RUNS}/{plan.run}", plan.folder, logger) as lease:  # RunBusy while another holds the run
+        mirror = CheckpointMirror(plan, store, mirror_seconds, logger, still_held=lease.held)
         trained = not store.exists(final_key)
         set_aside_incomplete(plan.stage_dir / "checkpoints", logger)
         newest = mirror.fetch_newest()
@@ -206,6 +206,7 @@ def train_stage(plan: StagePlan, store: Store, logger: logging.Logger, mirror_se
                 logger.warning(random_start_warning(plan.run, plan.spec.name))
             with mirror:
                 run_trainer(plan, logger)
+        lease.ensure_held()  # LeaseLost (pending): another trainer took the run over while this one trained
     local = checkpoints(plan.stage_dir / "checkpoints")
     if not local or epoch_of(local[-1]) < plan.epochs:
         raise RuntimeError(f"{plan.run} {plan.name}: the trainer ended without epoch_{plan.epochs}.pt")
@@ -231,9 +232,14 @@ def _finished_rows(plan: StagePlan, store: Store) -> list[dict[str, Any]]:
             rows = [json.loads(line) for line in store.read_bytes(key).decode().splitlines()]
         except (FileNotFoundError, ValueError):
             rows = []
-        if not rows or not all(isinstance(row, dict) and isinstance(row.get("loss"), float) for row in rows):
+        if not rows or not all(isinstance(row, dict) and _is_loss(row.get("loss")) for row in rows):
             raise
         return rows
+
+
+def _is_loss(value: Any) -> bool:
+    """A JSON number (``2`` parses as an int); a bool is an int in Python but never a loss."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def write_run_record(store: Store, run: str, cfg: ClipSettings, stages: list[dict], exports: list[dict]) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,6 @@ class StagePlan:
     @property
     def stage_dir(self) -> Path:
         return self.folder / self.name
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.devices
 
     @property
     def steps_per_epoch(self) -> int:
@@ -264,8 +261,16 @@ class CheckpointMirror:
     place, then starts epoch N) and the file is a complete zip; lines from earlier runs in the same log prove
     nothing about a file this run is writing again."""
 
-    def __init__(self, plan: StagePlan, store: Store, interval: float = 30.0, logger: logging.Logger | None = None):
+    def __init__(
+        self,
+        plan: StagePlan,
+        store: Store,
+        interval: float = 30.0,
+        logger: logging.Logger | None = None,
+        still_held: Callable[[], bool] = lambda: True,
+    ):
         self.plan, self.store, self.interval = plan, store, interval
+        self.still_held = still_held  # False once another trainer took the run over: its files are not ours to add
         self.logger = logger or logging.getLogger("pathgen.clip")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="clip-mirror", daemon=True)
@@ -318,6 +323,8 @@ class CheckpointMirror:
 
     def sync(self, final: bool) -> None:
         """Copy checkpoints the trainer is done with (all complete ones when it has stopped), then the logs."""
+        if not self.still_held():
+            return
         stage_dir = self.plan.stage_dir
         started = self._epochs_started()
         for path in checkpoints(stage_dir / "checkpoints"):

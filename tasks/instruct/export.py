@@ -8,21 +8,28 @@ patch images written beside it::
     DIR/images/<patch_id>.jpg   the patch JPEG bytes from the pair shards
     DIR/provenance.json store, hashes, counts, models, random_weights
     DIR/manifest.json   which shard (by commit id) each image and conversation came from
+    DIR/.lock           held (flock) by the export writing DIR: a second export into DIR waits for it
 
 The export is incremental, as the WebDataset export is: a pair shard whose commit id the manifest records, and whose
 images are all there, is not read for images again, so a re-export of an unchanged store writes nothing (it reads
-shard footers only) and one new slide writes that slide's images. Every file is written under a temporary name and
+shard footers only) and one new slide writes that slide's images. An image that only instruction data names (written
+from other pairs) follows the commit id of the pair shard it came from in the same way. Every file is written under
+a temporary name and
 renamed; the images a JSON file names are in place before it is replaced, and images no record names any more are
 removed after. A DIR that holds anything but an earlier llava export is refused, never overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,7 @@ STAGE1_INSTRUCTIONS = (
     "Caption this histology image concisely.",
 )
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 STAGE_FILES = ("stage1.json", "stage2.json")
 # A patch id becomes a file name: a plain one only, never a path ('/', a leading '.', '..').
 PATCH_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}")
@@ -167,12 +175,13 @@ def _read(store: Store, key: str, columns: list[str]) -> tuple[list[dict[str, An
 
 @dataclass
 class _Images:
-    """The images/ folder of the set being exported: the files there, the ones written, and per shard the ones its
-    records name (the manifest's entries)."""
+    """The images/ folder of the set being exported: the files there, the ones written, and the ones this export
+    vouches for (written now, or written earlier from a shard whose commit id has not changed since)."""
 
     folder: Path
     present: set[str]
     written: int = 0
+    fresh: set[str] = field(default_factory=set)
 
     def write(self, key: str, patch_id: str, jpeg: bytes) -> None:
         name = image_file(key, patch_id)
@@ -180,10 +189,8 @@ class _Images:
         partial.write_bytes(jpeg)
         os.replace(partial, self.folder / name)  # a reader never meets half an image
         self.present.add(name)
+        self.fresh.add(name)
         self.written += 1
-
-    def has(self, key: str, patch_id: str) -> bool:
-        return image_file(key, patch_id) in self.present
 
     def remove_unnamed(self, named: set[str]) -> None:
         """Images of pairs no longer in the set, and the temporary files of exports that were killed."""
@@ -211,6 +218,7 @@ def _stage1(store: Store, commits: dict[str, str], kept: dict, images: _Images, 
                     images.write(key, row["patch_id"], row["image"])
             provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
             entries[key] = {"commit_id": commit, "images": [image_file(key, row["patch_id"]) for row in rows]}
+            images.fresh.update(entries[key]["images"])
             for row in rows:
                 human = f"{IMAGE_TOKEN}\n{stage1_instruction(row['patch_id'])}"
                 turns = [{"from": "human", "value": human}, {"from": "gpt", "value": row["caption"]}]
@@ -224,19 +232,34 @@ def _stage1(store: Store, commits: dict[str, str], kept: dict, images: _Images, 
     return entries, provenance
 
 
-def _images_of_slide(store: Store, source_hash: str, slide_id: str, needed: set[str], images: _Images) -> None:
-    """The images of a slide's patches that stage 1 did not write (instruct data from other pairs)."""
-    key = pair_key(source_hash, slide_id)
-    if store.exists(key):
-        rows, _ = _read(store, key, ["patch_id", "image"])
-        for row in rows:
-            if row["patch_id"] in needed:
-                images.write(key, row["patch_id"], row["image"])
+def _source_images(store: Store, key: str, rows: list[dict], meta: dict, earlier: dict, images: _Images) -> dict | None:
+    """The images of an instruct shard's patches that stage 1 did not vouch for (instruct data written from other
+    pairs), from the slide's pair shard it was written from. Vouched as stage 1's are, by that shard's commit id: an
+    image an earlier export wrote from the same commit is kept, any other is written again (a re-extracted slide
+    keeps its patch ids, not its pixels). Returns the manifest's record of the source, or None."""
+    needed = {image_file(key, row["patch_id"]) for row in rows} - images.fresh
+    source = pair_key(meta.get("pathgen.source_agents_hash", ""), rows[0]["slide_id"]) if rows else ""
+    if not needed or not store.exists(source):
+        return None
+    before = earlier.get("source") if isinstance(earlier.get("source"), dict) else {}
+    commit = metadata(store, source).get("pathgen.commit_id", "")
+    if commit and before.get("key") == source and before.get("commit_id") == commit:
+        vouched = needed & set(before.get("images", [])) & images.present
+        if vouched == needed:
+            images.fresh |= vouched
+            return {"key": source, "commit_id": commit, "images": sorted(vouched)}
+    source_rows, source_meta = _read(store, source, ["patch_id", "image"])
+    written = []
+    for row in source_rows:
+        if image_file(source, row["patch_id"]) in needed:
+            images.write(source, row["patch_id"], row["image"])
+            written.append(image_file(source, row["patch_id"]))
+    return {"key": source, "commit_id": source_meta.get("pathgen.commit_id", ""), "images": sorted(written)}
 
 
-def _stage2(store: Store, commits: dict[str, str], images: _Images, result: LlavaExport) -> tuple:
-    """Every conversation of the instruct_hash (none without one); returns the manifest's entries of its shards and
-    the instruct run's provenance."""
+def _stage2(store: Store, commits: dict[str, str], earlier: dict, images: _Images, result: LlavaExport) -> tuple:
+    """Every conversation of the instruct_hash (none without one) whose image this export vouches for; returns the
+    manifest's entries of its shards (``earlier``: the last export's) and the instruct run's provenance."""
     out = _JsonList(result.out / "stage2.json")
     entries: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
@@ -245,12 +268,12 @@ def _stage2(store: Store, commits: dict[str, str], images: _Images, result: Llav
         for key in commits:
             rows, meta = _read(store, key, columns)
             provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
-            needed = {r["patch_id"] for r in rows if not images.has(key, r["patch_id"])}
-            if needed:
-                _images_of_slide(store, meta.get("pathgen.source_agents_hash", ""), rows[0]["slide_id"], needed, images)
-            kept = [row for row in rows if images.has(key, row["patch_id"])]
+            source = _source_images(store, key, rows, meta, earlier.get(key) or {}, images)
+            kept = [row for row in rows if image_file(key, row["patch_id"]) in images.fresh]
             result.missing_images += len(rows) - len(kept)
             entries[key] = {"commit_id": meta.get("pathgen.commit_id", ""), "images": []}
+            if source:
+                entries[key]["source"] = source
             for row in kept:
                 entries[key]["images"].append(image_file(key, row["patch_id"]))
                 turns = with_image_token(json.loads(row["conversation"]))
@@ -276,7 +299,7 @@ def _check_out(out: Path) -> None:
     if not out.is_dir():
         raise ValueError(f"--out {out} is a file; the llava export writes a folder")
     earlier = any(_json(out / name).get("format") == FORMAT for name in (MANIFEST, "provenance.json"))
-    if any(out.iterdir()) and not earlier:
+    if any(path.name != LOCK for path in out.iterdir()) and not earlier:
         raise ValueError(f"--out {out} holds files that are not a llava export; choose a new or empty folder")
 
 
@@ -332,22 +355,60 @@ def _unchanged(out: Path, manifest: dict, instruct_hash: str | None, shards: dic
     )
 
 
+def _sources_unchanged(store: Store, instruct: dict[str, dict[str, Any]]) -> bool:
+    """The pair shards that images of the instruction data only came from still hold the commits they were read at."""
+    for entry in instruct.values():
+        source = entry.get("source")
+        if isinstance(source, dict):
+            key = source.get("key", "")
+            if not source.get("commit_id") or not store.exists(key):
+                return False
+            if metadata(store, key).get("pathgen.commit_id", "") != source["commit_id"]:
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def _export_lock(out: Path, logger: logging.Logger) -> Iterator[None]:
+    """DIR for one export at a time: two (two train-llava runs on one store) would interleave their images, JSON and
+    manifest. ``flock`` on DIR/.lock, released by the kernel when the process dies, SIGKILL included; the file itself
+    is never written, so an export that changes nothing leaves every file of DIR as it was."""
+    out.mkdir(exist_ok=True)
+    with open(out / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another export is writing %s (it holds %s); waiting for it to finish", out, out / LOCK)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def export_llava(
-    store: Store, out: str | Path, agents_hash: str | None = None, instruct_hash: str | None = None
+    store: Store,
+    out: str | Path,
+    agents_hash: str | None = None,
+    instruct_hash: str | None = None,
+    logger: logging.Logger | None = None,
 ) -> LlavaExport:
     """Write or update DIR/stage1.json, stage2.json, images/, provenance.json and manifest.json (see the module's
-    docstring); a store with nothing new writes nothing."""
+    docstring); a store with nothing new writes nothing. An export already writing DIR is waited for."""
     agents_hash, instruct_hash = choose_hashes(store, agents_hash, instruct_hash)
     out = Path(out).expanduser().absolute()
     _check_out(out)
-    result = LlavaExport(out, agents_hash, instruct_hash)
+    with _export_lock(out, logger or logging.getLogger("pathgen.export")):
+        return _update(store, LlavaExport(out, agents_hash, instruct_hash))
+
+
+def _update(store: Store, result: LlavaExport) -> LlavaExport:
+    out, agents_hash, instruct_hash = result.out, result.agents_hash, result.instruct_hash
     shards = {
         "pairs": _shard_commits(store, pairs_prefix(agents_hash)),
         "instruct": _shard_commits(store, instruct_prefix(instruct_hash) if instruct_hash else None),
     }
     manifest = _manifest(out, agents_hash)
     images = _Images(out / "images", _present(out / "images"))
-    if _unchanged(out, manifest, instruct_hash, shards, images.present):
+    unchanged = _unchanged(out, manifest, instruct_hash, shards, images.present)
+    if unchanged and _sources_unchanged(store, manifest["instruct"]):
         try:
             return _as_exported(result)
         except (KeyError, TypeError):  # a damaged provenance.json: export again
@@ -359,7 +420,7 @@ def export_llava(
     _remove_partials(out)
     _write_json(out / MANIFEST, {**manifest, "complete": False, "pairs": kept, "instruct": {}})
     pairs, captions = _stage1(store, shards["pairs"], kept, images, result)
-    conversations, instructions = _stage2(store, shards["instruct"], images, result)
+    conversations, instructions = _stage2(store, shards["instruct"], manifest["instruct"], images, result)
     named = _named(pairs, conversations)
     images.remove_unnamed(named)
     result.images, result.written = len(named), images.written

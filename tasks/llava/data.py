@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pathgen.digest import cache_dir, save_json_cache
+from tasks.paths import escapes_folder
 
 IGNORE = -100
 STAGE_FILES = {"stage1": "stage1.json", "stage2": "stage2.json"}
@@ -78,7 +79,7 @@ def record_problem(folder: Path, record: Any) -> str | None:
         return "no gpt turn to learn from"
     if "user" not in roles[: roles.index("assistant")]:
         return "a gpt turn before any human turn"
-    if record.get("image") and (problem := image_problem(record["image"])):
+    if record.get("image") and (problem := image_problem(record["image"], folder)):
         return problem
     if record.get("image") and not (Path(folder) / record["image"]).is_file():
         return f"image {record['image']} is missing"
@@ -87,16 +88,15 @@ def record_problem(folder: Path, record: Any) -> str | None:
     return None
 
 
-def image_problem(name: Any) -> str | None:
-    """Why a record's ``image`` does not name a file inside the data folder, or None. Only the name is judged: an
-    absolute path or a ``..`` part would let a record read any file of the machine into training."""
+def image_problem(name: Any, folder: Path) -> str | None:
+    """Why a record's ``image`` does not name a file inside the data folder, or None: an absolute path, a ``..``
+    part or a link out of the folder would let a record read any file of the machine into training."""
     if not isinstance(name, str):
         return f"image must be a path relative to the data folder, got {json.dumps(name)[:80]}"
-    parts = re.split(r"[/\\]", name)
-    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+    if reason := escapes_folder(folder, name):
         return (
-            f"image {name!r} lies outside the data folder (an absolute path or '..'); name images relative to "
-            "the folder, e.g. images/x.jpg"
+            f"image {name!r} lies outside the data folder ({reason}); name images relative to the folder, "
+            "e.g. images/x.jpg"
         )
     return None
 
@@ -104,7 +104,7 @@ def image_problem(name: Any) -> str | None:
 def unsafe_images(path: Path, records: list[Any]) -> str | None:
     """One error naming the stage file and its records whose image lies outside the folder, or None."""
     bad = [f"{r.get('id', i)}: {p}" for i, r in enumerate(records)
-           if isinstance(r, dict) and r.get("image") and (p := image_problem(r["image"]))]  # fmt: skip
+           if isinstance(r, dict) and r.get("image") and (p := image_problem(r["image"], path.parent))]  # fmt: skip
     return f"{len(bad)} bad records in {path}, e.g. {'; '.join(bad[:3])}" if bad else None
 
 
@@ -132,9 +132,8 @@ SETTLED_NS = 2 * 10**9
 
 def _digest_cache(folder: Path) -> Path:
     """Per data folder, beside pathgen/digest.py's cache; holds only that folder's current images (bounded)."""
-    root = os.environ.get("PATHGEN_DIGEST_CACHE") or Path.home() / ".cache" / "pathgen" / "digests.json"
     name = hashlib.sha256(str(folder.absolute()).encode()).hexdigest()[:16]
-    return Path(root).parent / "llava-images" / f"{name}.json"
+    return cache_dir() / "llava-images" / f"{name}.json"
 
 
 def image_digests(folder: Path, names: list[str]) -> dict[str, str]:
@@ -163,18 +162,8 @@ def image_digests(folder: Path, names: list[str]) -> dict[str, str]:
             if stat.st_mtime_ns > hashed_at - SETTLED_NS:
                 continue  # too fresh to trust its stamp: hashed again next time
         kept[name] = [*stamp, digests[name]]
-    _save_digests(cache_file, kept)
+    save_json_cache(cache_file, kept)
     return digests
-
-
-def _save_digests(cache_file: Path, entries: dict[str, list]) -> None:
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        staging = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-        staging.write_text(json.dumps(entries))
-        os.replace(staging, cache_file)
-    except OSError:  # a read-only home only costs hashing the images again
-        pass
 
 
 def messages_of(record: dict[str, Any]) -> list[dict[str, str]]:
@@ -252,7 +241,7 @@ class ConversationDataset:
         ids, labels = self.encoder.encode(messages_of(record))
         item: dict[str, Any] = {"input_ids": ids, "labels": labels, "pixel_values": None}
         if record.get("image"):
-            if problem := image_problem(record["image"]):  # read_records refuses these; never open one
+            if problem := image_problem(record["image"], self.folder):  # judged again as it is opened
                 raise ValueError(f"record {record.get('id', index)}: {problem}")
             with Image.open(self.folder / record["image"]) as picture:
                 rgb = picture.convert("RGB")

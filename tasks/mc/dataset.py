@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.paths import escapes_folder
+
 LETTERS = string.ascii_uppercase
 MAX_ERRORS_SHOWN = 20  # a file broken on every line is told by its first problems, not ten thousand lines
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -127,10 +129,10 @@ def _image(value: Any, root: Path) -> Path:
     from PIL import Image, UnidentifiedImageError
 
     name = _text(value, "image")
-    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+    if reason := escapes_folder(root, name):
         raise DatasetError(
-            f"image {name!r} lies outside the dataset's folder (an absolute path or '..'); name it relative to "
-            f"{root}, e.g. images/x.jpg"
+            f"image {name!r} lies outside the dataset's folder ({reason}); name it relative to {root}, "
+            "e.g. images/x.jpg"
         )
     path = root / name
     if not path.is_file():

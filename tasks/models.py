@@ -32,9 +32,9 @@ class RandomWeightsRefused(SettingsError):
 
 def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_model: str | None = None) -> list[str]:
     """One line per model of ``stages`` that would run with random weights, naming the setting that chooses it."""
-    from tasks.clip.spec import parse_model_spec
+    from tasks.clip.spec import has_random_weights, parse_model_spec
     from tasks.clip.stages import start_spec
-    from tasks.selection.embedding import embedding_spec, has_random_weights
+    from tasks.selection.embedding import embedding_spec
 
     stages = set(stages)
     unknown = stages - set(MODEL_STAGES)

@@ -115,7 +115,9 @@ def random_run(tmp_path_factory):
         root_logger.removeHandler(console)
         root_logger.setLevel(level)
     write_run_record(store, run, settings.clip, [result.row() | {"status": "ok"}], [])
-    return SimpleNamespace(store=root / "store", run=run, plan=plan, result=result, terminal=terminal.getvalue())
+    return SimpleNamespace(
+        store=root / "store", run=run, plan=plan, plan_settings=settings, result=result, terminal=terminal.getvalue()
+    )
 
 
 def test_the_trainers_model_dump_goes_to_out_log_and_its_progress_to_the_terminal(random_run):
@@ -187,6 +189,18 @@ def test_the_confusion_picture_of_such_a_checkpoint_has_the_band_and_the_accurac
     assert f"accuracy {zero['accuracy']:.3f}" in titles[0] and f"balanced {zero['balanced_accuracy']:.3f}" in titles[0]
     picture = np.asarray(Image.open(random_run.store / "eval" / "picture" / "kather2016-samples-confusion.png"))
     assert _is_red(picture[:10, :, :3]).mean() > 0.6  # the RANDOM WEIGHTS band on top
+
+
+def test_a_run_that_starts_from_a_checkpoint_trained_from_random_records_random_weights(random_run):
+    """Fine-tuning a descendant of random weights is still random weights: run.json and the plan say so."""
+    from tasks.clip.stages import start_spec, write_run_record
+
+    store = Store(str(random_run.store))
+    checkpoint = store.uri(f"models/clip/{random_run.run}/stage1/checkpoints/epoch_1.pt")
+    clip = random_run.plan_settings.clip.model_copy(update={"model": "tiny-random", "pretrained": checkpoint})
+    assert start_spec(clip).random_weights is False  # weights are loaded from the checkpoint...
+    write_run_record(store, "follow-up", clip, [], [])
+    assert store.read_json("models/clip/follow-up/run.json")["random_weights"] is True  # ...random ones
 
 
 @pytest.mark.prefect

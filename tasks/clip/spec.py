@@ -92,6 +92,12 @@ def trained_from_random(checkpoint: str | None, hops: int = 4) -> bool:
     return trained_from_random(weights, hops - 1)
 
 
+def has_random_weights(spec: ModelSpec) -> bool:
+    """No pretrained weights: none given, or a PathGen-CLIP checkpoint whose run started from random weights (it
+    loads weights, yet they descend from none). Every loaded model's and every run's ``random_weights`` is this."""
+    return spec.random_weights or trained_from_random(spec.pretrained)
+
+
 def _parents(path: str) -> list[str]:
     head = path.rstrip("/").rsplit("/", 1)[0]
     return [head, head.rsplit("/", 1)[0]]

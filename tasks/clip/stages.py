@@ -22,7 +22,7 @@ from pathgen.settings import ClipSettings, PairSetSettings, Settings
 from tasks.captions.export import agents_hashes
 from tasks.clip.lease import RunLease
 from tasks.clip.scalars import MetricsUnreadable
-from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint
+from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint
 from tasks.clip.train import (
     CheckpointMirror,
     StagePlan,
@@ -187,7 +187,7 @@ def stage_plan(
         devices=cfg.devices,
         seed=cfg.seed,
         launcher=cfg.launcher,
-        random_start=start_spec(cfg).random_weights,
+        random_start=has_random_weights(start_spec(cfg)),
     )
 
 
@@ -248,7 +248,7 @@ def write_run_record(store: Store, run: str, cfg: ClipSettings, stages: list[dic
     record = {
         "run": run,
         "model": spec.name,
-        "random_weights": spec.random_weights,
+        "random_weights": has_random_weights(spec),
         "clip": cfg.model_dump(),
         "stages": stages,
         "exports": exports,

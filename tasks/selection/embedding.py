@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from pathgen.settings import EmbeddingSettings
-from tasks.clip.spec import TINY_RANDOM, ModelSpec, local_checkpoint, parse_model_spec, trained_from_random
+from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, parse_model_spec
 from tasks.devices import empty_cuda_cache
 from tasks.errors import ModelUnavailable, short_error
 
@@ -106,12 +106,6 @@ def embedding_spec(cfg: EmbeddingSettings) -> ModelSpec:
     if cfg.model is None and cfg.pretrained:
         return parse_model_spec(cfg.pretrained)
     return ModelSpec(cfg.model or TINY_RANDOM, cfg.pretrained or None)
-
-
-def has_random_weights(spec: ModelSpec) -> bool:
-    """No pretrained weights: none given, or a PathGen-CLIP checkpoint whose run started from random weights (it
-    loads weights, yet they descend from none). Every loaded model's ``random_weights`` is this."""
-    return spec.random_weights or trained_from_random(spec.pretrained)
 
 
 def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None = None) -> EmbeddingModel:

@@ -66,7 +66,7 @@ def caption_flow(
     agents_hash = agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
     if parts > 1 and part is None:
         parameters = {"store": store, "config": config, "overrides": overrides}
-        summary = run_parts("caption", caption_flow, parameters, parts, logger)
+        summary = run_parts("caption", caption_flow, parameters, parts, logger, settings.parts.timeout_seconds)
         return _finish(summary, settings, logger, agents_hash)
     record_worker("caption", part, parts)
     target = open_store(settings, [pairs_prefix(agents_hash), failed_prefix(agents_hash)], logger)

@@ -37,8 +37,14 @@ def extract_flow(
     settings = run_settings(store, config, overrides)
     require_real_models(settings, ["extract"])  # before any work: production refuses random-weight embeddings
     if parts > 1 and part is None:
-        parameters = {"sources": sources, "store": store, "config": config, "overrides": overrides}
-        summary = run_parts("extract", extract_flow, {**parameters, "processes": processes}, parts, logger)
+        parameters = {
+            "sources": sources,
+            "store": store,
+            "config": config,
+            "overrides": overrides,
+            "processes": processes,
+        }
+        summary = run_parts("extract", extract_flow, parameters, parts, logger, settings.parts.timeout_seconds)
         return _finish(summary, settings.store, logger)
     record_worker("extract", part, parts)
     target = open_store(settings, ["patches", "slides"], logger)

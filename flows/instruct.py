@@ -51,7 +51,7 @@ def instruct_flow(
     agents_hash, instruct_hash = resolve_hashes(settings)
     if parts > 1 and part is None:
         parameters = {"store": store, "config": config, "overrides": overrides}
-        summary = run_parts("instruct", instruct_flow, parameters, parts, logger)
+        summary = run_parts("instruct", instruct_flow, parameters, parts, logger, settings.parts.timeout_seconds)
         return _finish(summary, settings, logger, agents_hash, instruct_hash)
     record_worker("instruct", part, parts)
     prefixes = [instruct_prefix(instruct_hash), instruct_failed_prefix(instruct_hash)]

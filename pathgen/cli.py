@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="slide file, folder, glob, s3:// prefix, GDC manifest or PathGen JSON",
     )
-    extract.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    store_arg(extract)
     extract.add_argument("--threads", action="store_true", help="run slide groups in threads, not processes")
     _parts_arg(extract)
     _settings_args(extract)
@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     caption = sub.add_parser(
         "caption", parents=[common], help="caption the selected patches: describe, revise, summarize"
     )
-    caption.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    store_arg(caption)
     _parts_arg(caption)
     _settings_args(caption)
 
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         "llava: stage1.json, stage2.json and images/ for PathGen-LLaVA (--out DIR)",
     )
     export.add_argument("--out", metavar="PATH", required=True)
-    export.add_argument("--store", metavar="URL")
+    store_arg(export)
     export.add_argument("--agents-hash", metavar="HASH", help="which pairs (needed when the store holds several)")
     export.add_argument("--instruct-hash", metavar="HASH", help="llava: which instruction data (when several)")
     _settings_args(export)
@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train-clip", parents=[common], help="train PathGen-CLIP on the pairs with open_clip's trainer"
     )
-    train.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    store_arg(train)
     _settings_args(train)
 
     evaluate = sub.add_parser(

@@ -21,16 +21,21 @@ so a command that found the record holds a server that stays up. Only the standa
 level.
 
 While a command runs, a watchdog thread asks its API (whichever it uses) for ``/health`` every few seconds. An API
-that has not answered for ``PATHGEN_API_LOST_S`` seconds (default 20; 0 switches the watchdog off) is lost: the
-command says which API it lost (its URL without credentials), which units stay pending and to run again, and exits 1
-at once. Otherwise Prefect's client retries every request with exponential back-off (``PREFECT_CLIENT_MAX_RETRIES``,
-about a minute per request), so a killed server kept a command waiting for minutes. Nothing is lost by exiting:
-outputs are committed whole, one object each, and the next run skips what is committed.
+that refuses connections (nobody listens: its server was killed) or whose host cannot be reached for
+``PATHGEN_API_LOST_S`` seconds (default 20; 0 switches the watchdog off) is lost: the command says which API it lost
+(its URL without credentials), which units stay pending and to run again, and exits 1 at once. Otherwise Prefect's
+client retries every request with exponential back-off (``PREFECT_CLIENT_MAX_RETRIES``, about a minute per request),
+so a killed server kept a command waiting for minutes. An API that is there but slow (probes time out: a CPU-starved
+machine, a locked SQLite database) is not lost that soon: only after ``SLOW_LOST_S`` (5 minutes, or
+``PATHGEN_API_LOST_S`` when that is longer) without any HTTP answer; any answer, whatever its status, resets both
+clocks. Nothing is lost by exiting: outputs are committed whole, one object each, and the next run skips what is
+committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -51,7 +56,10 @@ DEFAULT_IDLE_S = 600
 LOST_ENV = "PATHGEN_API_LOST_S"
 DEFAULT_LOST_S = 20.0
 PROBE_S = 2.0  # how often the watchdog asks the API for /health
+PROBE_TIMEOUT_S = 5.0  # how long one /health probe waits for its answer (a busy server may take seconds)
+SLOW_LOST_S = 300.0  # how long an API that is there (probes time out, not refused) may stay without answering
 EXIT_API_LOST = 1
+GONE_ERRNOS = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)  # nobody listens / no route to its host
 LEASE_POLL_S = 1.0
 RECORD = "server.json"
 # Prefect settings only the client reads: commands that differ in these (`--debug` sets the logging level) still
@@ -77,15 +85,29 @@ class LocalApiError(RuntimeError):
 
 def idle_seconds() -> float:
     """``PATHGEN_LOCAL_API_IDLE_S``: how long the shared server waits for the next command; 0 means no sharing."""
-    raw = os.environ.get(IDLE_ENV, "").strip()
+    return _seconds_env(IDLE_ENV, DEFAULT_IDLE_S)
+
+
+def lost_seconds() -> float:
+    """``PATHGEN_API_LOST_S``: how long the API may refuse connections before a command gives up; 0 means never."""
+    return _seconds_env(LOST_ENV, DEFAULT_LOST_S)
+
+
+def _seconds_env(name: str, default: float) -> float:
+    """The environment variable ``name`` as a number of seconds >= 0; ``default`` when unset or empty.
+
+    Raises:
+        LocalApiError: it is set to something else, naming the variable and its default.
+    """
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return float(DEFAULT_IDLE_S)
+        return float(default)
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if value < 0:
-        raise LocalApiError(f"{IDLE_ENV}={raw!r} is not a number of seconds >= 0; unset it for {DEFAULT_IDLE_S}")
+        raise LocalApiError(f"{name}={raw!r} is not a number of seconds >= 0; unset it for {default:g}")
     return value
 
 
@@ -306,18 +328,6 @@ def name_command(name: str) -> None:
     _command = name
 
 
-def lost_seconds() -> float:
-    """``PATHGEN_API_LOST_S``: how long the API may stay silent before a command gives up; 0 means never."""
-    raw = os.environ.get(LOST_ENV, "").strip()
-    try:
-        value = float(raw) if raw else DEFAULT_LOST_S
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise LocalApiError(f"{LOST_ENV}={raw!r} is not a number of seconds >= 0; unset it for {DEFAULT_LOST_S:.0f}")
-    return value
-
-
 @contextlib.contextmanager
 def watching(url: str | None, lost_s: float, started_here: bool) -> Iterator[None]:
     """Within the block a daemon thread probes ``url``; see the module's docstring. ``started_here``: the API is a
@@ -339,19 +349,44 @@ def watching(url: str | None, lost_s: float, started_here: bool) -> Iterator[Non
 
 
 def _watch_api(url: str, lost_s: float, started_here: bool, stop: threading.Event) -> None:
-    silent_since = None
+    clock = LostClock(lost_s, max(lost_s, SLOW_LOST_S), time.monotonic())
     while not stop.wait(PROBE_S):
-        reason = unreachable(url)
-        if reason is None:
-            silent_since = None
-            continue
-        silent_since = silent_since or time.monotonic()
-        if time.monotonic() - silent_since >= lost_s and not stop.is_set():
-            print(lost_api_message(url, f"no answer for {lost_s:.0f} s ({reason})", started_here), file=sys.stderr)
+        gone, reason = probe(url)
+        why = clock.lost(gone, reason, time.monotonic())
+        if why and not stop.is_set():
+            print(lost_api_message(url, why, started_here), file=sys.stderr)
             sys.stderr.flush()
             sys.stdout.flush()
-            # The main thread is stuck in Prefect's retries; what it has not committed stays pending either way.
+            # os._exit, not an exception in the main thread: that thread is inside Prefect's client retries, and
+            # unwinding it runs Prefect's engine and our `finally` blocks, which report the crash to the API that is
+            # gone, with the same minute-long retries per request. What os._exit skips is safe to skip: outputs are
+            # committed whole and the next run skips them (staging leftovers are removed then), a stale lease is
+            # recognised by its dead pid, and a private API server and the process-pool workers die with this
+            # process (pathgen.processes.die_with_parent: PR_SET_PDEATHSIG and a parent watchdog).
             os._exit(EXIT_API_LOST)
+
+
+class LostClock:
+    """When an API counts as lost, from the outcomes of its probes: ``lost_s`` seconds of refused connections
+    (nobody listens, or its host cannot be reached), or ``slow_s`` seconds without any HTTP answer (it is there but
+    does not answer in time: a busy machine, a locked database). Any answer resets both."""
+
+    def __init__(self, lost_s: float, slow_s: float, now: float) -> None:
+        self.lost_s, self.slow_s = lost_s, slow_s
+        self.answered_at: float = now
+        self.gone_since: float | None = None
+
+    def lost(self, gone: bool, reason: str | None, now: float) -> str | None:
+        """Why the API is lost after a probe at ``now`` (see :func:`probe`), or None while it is not."""
+        if reason is None:
+            self.answered_at, self.gone_since = now, None
+            return None
+        self.gone_since = (self.gone_since or now) if gone else None
+        if self.gone_since is not None and now - self.gone_since >= self.lost_s:
+            return f"nobody answered for {self.lost_s:.0f} s ({reason})"
+        if now - self.answered_at >= self.slow_s:
+            return f"it accepted connections but gave no answer for {self.slow_s:.0f} s ({reason})"
+        return None
 
 
 def _note_if_lost(exc: BaseException, url: str | None, started_here: bool) -> None:
@@ -371,17 +406,27 @@ def lost_api_explanation(exc: BaseException) -> str | None:
 
 def unreachable(url: str) -> str | None:
     """Why the API at ``url`` does not answer ``/health``; None when it answers (any HTTP status: it is there)."""
+    return probe(url)[1]
+
+
+def probe(url: str) -> tuple[bool, str | None]:
+    """Ask the API at ``url`` for ``/health``: (whether nobody is there, why it did not answer); (False, None) when it
+    answered with any HTTP status. Nobody is there when the connection is refused or the host or network cannot be
+    reached; a timeout, a reset or a garbled answer come from something that is there."""
+    import http.client
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(public_url(url).rstrip("/") + "/health", timeout=PROBE_S):
-            return None
+        with urllib.request.urlopen(public_url(url).rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
+            return False, None
     except urllib.error.HTTPError:
-        return None
-    except (urllib.error.URLError, OSError) as exc:
+        return False, None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        why = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        gone = isinstance(reason, ConnectionRefusedError) or getattr(reason, "errno", None) in GONE_ERRNOS
+        return gone, why
 
 
 def public_url(url: str) -> str:

@@ -30,7 +30,7 @@ def test_the_default_gives_up_within_about_30_s(monkeypatch):
     monkeypatch.delenv(local_api.LOST_ENV, raising=False)
     assert local_api.lost_seconds() + 2 * local_api.PROBE_S <= EXIT_WITHIN_S
     monkeypatch.setenv(local_api.LOST_ENV, "soon")
-    with pytest.raises(local_api.LocalApiError, match="PATHGEN_API_LOST_S='soon' is not a number"):
+    with pytest.raises(local_api.LocalApiError, match="PATHGEN_API_LOST_S=.soon. is not a number"):
         local_api.lost_seconds()
 
 
@@ -117,3 +117,73 @@ def test_a_connection_error_after_the_api_went_is_told_as_a_lost_api():
     told = local_api.lost_api_explanation(caught.value)
     assert told and url in told and "run the command again" in told.lower()
     assert local_api.lost_api_explanation(httpx.ConnectError("another one")) is None  # only the error that ended it
+
+
+WATCHED = """
+import sys, time
+from pathgen import local_api
+local_api.PROBE_S = local_api.PROBE_TIMEOUT_S = 0.2  # probe often, each waiting briefly for its answer
+with local_api.watching(sys.argv[1], float(sys.argv[2]), started_here=True):
+    time.sleep(float(sys.argv[3]))
+print("the command went on")
+"""
+
+
+def _watched_command(url: str, lost_s: float, runs_s: float) -> subprocess.Popen:
+    """A command that runs ``runs_s`` seconds under the watchdog of ``url`` (whose os._exit needs its own process)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", WATCHED, url, str(lost_s), str(runs_s)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_slow_api_is_not_lost_but_a_refused_one_is():
+    """A server that accepts connections and never answers (a CPU-starved server, a locked database) is not lost
+    after PATHGEN_API_LOST_S; a port nobody listens on is, within about that time."""
+    import socket
+    import threading
+
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        held = []  # accepted and never answered
+        threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(1000)], daemon=True).start()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        slow = _watched_command(f"http://127.0.0.1:{silent.getsockname()[1]}/api", 0.5, 4.0)
+        refused = _watched_command(f"http://127.0.0.1:{closed.getsockname()[1]}/api", 0.5, 30.0)
+        started = time.monotonic()
+        refused_out, refused_err = refused.communicate(timeout=60)
+        refused_took = time.monotonic() - started
+        slow_out, slow_err = slow.communicate(timeout=60)
+        for connection, _ in held:
+            connection.close()
+    assert held, "the slow server was never asked"
+    assert slow.returncode == 0 and "the command went on" in slow_out, slow_err
+    assert refused.returncode == local_api.EXIT_API_LOST and "lost the Prefect API" in refused_err, refused_err
+    assert "refused" in refused_err.lower() and refused_took < 15, (refused_took, refused_err)
+
+
+def test_the_lost_clock_tolerates_timeouts_far_longer_than_refusals_and_any_answer_resets_it():
+    clock = local_api.LostClock(lost_s=20, slow_s=300, now=0)
+    assert clock.lost(False, "timed out", 100) is None  # there, but slow: far past lost_s
+    assert clock.lost(True, "Connection refused", 110) is None
+    assert "nobody answered for 20 s" in clock.lost(True, "Connection refused", 130)
+    clock = local_api.LostClock(lost_s=20, slow_s=300, now=0)
+    assert clock.lost(True, "Connection refused", 10) is None
+    assert clock.lost(False, None, 25) is None  # an answer (any HTTP status) resets the refusals
+    assert clock.lost(True, "Connection refused", 30) is None
+    assert clock.lost(False, "timed out", 290) is None
+    assert "no answer for 300 s" in clock.lost(False, "timed out", 330)  # 300 s after the last answer
+    assert local_api.SLOW_LOST_S >= 10 * local_api.DEFAULT_LOST_S
+
+
+def test_both_seconds_settings_are_parsed_alike(monkeypatch):
+    monkeypatch.setenv(local_api.IDLE_ENV, "-1")
+    with pytest.raises(local_api.LocalApiError, match=f"{local_api.IDLE_ENV}='-1' is not a number of seconds"):
+        local_api.idle_seconds()
+    monkeypatch.setenv(local_api.IDLE_ENV, " 7 ")
+    monkeypatch.setenv(local_api.LOST_ENV, "")
+    assert (local_api.idle_seconds(), local_api.lost_seconds()) == (7.0, local_api.DEFAULT_LOST_S)

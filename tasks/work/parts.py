@@ -6,8 +6,8 @@ its ``worker`` artifact, and the parent reports every part from its children's s
 The parent waits at most ``parts.timeout_seconds``. A child that has not started by then is cancelled and reported
 with the reason Prefect's objects give (the deployment's concurrency slots taken, the work pool or queue paused or
 full, no worker online, every worker busy); while it waits, the parent logs such reasons as they change. The parent
-never waits on a slot only it holds: when the deployment's concurrency limit leaves its children none, it runs the
-parts itself."""
+never waits on a slot only it holds: when a concurrency limit of 1 that it holds itself (its deployment's, or its work
+pool's or work queue's when the children go there too) leaves its children none, it runs the parts itself."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from tasks.errors import short_error
 from tasks.work.units import worker_identity
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
@@ -35,6 +36,13 @@ def current_deployment_id() -> str | None:
     from prefect.runtime import deployment
 
     return deployment.id
+
+
+def root_flow_run_id() -> str | None:
+    """The flow run a worker started, whose slots of its work pool and queue this run (maybe a subflow) holds."""
+    from prefect.runtime import flow_run
+
+    return flow_run.root_flow_run_id if flow_run.id else None
 
 
 def record_worker(stage: str, part: int | None, parts: int) -> dict[str, str]:
@@ -76,18 +84,24 @@ def start_parts(
     return children
 
 
-async def _slot_shortage(deployment_id: str) -> str | None:
+async def _slot_shortage(deployment_id: str, root_run_id: str | None) -> str | None:
     """Why no child of the stage's deployment could ever start while this parent waits, or None.
 
-    The parent is a flow run of the deployment it starts its children on (unless the stage runs inside another
-    deployment's flow, the factory), so it holds one slot of that deployment's concurrency limit until it ends; a
-    limit of 1 leaves the children none. Tag limits (``gpu``) are not held: they bind task runs, which take a
-    flow run's tags only from their own decorator, and the parent waits outside any task.
+    The parent holds, until it ends, one slot of each concurrency limit that binds a flow run: of its deployment's
+    (the children's too, unless the stage runs inside another deployment's flow, the factory), of its work pool's
+    and of its work queue's (those of ``root_run_id``, the run a worker started). A limit of 1 on one the children
+    share leaves them none. Tag limits (``gpu``) are not
+    held: they bind task runs, which take a flow run's tags only from their own decorator, and the parent waits
+    outside any task.
     """
-    if str(current_deployment_id()) != str(deployment_id):
-        return None
     async with get_client() as client:
         deployment = await client.read_deployment(deployment_id)
+        own = str(current_deployment_id()) == str(deployment_id)
+        held = _deployment_slot_held(deployment) if own else None
+        return held or await _pool_slot_held(client, deployment, root_run_id)
+
+
+def _deployment_slot_held(deployment: Any) -> str | None:
     limit = deployment.global_concurrency_limit
     if limit is None or not limit.active or limit.limit > 1:
         return None
@@ -95,6 +109,27 @@ async def _slot_shortage(deployment_id: str) -> str | None:
         f"the {deployment.name} deployment's concurrency limit is {limit.limit} and this parent run holds that slot "
         "until it ends, so no child run of it could start"
     )
+
+
+async def _pool_slot_held(client: Any, deployment: Any, root_run_id: str | None) -> str | None:
+    """The parent's work pool, or its work queue, when the children go there too and its concurrency limit is 1."""
+    if not root_run_id or not deployment.work_pool_name:
+        return None
+    parent = await client.read_flow_run(root_run_id)
+    if parent.work_pool_name != deployment.work_pool_name:
+        return None
+    held = "and this parent run holds that slot until it ends, so no child run on it could start"
+    pool = await client.read_work_pool(parent.work_pool_name)
+    if pool.concurrency_limit is not None and pool.concurrency_limit <= 1:
+        return f"work pool {pool.name}'s concurrency limit is {pool.concurrency_limit} {held}"
+    if not parent.work_queue_name or parent.work_queue_name != deployment.work_queue_name:
+        return None
+    queue = await client.read_work_queue_by_name(parent.work_queue_name, work_pool_name=pool.name)
+    if queue.concurrency_limit is not None and queue.concurrency_limit <= 1:
+        return (
+            f"work queue {queue.name} of pool {pool.name} has a concurrency limit of {queue.concurrency_limit} {held}"
+        )
+    return None
 
 
 async def _read(run_ids: list[Any]) -> list[Any]:
@@ -137,7 +172,10 @@ def wait_for_parts(
             next_look = time.monotonic() + REASON_EVERY_S
         time.sleep(max(0.0, min(poll_seconds, deadline - time.monotonic())))
         runs = run_coro_as_sync(_read([c.id for c in children]))
-    unfinished = run_coro_as_sync(_give_up(runs, timeout_seconds)) if not all(_final(r) for r in runs) else {}
+    unfinished = {}
+    if not all(_final(r) for r in runs):
+        unfinished = run_coro_as_sync(_give_up([c.id for c in children], timeout_seconds))
+        runs = run_coro_as_sync(_read([c.id for c in children]))  # as they ended, for the parts that did finish
     reports = [_part_report(part, run, unfinished.get(part)) for part, run in enumerate(runs)]
     create_table_artifact(reports, key="parts", description="the child flow run of each part, and its worker")
     return reports
@@ -152,25 +190,42 @@ def _tell_waiting(runs: list[Any], told: dict[int, str], logger: logging.Logger)
                 told[part] = reason
 
 
-async def _give_up(runs: list[Any], timeout_seconds: float) -> dict[int, tuple[str, str]]:
-    """At the deadline: part -> (state, reason) of each child that is not final; cancels those that never started."""
-    from prefect.states import Cancelled, Cancelling
+async def _give_up(run_ids: list[Any], timeout_seconds: float) -> dict[int, tuple[str, str]]:
+    """At the deadline: part -> (state, reason) of each child that is not final; cancels those that never started.
 
+    Each run is read again just before it is cancelled, not taken from the last poll: a child that a worker started
+    in between goes on and is reported unfinished, never cancelled as "never started". Once Cancelled, Prefect
+    refuses a worker's Pending proposal for it, so a worker that takes it later does not start it."""
     unfinished = {}
     async with get_client() as client:
-        for part, run in enumerate(runs):
+        for part, run_id in enumerate(run_ids):
+            run = await client.read_flow_run(run_id)
             if _final(run):
                 continue
-            if not _not_started(run):
+            if _not_started(run):
+                run, stopped = await _cancel_unstarted(client, run, timeout_seconds)
+                if stopped:
+                    unfinished[part] = stopped
+                    continue
+            if not _final(run):
                 reason = f"still running when parts.timeout_seconds ({timeout_seconds:g} s) ran out; it goes on"
                 unfinished[part] = (f"{run.state.name} (unfinished)", reason)
-                continue
-            reason = await why_waiting(client, run)
-            message = f"never started within parts.timeout_seconds ({timeout_seconds:g} s): {reason}"
-            stop = Cancelling if run.state and run.state.type.value == "PENDING" else Cancelled
-            await client.set_flow_run_state(run.id, stop(message=message))
-            unfinished[part] = (f"never started ({run.state.name if run.state else 'no state'})", reason)
     return unfinished
+
+
+async def _cancel_unstarted(client: Any, run: Any, timeout_seconds: float) -> tuple[Any, tuple[str, str] | None]:
+    """Cancel ``run``, which has not started: (the run, (state, reason) for its report); the report is None, and the
+    run read again, when Prefect rejected the cancellation because the run moved on in the meantime."""
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Cancelled, Cancelling
+
+    reason = await why_waiting(client, run)
+    message = f"never started within parts.timeout_seconds ({timeout_seconds:g} s): {reason}"
+    stop = Cancelling if run.state and run.state.type.value == "PENDING" else Cancelled
+    result = await client.set_flow_run_state(run.id, stop(message=message))  # not forced: orchestration rules hold
+    if result.status != SetStateStatus.ACCEPT:
+        return await client.read_flow_run(run.id), None
+    return run, (f"never started ({run.state.name if run.state else 'no state'})", reason)
 
 
 async def _why(run: Any) -> str:
@@ -184,7 +239,7 @@ async def why_waiting(client: Any, run: Any) -> str:
     try:
         reasons = await _deployment_reasons(client, run) + await _pool_reasons(client, run)
     except Exception as exc:  # noqa: BLE001 - a reason that cannot be read must not sink the parent's report
-        reasons = [f"could not read why ({type(exc).__name__}: {exc})"]
+        reasons = [f"could not read why ({short_error(exc)})"]
     if run.state and run.state.type.value == "PENDING":
         reasons.append("a worker took it (Pending) but its flow run process did not start; see the worker's log")
     if not reasons:
@@ -270,11 +325,11 @@ def run_parts(
     parameters: dict[str, Any],
     parts: int,
     logger: logging.Logger,
-    timeout_seconds: float | None = None,
+    timeout_seconds: float,
 ) -> dict:
     """The parent of a ``parts=N`` run: child runs on the pool's workers when this run is a deployment's (waiting at
-    most ``timeout_seconds``, default the run's ``parts.timeout_seconds``), else the parts one after another here
-    (as subflows), as also when the children could never get a slot; returns the merged summary with a ``parts``
+    most ``timeout_seconds``, the run's ``parts.timeout_seconds``), else the parts one after another here (as
+    subflows), as also when the children could never get a slot; returns the merged summary with a ``parts``
     report."""
     reports = _parts_on_workers(stage, parameters, parts, logger, timeout_seconds) if current_deployment_id() else None
     if reports is None:
@@ -292,17 +347,16 @@ def run_parts(
 
 
 def _parts_on_workers(
-    stage: str, parameters: dict[str, Any], parts: int, logger: logging.Logger, timeout_seconds: float | None
+    stage: str, parameters: dict[str, Any], parts: int, logger: logging.Logger, timeout_seconds: float
 ) -> list[dict[str, Any]] | None:
     """The parts as child runs of the stage's deployment; None when they could never get a slot (run them here)."""
     deployment_id = run_coro_as_sync(_stage_deployment(current_deployment_id(), stage))
-    shortage = run_coro_as_sync(_slot_shortage(deployment_id))
+    shortage = run_coro_as_sync(_slot_shortage(deployment_id, root_flow_run_id()))
     if shortage:
         logger.warning("%s: the %d parts run here, one after another (raise the limit to run them at once)",
                        shortage, parts)  # fmt: skip
         return None
-    timeout = _timeout_of(parameters) if timeout_seconds is None else timeout_seconds
-    return wait_for_parts(start_parts(stage, deployment_id, parameters, parts, logger), timeout, logger)
+    return wait_for_parts(start_parts(stage, deployment_id, parameters, parts, logger), timeout_seconds, logger)
 
 
 def _parts_here(flow_fn: Any, parameters: dict[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -312,13 +366,6 @@ def _parts_here(flow_fn: Any, parameters: dict[str, Any], parts: int) -> list[di
         result = state.result(raise_on_failure=False) if state.is_completed() else {}
         reports.append({"part": part, "state": state.name, **(result or {})})
     return reports
-
-
-def _timeout_of(parameters: dict[str, Any]) -> float:
-    from pathgen.settings import run_settings
-
-    settings = run_settings(parameters.get("store"), parameters.get("config"), parameters.get("overrides"))
-    return settings.parts.timeout_seconds
 
 
 def source_label(sources: list[str]) -> str:

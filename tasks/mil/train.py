@@ -1,0 +1,343 @@
+"""Training core of the whole-slide MIL stage: the paper's recipe, the learning-rate grid chosen on validation,
+resumable runs, and the test evaluation of the chosen learning rate over seeds. Pure: no Prefect, no store.
+
+Layout under ``out_dir``::
+
+    <lr>/<seed>/metrics.jsonl   one JSON line per finished epoch: epoch, lr, train_loss, val_loss, val_<metric>
+    <lr>/<seed>/state.pt        resume point after the last finished epoch (model, optimizer, scheduler, RNG, best)
+    <lr>/<seed>/best.pt         the weights of the best epoch on validation
+    <lr>/<seed>/done.json       completion marker: the run is skipped when present
+    selection.json              the class encoding, every (lr, seed)'s best validation metric and the chosen lr
+    test.json                   the chosen lr's best checkpoints on the test split, per seed, mean and std
+
+Selection metric: validation AUC by default (binary ROC AUC, macro one-vs-rest for more classes), because it ranks
+the slides independently of the 0.5 threshold, which a few epochs on a small validation split set poorly; the
+recipe can choose balanced accuracy instead. The validation loss is the slide cross-entropy alone (without ACMIL's
+branch and diversity terms), so it is comparable across models. Every file is written as a temporary file renamed
+over the target, so a kill never leaves half a checkpoint; a killed run restarts from its last finished epoch and
+reaches exactly the weights an uninterrupted run reaches (the shuffle order is a function of seed and epoch, the
+global RNG that dropout and ACMIL's masking draw from is saved with each epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tasks.mil.metrics import classification_metrics
+from tasks.mil.models import build_mil_model, mil_loss
+from tasks.mil.tasks import Task, TaskError, require_slides
+
+SelectionMetric = Literal["auc", "balanced_accuracy"]
+EpochCallback = Callable[[float, int, dict], None]
+
+
+@dataclass(frozen=True)
+class MilRecipe:
+    """The PathGen-CLIP paper's whole-slide protocol as defaults (its reproducibility statement)."""
+
+    epochs: int = 50
+    learning_rates: tuple[float, ...] = (1e-4, 2e-4, 5e-4)  # grid, chosen on validation
+    weight_decay: float = 1e-4  # Adam
+    seeds: tuple[int, ...] = (0,)
+    schedule: Literal["cosine"] = "cosine"  # cosine decay from lr to 0 over the epochs, stepped once per epoch
+    acmil_branches: int = 5  # M
+    acmil_top_k: int = 10  # K
+    acmil_mask_prob: float = 0.6  # p
+    hidden_dim: int | None = None  # None: the model's default width
+    selection_metric: SelectionMetric = "auc"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or not self.learning_rates or not self.seeds:
+            raise ValueError(f"a MIL recipe needs epochs >= 1, learning rates and seeds; got {self}")
+        if any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError(f"learning rates must be positive; got {self.learning_rates}")
+
+    def model_hyper(self, model_name: str) -> dict[str, object]:
+        hyper: dict[str, object] = {} if self.hidden_dim is None else {"hidden_dim": self.hidden_dim}
+        if model_name == "acmil":
+            hyper |= {"n_branches": self.acmil_branches, "top_k": self.acmil_top_k, "mask_prob": self.acmil_mask_prob}
+        return hyper
+
+
+@dataclass
+class MilResult:
+    classes: list[str]
+    chosen_lr: float
+    grid: dict[str, dict]  # lr key -> {"per_seed": {seed: best val metric}, "mean": ...}
+    test: dict  # {"per_seed": {seed: metrics}, "mean": {...}, "std": {...}}
+    skipped_runs: list[str] = field(default_factory=list)  # "<lr>/<seed>" found finished
+
+
+@dataclass(frozen=True)
+class _Data:
+    bags: dict[str, list[tuple[str, Tensor, int]]]  # split -> (slide_id, features, class index)
+    classes: list[str]
+    in_dim: int
+
+
+def lr_key(lr: float) -> str:
+    """The folder name of a learning rate: its shortest exact repr (1e-4 -> "0.0001")."""
+    return repr(float(lr))
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+
+
+def prepare_data(task: Task, features: Mapping[str, Tensor], selection_metric: SelectionMetric = "auc") -> _Data:
+    """Encode the labels (sorted names -> 0..C-1), pair each row with its features, check splits and dimensions."""
+    require_slides(task, features.keys())
+    classes = task.labels
+    if len(classes) < 2:
+        raise TaskError(f"{task.path}: every slide has the label {classes[0]!r}; a classifier needs two labels")
+    index = {name: i for i, name in enumerate(classes)}
+    bags = {
+        split: [
+            (row.slide_id, torch.as_tensor(features[row.slide_id]).float(), index[row.label])
+            for row in task.split(split)
+        ]
+        for split in ("train", "val", "test")
+    }
+    for split in ("train", "val"):
+        if not bags[split]:
+            raise TaskError(
+                f"{task.path}: no slide has split {split!r}; MIL training needs train and val rows "
+                "(add a split column, e.g. with `pathgen mil-task`)"
+            )
+    if selection_metric == "auc" and (absent := sorted({*index} - {classes[c] for _, _, c in bags["val"]})):
+        raise TaskError(
+            f"{task.path}: the val split has no slide labelled {', '.join(absent)}, so its AUC cannot choose the "
+            "learning rate; put such slides in val or select on balanced_accuracy"
+        )
+    dims = {slide: bag.shape[1] if bag.dim() == 2 else None for rows in bags.values() for slide, bag, _ in rows}
+    in_dim = next(iter(dims.values()))
+    if odd := [slide for slide, dim in dims.items() if dim is None or dim != in_dim]:
+        raise ValueError(f"features of slide(s) {odd[:5]} are not N x {in_dim} like the others; recompute them")
+    return _Data(bags, classes, in_dim)
+
+
+# --------------------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(handle)
+    try:
+        write(Path(partial))
+        os.replace(partial, path)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def _save_torch(obj: object, path: Path) -> None:
+    _atomic_write(path, lambda partial: torch.save(obj, partial))
+
+
+def _save_json(obj: object, path: Path) -> None:
+    _atomic_write(path, lambda partial: partial.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
+    """The epoch lines of a run up to ``up_to_epoch`` (a kill after a line but before its state drops the line)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record["epoch"] <= up_to_epoch]
+
+
+def _write_metrics(path: Path, records: list[dict]) -> None:
+    _atomic_write(path, lambda partial: partial.write_text("".join(json.dumps(r) + "\n" for r in records)))
+
+
+# --------------------------------------------------------------------------------------------------- one epoch
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, bags: list, seed: int, epoch: int) -> float:
+    """One pass over the training slides, one slide per step, in an order fixed by (seed, epoch)."""
+    model.train()
+    order = torch.randperm(len(bags), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    total = 0.0
+    for i in order.tolist():
+        _, bag, label = bags[i]
+        loss = mil_loss(model(bag), torch.tensor(label))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+    return total / len(bags)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, bags: list) -> tuple[list[int], np.ndarray, float]:
+    """Labels, S x C softmax probabilities and the mean slide cross-entropy of ``bags`` in eval mode."""
+    model.eval()
+    labels, probabilities, losses = [], [], []
+    for _, bag, label in bags:
+        logits = model(bag).logits
+        losses.append(float(F.cross_entropy(logits.unsqueeze(0), torch.tensor([label]))))
+        probabilities.append(torch.softmax(logits.double(), dim=0).numpy())
+        labels.append(label)
+    return labels, np.stack(probabilities), float(np.mean(losses))
+
+
+def _selection_value(metrics: dict, selection_metric: SelectionMetric) -> float:
+    value = metrics[selection_metric]
+    return -math.inf if value is None else float(value)  # prepare_data made val AUC defined; belt and braces
+
+
+# --------------------------------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class _Run:
+    data: _Data
+    model_name: str
+    recipe: MilRecipe
+    lr: float
+    seed: int
+    folder: Path
+
+    def build(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        torch.manual_seed(self.seed)
+        model = build_mil_model(
+            self.model_name, self.data.in_dim, len(self.data.classes), **self.recipe.model_hyper(self.model_name)
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.recipe.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.recipe.epochs)
+        return model, optimizer, scheduler
+
+
+def _resume(run: _Run, model, optimizer, scheduler) -> dict:
+    """Load ``state.pt`` into the fresh objects; return the progress record (epoch 0 when starting afresh)."""
+    state_path = run.folder / "state.pt"
+    if not state_path.exists():
+        torch.manual_seed(run.seed)  # the same RNG stream whether or not the model was built just before
+        return {"epoch": 0, "best_epoch": None, "best_value": -math.inf, "best_model": None}
+    state = torch.load(state_path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["progress"]
+
+
+def _run_one(run: _Run, log: Callable[[str], None], on_epoch: EpochCallback | None) -> dict:
+    """Train one (lr, seed) to the end (or from its last finished epoch); return its completion record."""
+    model, optimizer, scheduler = run.build()
+    progress = _resume(run, model, optimizer, scheduler)
+    metrics_path = run.folder / "metrics.jsonl"
+    records = _read_metrics(metrics_path, progress["epoch"])
+    if progress["epoch"]:
+        log(f"lr={run.lr:g} seed={run.seed}: resuming after epoch {progress['epoch']}")
+    for epoch in range(progress["epoch"] + 1, run.recipe.epochs + 1):
+        epoch_lr = optimizer.param_groups[0]["lr"]
+        train_loss = _train_epoch(model, optimizer, run.data.bags["train"], run.seed, epoch)
+        scheduler.step()
+        labels, probabilities, val_loss = predict(model, run.data.bags["val"])
+        value = _selection_value(classification_metrics(labels, probabilities), run.recipe.selection_metric)
+        record = {"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss, "val_loss": val_loss}
+        record[f"val_{run.recipe.selection_metric}"] = value
+        records.append(record)
+        if value > progress["best_value"]:  # the earliest epoch wins a tie
+            best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            progress = {**progress, "best_epoch": epoch, "best_value": value, "best_model": best_model}
+            _save_torch({"model": best_model, "epoch": epoch, "classes": run.data.classes}, run.folder / "best.pt")
+        progress = {**progress, "epoch": epoch}
+        _write_metrics(metrics_path, records)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        _save_torch({**state, "scheduler": scheduler.state_dict(), "progress": progress}, run.folder / "state.pt")
+        log(f"lr={run.lr:g} seed={run.seed} epoch {epoch}: train {train_loss:.4f} val {val_loss:.4f} {value:.4f}")
+        if on_epoch is not None:
+            on_epoch(run.lr, run.seed, record)
+    # best.pt may predate a kill between its write and the state's: rewrite it from the state, which is the truth
+    best = {"model": progress["best_model"], "epoch": progress["best_epoch"], "classes": run.data.classes}
+    _save_torch(best, run.folder / "best.pt")
+    done = {"best_epoch": progress["best_epoch"], "best_val": progress["best_value"], "epochs": run.recipe.epochs}
+    _save_json(done, run.folder / "done.json")
+    return done
+
+
+# --------------------------------------------------------------------------------------------------- the grid
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed); None when any seed's value is undefined."""
+    if not values or any(v is None for v in values):
+        return None, None
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def _evaluate_test(data: _Data, model_name: str, recipe: MilRecipe, folder: Path) -> dict:
+    """The best checkpoint of each seed of the chosen lr on the test split: per seed, mean and std over seeds."""
+    if not data.bags["test"]:
+        return {"per_seed": {}, "mean": {}, "std": {}, "note": "the task has no test split"}
+    per_seed = {}
+    for seed in recipe.seeds:
+        model = build_mil_model(model_name, data.in_dim, len(data.classes), **recipe.model_hyper(model_name))
+        model.load_state_dict(torch.load(folder / str(seed) / "best.pt", weights_only=True)["model"])
+        labels, probabilities, loss = predict(model, data.bags["test"])
+        per_seed[str(seed)] = {**classification_metrics(labels, probabilities, data.classes), "loss": loss}
+    scalars = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "loss")
+    summary = {name: _mean_std([m[name] for m in per_seed.values()]) for name in scalars}
+    return {
+        "per_seed": per_seed,
+        "mean": {name: pair[0] for name, pair in summary.items()},
+        "std": {name: pair[1] for name, pair in summary.items()},
+    }
+
+
+def train_mil(
+    task: Task,
+    features: Mapping[str, Tensor],
+    model_name: str,
+    recipe: MilRecipe | None = None,
+    out_dir: str | Path = ".",
+    log: Callable[[str], None] = lambda message: None,
+    on_epoch: EpochCallback | None = None,
+) -> MilResult:
+    """Train ``model_name`` on every (lr, seed) of the recipe, choose the lr by the mean over seeds of the best
+    validation metric (ties: the smaller lr), record the choice and evaluate its best checkpoints on test.
+    ``on_epoch(lr, seed, record)`` is called after each epoch's files are written."""
+    recipe = recipe or MilRecipe()
+    out = Path(out_dir)
+    data = prepare_data(task, features, recipe.selection_metric)
+    grid: dict[str, dict] = {}
+    skipped = []
+    for lr in recipe.learning_rates:
+        per_seed = {}
+        for seed in recipe.seeds:
+            run = _Run(data, model_name, recipe, lr, seed, out / lr_key(lr) / str(seed))
+            if (run.folder / "done.json").exists():
+                skipped.append(f"{lr_key(lr)}/{seed}")
+                log(f"lr={lr:g} seed={seed}: finished before, skipped")
+                done = json.loads((run.folder / "done.json").read_text())
+            else:
+                done = _run_one(run, log, on_epoch)
+            per_seed[str(seed)] = done["best_val"]
+        grid[lr_key(lr)] = {"per_seed": per_seed, "mean": float(np.mean(list(per_seed.values())))}
+    chosen = max(sorted(recipe.learning_rates), key=lambda lr: grid[lr_key(lr)]["mean"])
+    selection = {
+        "classes": data.classes,
+        "model": model_name,
+        "recipe": asdict(recipe),
+        "selection_metric": recipe.selection_metric,
+        "grid": grid,
+        "chosen_lr": chosen,
+    }
+    _save_json(selection, out / "selection.json")
+    test = _evaluate_test(data, model_name, recipe, out / lr_key(chosen))
+    _save_json({"classes": data.classes, "model": model_name, "lr": chosen, **test}, out / "test.json")
+    return MilResult(data.classes, chosen, grid, test, skipped)

@@ -257,7 +257,13 @@ def _extract(args: argparse.Namespace) -> int:
 
 # Modules that add subcommands: each has add_commands(sub, common, settings_args, parts_arg) and COMMANDS, a map of
 # command name -> handler(args) -> exit code. Imported when the parser is built; they import their flows lazily.
-COMMAND_MODULES = ("pathgen.factory_cli", "pathgen.mc_cli", "pathgen.instruct_cli", "pathgen.llava_cli")
+COMMAND_MODULES = (
+    "pathgen.factory_cli",
+    "pathgen.mc_cli",
+    "pathgen.instruct_cli",
+    "pathgen.llava_cli",
+    "pathgen.mil_cli",
+)
 
 
 def _command_modules() -> list:

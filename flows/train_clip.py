@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pathgen.settings import Settings, run_settings
-from tasks.clip.spec import ModelSpec
+from tasks.clip.spec import ModelSpec, has_random_weights
 from tasks.clip.stages import (
     RUNS,
     random_start_warning,
@@ -102,8 +102,9 @@ def _model_name(settings: Settings) -> str:
 
 def _finish(summary: dict[str, Any], settings: Settings, logger, error: str | None = None) -> dict[str, Any]:
     summary["error"] = error
-    summary["model"] = start_spec(settings.clip).name
-    summary["random_weights"] = start_spec(settings.clip).random_weights
+    start = start_spec(settings.clip)
+    summary["model"] = start.name
+    summary["random_weights"] = has_random_weights(start)  # as run.json records it
     if error:
         logger.error("train-clip: %s", error)
     if summary["random_weights"]:

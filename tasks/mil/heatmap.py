@@ -213,7 +213,12 @@ def draw_heatmap(
     top_k: int = 6,
     random_weights: bool = False,
 ) -> HeatmapFigure:
-    """The heatmap figure (see the module docstring) and where its thumbnail sits; ``render_heatmap`` encodes it."""
+    """The heatmap figure (see the module docstring) and where its thumbnail sits; ``render_heatmap`` encodes it.
+
+    ``thumbnail`` is the slide overview (RGB), ``downsample`` level-0 px per thumbnail px, ``boxes`` the patches'
+    level-0 (x, y, w, h) and ``attention`` one finite value per box. ``patches`` gives patch images by box index:
+    a sequence with one image per box, or a callable (so only the top ``top_k`` are read from the slide).
+    ``probability`` is the model's probability of ``prediction``. Bad input raises a ValueError naming it."""
     boxes, attention = validate_inputs(thumbnail, downsample, boxes, attention, patches)
     validate_call(probability, top_k)
     scaled = minmax_scale(attention)
@@ -240,38 +245,8 @@ def draw_heatmap(
     return HeatmapFigure(pixels, (_PAD, origin_y), scale)
 
 
-def render_heatmap(
-    thumbnail: np.ndarray,
-    downsample: float,
-    boxes: np.ndarray,
-    attention: np.ndarray,
-    patches: PatchSource,
-    label: str,
-    prediction: str,
-    probability: float,
-    slide_id: str,
-    top_k: int = 6,
-    random_weights: bool = False,
-) -> bytes:
-    """The attention heatmap of one slide as PNG bytes.
-
-    ``thumbnail`` is the slide overview (RGB), ``downsample`` level-0 px per thumbnail px, ``boxes`` the patches'
-    level-0 (x, y, w, h) and ``attention`` one finite value per box. ``patches`` gives patch images by box index:
-    a sequence with one image per box, or a callable (so only the top ``top_k`` are read from the slide).
-    ``probability`` is the model's probability of ``prediction``. Bad input raises a ValueError naming it."""
-    figure = draw_heatmap(
-        thumbnail,
-        downsample,
-        boxes,
-        attention,
-        patches,
-        label,
-        prediction,
-        probability,
-        slide_id,
-        top_k,
-        random_weights,
-    )
+def render_heatmap(*args, **kwargs) -> bytes:
+    """The attention heatmap of one slide as PNG bytes; the arguments are those of :func:`draw_heatmap`."""
     buffer = io.BytesIO()
-    Image.fromarray(figure.image).save(buffer, format="PNG")
+    Image.fromarray(draw_heatmap(*args, **kwargs).image).save(buffer, format="PNG")
     return buffer.getvalue()

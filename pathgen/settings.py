@@ -488,6 +488,45 @@ class InstructSettings(RoleSettings):
     )
 
 
+class FeaturesSettings(_Section):
+    encoder: ModelName = Field(
+        None,
+        description="open_clip NAME:PRETRAINED, a PathGen-CLIP run or checkpoint in the store; unset: the newest "
+        "PathGen-CLIP in the store, else tiny-random (RANDOM WEIGHTS)",
+    )
+    target_mpp: float = Field(
+        0.5, ge=MIN_TARGET_MPP, le=64.0, description="microns per pixel of the encoded patches (0.5: the paper's 20x)"
+    )
+    batch_size: int = Field(128, ge=1, le=8192, description="patches per encoder forward pass")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    prefetch_batches: int = Field(
+        2, ge=1, le=64, description="batches read and preprocessed ahead while the encoder runs"
+    )
+    concurrency: int = Field(1, ge=1, le=256, description="slide groups featured at once (one encoder per process)")
+    group_size: int = Field(4, ge=1, le=10_000, description="slides per Prefect task")
+
+
+class MilSettings(_Section):
+    task: str | None = Field(None, description="task CSV (slide_id,label[,case_id][,split]) of the factory's train-mil")
+    model: Literal["abmil", "acmil", "mean"] = Field("abmil", description="attention MIL model of train-mil")
+    features: str | None = Field(
+        None, description="features_hash in the store or a CLAM/TRIDENT h5 folder; unset: these settings' features"
+    )
+    epochs: int = Field(50, ge=1, le=10_000)
+    learning_rates: list[float] = Field(
+        default_factory=lambda: [1e-4, 2e-4, 5e-4], description="grid, chosen on the validation split"
+    )
+    weight_decay: float = Field(1e-4, ge=0.0, le=10.0, description="Adam weight decay")
+    seeds: int = Field(3, ge=1, le=100, description="repeats with seeds 0..N-1; mean and std reported")
+    selection_metric: Literal["auc", "balanced_accuracy"] = Field("auc", description="validation metric for the lr")
+    acmil_branches: int = Field(5, ge=1, le=64, description="ACMIL M: attention branches")
+    acmil_top_k: int = Field(10, ge=1, le=100_000, description="ACMIL K: top-attended instances that may be masked")
+    acmil_mask_prob: float = Field(0.6, ge=0.0, le=1.0, description="ACMIL p: masking probability of the top K")
+    heatmaps: bool = Field(True, description="draw eval/mil/<run>/heatmaps/<slide_id>.png for each test slide")
+    heatmap_top_k: int = Field(6, ge=1, le=64, description="top-attended patches shown beside the heatmap")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
 class ModelsSettings(_Section):
     allow_random_weights: bool = Field(
         True,
@@ -515,6 +554,8 @@ class Settings(_Section):
     llava: LlavaSettings = Field(default_factory=LlavaSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     instruct: InstructSettings = Field(default_factory=InstructSettings)
+    features: FeaturesSettings = Field(default_factory=FeaturesSettings)
+    mil: MilSettings = Field(default_factory=MilSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
 
 

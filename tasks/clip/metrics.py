@@ -307,12 +307,12 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: _Font) -> tuple[int, 
     return int(right - left), int(bottom - top)
 
 
-def _text_image(text: str, font: _Font, rotate: bool) -> Image.Image:
+def text_image(text: str, font: _Font, rotate: bool = False, margin: int = 1) -> Image.Image:
     """Black text on white, turned to read bottom-to-top when ``rotate`` (column labels take little width then)."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
-    img = Image.new("RGB", (max(1, int(right - left)) + 2, max(1, int(bottom - top)) + 2), "white")
-    ImageDraw.Draw(img).text((1 - left, 1 - top), text, fill="black", font=font)
+    img = Image.new("RGB", (max(1, int(right - left)) + 2 * margin, max(1, int(bottom - top)) + 2 * margin), "white")
+    ImageDraw.Draw(img).text((margin - left, margin - top), text, fill="black", font=font)
     return img.rotate(90, expand=True) if rotate else img
 
 
@@ -358,10 +358,10 @@ def confusion_png(confusion: list[list[int]], classes: list[str], path: Path, ti
         raise ValueError(f"confusion must be {c}x{c} for {c} classes, got shape {counts.shape}")
     font = ImageFont.load_default(size=_FONT_SIZE)
     labels = [_shorten(name) for name in classes]
-    row_imgs = [_text_image(lab, font, rotate=False) for lab in labels]
-    col_imgs = [_text_image(lab, font, rotate=True) for lab in labels]
-    true_img, pred_img = _text_image("true", font, rotate=True), _text_image("predicted", font, rotate=False)
-    title_img = _text_image(title, font, rotate=False) if title else None
+    row_imgs = [text_image(lab, font, rotate=False) for lab in labels]
+    col_imgs = [text_image(lab, font, rotate=True) for lab in labels]
+    true_img, pred_img = text_image("true", font, rotate=True), text_image("predicted", font, rotate=False)
+    title_img = text_image(title, font, rotate=False) if title else None
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cell = max(36, _text_size(probe, str(int(counts.max(initial=0))), font)[0] + 12)
     gx = _PAD + true_img.width + _PAD + max((im.width for im in row_imgs), default=0) + _PAD

@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.slides.pictures import outlined_box, random_weights_banner
+from tasks.clip.metrics import text_image
+from tasks.slides.pictures import fit_picture, outlined_box, random_weights_banner
 
 OVERLAY_ALPHA = 0.5  # half tissue, half colour: both stay legible
 PATCH_CELL_PX = 256  # top-k patches shown at least this big so nuclei and cells are visible
@@ -96,20 +97,8 @@ def validate_call(probability: float, top_k: int) -> None:
         raise ValueError(f"top_k must be at least 1 (patches shown beside the slide), got {top_k}")
 
 
-def _text_image(text: str, size: int = _FONT_SIZE, colour: str = "black") -> Image.Image:
-    font = ImageFont.load_default(size=size)
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
-    img = Image.new("RGB", (int(right - left) + 4, int(bottom - top) + 4), "white")
-    ImageDraw.Draw(img).text((2 - left, 2 - top), text, fill=colour, font=font)
-    return img
-
-
-def _fit(thumbnail: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
-    scale = min(1.0, max_px / max(thumbnail.shape[:2]))
-    if scale < 1.0:
-        size = (max(1, round(thumbnail.shape[1] * scale)), max(1, round(thumbnail.shape[0] * scale)))
-        return cv2.resize(thumbnail, size, interpolation=cv2.INTER_AREA), scale
-    return thumbnail.astype(np.uint8, copy=True), scale
+def _text_image(text: str, size: int = _FONT_SIZE) -> Image.Image:
+    return text_image(text, ImageFont.load_default(size=size), margin=2)
 
 
 def overlay_attention(image: np.ndarray, factor: float, boxes: np.ndarray, scaled: np.ndarray) -> np.ndarray:
@@ -223,7 +212,7 @@ def draw_heatmap(
     validate_call(probability, top_k)
     scaled = minmax_scale(attention)
     top = np.argsort(-attention, kind="stable")[:top_k]
-    image, scale = _fit(np.asarray(thumbnail), THUMBNAIL_MAX_PX)
+    image, scale = fit_picture(np.asarray(thumbnail), THUMBNAIL_MAX_PX)
     factor = scale / downsample
     image = overlay_attention(image, factor, boxes, scaled)
     _mark_top(image, factor, boxes, top)

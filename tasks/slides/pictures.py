@@ -19,12 +19,13 @@ BANNER_RGB = (210, 0, 0)
 BANNER_TEXT = "RANDOM WEIGHTS"
 
 
-def _fit(image: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
+def fit_picture(image: np.ndarray, max_px: int) -> tuple[np.ndarray, float]:
+    """A uint8 copy no longer than ``max_px`` on its long side (area-averaged), and its scale (never above 1)."""
     scale = min(1.0, max_px / max(image.shape[:2]))
     if scale < 1.0:
         size = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[0] * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return image.copy(), scale  # never draw on the caller's array
+    return image.astype(np.uint8, copy=True), scale  # never draw on the caller's array
 
 
 def random_weights_banner(image: np.ndarray, detail: str = "picks are noise") -> np.ndarray:
@@ -55,7 +56,7 @@ def draw_thumbnail(
 ) -> np.ndarray:
     """The overview with the tissue outline (green) and the kept patch grid (blue) drawn on it; with
     ``random_weights`` (the patches were picked with random-weight embeddings) a RANDOM WEIGHTS band above it."""
-    image, scale = _fit(overview_rgb, max_px)
+    image, scale = fit_picture(overview_rgb, max_px)
     if mask is not None:
         small = cv2.resize(mask.astype(np.uint8), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -90,7 +91,7 @@ def draw_selection(
 ) -> np.ndarray:
     """Selected patches outlined in their cluster's colour; retrieval picks get a filled white-edged corner; with
     ``random_weights`` (clusters and picks from random-weight embeddings) a RANDOM WEIGHTS band above it."""
-    image, scale = _fit(overview_rgb, max_px)
+    image, scale = fit_picture(overview_rgb, max_px)
     image = (image.astype(np.float32) * 0.75 + 255 * 0.25).astype(np.uint8)  # fade so outlines stand out
     factor = scale / downsample
     line = line_px(image)

@@ -2,8 +2,13 @@
 official download layout with the PathGen-CLIP paper's splits (tasks/mil/tasks.py). It only lists slides and reads
 label files, so it runs in this process without Prefect.
 
-Exit codes: 0 when the file is written; 2 for bad usage or a layout or label file the builder refuses (the message
-names the file, the line and the fix).
+``pathgen train-mil --task FILE [--features HASH|DIR] [--model abmil|acmil|mean]``: the train_mil flow; prints the
+run, the chosen lr, the test metrics (mean±std over seeds), where the evaluation and heatmaps are, and RANDOM
+WEIGHTS when the features came from random weights.
+
+Exit codes: 0 when the file is written / the run trained or was found finished; 2 for bad usage, a layout, label or
+task file refused, or features missing (the message names the file, the line and the fix); 1 when a run stays
+pending (infrastructure: run again).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMAND = "mil-task"
+TRAIN_COMMAND = "train-mil"
 BRACS_CLASSES = ("subtype", "group")  # build_bracs(classes=...)
 # The options each builder takes; an option given for another data set is refused rather than silently ignored.
 DATASET_OPTIONS = {"camelyon16": ("seed",), "camelyon17": ("seed", "scheme"), "bracs": ("classes",)}
@@ -41,6 +47,27 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     task.add_argument(
         "--classes", choices=BRACS_CLASSES, help="bracs labels: subtype (default, 7 classes) or group (BT/AT/MT)"
     )
+    _add_train_command(sub, common, settings_args)
+
+
+def _add_train_command(sub, common: argparse.ArgumentParser, settings_args) -> None:
+    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
+
+    train = sub.add_parser(
+        TRAIN_COMMAND,
+        parents=[common],
+        help="train and evaluate an attention-MIL slide classifier on slide features (models/mil/, eval/mil/)",
+    )
+    train.add_argument("--task", metavar="FILE", required=True, help="task CSV: slide_id,label[,case_id][,split]")
+    train.add_argument(
+        "--features",
+        metavar="HASH|DIR",
+        help="a features hash in the store or a folder of CLAM/TRIDENT <slide_id>.h5 files; default: mil.features, "
+        "else the features of these settings (pathgen features)",
+    )
+    train.add_argument("--model", choices=("abmil", "acmil", "mean"), help="default: mil.model (abmil)")
+    store_arg(train)
+    settings_args(train)
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -114,4 +141,56 @@ def _aligned(line: list[str], widths: list[int]) -> list[str]:
     return [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
 
 
-COMMANDS = {COMMAND: mil_task}
+def train_mil(args: argparse.Namespace) -> int:
+    from pathgen.cli import overrides_of
+    from pathgen.local_api import api_server
+
+    overrides = overrides_of(args)  # a bad setting fails here, before Prefect starts
+    if not Path(args.task).expanduser().is_file():
+        print(f"pathgen {TRAIN_COMMAND}: --task {args.task}: no such task file; build one with `pathgen mil-task`",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    from flows.train_mil import train_mil_flow
+
+    task = str(Path(args.task).expanduser())
+    with api_server():
+        state = train_mil_flow(
+            task=task, features=args.features, model=args.model, config=args.config, overrides=overrides,
+            return_state=True,
+        )  # fmt: skip
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        print(f"pathgen {TRAIN_COMMAND}: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ValueError) else EXIT_FAILED
+    summary = state.result()
+    if summary["status"] not in ("trained", "skipped"):
+        why = "its input was refused" if summary["status"] == "failed" else "it stays pending; run again"
+        print(f"pathgen {TRAIN_COMMAND}: {summary['task']}: {why}: {summary.get('error')}", file=sys.stderr)
+        return EXIT_USAGE if summary["status"] == "failed" else EXIT_FAILED
+    print_train_summary(summary)
+    return EXIT_OK
+
+
+def print_train_summary(summary: dict) -> None:
+    from tasks.mil.run import headline_text
+
+    print(f"run: {summary['run']} ({summary['status']}) -> {summary['run_prefix']}/")
+    print(f"model {summary['model']} on features {summary['features']}; chosen lr {summary['chosen_lr']}")
+    seeds = len(summary["seeds"])
+    print(f"test metrics, mean±std over {seeds} seed(s) ({summary['std_definition']}):")
+    for name, text in headline_text(summary["mean"], summary["std"]).items():
+        print(f"  {name:<18} {text}")
+    print(f"evaluation: {summary['eval_uri']}")
+    print(f"confusion:  {summary['confusion_png']}")
+    skipped = summary["heatmaps_skipped"]
+    where = summary["heatmaps"][0].rsplit("/", 1)[0] + "/" if summary["heatmaps"] else "none drawn"
+    print(f"heatmaps:   {len(summary['heatmaps'])} ({where}){f', {len(skipped)} skipped' if skipped else ''}")
+    for skip in skipped[:5]:
+        print(f"  skipped {skip['slide_id']}: {skip['reason']}")
+    if summary["random_weights"]:
+        from flows.train_mil import RANDOM_FEATURES
+
+        print(RANDOM_FEATURES)
+
+
+COMMANDS = {COMMAND: mil_task, TRAIN_COMMAND: train_mil}

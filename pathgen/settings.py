@@ -525,6 +525,9 @@ class MilSettings(_Section):
     heatmaps: bool = Field(True, description="draw eval/mil/<run>/heatmaps/<slide_id>.png for each test slide")
     heatmap_top_k: int = Field(6, ge=1, le=64, description="top-attended patches shown beside the heatmap")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    work_dir: str | None = Field(
+        None, description="local folder of MIL runs in training (mirrored to models/mil/); unset: ~/.cache/pathgen/mil"
+    )
 
 
 class ModelsSettings(_Section):

@@ -128,9 +128,9 @@ def test_environment_sets_map_entries_lower_cased_and_lists():
 
 
 def test_an_unknown_pathgen_variable_is_an_error_with_the_likely_name():
-    with pytest.raises(SettingsError, match=r"PATHGEN_PATCH__TARGET_MP\b.*did you mean PATHGEN_PATCH__TARGET_MPP\?"):
+    with pytest.raises(SettingsError, match=r"PATHGEN_PATCH__TARGET_MP\b.*did you mean PATHGEN_PATCH__TARGET_MPP\b"):
         load_settings(environ={"PATHGEN_PATCH__TARGET_MP": "0.25"})
-    with pytest.raises(SettingsError, match=r"PATHGEN_TARGET_MPP.*did you mean PATHGEN_PATCH__TARGET_MPP\?"):
+    with pytest.raises(SettingsError, match=r"PATHGEN_TARGET_MPP.*did you mean PATHGEN_PATCH__TARGET_MPP\b"):
         load_settings(environ={"PATHGEN_TARGET_MPP": "0.25"})
     with pytest.raises(SettingsError, match=r"PATHGEN_S3_ENDPOINT\b.*did you mean PATHGEN_S3_ENDPOINT_URL\?"):
         load_settings(environ={"PATHGEN_S3_ENDPOINT": "http://x"})

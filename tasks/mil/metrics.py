@@ -6,6 +6,8 @@ softmax). The prediction is the arg-max class. Conventions (those of scikit-lear
 - balanced accuracy: the mean recall over the classes PRESENT in ``labels`` (a class with no slide has no recall);
 - macro-F1: the mean F1 over the classes present in ``labels`` or in the predictions (a class neither true nor
   predicted anywhere says nothing, so it is left out rather than counted as 0 or 1);
+- mean and standard deviation over seeds (:func:`mean_std`): the SAMPLE standard deviation (ddof 1), 0 for one
+  seed, as every summary of the MIL stage reports it (test.json, the eval JSON, the CLI's mean±std);
 - AUC: binary ROC AUC of the positive class (index 1) probability; for more classes the macro mean of the
   one-vs-rest AUCs. It is undefined when some class has no slide (no positives or no negatives to rank), and is then
   ``None`` with the reason, never a crash or a made-up 0.5.
@@ -104,3 +106,15 @@ def classification_metrics(
         "confusion_matrix": confusion_matrix(y, p),
         "classes": names,
     }
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of per-seed values; ``(None, None)`` when any
+    is undefined (an AUC without both classes), so a summary never averages over a subset of the seeds."""
+    if not values or any(v is None for v in values):
+        return None, None
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+STD_DEFINITION = "sample standard deviation over seeds (ddof 1; 0 for one seed)"

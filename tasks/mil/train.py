@@ -3,12 +3,18 @@ resumable runs, and the test evaluation of the chosen learning rate over seeds. 
 
 Layout under ``out_dir``::
 
+    <lr>/<seed>/fingerprint.json  what the folder was trained on and with (data, model, recipe, lr, seed)
     <lr>/<seed>/metrics.jsonl   one JSON line per finished epoch: epoch, lr, train_loss, val_loss, val_<metric>
-    <lr>/<seed>/state.pt        resume point after the last finished epoch (model, optimizer, scheduler, RNG, best)
-    <lr>/<seed>/best.pt         the weights of the best epoch on validation
+    <lr>/<seed>/state.pt        resume point after the last finished epoch (model, optimizer, scheduler, RNG, and
+                                the best epoch's weights so far)
+    <lr>/<seed>/best.pt         the weights of the best epoch on validation, written once the (lr, seed) finishes
     <lr>/<seed>/done.json       completion marker: the run is skipped when present
     selection.json              the class encoding, every (lr, seed)'s best validation metric and the chosen lr
     test.json                   the chosen lr's best checkpoints on the test split, per seed, mean and std
+
+A folder is reused (skipped when done, resumed from its state) only when its ``fingerprint.json`` matches the
+current data, model, recipe, lr and seed: an ``out_dir`` reused for other inputs (another task, features or recipe)
+has its stale folders trained afresh instead of silently mixing two experiments.
 
 Selection metric: validation AUC by default (binary ROC AUC, macro one-vs-rest for more classes), because it ranks
 the slides independently of the 0.5 threshold, which a few epochs on a small validation split set poorly; the
@@ -16,11 +22,13 @@ recipe can choose balanced accuracy instead. The validation loss is the slide cr
 branch and diversity terms), so it is comparable across models. Every file is written as a temporary file renamed
 over the target, so a kill never leaves half a checkpoint; a killed run restarts from its last finished epoch and
 reaches exactly the weights an uninterrupted run reaches (the shuffle order is a function of seed and epoch, the
-global RNG that dropout and ACMIL's masking draw from is saved with each epoch).
+global RNG that dropout and ACMIL's masking draw from is saved with each epoch). The standard deviation over
+seeds is the sample standard deviation (ddof 1; 0 for one seed): :func:`tasks.mil.metrics.mean_std`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -35,12 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.mil.metrics import classification_metrics
+from tasks.mil.metrics import classification_metrics, mean_std
 from tasks.mil.models import build_mil_model, mil_loss
 from tasks.mil.tasks import Task, TaskError, require_slides
 
 SelectionMetric = Literal["auc", "balanced_accuracy"]
 EpochCallback = Callable[[float, int, dict], None]
+RunDoneCallback = Callable[[float, int, dict], None]
+FINGERPRINT = "fingerprint.json"
+RUN_FILES = ("state.pt", "metrics.jsonl", "best.pt", "done.json")  # what a stale folder loses
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,38 @@ def _save_json(obj: object, path: Path) -> None:
     _atomic_write(path, lambda partial: partial.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
+def data_digest(data: _Data) -> str:
+    """sha256 over what training sees: the class encoding, each split's slide ids and labels, and every bag's bytes."""
+    digest = hashlib.sha256(json.dumps([data.classes, data.in_dim]).encode())
+    for split in ("train", "val", "test"):
+        for slide_id, bag, label in data.bags[split]:
+            digest.update(json.dumps([split, slide_id, label, list(bag.shape)]).encode())
+            digest.update(bag.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(data_id: str, model_name: str, recipe: MilRecipe, lr: float, seed: int) -> dict:
+    """What one (lr, seed) folder is a function of; a folder with another fingerprint is not this run's."""
+    found = {"data": data_id, "model": model_name, "recipe": asdict(recipe), "lr": lr_key(lr), "seed": seed}
+    return json.loads(json.dumps(found))  # as it reads back from its file (tuples as lists)
+
+
+def claim_folder(folder: Path, fingerprint: dict, log: Callable[[str], None]) -> None:
+    """Make ``folder`` this run's: keep its files when its fingerprint matches, else remove them (they were trained
+    on other data, another model or recipe, or by a version that wrote no fingerprint) and write ours."""
+    path = folder / FINGERPRINT
+    found = json.loads(path.read_text()) if path.exists() else None
+    if found == fingerprint:
+        return
+    stale = [name for name in RUN_FILES if (folder / name).exists()]
+    if stale:
+        why = "has no fingerprint" if found is None else "was trained on other inputs"
+        log(f"{folder}: {why} ({', '.join(stale)}); training it afresh")
+        for name in stale:
+            (folder / name).unlink()
+    _save_json(fingerprint, path)
+
+
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     """The epoch lines of a run up to ``up_to_epoch`` (a kill after a line but before its state drops the line)."""
     if not path.exists():
@@ -171,7 +214,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, bags: list,
     total = 0.0
     for i in order.tolist():
         _, bag, label = bags[i]
-        loss = mil_loss(model(bag), torch.tensor(label))
+        loss = mil_loss(model(bag), torch.tensor(label, device=bag.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -186,8 +229,8 @@ def predict(model: nn.Module, bags: list) -> tuple[list[int], np.ndarray, float]
     labels, probabilities, losses = [], [], []
     for _, bag, label in bags:
         logits = model(bag).logits
-        losses.append(float(F.cross_entropy(logits.unsqueeze(0), torch.tensor([label]))))
-        probabilities.append(torch.softmax(logits.double(), dim=0).numpy())
+        losses.append(float(F.cross_entropy(logits.unsqueeze(0), torch.tensor([label], device=logits.device))))
+        probabilities.append(torch.softmax(logits.double(), dim=0).cpu().numpy())
         labels.append(label)
     return labels, np.stack(probabilities), float(np.mean(losses))
 
@@ -208,12 +251,13 @@ class _Run:
     lr: float
     seed: int
     folder: Path
+    device: torch.device = torch.device("cpu")
 
     def build(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         torch.manual_seed(self.seed)
         model = build_mil_model(
             self.model_name, self.data.in_dim, len(self.data.classes), **self.recipe.model_hyper(self.model_name)
-        )
+        ).to(self.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.recipe.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.recipe.epochs)
         return model, optimizer, scheduler
@@ -225,12 +269,20 @@ def _resume(run: _Run, model, optimizer, scheduler) -> dict:
     if not state_path.exists():
         torch.manual_seed(run.seed)  # the same RNG stream whether or not the model was built just before
         return {"epoch": 0, "best_epoch": None, "best_value": -math.inf, "best_model": None}
-    state = torch.load(state_path, weights_only=True)
+    state = torch.load(state_path, weights_only=True, map_location=run.device)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng") is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), run.device)
     return state["progress"]
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The RNG streams dropout and ACMIL's masking draw from: the CPU's, and the device's on a GPU."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
 
 
 def _run_one(run: _Run, log: Callable[[str], None], on_epoch: EpochCallback | None) -> dict:
@@ -251,17 +303,16 @@ def _run_one(run: _Run, log: Callable[[str], None], on_epoch: EpochCallback | No
         record[f"val_{run.recipe.selection_metric}"] = value
         records.append(record)
         if value > progress["best_value"]:  # the earliest epoch wins a tie
+            # kept in the state (saved each epoch anyway), so best.pt is written once, when the (lr, seed) ends
             best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
             progress = {**progress, "best_epoch": epoch, "best_value": value, "best_model": best_model}
-            _save_torch({"model": best_model, "epoch": epoch, "classes": run.data.classes}, run.folder / "best.pt")
         progress = {**progress, "epoch": epoch}
         _write_metrics(metrics_path, records)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **_rng_state(run.device)}
         _save_torch({**state, "scheduler": scheduler.state_dict(), "progress": progress}, run.folder / "state.pt")
         log(f"lr={run.lr:g} seed={run.seed} epoch {epoch}: train {train_loss:.4f} val {val_loss:.4f} {value:.4f}")
         if on_epoch is not None:
             on_epoch(run.lr, run.seed, record)
-    # best.pt may predate a kill between its write and the state's: rewrite it from the state, which is the truth
     best = {"model": progress["best_model"], "epoch": progress["best_epoch"], "classes": run.data.classes}
     _save_torch(best, run.folder / "best.pt")
     done = {"best_epoch": progress["best_epoch"], "best_val": progress["best_value"], "epochs": run.recipe.epochs}
@@ -272,31 +323,57 @@ def _run_one(run: _Run, log: Callable[[str], None], on_epoch: EpochCallback | No
 # --------------------------------------------------------------------------------------------------- the grid
 
 
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof 1; 0 for one seed); None when any seed's value is undefined."""
-    if not values or any(v is None for v in values):
-        return None, None
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+def load_best(
+    path: Path, model_name: str, in_dim: int, classes: list[str], recipe: MilRecipe, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The model of a finished (lr, seed) with its best epoch's weights, in eval mode on ``device``."""
+    model = build_mil_model(model_name, in_dim, len(classes), **recipe.model_hyper(model_name))
+    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu")["model"])
+    return model.to(device).eval()
 
 
-def _evaluate_test(data: _Data, model_name: str, recipe: MilRecipe, folder: Path) -> dict:
+def _evaluate_test(data: _Data, model_name: str, recipe: MilRecipe, folder: Path, device: torch.device) -> dict:
     """The best checkpoint of each seed of the chosen lr on the test split: per seed, mean and std over seeds."""
     if not data.bags["test"]:
         return {"per_seed": {}, "mean": {}, "std": {}, "note": "the task has no test split"}
     per_seed = {}
     for seed in recipe.seeds:
-        model = build_mil_model(model_name, data.in_dim, len(data.classes), **recipe.model_hyper(model_name))
-        model.load_state_dict(torch.load(folder / str(seed) / "best.pt", weights_only=True)["model"])
+        model = load_best(folder / str(seed) / "best.pt", model_name, data.in_dim, data.classes, recipe, device)
         labels, probabilities, loss = predict(model, data.bags["test"])
         per_seed[str(seed)] = {**classification_metrics(labels, probabilities, data.classes), "loss": loss}
     scalars = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "loss")
-    summary = {name: _mean_std([m[name] for m in per_seed.values()]) for name in scalars}
+    summary = {name: mean_std([m[name] for m in per_seed.values()]) for name in scalars}
     return {
         "per_seed": per_seed,
         "mean": {name: pair[0] for name, pair in summary.items()},
         "std": {name: pair[1] for name, pair in summary.items()},
     }
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first GPU when there is one, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _on_device(data: _Data, device: torch.device) -> _Data:
+    if device.type == "cpu":
+        return data
+    bags = {split: [(s, bag.to(device), c) for s, bag, c in rows] for split, rows in data.bags.items()}
+    return _Data(bags, data.classes, data.in_dim)
+
+
+def _train_or_skip(run: _Run, fingerprint: dict, log, on_epoch, on_run_done) -> tuple[dict, bool]:
+    """The completion record of one (lr, seed), trained now or found finished (then True) in its folder."""
+    claim_folder(run.folder, fingerprint, log)
+    if (run.folder / "done.json").exists():
+        log(f"lr={run.lr:g} seed={run.seed}: finished before, skipped")
+        return json.loads((run.folder / "done.json").read_text()), True
+    done = _run_one(run, log, on_epoch)
+    if on_run_done is not None:
+        on_run_done(run.lr, run.seed, done)
+    return done, False
 
 
 def train_mil(
@@ -307,25 +384,32 @@ def train_mil(
     out_dir: str | Path = ".",
     log: Callable[[str], None] = lambda message: None,
     on_epoch: EpochCallback | None = None,
+    *,
+    data_id: str | None = None,
+    on_run_done: RunDoneCallback | None = None,
+    device: str | torch.device = "cpu",
 ) -> MilResult:
     """Train ``model_name`` on every (lr, seed) of the recipe, choose the lr by the mean over seeds of the best
     validation metric (ties: the smaller lr), record the choice and evaluate its best checkpoints on test.
-    ``on_epoch(lr, seed, record)`` is called after each epoch's files are written."""
+    ``on_epoch(lr, seed, record)`` is called after each epoch's files are written, ``on_run_done(lr, seed, done)``
+    after an (lr, seed) trained here finished (``done.json`` written). ``data_id`` names the data in the folders'
+    fingerprints (a caller that already has a content hash of the task and features); unset, the bags' bytes are
+    hashed (:func:`data_digest`)."""
     recipe = recipe or MilRecipe()
     out = Path(out_dir)
     data = prepare_data(task, features, recipe.selection_metric)
+    data_id = data_id or data_digest(data)
+    device = resolve_device(device) if isinstance(device, str) else device
+    data = _on_device(data, device)
     grid: dict[str, dict] = {}
     skipped = []
     for lr in recipe.learning_rates:
         per_seed = {}
         for seed in recipe.seeds:
-            run = _Run(data, model_name, recipe, lr, seed, out / lr_key(lr) / str(seed))
-            if (run.folder / "done.json").exists():
-                skipped.append(f"{lr_key(lr)}/{seed}")
-                log(f"lr={lr:g} seed={seed}: finished before, skipped")
-                done = json.loads((run.folder / "done.json").read_text())
-            else:
-                done = _run_one(run, log, on_epoch)
+            run = _Run(data, model_name, recipe, lr, seed, out / lr_key(lr) / str(seed), device)
+            fingerprint = run_fingerprint(data_id, model_name, recipe, lr, seed)
+            done, was_done = _train_or_skip(run, fingerprint, log, on_epoch, on_run_done)
+            skipped += [f"{lr_key(lr)}/{seed}"] if was_done else []
             per_seed[str(seed)] = done["best_val"]
         grid[lr_key(lr)] = {"per_seed": per_seed, "mean": float(np.mean(list(per_seed.values())))}
     chosen = max(sorted(recipe.learning_rates), key=lambda lr: grid[lr_key(lr)]["mean"])
@@ -338,6 +422,6 @@ def train_mil(
         "chosen_lr": chosen,
     }
     _save_json(selection, out / "selection.json")
-    test = _evaluate_test(data, model_name, recipe, out / lr_key(chosen))
+    test = _evaluate_test(data, model_name, recipe, out / lr_key(chosen), device)
     _save_json({"classes": data.classes, "model": model_name, "lr": chosen, **test}, out / "test.json")
     return MilResult(data.classes, chosen, grid, test, skipped)

@@ -1,5 +1,6 @@
 """The whole chain for a source set: extract, caption, train-clip, evaluate (and, when chosen, PathGen-LLaVA's
-instruct and train-llava), each stage switchable.
+instruct and train-llava, and the whole-slide path: features of every tissue patch, then train-mil on
+``mil.task``), each stage switchable.
 
 Every stage runs as a subflow (its own run, table and progress in the UI) and skips what the store already holds:
 committed slides and pairs, finished CLIP stages. ``parts`` goes to extract and caption. Models are checked for all
@@ -20,9 +21,11 @@ from agents.backends import release_backends
 from flows.caption import caption_flow
 from flows.evaluate import evaluate_flow
 from flows.extract import extract_flow
+from flows.features import features_flow
 from flows.instruct import instruct_flow
 from flows.train_clip import train_clip_flow
 from flows.train_llava import train_llava_flow
+from flows.train_mil import train_mil_flow
 from pathgen.settings import Settings, SettingsError, run_settings
 from tasks.models import DEFAULT_STAGES, STAGES, require_real_models
 from tasks.report import markdown, store_report
@@ -35,7 +38,11 @@ class FactoryStageFailed(RuntimeError):
     """A stage of the factory ended without a result; the later stages did not run."""
 
 
-@flow(name="factory", description="Slides to pairs to PathGen-CLIP: extract, caption, train-clip, evaluate.")
+@flow(
+    name="factory",
+    description="Slides to pairs to PathGen-CLIP: extract, caption, train-clip, evaluate (and, by name, instruct, "
+    "train-llava, features, train-mil).",
+)
 def factory_flow(
     sources: list[str] | None = None,
     store: str | None = None,
@@ -50,14 +57,15 @@ def factory_flow(
     chosen = checked_stages(stages)
     require_real_models(settings, chosen)  # every chosen stage's models, before the first stage starts
     sources = list(sources or settings.sources)
-    if "extract" in chosen and not sources:
-        raise SettingsError("the extract stage needs sources: pass sources or set `sources` in the settings")
+    needing = [stage for stage in ("extract", "features") if stage in chosen]
+    if needing and not sources:
+        raise SettingsError(f"the {' and '.join(needing)} stage needs sources: pass sources or set `sources`")
     name_flow_run(f"factory-{source_label(sources)}-{'-'.join(chosen)}")
     common = {"store": store, "config": config, "overrides": overrides}
     rows: list[dict[str, Any]] = []
     for stage in chosen:
         started = time.perf_counter()
-        row = _run_stage(stage, sources, common, parts, datasets or settings.clip.evaluate)
+        row = _run_stage(stage, sources, common, parts, datasets or settings.clip.evaluate, settings)
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         logger.info("%s: %s", stage, _row_text(row))
@@ -88,29 +96,52 @@ def release_models() -> None:
     release_backends()  # last: it collects garbage, then empties the CUDA cache
 
 
-def _run_stage(stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict]) -> dict[str, Any]:
+def _run_stage(
+    stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict], settings: Settings
+) -> dict[str, Any]:
     """One stage as a subflow, its row for the report; its models are released when it ends, however it ends."""
     try:
-        return _stage_row(stage, sources, common, parts, datasets)
+        return _stage_row(stage, sources, common, parts, datasets, settings)
     finally:
         release_models()  # the next stage (train-clip after caption) gets the GPU memory back
 
 
-def _stage_row(stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict]) -> dict[str, Any]:
+def _skip_note(stage: str, datasets: list[dict], settings: Settings) -> str | None:
+    """Why a chosen stage has nothing to do in this run (its row says so), or None."""
+    if stage == "evaluate" and not datasets:
+        return "no datasets: pass datasets or set clip.evaluate"
+    if stage == "train-mil" and not settings.mil.task:
+        return "no task: set mil.task to a task CSV (pathgen mil-task builds one)"
+    return None
+
+
+def _start_stage(stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict], settings: Settings):
+    """The stage's flow as a subflow; its final state."""
     if stage == "extract":
-        state = extract_flow(sources=sources, parts=parts, return_state=True, **common)
-    elif stage == "caption":
-        state = caption_flow(parts=parts, return_state=True, **common)
-    elif stage == "instruct":
-        state = instruct_flow(parts=parts, return_state=True, **common)
-    elif stage == "train-llava":
-        state = train_llava_flow(return_state=True, **common)
-    elif stage == "train-clip":
-        state = train_clip_flow(return_state=True, **common)
-    elif not datasets:
-        return {"stage": stage, "state": "skipped", "note": "no datasets: pass datasets or set clip.evaluate"}
-    else:
-        state = evaluate_flow(datasets, return_state=True, **common)
+        return extract_flow(sources=sources, parts=parts, return_state=True, **common)
+    if stage == "caption":
+        return caption_flow(parts=parts, return_state=True, **common)
+    if stage == "instruct":
+        return instruct_flow(parts=parts, return_state=True, **common)
+    if stage == "train-llava":
+        return train_llava_flow(return_state=True, **common)
+    if stage == "train-clip":
+        return train_clip_flow(return_state=True, **common)
+    if stage == "features":
+        return features_flow(sources=sources, parts=parts, return_state=True, **common)
+    if stage == "train-mil":
+        mil = settings.mil
+        return train_mil_flow(task=mil.task, features=mil.features, model=mil.model, return_state=True, **common)
+    return evaluate_flow(datasets, return_state=True, **common)
+
+
+def _stage_row(
+    stage: str, sources: list[str], common: dict, parts: int, datasets: list[dict], settings: Settings
+) -> dict[str, Any]:
+    note = _skip_note(stage, datasets, settings)
+    if note:
+        return {"stage": stage, "state": "skipped", "note": note}
+    state = _start_stage(stage, sources, common, parts, datasets, settings)
     result = state.result(raise_on_failure=False)
     row: dict[str, Any] = {"stage": stage, "state": state.name}
     if not state.is_completed():
@@ -132,10 +163,23 @@ def _counts(stage: str, result: dict[str, Any]) -> dict[str, Any]:
     elif stage in ("train-clip", "train-llava"):
         trained = ", ".join(f"{s['stage']} {s['status']}" for s in result["stages"])
         counts = {"run": result.get("run"), "stages": trained}
+    elif stage == "features":
+        counts = {key: result.get(key) for key in ("ok", "skipped", "failed", "pending", "features_hash", "encoder")}
+        counts["patches"] = result.get("patches", result.get("items"))
+    elif stage == "train-mil":
+        counts = {key: result.get(key) for key in ("run", "status", "model", "features", "chosen_lr", "eval")}
+        counts["auc"] = _mean_std(result, "auc")
     else:
         counts = {"eval_run": result.get("eval_run"), "results": ", ".join(r["status"] for r in result["results"])}
     counts["random_weights"] = bool(result.get("random_weights"))
     return counts
+
+
+def _mean_std(result: dict[str, Any], metric: str) -> str | None:
+    mean, std = (result.get(k) or {} for k in ("mean", "std"))
+    if not isinstance(mean.get(metric), int | float):
+        return None
+    return f"{mean[metric]:.3f} ± {std.get(metric) or 0.0:.3f}"
 
 
 def _row_text(row: dict[str, Any]) -> str:
@@ -144,8 +188,8 @@ def _row_text(row: dict[str, Any]) -> str:
 
 def _throughput(row: dict[str, Any]) -> str:
     hours = max(row.get("seconds", 0), 1e-9) / 3600
-    if row["stage"] == "extract" and row.get("ok"):
-        return f"{row['ok'] / hours:.0f} slides/h, {row.get('patches', 0) / hours:.0f} patches/h"
+    if row["stage"] in ("extract", "features") and row.get("ok"):
+        return f"{row['ok'] / hours:.0f} slides/h, {(row.get('patches') or 0) / hours:.0f} patches/h"
     if row["stage"] == "caption" and row.get("pairs"):
         return f"{row['pairs'] / hours:.0f} pairs/h"
     return ""

@@ -23,7 +23,7 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
         default="extract,caption,train-clip,evaluate",
         metavar="LIST",
         help="comma-separated stages, run in the factory's order: extract, caption, instruct, train-clip, evaluate, "
-        "train-llava (default: extract,caption,train-clip,evaluate)",
+        "features, train-mil (on mil.task), train-llava (default: extract,caption,train-clip,evaluate)",
     )
     run.add_argument("--dataset", metavar="DIR", help="evaluate on this labelled folder (with --classes)")
     run.add_argument("--classes", metavar="FILE", help="JSON: folder -> class names, for --dataset")

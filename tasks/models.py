@@ -3,7 +3,9 @@
 Decided from the settings before anything loads: an unset model is a tiny random-weight one, an open_clip name
 without pretrained weights is random initialisation, and a local model folder marked by :mod:`agents.tiny` is random
 whatever its name. A hub model whose weights turn out missing when loaded is caught where it loads
-(:class:`agents.pipeline.CaptionPipeline`).
+(:class:`agents.pipeline.CaptionPipeline`). The slide features' encoder is the one model read from the store: unset
+(or a run name), it is the store's newest PathGen-CLIP, whose run record says whether it started from random weights,
+and train-mil's features say in their manifest which encoder made them.
 
 The same check then resolves every chosen stage's weights (:func:`resolve_model_weights`): an open_clip tag is
 fetched into its cache, a hub model is found on the hub (or, offline or when the hub cannot be reached, in the
@@ -19,8 +21,11 @@ from pathgen.settings import Settings, SettingsError
 from tasks.errors import ModelUnavailable, redact_urls, short_error
 
 # The factory's stages in their order; DEFAULT_STAGES run unless others are chosen (PathGen-LLaVA's data and
-# training are asked for by name: --stages ...,instruct,train-llava).
-STAGES = ("extract", "caption", "instruct", "train-clip", "evaluate", "train-llava")
+# training, and the whole-slide path, are asked for by name: --stages ...,instruct,train-llava or
+# --stages ...,features,train-mil). features comes after train-clip and evaluate: its default encoder is the newest
+# PathGen-CLIP in the store, so in one run it features the slides with the model that run trained, and train-mil
+# (whose default features are those of the current settings) finds exactly the features the run made.
+STAGES = ("extract", "caption", "instruct", "train-clip", "evaluate", "features", "train-mil", "train-llava")
 DEFAULT_STAGES = ("extract", "caption", "train-clip", "evaluate")
 MODEL_STAGES = STAGES
 ROLES = ("describe", "revise", "summarize")
@@ -61,7 +66,62 @@ def random_weight_models(settings: Settings, stages: Iterable[str], evaluate_mod
             f"the evaluated model {evaluate_model} has no pretrained weights or checkpoint, or was trained from "
             "random initialisation"
         )
+    if "features" in stages:
+        found += _random_features_encoder(settings, "train-clip" in stages)
+    if "train-mil" in stages and settings.mil.task:  # without a task the factory skips train-mil
+        found += _random_mil_features(settings, stages)
     return found
+
+
+def _random_features_encoder(settings: Settings, clip_trained_first: bool) -> list[str]:
+    """The features encoder: ``features.encoder`` as :func:`tasks.features.encoder.resolve_encoder_spec` resolves
+    it (unset: the store's newest PathGen-CLIP, else tiny-random). When train-clip runs first in the same factory
+    run, an unset encoder is the model it trains, random exactly when its start is."""
+    from tasks.clip.spec import TINY_RANDOM, has_random_weights, parse_model_spec
+    from tasks.clip.stages import start_spec
+
+    spec = settings.features.encoder
+    if spec is None and clip_trained_first:
+        start = start_spec(settings.clip)
+        if not start.random_weights:
+            return []
+        return [f"features.encoder is unset: the PathGen-CLIP this run trains, started from random ({start.label})"]
+    from tasks.features.encoder import resolve_encoder_spec
+    from tasks.store.objects import Store
+
+    store = Store(settings.store, settings.s3)
+    resolved = resolve_encoder_spec(spec, store)
+    if not has_random_weights(parse_model_spec(resolved)):
+        return []
+    if spec is None:
+        return [
+            f"features.encoder is unset and {store.uri('models/clip')} holds no PathGen-CLIP checkpoint: the "
+            f"features would come from {resolved}"
+            if resolved == TINY_RANDOM
+            else f"features.encoder is unset: the newest PathGen-CLIP {resolved} was trained from random weights"
+        ]
+    return [f"features.encoder {spec}: {resolved} has no pretrained weights, or was trained from random weights"]
+
+
+def _random_mil_features(settings: Settings, stages: set[str]) -> list[str]:
+    """train-mil's features: a features hash in the store says in its manifest whether its encoder had random
+    weights; unset, they are the features of these settings (the features stage's encoder, checked there when it
+    runs in the same factory run). An h5 folder's encoder is read by train-mil itself (its files' attributes)."""
+    from tasks.features.store import manifest_key
+    from tasks.store.objects import Store
+
+    source = settings.mil.features
+    if source is None:
+        if "features" in stages:
+            return []
+        return [f"train-mil (mil.features unset): {line}" for line in _random_features_encoder(settings, False)]
+    store = Store(settings.store, settings.s3)
+    if "/" in source or not store.exists(manifest_key(source)):
+        return []  # an h5 folder, or a hash train-mil will name as missing
+    encoder = store.read_json(manifest_key(source)).get("encoder") or {}
+    if encoder.get("random_weights"):
+        return [f"mil.features {source}: featured by {encoder.get('spec', '?')}, which has random weights"]
+    return []
 
 
 def _random_agents(settings: Settings) -> list[str]:
@@ -140,6 +200,10 @@ def stage_weights(settings: Settings, stages: Iterable[str], evaluate_model: str
         found.append(("clip.model / clip.pretrained", "open_clip", start_spec(settings.clip)))
     if "evaluate" in stages and evaluate_model:
         found.append(("the evaluated model", "open_clip", parse_model_spec(evaluate_model)))
+    encoder = settings.features.encoder
+    if "features" in stages and encoder and ":" in encoder and "://" not in encoder:  # NAME:PRETRAINED (a run
+        # name or a checkpoint URL is read from the store by the features flow, which says what it cannot find)
+        found.append(("features.encoder", "open_clip", parse_model_spec(encoder)))
     if "train-llava" in stages:
         if settings.llava.vision:  # unset: the store's newest PathGen-CLIP checkpoint, checked by train-llava
             from tasks.llava.vision import vision_source

@@ -1,6 +1,8 @@
 """What a store holds, read from the store alone: slides by status with failures grouped by reason, patches, pairs
-per agents_hash, PathGen-CLIP runs and evaluations, and where to look at the pictures. ``pathgen status`` prints it;
-the factory flow publishes it as a markdown artifact, with the run's own throughput added.
+per agents_hash, PathGen-CLIP runs and evaluations, the whole-slide tasks (one table per task: every encoder and MIL
+model evaluated on it side by side, and the slide features per encoder), and where to look at the pictures.
+``pathgen status`` prints it; the factory flow publishes it as a markdown artifact, with the run's own throughput
+added.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
+MIL_EVAL = "eval/mil"  # eval/mil/<run>/<task>.json: one whole-slide task's results of one MIL run
 PICTURES_LISTED = 12  # slides whose thumbnail and selection picture the report links
 READ_THREADS = 16  # slide records are small objects: on S3 their latency, not bandwidth, bounds the read
 
@@ -47,6 +50,7 @@ def store_report(store: Store) -> dict[str, Any]:
         "clip_runs": _clip_runs(store),
         "llava_runs": _llava_runs(store),
         "evaluations": _evaluations(store),
+        "mil": mil_report(store),
         "contact_sheets": [store.uri(k) for k in store.list("reports", ".png")],
     }
 
@@ -207,6 +211,8 @@ def _clip_runs(store: Store) -> list[dict[str, Any]]:
 def _evaluations(store: Store) -> list[dict[str, Any]]:
     found = []
     for key in store.list("eval", ".json"):
+        if key.startswith(f"{MIL_EVAL}/"):
+            continue  # whole-slide results: their own tables (mil_report)
         result = store.read_json(key)
         if not isinstance(result, dict):
             continue
@@ -295,13 +301,14 @@ def _item_failure_lines(failures: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def text(report: dict[str, Any]) -> str:
-    return "\n".join(_lines(report, lambda name, uri: uri))
+    return "\n".join(_lines(report, lambda name, uri: uri) + _mil_lines(report.get("mil"), _text_table, str))
 
 
 def markdown(report: dict[str, Any], title: str = "PathGen Factory report", extra: list[str] | None = None) -> str:
     """The report as markdown for a Prefect artifact; ``extra`` lines (the run's own figures) go first."""
-    body = [_md_item(line) for line in _lines(report, _md_link)]
-    return "\n".join([f"# {title}", "", *(extra or []), "", *[line + "  " for line in body]])
+    body = [_md_item(line) + "  " for line in _lines(report, _md_link)]
+    tables = _mil_lines(report.get("mil"), _md_table, _md_heading)
+    return "\n".join([f"# {title}", "", *(extra or []), "", *body, *([""] + tables if tables else [])])
 
 
 def _md_item(line: str) -> str:
@@ -317,3 +324,127 @@ def _md_link(name: str, uri: str) -> str:
 
 def _number(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else str(value)
+
+
+# -- whole-slide tasks -------------------------------------------------------------------------------------------
+
+MIL_METRICS = (("auc", "AUC"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
+               ("accuracy", "accuracy"))  # fmt: skip
+MIL_COLUMNS = ("encoder", "model", *(title for _, title in MIL_METRICS), "run", "lr")
+
+
+def mil_report(store: Store) -> dict[str, Any]:
+    """The whole-slide tasks: ``tasks``, one per task file (name and content), each with one row per evaluated
+    (encoder, MIL model) run; ``features``, each features hash with its encoder and slide counts."""
+    keys = [k for k in store.list(MIL_EVAL, ".json") if k.count("/") == 3]  # eval/mil/<run>/<task>.json
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        results = list(pool.map(store.read_json, keys))
+    tasks: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for key, result in zip(keys, results, strict=True):
+        if isinstance(result, dict) and "mean" in result:
+            name = result.get("task") or key.rsplit("/", 1)[1].removesuffix(".json")
+            tasks.setdefault((name, result.get("task_sha256") or ""), []).append(_mil_row(key, result))
+    return {
+        "tasks": [
+            {"task": name, "task_sha256": sha, "rows": sorted(rows, key=lambda r: (r["encoder"], r["model"]))}
+            for (name, sha), rows in sorted(tasks.items())
+        ],
+        "features": _features(store),
+    }
+
+
+def _mil_row(key: str, result: dict[str, Any]) -> dict[str, Any]:
+    features = result.get("features") or {}
+    encoder = features.get("encoder")
+    if isinstance(encoder, dict):
+        label = encoder.get("spec") or encoder.get("name") or "?"
+    else:  # an h5 folder made elsewhere: its encoder is what its files say, if anything
+        label = encoder or f"h5 {features.get('source')}"
+    mean, std = result.get("mean") or {}, result.get("std") or {}
+    return {
+        "encoder": str(label),
+        "random_weights": bool(result.get("random_weights") or features.get("random_weights")),
+        "model": str(result.get("model")),
+        "metrics": {name: (mean.get(name), std.get(name)) for name, _ in MIL_METRICS},
+        "run": result.get("run") or key.split("/")[2],
+        "chosen_lr": result.get("chosen_lr"),
+        "features": features.get("source"),
+        "eval": key,
+    }
+
+
+def _features(store: Store) -> list[dict[str, Any]]:
+    from tasks.features.store import featured_slides, features_hashes, manifest_key
+
+    found = []
+    for features_hash in features_hashes(store):
+        manifest = store.read_json(manifest_key(features_hash))
+        encoder = manifest.get("encoder") or {}
+        failed = store.list(f"features/{features_hash}/failed", ".json")
+        found.append(
+            {
+                "features_hash": features_hash,
+                "encoder": encoder.get("spec") or encoder.get("name") or "?",
+                "random_weights": bool(encoder.get("random_weights")),
+                "slides": len(featured_slides(store, features_hash)),
+                "failed": len(failed),
+                "prefix": store.uri(f"features/{features_hash}"),
+            }
+        )
+    return found
+
+
+def _mil_lines(mil: dict[str, Any] | None, table, heading) -> list[str]:
+    """The "Whole-slide tasks" section: one table per task, then the features hashes; ``table(header, rows)``
+    renders a table as lines and ``heading(text)`` a heading (plain text or markdown)."""
+    if not mil or not (mil["tasks"] or mil["features"]):
+        return []
+    lines = [heading("Whole-slide tasks (mean ± std over seeds, test split):")]
+    for task in mil["tasks"]:
+        sha = f", task file sha256 {task['task_sha256'][:12]}" if task["task_sha256"] else ""
+        rows = [_mil_cells(row) for row in task["rows"]]
+        lines += ["", heading(f"Task {task['task']}{sha}:"), *table(MIL_COLUMNS, rows)]
+    if mil["features"]:
+        header = ("features hash", "encoder", "slides", "failed", "where")
+        rows = [
+            [f["features_hash"], _encoder_cell(f["encoder"], f["random_weights"]), str(f["slides"]),
+             str(f["failed"]), f["prefix"]]
+            for f in mil["features"]
+        ]  # fmt: skip
+        lines += ["", heading("Slide features:"), *table(header, rows)]
+    return lines
+
+
+def _mil_cells(row: dict[str, Any]) -> list[str]:
+    metrics = [_mean_std(*row["metrics"][name]) for name, _ in MIL_METRICS]
+    lr = f"{row['chosen_lr']:g}" if isinstance(row["chosen_lr"], int | float) else "n/a"
+    return [_encoder_cell(row["encoder"], row["random_weights"]), row["model"], *metrics, str(row["run"]), lr]
+
+
+def _encoder_cell(label: str, random_weights: bool) -> str:
+    return f"{label} (RANDOM WEIGHTS)" if random_weights else label
+
+
+def _mean_std(mean: Any, std: Any) -> str:
+    if not isinstance(mean, int | float):
+        return "n/a"  # e.g. an AUC with one class in the test split
+    return f"{mean:.3f} ± {std if isinstance(std, int | float) else 0.0:.3f}"
+
+
+def _text_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    """Aligned columns, indented under their heading."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def render(cells) -> str:
+        return "  " + "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    return [render(header), render(["-" * width for width in widths]), *(render(row) for row in rows)]
+
+
+def _md_heading(line: str) -> str:
+    return f"{'##' if line.startswith('Whole-slide') else '###'} {line.removesuffix(':')}"
+
+
+def _md_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]

@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,11 @@ def _stages(deployment: dict) -> list[str]:
         return deployment.get("parameters", {}).get("stages") or ["extract", "caption", "train-clip", "evaluate"]
     stages = {"extract_flow": "extract", "caption_flow": "caption", "train_clip_flow": "train-clip"}
     stages |= {"instruct_flow": "instruct", "train_llava_flow": "train-llava", "evaluate_flow": "evaluate"}
+    stages |= {"features_flow": "features", "train_mil_flow": "train-mil"}
     return [stages[flow]]
+
+
+STORE_CHECKED = {"features", "train-mil"}  # their encoder is the store's newest PathGen-CLIP: checked with a store
 
 
 def test_every_deployment_and_schedule_runs_with_real_models():
@@ -72,6 +77,8 @@ def test_every_deployment_and_schedule_runs_with_real_models():
         settings = _run_settings(deployment)
         assert deployment["parameters"].get("config") == "deploy/production.yaml", name
         assert settings.models.allow_random_weights is False, name
+        if STORE_CHECKED & set(_stages(deployment)):
+            continue  # test_whole_slide_deployments_use_the_stores_pathgen_clip: against a store that holds one
         assert random_weight_models(settings, _stages(deployment)) == [], name
         assert settings.store.startswith("s3://"), name
 
@@ -111,3 +118,58 @@ def test_regeneration_skips_committed_work_and_recaption_changes_only_the_descri
     changed = {key for key in caption[1] if caption[1][key] != recaption[1][key]}
     roles = {name for name in caption[1]["roles"] if caption[1]["roles"][name] != recaption[1]["roles"][name]}
     assert (changed, roles) == ({"roles"}, {"describe"})
+
+
+# -- the whole-slide deployments: features and train-mil ----------------------------------------------------------
+
+
+def _clip_run(store_root: Path, run: str, random_start: bool) -> None:
+    """A PathGen-CLIP run as train-clip leaves it in the store: run.json, the stage's params.txt, a checkpoint."""
+    stage = store_root / "models" / "clip" / run / "stage1"
+    (stage / "checkpoints").mkdir(parents=True)
+    (stage.parent / "run.json").write_text(json.dumps({"random_weights": random_start}))
+    (stage / "params.txt").write_text("model: ViT-B-16\npretrained: " + ("None" if random_start else "openai") + "\n")
+    (stage / "checkpoints" / "epoch_1.pt").write_bytes(b"weights")
+
+
+def test_whole_slide_deployments_use_the_stores_pathgen_clip(tmp_path: Path) -> None:
+    """features and train-mil run with production settings: their encoder is the store's newest PathGen-CLIP, so
+    they are refused while the store holds none (or one trained from random weights), naming features.encoder, and
+    run once it holds one trained from real weights."""
+    from tasks.models import RandomWeightsRefused, random_weight_models, require_real_models
+
+    deployments = _deployments()
+    for name in ("features", "train-mil"):
+        assert STORE_CHECKED & set(_stages(deployments[name])), name
+        store = tmp_path / name
+        store.mkdir()
+        deployment = dict(deployments[name], parameters={**deployments[name]["parameters"], "store": str(store)})
+        settings = _run_settings(deployment)
+        assert settings.mil.task and settings.features.encoder is None
+        with pytest.raises(RandomWeightsRefused, match=r"features\.encoder is unset and .* holds no PathGen-CLIP"):
+            require_real_models(settings, _stages(deployment))
+        _clip_run(store, "from-random", random_start=True)
+        found = random_weight_models(settings, _stages(deployment))
+        assert len(found) == 1 and "from-random" in found[0] and "trained from random" in found[0], found
+        time.sleep(0.01)  # the newer run's checkpoint is the newest
+        _clip_run(store, "from-openai", random_start=False)
+        assert random_weight_models(settings, _stages(deployment)) == [], name
+
+
+def test_train_mil_on_features_of_a_random_encoder_is_refused(tmp_path: Path) -> None:
+    from pathgen.settings import load_settings
+    from tasks.features.store import manifest_key
+    from tasks.models import random_weight_models
+    from tasks.store.objects import Store
+
+    store = Store(str(tmp_path / "store"))
+    for features_hash, random_weights in (("a" * 16, True), ("b" * 16, False)):
+        encoder = {"spec": f"encoder-{features_hash[0]}", "random_weights": random_weights}
+        store.write_json(manifest_key(features_hash), {"encoder": encoder})
+    production = str(ROOT / "deploy" / "production.yaml")
+    for features_hash, expected in (("a" * 16, ["encoder-a"]), ("b" * 16, [])):
+        overrides = {"store": store.url, "mil.features": features_hash}
+        found = random_weight_models(load_settings(production, overrides, environ={}), ["train-mil"])
+        assert [line.split("featured by ")[1].split(",")[0] for line in found] == expected, found
+    unset_task = load_settings(production, {"store": store.url, "mil.task": None}, environ={})
+    assert random_weight_models(unset_task, ["train-mil"]) == []  # no task: the factory skips train-mil

@@ -148,8 +148,9 @@ def _stage_row(
         row["error"] = str(result)
         return row
     row.update(_counts(stage, result))
-    if stage in ("train-clip", "train-llava") and result.get("error"):
-        row.update(state="Failed", error=result["error"])
+    if stage in ("train-clip", "train-llava", "train-mil") and result.get("error"):
+        # train-mil: a failed task (its content) or a pending one (infrastructure) ends the chain all the same
+        row.update(state="Pending" if result.get("status") == "pending" else "Failed", error=result["error"])
     return row
 
 

@@ -94,14 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common], help="write pairs in an interchange format")
     export.add_argument(
         "format",
-        choices=["pathgen-json", "webdataset", "llava"],
+        choices=["pathgen-json", "webdataset", "llava", "features"],
         help="pathgen-json: the PathGen-1.6M JSON format (--out FILE); webdataset: tars for open_clip (--out DIR); "
-        "llava: stage1.json, stage2.json and images/ for PathGen-LLaVA (--out DIR)",
+        "llava: stage1.json, stage2.json and images/ for PathGen-LLaVA (--out DIR); features: slide features as "
+        "CLAM/TRIDENT <slide_id>.h5 files (--format h5 --out DIR)",
     )
     export.add_argument("--out", metavar="PATH", required=True)
     store_arg(export)
     export.add_argument("--agents-hash", metavar="HASH", help="which pairs (needed when the store holds several)")
     export.add_argument("--instruct-hash", metavar="HASH", help="llava: which instruction data (when several)")
+    export.add_argument("--format", dest="file_format", choices=["h5"], default="h5", help="features: file format")
+    export.add_argument("--features-hash", metavar="HASH", help="features: which features (when several)")
     _settings_args(export)
 
     train = sub.add_parser(
@@ -263,6 +266,7 @@ COMMAND_MODULES = (
     "pathgen.instruct_cli",
     "pathgen.llava_cli",
     "pathgen.mil_cli",
+    "pathgen.features_cli",
 )
 
 
@@ -369,6 +373,10 @@ def _export(args: argparse.Namespace) -> int:
         from pathgen.instruct_cli import export_llava
 
         return export_llava(args, settings)
+    if args.format == "features":
+        from pathgen.features_cli import export_features
+
+        return export_features(args, settings)
     try:
         count = export_pathgen_json(Store(settings.store, settings.s3), args.out, args.agents_hash)
     except ValueError as exc:
@@ -391,7 +399,7 @@ def _out_problem(fmt: str, out: str) -> str | None:
     from pathlib import Path
 
     path = Path(out).expanduser()
-    if fmt in ("webdataset", "llava"):
+    if fmt in ("webdataset", "llava", "features"):
         if path.exists() and not path.is_dir():
             return f"--out {out} is a file; {fmt} writes a folder: choose a folder"
         return None

@@ -165,7 +165,7 @@ def _io(settings: Settings, fn, what: str, on_retry=None):
     return retry_io(fn, retries=retry.io_retries, backoff_seconds=retry.backoff_seconds, what=what, on_retry=on_retry)
 
 
-def _store_io(settings: Settings, store: Store, fn, what: str):
+def store_io(settings: Settings, store: Store, fn, what: str):
     """A store call with retries; a storage error that is not a hiccup (a full disk, a quota, a read-only or
     unwritable store) becomes a StorageError: infrastructure, so the slide stays pending."""
     try:
@@ -184,7 +184,7 @@ def _storage_error(store: Store, what: str, exc: BaseException) -> StorageError:
     )
 
 
-def _examine_source(ref: SlideRef, settings: Settings) -> SourceIdentity | None:
+def examine_source(ref: SlideRef, settings: Settings) -> SourceIdentity | None:
     """The slide's identity now; None when it cannot be examined for a reason of its own (the reader says why)."""
     try:
         return _io(settings, lambda: source_identity(ref, settings), f"examining slide {ref.slide_id}")
@@ -209,9 +209,9 @@ def extract_slide(
         return SlideOutcome(ref.slide_id, "failed", 0, 0.0, error)
     start = time.perf_counter()
     try:
-        source = _examine_source(ref, settings)
+        source = examine_source(ref, settings)
         extraction_hash = slide_extraction_hash(ref, settings, source)
-        done = _store_io(
+        done = store_io(
             settings,
             store,
             lambda: _committed(store, ref, settings, source, extraction_hash),
@@ -276,7 +276,7 @@ def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger
     is reported failed, and tried again next run); a failing slide never commits a shard of its own."""
     slide_id = record.slide_id
     if record.status == "failed":
-        earlier = _store_io(settings, store, lambda: _good_record(store, slide_id), f"reading {slide_id}")
+        earlier = store_io(settings, store, lambda: _good_record(store, slide_id), f"reading {slide_id}")
         if earlier is not None:
             kept = f"the store keeps its earlier extraction {earlier.extraction_hash} of {earlier.created_at}"
             record = record.model_copy(
@@ -286,9 +286,9 @@ def _commit_record(store: Store, settings: Settings, record: SlideRecord, logger
             return record
         logger.warning("%s: failed: %s", slide_id, record.error)
         # A stray shard (no ok record describes it: a run stopped before its record) would contradict this record.
-        _store_io(settings, store, lambda: store.delete(shard_key(slide_id)), "cleaning the store")
+        store_io(settings, store, lambda: store.delete(shard_key(slide_id)), "cleaning the store")
     payload = record.model_dump(mode="json")
-    _store_io(settings, store, lambda: store.write_json(slide_json_key(slide_id), payload), f"writing {slide_id}")
+    store_io(settings, store, lambda: store.write_json(slide_json_key(slide_id), payload), f"writing {slide_id}")
     return record
 
 
@@ -378,7 +378,16 @@ def _check_md5(ref: SlideRef, settings: Settings) -> None:
         )
 
 
-def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
+def check_download(ref: SlideRef, settings: Settings) -> None:
+    """A SlideError when the slide is missing, or its size or md5 differs from what its manifest says."""
+    if ref.missing_reason:
+        raise SlideError(ref.missing_reason)
+    _check_size(ref)
+    _check_md5(ref, settings)
+
+
+def resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
+    """The slide's MPP: its own override, else the scanner's, else ``slides.default_mpp``; a SlideError if none."""
     override = mpp_override(ref, settings)
     if override is not None:
         reader.info.mpp = override
@@ -394,14 +403,11 @@ def _resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None
 def _extract(
     ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, record: SlideRecord
 ) -> SlideRecord:
-    if ref.missing_reason:
-        raise SlideError(ref.missing_reason)
-    _check_size(ref)
-    _check_md5(ref, settings)
+    check_download(ref, settings)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
-        _resolve_mpp(ref, reader, settings)
+        resolve_mpp(ref, reader, settings)
         info = reader.info
         _describe_slide(record, reader)
         timings["open"] = time.perf_counter() - tick

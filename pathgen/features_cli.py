@@ -1,0 +1,132 @@
+"""``pathgen features SOURCE... [--encoder SPEC]``: every tissue patch of each slide through an encoder, into
+``features/<features_hash>/`` in the store; and ``pathgen export features --format h5`` (called by pathgen/cli.py).
+
+Exit codes as ``pathgen extract``: 0 when at least one slide succeeded, 1 when none did (or the encoder cannot be
+had: the slides stay pending), 2 for bad usage or settings (a missing local SOURCE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
+COMMAND = "features"
+RANDOM_FEATURES = (
+    "  RANDOM WEIGHTS: the encoder has no pretrained weights (or was trained from random initialisation), so these\n"
+    "  features are noise; pass --encoder NAME:PRETRAINED or a PathGen-CLIP checkpoint for real features"
+)
+
+
+def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
+    from pathgen.cli import store_arg
+
+    features = sub.add_parser(
+        COMMAND, parents=[common], help="encode every tissue patch of each slide (slide features for MIL)"
+    )
+    features.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="slide file, folder, glob, s3:// prefix, GDC manifest or PathGen JSON",
+    )
+    features.add_argument(
+        "--encoder",
+        metavar="SPEC",
+        help="open_clip NAME:PRETRAINED, a PathGen-CLIP run or checkpoint in the store; default features.encoder, "
+        "else the newest PathGen-CLIP in the store, else tiny-random (RANDOM WEIGHTS)",
+    )
+    store_arg(features)
+    features.add_argument("--threads", action="store_true", help="run slide groups in threads, not processes")
+    parts_arg(features)
+    settings_args(features)
+
+
+def features(args: argparse.Namespace) -> int:
+    from pathgen.cli import credentials_to_environment, source_problem
+    from pathgen.local_api import api_server
+    from pathgen.settings import SettingsError, load_settings, parse_assignments
+
+    overrides = parse_assignments(args.assignments)
+    if args.store:
+        overrides["store"] = args.store
+    settings = load_settings(args.config, overrides)  # fails here, before Prefect starts, on a bad setting
+    sources = args.sources or settings.sources
+    if not sources:
+        print(f"pathgen {COMMAND}: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
+        return EXIT_USAGE
+    for spec in sources:  # a missing local path is a usage error: nothing starts and nothing is written for it
+        problem = source_problem(spec)
+        if problem:
+            print(f"pathgen {COMMAND}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+
+    from flows.features import features_flow
+
+    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
+        state = features_flow(
+            sources=list(sources),
+            encoder=args.encoder,
+            config=args.config,
+            overrides=credentials_to_environment(overrides),
+            processes=not args.threads,
+            parts=args.parts,
+            return_state=True,
+        )
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        print(f"pathgen {COMMAND}: {error}", file=sys.stderr)
+        from tasks.slides.sources import SourceError
+
+        return EXIT_USAGE if isinstance(error, SettingsError | SourceError) else EXIT_NONE_SUCCEEDED
+    print_summary(state.result())
+    return EXIT_OK
+
+
+def print_summary(summary: dict) -> None:
+    store, where = summary["store"], summary["features"]
+    print(
+        f"\nfeatured {summary['slides']} slides: {summary['ok']} ok, {summary['skipped']} already done, "
+        f"{summary['failed']} failed, {summary['pending']} pending; {summary['patches']} patches"
+    )
+    print(f"features_hash: {summary['features_hash']}  (encoder {summary['encoder']}, {summary['dim']} dimensions)")
+    print(f"store: {store}")
+    print(f"  features:  {where}/<slide_id>.parquet")
+    print(f"  manifest:  {where}/features.json")
+    print(f"  failed:    {where}/failed/<slide_id>.json")
+    if summary.get("random_weights"):
+        print(RANDOM_FEATURES)
+    for part in summary.get("parts", []):
+        print(f"part {part['part']}: {part.get('state')} {part.get('flow_run', '')}".rstrip())
+    for failed in summary["failed_slides"]:
+        print(f"failed: {failed['slide_id']}: {failed['error']}")
+    for pending in summary["pending_slides"]:
+        print(f"pending (run again): {pending['slide_id']}: {pending['error']}")
+    print(
+        f"export them:  pathgen export features --format h5 --store {store} --features-hash "
+        f"{summary['features_hash']} --out DIR"
+    )
+
+
+def export_features(args: argparse.Namespace, settings) -> int:
+    """``pathgen export features --format h5 --out DIR [--features-hash HASH]``."""
+    from tasks.features.export import FeaturesNotFound, choose_features_hash, export_h5
+    from tasks.features.store import manifest_key
+    from tasks.store.objects import Store
+
+    store = Store(settings.store, settings.s3)
+    try:
+        chosen = choose_features_hash(store, args.features_hash)
+        written = export_h5(store, chosen, args.out)
+    except FeaturesNotFound as exc:
+        print(f"pathgen export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    manifest = store.read_json(manifest_key(chosen))
+    print(f"wrote {len(written)} slides to {args.out} as <slide_id>.h5 (features N x D, coords N x 2 level-0)")
+    print(f"features_hash: {chosen}  (encoder {manifest['encoder']['spec']}, {manifest['encoder']['dim']} dimensions)")
+    if manifest.get("random_weights"):
+        print("RANDOM WEIGHTS: these features come from an encoder without pretrained weights; they are noise")
+    return EXIT_OK if written else EXIT_NONE_SUCCEEDED
+
+
+COMMANDS = {COMMAND: features}

@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger
 from pathgen.settings import run_settings
 from tasks.clip.spec import parse_model_spec
 from tasks.clip.stages import RUNS
+from tasks.clip.stages import newest_checkpoint as newest_stage_checkpoint
 from tasks.clip.train import epoch_of
 from tasks.clip.work import evaluate_task
 from tasks.models import require_real_models
-from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run
 from tasks.work.runner import Stage, open_store, run_units
@@ -29,16 +29,11 @@ RANDOM_WHY = "no pretrained weights: none loaded, or its training run started fr
 
 
 def newest_checkpoint(store: Store) -> str:
-    """The last checkpoint of the most recently trained stage: its highest epoch, not the newest file, so a slow
-    S3 clock or an interrupted run's partial epochs never win over a stage's end."""
-    found = list_mtimes(store, RUNS, ".pt")
-    if not found:
+    """The last checkpoint of the most recently trained PathGen-CLIP stage; an error naming what to do when none."""
+    found = newest_stage_checkpoint(store)
+    if found is None:
         raise ValueError(f"no PathGen-CLIP checkpoint under {store.uri(RUNS)}: run pathgen train-clip or pass --model")
-    stages: dict[str, list[str]] = {}
-    for key in found:
-        stages.setdefault(key.rsplit("/checkpoints/", 1)[0], []).append(key)
-    newest_stage = max(stages, key=lambda stage: max(found[k] for k in stages[stage]))
-    return store.uri(max(stages[newest_stage], key=epoch_of))
+    return found
 
 
 def eval_run_name(model: str) -> str:

@@ -330,3 +330,16 @@ def test_checkpoint_in_s3_is_known_by_its_bytes(tmp_path, bucket, monkeypatch):
     _checkpoint(local, seed=2)
     store.write_bytes("models/encoder.pt", local.read_bytes())  # same key, other bytes: another ETag
     assert encoder_identity(spec)["digest"] == "sha256:" + hashlib.sha256(local.read_bytes()).hexdigest()
+
+
+def test_a_changed_slide_that_fails_loses_its_outdated_features(tmp_path, small_slide, slide_rgb):
+    """Features of the slide's earlier content must not stay for a MIL task to train on once the file changed."""
+    settings = _settings(tmp_path / "store")
+    job = _job(settings)
+    assert feature_slide(_ref(small_slide, settings), job).status == "ok"
+    time.sleep(0.01)
+    write_tiff_slide(small_slide, np.full_like(slide_rgb, 245), mpp=MPP)  # now glass: no tissue
+    failed = feature_slide(_ref(small_slide, settings), job)
+    assert failed.status == "failed" and "no tissue" in failed.error
+    assert job.store.exists(failed_key(job.features_hash, "small"))
+    assert not job.store.exists(features_key(job.features_hash, "small"))

@@ -42,6 +42,7 @@ from tasks.clip.webdataset import (
     tar_sizes,
     training_tars,
 )
+from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
 
 RUNS = "models/clip"
@@ -255,3 +256,17 @@ def write_run_record(store: Store, run: str, cfg: ClipSettings, stages: list[dic
         "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     store.write_json(f"{RUNS}/{run}/run.json", record)
+
+
+def newest_checkpoint(store: Store, prefix: str = RUNS) -> str | None:
+    """The last epoch's checkpoint of the most recently trained stage under ``prefix`` (its highest epoch, not the
+    newest file: a slow S3 clock or an interrupted run's partial epochs never win over a stage's end); None when
+    there is none."""
+    found = list_mtimes(store, prefix, ".pt")
+    if not found:
+        return None
+    stages: dict[str, list[str]] = {}
+    for key in found:
+        stages.setdefault(key.rsplit("/checkpoints/", 1)[0], []).append(key)
+    newest_stage = max(stages, key=lambda stage: max(found[k] for k in stages[stage]))
+    return store.uri(max(stages[newest_stage], key=epoch_of))

@@ -20,11 +20,9 @@ from typing import Any
 
 from pathgen.digest import file_digest, folder_digest
 from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, parse_model_spec
-from tasks.clip.stages import RUNS
-from tasks.clip.train import epoch_of
+from tasks.clip.stages import RUNS, newest_checkpoint
 from tasks.errors import ModelUnavailable, redact_urls, short_error, without_userinfo
 from tasks.selection.embedding import EmbeddingModel, load_clip_model
-from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
 
 log = logging.getLogger("pathgen.features")
@@ -34,20 +32,6 @@ RANDOM_WEIGHTS_WARNING = (
     "initialisation); the vectors are noise, and so is any MIL model trained on them; pass --encoder "
     "NAME:PRETRAINED or a PathGen-CLIP checkpoint (features.encoder) for real features"
 )
-
-
-def newest_checkpoint(store: Store, prefix: str = RUNS) -> str | None:
-    """The last epoch's checkpoint of the most recently trained stage under ``prefix`` (its highest epoch, not the
-    newest file: a slow S3 clock or an interrupted run's partial epochs never win over a stage's end); None when
-    there is none."""
-    found = list_mtimes(store, prefix, ".pt")
-    if not found:
-        return None
-    stages: dict[str, list[str]] = {}
-    for key in found:
-        stages.setdefault(key.rsplit("/checkpoints/", 1)[0], []).append(key)
-    newest_stage = max(stages, key=lambda stage: max(found[k] for k in stages[stage]))
-    return store.uri(max(stages[newest_stage], key=epoch_of))
 
 
 def resolve_encoder_spec(spec: str | None, store: Store) -> str:

@@ -190,6 +190,10 @@ def _commit(ref: SlideRef, job: FeatureJob, inputs: dict[str, Any], result: Any,
         }
         key = failed_key(job.features_hash, slide_id)
         store_io(settings, store, lambda: store.write_json(key, record), f"writing {key}")
+        # Features committed for the slide's earlier content describe a file that is no longer there: a MIL task
+        # must not train on them, so they go (the failure record, written first, says why the slide has none).
+        stale = features_key(job.features_hash, slide_id)
+        store_io(settings, store, lambda: store.delete(stale), f"removing the outdated {stale}")
         return UnitOutcome(slide_id, "failed", 0, seconds, error, random_weights)
     table, meta = result
     meta["seconds"] = round(seconds, 3)

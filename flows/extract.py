@@ -16,11 +16,7 @@ from tasks.slides.extract import extract_slides_task
 from tasks.slides.sources import resolve_sources
 from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts, source_label
 from tasks.work.runner import Stage, open_store, run_units
-from tasks.work.units import groups_of, in_part, summarize
-
-
-class NoSlideSucceeded(RuntimeError):
-    pass
+from tasks.work.units import NoSlideSucceeded, finish_slides, groups_of, in_part, summarize
 
 
 @flow(name="extract", description="Whole-slide images to patch shards (slides/, patches/ in the store).")
@@ -73,24 +69,5 @@ def extract_flow(
 
 def _finish(summary: dict[str, Any], store_url: str, logger, required: bool = True) -> dict[str, Any]:
     summary["store"] = store_url
-    summary["patches"] = summary["items"]
-    for failed in summary["failed_slides"]:
-        logger.warning("failed: %s: %s", failed["slide_id"], failed["error"])
-    for pending in summary["pending_slides"]:
-        logger.warning("pending (run again): %s: %s", pending["slide_id"], pending["error"])
-    logger.info(
-        "%d ok, %d already done, %d failed, %d pending; %d patches in %s",
-        summary["ok"],
-        summary["skipped"],
-        summary["failed"],
-        summary["pending"],
-        summary["patches"],
-        store_url,
-    )
-    if summary["random_weights"]:
-        logger.warning("selection used random-weight embeddings (tiny-random): the picks are noise, not a selection")
-    if required and summary["ok"] + summary["skipped"] == 0:
-        raise NoSlideSucceeded(
-            f"no slide succeeded ({summary['failed']} failed, {summary['pending']} pending); see the errors above"
-        )
-    return summary
+    warning = "selection used random-weight embeddings (tiny-random): the picks are noise, not a selection"
+    return finish_slides(summary, store_url, logger, warning, required)

@@ -148,6 +148,9 @@ def _stage_row(
         row["error"] = str(result)
         return row
     row.update(_counts(stage, result))
+    if stage == "features" and result.get("pending"):
+        # train-mil would find these slides without features and fail on the task: the chain waits instead
+        row.update(state="Pending", error=f"{result['pending']} slides pending (infrastructure): run again")
     if stage in ("train-clip", "train-llava", "train-mil") and result.get("error"):
         # train-mil: a failed task (its content) or a pending one (infrastructure) ends the chain all the same
         row.update(state="Pending" if result.get("status") == "pending" else "Failed", error=result["error"])

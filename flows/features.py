@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.extract import NoSlideSucceeded
 from pathgen.settings import Settings, run_settings
+from tasks.errors import redact_urls
 from tasks.features.encoder import RANDOM_WEIGHTS_WARNING, encoder_identity, resolve_encoder_spec
 from tasks.features.extract import feature_slides_task
 from tasks.features.hashing import features_hash, hash_inputs
@@ -24,7 +24,7 @@ from tasks.slides.sources import resolve_sources
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts, source_label
 from tasks.work.runner import Stage, open_store, run_units
-from tasks.work.units import groups_of, in_part, summarize
+from tasks.work.units import NoSlideSucceeded, finish_slides, groups_of, in_part, summarize
 
 
 @flow(name="features", description="Every tissue patch of each slide through an encoder (features/ in the store).")
@@ -46,8 +46,16 @@ def features_flow(
     _refuse_random(settings, identity)
     fhash = features_hash(settings, identity)
     if parts > 1 and part is None:
-        parameters = {"sources": sources, "encoder": spec, "store": store, "config": config,
-                      "overrides": overrides, "processes": processes}  # fmt: skip
+        # Prefect records flow parameters: a spec holding credentials (NAME:s3://user:secret@...) is resolved again
+        # by each part from its settings (the environment) instead of travelling as a parameter.
+        parameters = {
+            "sources": sources,
+            "encoder": spec if redact_urls(spec) == spec else None,
+            "store": store,
+            "config": config,
+            "overrides": overrides,
+            "processes": processes,
+        }
         summary = run_parts("features", features_flow, parameters, parts, logger, settings.parts.timeout_seconds)
         return _finish(summary, target, identity, fhash, logger)
     record_worker("features", part, parts)
@@ -67,8 +75,10 @@ def features_flow(
     )
     name_flow_run(f"features-{source_label(list(sources) or settings.sources)}-{len(refs)}-slides", part, parts)
     groups = groups_of(refs, settings.features.group_size)
-    logger.info("%d slides in %d groups through %s (features %s) into %s", len(refs), len(groups), spec, fhash,
-                target.url)  # fmt: skip
+    logger.info(
+        "%d slides in %d groups through %s (features %s) into %s",
+        *(len(refs), len(groups), identity["spec"], fhash, target.url),
+    )
     summary = summarize("features", run_units(stage, groups, settings, logger))
     summary["random_weights"] = summary["random_weights"] or bool(identity["random_weights"])
     publish_summary(summary)
@@ -105,21 +115,6 @@ def _finish(
 ) -> dict[str, Any]:
     summary.update(store=store.url, features_hash=fhash, encoder=identity["spec"], dim=identity["dim"])
     summary["features"] = store.uri(features_prefix(fhash))
-    summary["patches"] = summary["items"]
     summary["random_weights"] = bool(summary.get("random_weights")) or bool(identity["random_weights"])
-    for failed in summary["failed_slides"]:
-        logger.warning("failed: %s: %s", failed["slide_id"], failed["error"])
-    for pending in summary["pending_slides"]:
-        logger.warning("pending (run again): %s: %s", pending["slide_id"], pending["error"])
-    logger.info(
-        "%d ok, %d already done, %d failed, %d pending; %d patches in %s",
-        summary["ok"], summary["skipped"], summary["failed"], summary["pending"], summary["patches"],
-        summary["features"],
-    )  # fmt: skip
-    if summary["random_weights"]:
-        logger.warning(RANDOM_WEIGHTS_WARNING.format(model=identity["spec"]))
-    if required and summary["ok"] + summary["skipped"] == 0:
-        raise NoSlideSucceeded(
-            f"no slide succeeded ({summary['failed']} failed, {summary['pending']} pending); see the errors above"
-        )
-    return summary
+    warning = RANDOM_WEIGHTS_WARNING.format(model=identity["spec"])
+    return finish_slides(summary, summary["features"], logger, warning, required)

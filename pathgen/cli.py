@@ -223,38 +223,44 @@ def source_problem(spec: str) -> str | None:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from flows.extract import extract_flow
+
+    return run_slide_flow("extract", args, extract_flow, _print_summary)
+
+
+def run_slide_flow(command: str, args: argparse.Namespace, flow, print_summary, **parameters) -> int:
+    """A flow over SOURCE... (extract, features): settings and sources checked before Prefect starts, the flow run
+    on the shared local API when none is configured, its summary printed; exit 0, 1 (no slide succeeded) or 2."""
     overrides = parse_assignments(args.assignments)
     if args.store:
         overrides["store"] = args.store
     settings = load_settings(args.config, overrides)  # fails here, before Prefect starts, on a bad setting
     sources = args.sources or settings.sources
     if not sources:
-        print("pathgen extract: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
+        print(f"pathgen {command}: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
         return EXIT_USAGE
     for spec in sources:  # a missing local path is a usage error: nothing starts and nothing is written for it
         problem = source_problem(spec)
         if problem:
-            print(f"pathgen extract: {problem}", file=sys.stderr)
+            print(f"pathgen {command}: {problem}", file=sys.stderr)
             return EXIT_USAGE
-
-    from flows.extract import extract_flow
-
     with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
-        state = extract_flow(
+        state = flow(
             sources=list(sources),
             config=args.config,
             overrides=credentials_to_environment(overrides),
             processes=not args.threads,
             parts=args.parts,
             return_state=True,
+            **parameters,
         )
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
-        print(f"pathgen extract: {error}", file=sys.stderr)
+        print(f"pathgen {command}: {error}", file=sys.stderr)
         from tasks.slides.sources import SourceError
 
         return EXIT_USAGE if isinstance(error, SettingsError | SourceError) else EXIT_NONE_SUCCEEDED
-    _print_summary(state.result())
+    print_summary(state.result())
     return EXIT_OK
 
 

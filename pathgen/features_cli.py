@@ -8,6 +8,7 @@ had: the slides stay pending), 2 for bad usage or settings (a missing local SOUR
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
@@ -43,44 +44,10 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
 
 
 def features(args: argparse.Namespace) -> int:
-    from pathgen.cli import credentials_to_environment, source_problem
-    from pathgen.local_api import api_server
-    from pathgen.settings import SettingsError, load_settings, parse_assignments
-
-    overrides = parse_assignments(args.assignments)
-    if args.store:
-        overrides["store"] = args.store
-    settings = load_settings(args.config, overrides)  # fails here, before Prefect starts, on a bad setting
-    sources = args.sources or settings.sources
-    if not sources:
-        print(f"pathgen {COMMAND}: name at least one SOURCE (or set `sources` in the config)", file=sys.stderr)
-        return EXIT_USAGE
-    for spec in sources:  # a missing local path is a usage error: nothing starts and nothing is written for it
-        problem = source_problem(spec)
-        if problem:
-            print(f"pathgen {COMMAND}: {problem}", file=sys.stderr)
-            return EXIT_USAGE
-
     from flows.features import features_flow
+    from pathgen.cli import run_slide_flow
 
-    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
-        state = features_flow(
-            sources=list(sources),
-            encoder=args.encoder,
-            config=args.config,
-            overrides=credentials_to_environment(overrides),
-            processes=not args.threads,
-            parts=args.parts,
-            return_state=True,
-        )
-    if not state.is_completed():
-        error = state.result(raise_on_failure=False)
-        print(f"pathgen {COMMAND}: {error}", file=sys.stderr)
-        from tasks.slides.sources import SourceError
-
-        return EXIT_USAGE if isinstance(error, SettingsError | SourceError) else EXIT_NONE_SUCCEEDED
-    print_summary(state.result())
-    return EXIT_OK
+    return run_slide_flow(COMMAND, args, features_flow, print_summary, encoder=_encoder_argument(args.encoder))
 
 
 def print_summary(summary: dict) -> None:
@@ -130,3 +97,14 @@ def export_features(args: argparse.Namespace, settings) -> int:
 
 
 COMMANDS = {COMMAND: features}
+
+
+def _encoder_argument(spec: str | None) -> str | None:
+    """``--encoder`` as the flow's parameter; one with credentials in a URL goes to this process's environment
+    (``features.encoder``, where the settings read it) instead, since Prefect stores and shows flow parameters."""
+    from tasks.errors import redact_urls
+
+    if spec and redact_urls(spec) != spec:
+        os.environ["PATHGEN_FEATURES__ENCODER"] = spec
+        return None
+    return spec

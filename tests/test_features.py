@@ -343,3 +343,12 @@ def test_a_changed_slide_that_fails_loses_its_outdated_features(tmp_path, small_
     assert failed.status == "failed" and "no tissue" in failed.error
     assert job.store.exists(failed_key(job.features_hash, "small"))
     assert not job.store.exists(features_key(job.features_hash, "small"))
+
+
+def test_encoder_identity_never_holds_credentials_of_a_checkpoint_url(monkeypatch):
+    """NAME:URL is not a URL itself: the identity (written into every file's metadata) must still hide its secret."""
+    monkeypatch.setattr(encoder_module, "_weights_digest", lambda parsed: "sha256:x")
+    monkeypatch.setattr(encoder_module, "_shape", lambda parsed: (224, 512))
+    identity = encoder_identity("ViT-B-16:s3://AKIAKEY:s3cr3t@minio.local/bucket/epoch_2.pt")
+    assert "s3cr3t" not in json.dumps(identity) and "AKIAKEY" not in json.dumps(identity)
+    assert identity["spec"] == "ViT-B-16:s3://***@minio.local/bucket/epoch_2.pt"

@@ -201,4 +201,4 @@ def test_cli_settings_takes_map_entries_lists_and_refuses_an_unknown_variable(tm
     assert slides["roots"] == ["/a", "/b"]
 
     typo = _pathgen_settings([], dict(env, PATHGEN_PATCH__TARGET_MP="0.25"), tmp_path)  # deliberately unknown
-    assert typo.returncode == 2 and "did you mean PATHGEN_PATCH__TARGET_MPP?" in typo.stderr, typo.stderr
+    assert typo.returncode == 2 and "did you mean PATHGEN_PATCH__TARGET_MPP" in typo.stderr, typo.stderr

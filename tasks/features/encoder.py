@@ -21,7 +21,7 @@ from typing import Any
 from pathgen.digest import file_digest, folder_digest
 from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, parse_model_spec
 from tasks.clip.stages import RUNS, newest_checkpoint
-from tasks.errors import ModelUnavailable, redact_urls, short_error, without_userinfo
+from tasks.errors import ModelUnavailable, redact_urls, short_error
 from tasks.selection.embedding import EmbeddingModel, load_clip_model
 from tasks.store.objects import Store
 
@@ -112,9 +112,10 @@ def encoder_identity(spec: str) -> dict[str, Any]:
             )
         ) from exc
     return {
-        "spec": without_userinfo(spec),
+        # redact_urls, not without_userinfo: NAME:s3://user:secret@host/x.pt is not a URL itself
+        "spec": redact_urls(spec),
         "name": parsed.name,
-        "pretrained": without_userinfo(parsed.pretrained) if parsed.pretrained else None,
+        "pretrained": redact_urls(parsed.pretrained) if parsed.pretrained else None,
         "digest": digest,
         "image_size": image_size,
         "dim": dim,

@@ -188,12 +188,13 @@ def _commit(ref: SlideRef, job: FeatureJob, inputs: dict[str, Any], result: Any,
             "source_uri": without_userinfo(ref.uri),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
-        key = failed_key(job.features_hash, slide_id)
-        store_io(settings, store, lambda: store.write_json(key, record), f"writing {key}")
         # Features committed for the slide's earlier content describe a file that is no longer there: a MIL task
-        # must not train on them, so they go (the failure record, written first, says why the slide has none).
+        # must not train on them. They go first, so that a record is never final while they remain (a store error
+        # in between leaves the slide pending, and the next run does both).
         stale = features_key(job.features_hash, slide_id)
         store_io(settings, store, lambda: store.delete(stale), f"removing the outdated {stale}")
+        key = failed_key(job.features_hash, slide_id)
+        store_io(settings, store, lambda: store.write_json(key, record), f"writing {key}")
         return UnitOutcome(slide_id, "failed", 0, seconds, error, random_weights)
     table, meta = result
     meta["seconds"] = round(seconds, 3)

@@ -15,9 +15,9 @@ import json
 from typing import Any
 
 from pathgen.settings import Settings
+from tasks.features.store import FORMAT
 
 # Bump when the same settings and encoder would give other vectors (preprocessing, reading, what is stored).
-FEATURE_FORMAT = "pathgen-features/1"
 # Stored as encode_image returns them: attention MIL (CLAM, ABMIL, ACMIL) trains on unnormalised features, and a
 # vector's norm is information that normalising would destroy (a consumer can still normalise; it cannot undo it).
 L2_NORMALISED = False
@@ -26,7 +26,7 @@ L2_NORMALISED = False
 def hash_inputs(settings: Settings, identity: dict[str, Any]) -> dict[str, Any]:
     """The settings and encoder fields the hash covers (also written to ``features.json``)."""
     return {
-        "format": FEATURE_FORMAT,
+        "format": FORMAT,
         "l2_normalised": L2_NORMALISED,
         "encoder": {key: identity.get(key) for key in ("name", "digest", "image_size", "dim")},
         "target_mpp": settings.features.target_mpp,

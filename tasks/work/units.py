@@ -80,6 +80,31 @@ def summarize(stage: str, outcomes: list[UnitOutcome]) -> dict[str, Any]:
     }
 
 
+class NoSlideSucceeded(RuntimeError):
+    """A slide stage's run in which no slide succeeded (or none was found): the run fails."""
+
+
+def finish_slides(
+    summary: dict[str, Any], where: str, logger: logging.Logger, random_warning: str | None, required: bool = True
+) -> dict[str, Any]:
+    """Log a slide stage's failed and pending slides, its counts and (when random weights made its output)
+    ``random_warning``; NoSlideSucceeded when ``required`` and no slide is done. ``items`` become ``patches``."""
+    summary["patches"] = summary["items"]
+    for failed in summary["failed_slides"]:
+        logger.warning("failed: %s: %s", failed["slide_id"], failed["error"])
+    for pending in summary["pending_slides"]:
+        logger.warning("pending (run again): %s: %s", pending["slide_id"], pending["error"])
+    counts = (summary["ok"], summary["skipped"], summary["failed"], summary["pending"], summary["patches"], where)
+    logger.info("%d ok, %d already done, %d failed, %d pending; %d patches in %s", *counts)
+    if summary["random_weights"] and random_warning:
+        logger.warning(random_warning)
+    if required and summary["ok"] + summary["skipped"] == 0:
+        raise NoSlideSucceeded(
+            f"no slide succeeded ({summary['failed']} failed, {summary['pending']} pending); see the errors above"
+        )
+    return summary
+
+
 def log_pending(summary: dict[str, Any], logger: logging.Logger, random_weights_warning: str) -> None:
     """Log each slide a run left pending, and warn when random weights made its data."""
     for pending in summary["pending_slides"]:

@@ -27,6 +27,7 @@ from flows.train_clip import train_clip_flow
 from flows.train_llava import train_llava_flow
 from flows.train_mil import train_mil_flow
 from pathgen.settings import Settings, SettingsError, run_settings
+from tasks.mil.metrics import mean_std_text
 from tasks.models import DEFAULT_STAGES, STAGES, require_real_models
 from tasks.report import markdown, store_report
 from tasks.selection.embedding import release_clip_models
@@ -172,18 +173,11 @@ def _counts(stage: str, result: dict[str, Any]) -> dict[str, Any]:
         counts["patches"] = result.get("patches", result.get("items"))
     elif stage == "train-mil":
         counts = {key: result.get(key) for key in ("run", "status", "model", "features", "chosen_lr", "eval")}
-        counts["auc"] = _mean_std(result, "auc")
+        counts["auc"] = mean_std_text(*((result.get(k) or {}).get("auc") for k in ("mean", "std")), missing=None)
     else:
         counts = {"eval_run": result.get("eval_run"), "results": ", ".join(r["status"] for r in result["results"])}
     counts["random_weights"] = bool(result.get("random_weights"))
     return counts
-
-
-def _mean_std(result: dict[str, Any], metric: str) -> str | None:
-    mean, std = (result.get(k) or {} for k in ("mean", "std"))
-    if not isinstance(mean.get(metric), int | float):
-        return None
-    return f"{mean[metric]:.3f} ± {std.get(metric) or 0.0:.3f}"
 
 
 def _row_text(row: dict[str, Any]) -> str:

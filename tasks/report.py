@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from tasks.mil.metrics import mean_std_text
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
@@ -416,19 +417,13 @@ def _mil_lines(mil: dict[str, Any] | None, table, heading) -> list[str]:
 
 
 def _mil_cells(row: dict[str, Any]) -> list[str]:
-    metrics = [_mean_std(*row["metrics"][name]) for name, _ in MIL_METRICS]
+    metrics = [mean_std_text(*row["metrics"][name]) for name, _ in MIL_METRICS]
     lr = f"{row['chosen_lr']:g}" if isinstance(row["chosen_lr"], int | float) else "n/a"
     return [_encoder_cell(row["encoder"], row["random_weights"]), row["model"], *metrics, str(row["run"]), lr]
 
 
 def _encoder_cell(label: str, random_weights: bool) -> str:
     return f"{label} (RANDOM WEIGHTS)" if random_weights else label
-
-
-def _mean_std(mean: Any, std: Any) -> str:
-    if not isinstance(mean, int | float):
-        return "n/a"  # e.g. an AUC with one class in the test split
-    return f"{mean:.3f} ± {std if isinstance(std, int | float) else 0.0:.3f}"
 
 
 def _text_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:

@@ -18,9 +18,9 @@ from PIL import Image
 
 import tasks.mil.run as mil_run
 from pathgen.settings import Settings, load_settings
-from tasks.features.store import FeatureTable, failed_key, manifest_key, write_features
-from tasks.mil.h5 import write_slide_h5
-from tasks.mil.metrics import mean_std
+from tasks.features.store import FeatureTable, failed_key, features_key, manifest_key, write_features
+from tasks.mil.h5 import FeaturesFileError, write_slide_h5
+from tasks.mil.metrics import mean_std, mean_std_text
 from tasks.mil.run import (
     HeatmapUnavailable,
     load_mil_features,
@@ -386,3 +386,159 @@ def test_a_run_another_worker_holds_stays_pending_and_is_not_touched(featured, t
     assert not store.exists(f"models/mil/{run.name}/run.json") and not store.exists(run.eval_key)
     [again] = mil_run.train_mil_units([unit], settings, LOG)  # the holder is gone: this worker trains it
     assert again.status == "ok" and again.columns["run"] == run.name and store.exists(run.eval_key)
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+
+
+def test_a_finished_folder_whose_push_failed_reaches_the_store_on_the_retry(featured, tmp_path, monkeypatch) -> None:
+    store, task = featured
+    settings = settings_for(tmp_path / "store", tmp_path / "work", epochs=1)
+    real_train = mil_run.train_mil
+
+    def outage_after_done(*args, on_run_done, **kwargs):
+        def push(lr, seed, done):
+            raise ConnectionError("store outage")  # done.json is written locally, its forced push fails
+
+        return real_train(*args, on_run_done=push, **kwargs)
+
+    monkeypatch.setattr(mil_run, "train_mil", outage_after_done)
+    with pytest.raises(ConnectionError):
+        train_and_evaluate(plan_run(task, HASH, "mean", settings, store), store, LOG)
+    monkeypatch.setattr(mil_run, "train_mil", real_train)
+    run = plan_run(task, HASH, "mean", settings, store)  # the Prefect retry, on the same worker
+    assert train_and_evaluate(run, store, LOG)["status"] == "trained"
+    assert store.read_json(f"models/mil/{run.name}/run.json")["status"] == "finished"
+    for lr in (1e-3, 5e-3):  # lr 1e-3 was found done locally on the retry: it is pushed all the same
+        for name in ("best.pt", "done.json", "metrics.jsonl", "fingerprint.json"):
+            assert store.exists(f"models/mil/{run.name}/{lr_key(lr)}/0/{name}"), (lr, name)
+
+
+def test_a_slide_read_timeout_leaves_the_run_unfinished_not_its_heatmap_skipped(featured, tmp_path, monkeypatch):
+    import tasks.slides.reader as reader
+
+    store, task = featured
+    settings = settings_for(tmp_path / "store", tmp_path / "work", learning_rates=[5e-3], epochs=1)
+    real_reader = reader.SlideReader
+
+    class ReadTimeoutError(Exception):  # what botocore raises when S3 does not answer (matched by type name)
+        pass
+
+    def timing_out(*args, **kwargs):
+        raise ReadTimeoutError("Read timeout on endpoint URL")
+
+    monkeypatch.setattr(reader, "SlideReader", timing_out)
+    run = plan_run(task, HASH, "mean", settings, store)
+    with pytest.raises(ReadTimeoutError):
+        train_and_evaluate(run, store, LOG)
+    assert store.read_json(f"models/mil/{run.name}/run.json")["status"] == "training"
+    assert not store.exists(run.eval_key)  # not finished: the retry draws the heatmaps
+    monkeypatch.setattr(reader, "SlideReader", real_reader)
+    evaluated = train_and_evaluate(run, store, LOG)
+    assert len(evaluated["heatmaps"]) == SPLITS["test"] and evaluated["heatmaps_skipped"] == []
+
+
+def _h5_slide(folder: Path, slide_id: str, dim: int = DIM, encoder: str = "tiny-random", **extra) -> Path:
+    vectors = np.random.default_rng(len(slide_id)).normal(size=(4, dim)).astype(np.float32)
+    return write_slide_h5(folder / f"{slide_id}.h5", vectors, tissue_boxes(4)[:, :2], patch_size=224, patch_level=0,
+                          mpp=0.5, encoder=encoder, extra_attrs=extra or None)  # fmt: skip
+
+
+def test_h5_random_weights_trusts_the_files_flag_and_only_our_random_encoder_names(tmp_path: Path) -> None:
+    def random(encoder: str, **extra) -> bool:
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        _h5_slide(folder, "s", encoder=encoder, **extra)
+        return load_mil_features(str(folder), Store(str(tmp_path / "unused")))[1]["random_weights"]
+
+    real = "/models/random_crop_finetune/ckpt.pt (sha256:ab12)"  # a trained checkpoint with "random" in its path
+    assert random(real) is False  # the old substring test called it random (and production refused it)
+    assert random(real, random_weights=False, encoder_identity={"name": "x", "digest": "sha256:ab12"}) is False
+    assert random("tiny-random (random-init)", random_weights=False) is False  # the file's own flag is trusted
+    assert random(real, random_weights=True) is True
+    assert random("tiny-random") is True and random("tiny-random (random-init)") is True
+    assert random("ViT-B-16 (random-init)") is True  # no weights: the encoder digest says so
+    assert random(json.dumps({"name": "ViT-B-16", "random_weights": True})) is True
+    assert random(json.dumps({"name": "random-ish", "digest": "sha256:1", "random_weights": False})) is False
+
+
+def test_an_h5_folder_reads_only_the_task_slides_also_in_clam_layout(featured, tmp_path: Path) -> None:
+    store, task = featured
+    slides, _ = load_mil_features(HASH, store)
+    plain, clam = tmp_path / "plain", tmp_path / "clam" / "h5_files"
+    for folder in (plain, clam):
+        for slide_id, slide in slides.items():
+            write_slide_h5(folder / f"{slide_id}.h5", slide.features, slide.coords, patch_size=224, patch_level=0,
+                           mpp=0.5, encoder="tiny-random", patch_size_level0=224)  # fmt: skip
+    settings = settings_for(tmp_path / "store", tmp_path / "work")
+    name = plan_run(task, str(plain), "mean", settings, store).name
+    _h5_slide(plain, "foreign", dim=DIM + 3)  # another encoder's slide the task does not name
+    (plain / "damaged.h5").write_bytes(b"not an h5 file")
+    run = plan_run(task, str(plain), "mean", settings, store)
+    assert run.name == name and "foreign" not in run.load_slides(store)  # never read, not in the digest
+    assert plan_run(task, str(clam.parent), "mean", settings, store).name == name  # CLAM's h5_files/ subfolder
+    with pytest.raises(FeaturesFileError, match="foreign.h5|damaged.h5"):
+        load_mil_features(str(plain), store)  # asked for every slide, the folder's odd files are still refused
+
+
+def test_an_unreadable_store_object_leaves_the_run_pending_a_bad_task_fails(featured, tmp_path: Path) -> None:
+    store, task = featured
+    settings = settings_for(tmp_path / "store", tmp_path / "work", learning_rates=[5e-3], epochs=1)
+    unit = {"task": str(task), "features": HASH, "model": "mean"}
+    key = features_key(HASH, "train_03")
+    whole = store.read_bytes(key)
+    store.write_bytes(key, whole[: len(whole) // 2])  # a truncated parquet (pyarrow: ArrowInvalid, a ValueError)
+    [outcome] = mil_run.train_mil_units([unit], settings, LOG)
+    assert outcome.status == "pending" and store.uri(key) in outcome.error and "delete it" in outcome.error
+    store.write_bytes(key, whole)
+
+    run = plan_run(task, HASH, "mean", settings, store)
+    store.write_bytes(f"models/mil/{run.name}/run.json", b'{"status": "fini')  # a damaged store JSON
+    [outcome] = mil_run.train_mil_units([unit], settings, LOG)
+    assert outcome.status == "pending" and "run.json" in outcome.error
+    store.delete(f"models/mil/{run.name}/run.json")
+
+    bad = write_task([*read_task(task).rows, TaskRow("absent", "tumor", "absent", "train")], tmp_path / "bad.csv")
+    [failed] = mil_run.train_mil_units([{**unit, "task": str(bad)}], settings, LOG)
+    assert failed.status == "failed" and "'absent'" in failed.error  # the task's own content: final
+    [done] = mil_run.train_mil_units([unit], settings, LOG)
+    assert done.status == "ok" and done.columns["auc"].count(" ± ") == 1
+
+
+def test_mean_std_text_is_the_one_format_of_a_metric_over_seeds() -> None:
+    assert mean_std_text(0.91234, 0.0123) == "0.912 ± 0.012"
+    assert mean_std_text(0.91234, None, digits=4) == "0.9123 ± 0.0000"
+    assert mean_std_text(None, None) == "n/a" and mean_std_text(None, 0.1, missing=None) is None
+    assert mil_run.headline_text({"auc": 0.5, "accuracy": None}, {"auc": 0.25})["auc"] == "0.5000 ± 0.2500"
+
+
+def test_a_finished_run_is_found_from_the_footers_and_named_by_the_slides_inputs(tmp_path, monkeypatch) -> None:
+    store = Store(str(tmp_path / "store"))
+    rows = build_features(store)
+    for row in rows:  # as the features stage writes them: each file records its slide's source identity
+        table = mil_run.read_features(store, HASH, row.slide_id)
+        inputs = {"source": f"file:{row.slide_id}:size=1:mtime=1", "mpp_override": None}
+        write_features(store, HASH, table, {**table.meta, "slide_inputs": inputs, "seconds": 1.0})
+    task = write_task(rows, tmp_path / "task.csv")
+    settings = settings_for(tmp_path / "store", tmp_path / "work", learning_rates=[5e-3], epochs=1)
+    run = plan_run(task, HASH, "mean", settings, store)
+    assert train_and_evaluate(run, store, LOG)["status"] == "trained"
+
+    def no_vectors(*args, **kwargs):
+        raise AssertionError("a finished run read its vectors")
+
+    real_read = mil_run.read_features
+    monkeypatch.setattr(mil_run, "read_features", no_vectors)
+    again = plan_run(task, HASH, "mean", settings, store)
+    assert again.name == run.name and train_and_evaluate(again, store, LOG)["status"] == "skipped"
+    monkeypatch.setattr(mil_run, "read_features", real_read)
+
+    table = real_read(store, HASH, "test_00")  # featured again for the same inputs (only its timing differs)
+    write_features(store, HASH, table, {**table.meta, "seconds": 2.5})
+    assert plan_run(task, HASH, "mean", settings, store).name == run.name
+    planned = plan_run(task, HASH, "mean", settings, store)
+    moved = {**table.meta["slide_inputs"], "source": "file:test_00:size=2:mtime=2"}  # its slide changed
+    write_features(store, HASH, FeatureTable("test_00", np.zeros((4, DIM)), tissue_boxes(4), np.ones(4)),
+                   {**table.meta, "slide_inputs": moved})  # fmt: skip
+    assert plan_run(task, HASH, "mean", settings, store).name != run.name
+    with pytest.raises(mil_run.FeaturesChanged, match="run it again"):
+        planned.load_slides(store)  # featured again between naming and reading: not trained under the old name

@@ -118,3 +118,13 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
 
 
 STD_DEFINITION = "sample standard deviation over seeds (ddof 1; 0 for one seed)"
+
+
+def mean_std_text(mean: object, std: object, digits: int = 3, missing: str | None = "n/a") -> str | None:
+    """``"0.912 ± 0.013"`` at ``digits`` decimals, the one way every MIL summary prints a metric over seeds (the CLI,
+    the flow's artifact, the report, the factory's table); ``missing`` when the mean is undefined (an AUC without
+    both classes in the test split), std 0 when it is absent."""
+    if isinstance(mean, bool) or not isinstance(mean, int | float):
+        return missing
+    spread = std if isinstance(std, int | float) and not isinstance(std, bool) else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"

@@ -14,9 +14,11 @@ Store layout (``models/mil/<run>/`` and ``eval/mil/<run>/``)::
     eval/mil/<run>/<task>.json, <task>-confusion.png, heatmaps/<slide_id>.png
 
 ``<run>`` is ``<task stem>-<model>-<12 hex>``, the hex a sha256 over the task file's bytes, the features' identity
-(the features hash and a digest of the task slides' feature and coordinate arrays; for an h5 folder that digest
-alone, so moving the folder makes no new run), the model name and the recipe. A run whose ``run.json`` says
-finished and whose evaluation is in the store is skipped. Every store write is atomic (Store.write_bytes/put_file).
+(the features hash and a digest of the task slides' inputs as their files' footers record them, or their feature
+and coordinate arrays where a file names no slide source; for an h5 folder the arrays' digest alone, so moving the
+folder makes no new run), the model name and the recipe. A run whose ``run.json`` says finished and whose
+evaluation is in the store is skipped before any vector is read. Every store write is atomic
+(Store.write_bytes/put_file).
 """
 
 from __future__ import annotations
@@ -34,16 +36,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from prefect import get_run_logger, task
 
 from pathgen.settings import MilSettings, Settings
 from tasks.clip.lease import RunBusy, RunLease
-from tasks.errors import retry_infrastructure, short_error
-from tasks.features.store import failed_key, featured_slides, features_hashes, manifest_key, read_features
-from tasks.mil.h5 import SlideFeatures, read_features_folder
-from tasks.mil.metrics import STD_DEFINITION, mean_std
+from tasks.clip.spec import TINY_RANDOM
+from tasks.errors import is_infrastructure, retry_infrastructure, short_error
+from tasks.features.store import (
+    failed_key,
+    featured_slides,
+    features_hashes,
+    features_key,
+    manifest_key,
+    read_features,
+    read_meta,
+)
+from tasks.mil.h5 import CLAM_SUBFOLDER, FeaturesFileError, SlideFeatures, read_features_folder, read_slide_h5
+from tasks.mil.metrics import STD_DEFINITION, mean_std, mean_std_text
 from tasks.mil.tasks import Task, TaskError, read_task, require_slides
 from tasks.mil.train import (
     FINGERPRINT,
@@ -55,6 +67,7 @@ from tasks.mil.train import (
     resolve_device,
     train_mil,
 )
+from tasks.models import RandomWeightsRefused
 from tasks.store.objects import Store
 from tasks.work.units import UnitOutcome
 
@@ -63,10 +76,36 @@ EVAL = "eval/mil"
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "auc")
 READ_THREADS = 8  # slide feature files read at once from the store
 MIRROR_SECONDS = 30.0  # at most this long between uploads of a training (lr, seed)'s resume point
+RANDOM_DIGEST = "random-init"  # the weights digest tasks/features/encoder.py gives an encoder without weights
 
 
 class FeaturesSourceError(ValueError):
     """``--features`` names neither a features hash in the store nor a folder of h5 files; says which exist."""
+
+
+class FeaturesChanged(RuntimeError):
+    """A features file was written again between naming the run and reading it: the unit stays pending."""
+
+
+class UnreadableStoreObject(RuntimeError):
+    """A store object exists but cannot be parsed (a truncated parquet, a damaged JSON): not the task's content, so
+    the run stays pending (never recorded failed); the message names the object and what to do."""
+
+
+def unreadable(store: Store, key: str, exc: BaseException) -> UnreadableStoreObject:
+    return UnreadableStoreObject(
+        f"{store.uri(key)} cannot be read ({short_error(exc)}); check the object, delete it if it is damaged so "
+        "that the stage that writes it makes it again (`pathgen features` for a features file), then run again"
+    )
+
+
+def read_store_json(store: Store, key: str) -> Any:
+    """A JSON object of the store; FileNotFoundError when absent, UnreadableStoreObject when it does not parse."""
+    data = store.read_bytes(key)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise unreadable(store, key, exc) from exc
 
 
 # --------------------------------------------------------------------------------------------------- features
@@ -76,26 +115,103 @@ def load_mil_features(
     source: str, store: Store, slides: Collection[str] | None = None
 ) -> tuple[dict[str, SlideFeatures], dict[str, Any]]:
     """The slide features of ``source`` (a features hash in ``store`` or a local folder of ``<slide_id>.h5``), only
-    ``slides`` when given, and their identity: {kind, source, features_hash, encoder, random_weights, digest}. The
-    digest covers the loaded slides' feature and coordinate arrays (nothing of other slides)."""
+    ``slides`` when given, and their identity (:func:`plan_features`)."""
+    planned = plan_features(source, store, slides)
+    return read_planned(planned, store), planned.identity
+
+
+@dataclass
+class PlannedFeatures:
+    """The identity of a features source for some slides, named before all their vectors are read: ``loaded`` holds
+    what naming them needed (an h5 folder: every slide; the store: the files that name no slide source)."""
+
+    source: str
+    identity: dict[str, Any]
+    wanted: list[str]
+    loaded: dict[str, SlideFeatures]
+
+
+def plan_features(source: str, store: Store, slides: Collection[str] | None = None) -> PlannedFeatures:
+    """Identity {kind, source, features_hash, encoder, random_weights, digest} of the features of ``slides`` (all when
+    None), nothing of other slides. An h5 folder's digest covers the slides' arrays; a features hash's covers what each
+    file's footer says it was made from (store_features_digest), so a finished run is found without its vectors."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        found = read_features_folder(folder)
-        loaded = {s: found[s] for s in sorted(found) if slides is None or s in slides}
+        loaded = read_h5_slides(folder, slides)
         identity = {"kind": "h5", "source": str(folder.resolve()), "features_hash": None}
         identity |= {"encoder": _h5_encoder(loaded), "random_weights": _h5_random_weights(loaded)}
-    else:
-        featured = _featured(store, source)
-        wanted = [s for s in featured if slides is None or s in slides]
-        with ThreadPoolExecutor(READ_THREADS) as pool:  # one object per slide: reads overlap their latency
-            loaded = dict(zip(wanted, pool.map(lambda s: _store_slide(store, source, s), wanted), strict=True))
-        encoder = _manifest_encoder(store, source) or next((f.attrs.get("encoder") for f in loaded.values()), None)
-        random = bool(isinstance(encoder, dict) and encoder.get("random_weights"))
-        random = random or any(bool(f.attrs.get("random_weights")) for f in loaded.values())
-        identity = {"kind": "store", "source": source, "features_hash": source, "encoder": encoder}
-        identity["random_weights"] = random
-    identity["digest"] = features_digest(loaded)
-    return loaded, identity
+        return PlannedFeatures(source, identity | {"digest": features_digest(loaded)}, sorted(loaded), loaded)
+    wanted = [s for s in _featured(store, source) if slides is None or s in slides]
+    metas = _read_each(lambda s: _store_meta(store, source, s), wanted)
+    loaded = _read_each(lambda s: _store_slide(store, source, s), [s for s in wanted if not _source_inputs(metas[s])])
+    encoder = _manifest_encoder(store, source) or next((m.get("encoder") for m in metas.values()), None)
+    random = bool(isinstance(encoder, dict) and encoder.get("random_weights"))
+    random = random or any(bool(m.get("random_weights")) for m in metas.values())
+    identity = {"kind": "store", "source": source, "features_hash": source, "encoder": encoder}
+    identity |= {"random_weights": random, "digest": store_features_digest(metas, loaded)}
+    return PlannedFeatures(source, identity, wanted, loaded)
+
+
+def read_planned(planned: PlannedFeatures, store: Store) -> dict[str, SlideFeatures]:
+    """Every planned slide's features; FeaturesChanged when a file was featured again since they were named."""
+    missing = [s for s in planned.wanted if s not in planned.loaded]
+    loaded = planned.loaded | _read_each(lambda s: _store_slide(store, planned.source, s), missing)
+    if missing and store_features_digest({s: f.attrs for s, f in loaded.items()}, loaded) != planned.identity["digest"]:
+        raise FeaturesChanged(
+            f"features in {planned.source} were written again while this run was planned (their footers changed); "
+            "the run stays pending: run it again to name it after the new features"
+        )
+    return {s: loaded[s] for s in planned.wanted}
+
+
+def _read_each(read: Any, slide_ids: list[str]) -> dict[str, Any]:
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # one object per slide: reads overlap their latency
+        return dict(zip(slide_ids, pool.map(read, slide_ids), strict=True))
+
+
+def _source_inputs(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The slide inputs a features file records when they name its source's identity (the features stage)."""
+    inputs = meta.get("slide_inputs")
+    return inputs if isinstance(inputs, dict) and inputs.get("source") else None
+
+
+def store_features_digest(metas: Mapping[str, Mapping[str, Any]], vectors: Mapping[str, SlideFeatures]) -> str:
+    """sha256 over each slide's inputs as its file's footer records them, or its vectors when the file names no
+    source identity. Under one features hash (settings and encoder weights) the features stage makes a slide's
+    vectors from its inputs alone and features it again exactly when they change, so the inputs name the vectors:
+    a finished run is found by reading footers, not gigabytes of vectors."""
+    named = {s: _source_inputs(metas[s]) for s in sorted(metas)}
+    digest = hashlib.sha256(json.dumps({s: i for s, i in named.items() if i}, sort_keys=True).encode())
+    digest.update(features_digest({s: vectors[s] for s, i in named.items() if not i}).encode())
+    return digest.hexdigest()
+
+
+def h5_slide_files(folder: Path) -> dict[str, Path]:
+    """``<slide_id>.h5`` files of a folder, else of its CLAM ``h5_files/`` subfolder (as read_features_folder looks),
+    by slide id; hidden names are unfinished temporary files, never a slide."""
+    for place in (folder, folder / CLAM_SUBFOLDER):
+        files = sorted(p for p in place.glob("*.h5") if p.is_file() and not p.name.startswith("."))
+        if files:
+            return {f.stem: f for f in files}
+    return {}
+
+
+def read_h5_slides(folder: Path, slides: Collection[str] | None = None) -> dict[str, SlideFeatures]:
+    """The h5 files of ``slides`` (all when None) in ``folder``: a foreign slide's file is never opened, so its
+    dimension or damage cannot fail a task that does not name it. The slides read must share one dimension."""
+    files = h5_slide_files(folder)
+    if not files:
+        return read_features_folder(folder)  # raises its FeaturesFileError naming the folder and the fix
+    loaded = {s: read_slide_h5(files[s]) for s in sorted(files) if slides is None or s in slides}
+    dims = {slide.dim for slide in loaded.values()}
+    if len(dims) > 1:
+        first = next(iter(loaded.values()))
+        odd = next(s for s in loaded.values() if s.dim != first.dim)
+        raise FeaturesFileError(
+            f"{files[odd.slide_id]}: features have {odd.dim} dimensions but {first.slide_id}.h5 has {first.dim}; the "
+            "slides of a task must come from the same encoder, so re-extract the odd ones"
+        )
+    return loaded
 
 
 def _featured(store: Store, features_hash: str) -> list[str]:
@@ -110,8 +226,19 @@ def _featured(store: Store, features_hash: str) -> list[str]:
     return featured
 
 
+def _store_meta(store: Store, features_hash: str, slide_id: str) -> dict[str, Any]:
+    key = features_key(features_hash, slide_id)
+    try:
+        return read_meta(store, key)  # the footer alone
+    except (pa.ArrowException, ValueError, KeyError) as exc:
+        raise unreadable(store, key, exc) from exc
+
+
 def _store_slide(store: Store, features_hash: str, slide_id: str) -> SlideFeatures:
-    table = read_features(store, features_hash, slide_id)
+    try:
+        table = read_features(store, features_hash, slide_id)
+    except (pa.ArrowException, ValueError, KeyError) as exc:  # a truncated or foreign file: not the task's content
+        raise unreadable(store, features_key(features_hash, slide_id), exc) from exc
     attrs = dict(table.meta)
     size = attrs.get("patch_size_level0")
     attrs |= {"patch_level": 0, "patch_size": size, "boxes": table.boxes}  # the h5 meaning of the level-0 patch
@@ -121,7 +248,7 @@ def _store_slide(store: Store, features_hash: str, slide_id: str) -> SlideFeatur
 
 def _manifest_encoder(store: Store, features_hash: str) -> Any:
     try:
-        return store.read_json(manifest_key(features_hash)).get("encoder")
+        return read_store_json(store, manifest_key(features_hash)).get("encoder")
     except FileNotFoundError:
         return None
 
@@ -138,16 +265,37 @@ def _h5_encoder(slides: Mapping[str, SlideFeatures]) -> Any:
 
 
 def _h5_random_weights(slides: Mapping[str, SlideFeatures]) -> bool:
-    """An h5 file says its features came from random weights by a ``random_weights`` attribute or an encoder
-    identity that says so (ours: ``tiny-random``, ``random-init``)."""
-    for slide in slides.values():
-        flag = slide.attrs.get("random_weights")
-        if flag is True or str(flag).lower() in ("true", "1"):
-            return True
-        encoder = str(slide.encoder or "")
-        if "random" in encoder and ('"random_weights": false' not in encoder):
-            return True
-    return False
+    """True when some file says its features came from random weights."""
+    return any(_h5_says_random(slide) for slide in slides.values())
+
+
+def _h5_says_random(slide: SlideFeatures) -> bool:
+    """A ``random_weights`` attribute (our export writes it, True or False) or an encoder identity JSON with
+    ``random_weights`` is trusted; otherwise only our random encoder's name (``tiny-random``) or weights digest
+    (``random-init``) mean random: a real checkpoint whose path contains "random" is not."""
+    flag = slide.attrs.get("random_weights")
+    if flag is not None:
+        return flag is True or str(flag).strip().lower() in ("true", "1")
+    identity = _json_dict(slide.attrs.get("encoder_identity")) or _json_dict(slide.encoder)
+    if identity is not None:
+        if "random_weights" in identity:
+            return bool(identity["random_weights"])
+        names = {identity.get("name"), identity.get("spec")}
+        return TINY_RANDOM in names or identity.get("digest") == RANDOM_DIGEST
+    name, _, digest = str(slide.encoder or "").partition(" (")  # our export's "spec (digest)"
+    return name.strip() == TINY_RANDOM or digest.rstrip(")") == RANDOM_DIGEST
+
+
+def _json_dict(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            return None
+        return decoded if isinstance(decoded, dict) else None
+    return None
 
 
 def features_digest(slides: Mapping[str, SlideFeatures]) -> str:
@@ -161,17 +309,17 @@ def features_digest(slides: Mapping[str, SlideFeatures]) -> str:
     return digest.hexdigest()
 
 
-def task_features(task: Task, source: str, store: Store) -> tuple[dict[str, SlideFeatures], dict[str, Any]]:
-    """The features of every slide ``task`` names; one TaskError naming the task file and rows when some lack them
-    (with the reason recorded when featuring them failed)."""
+def task_features(task: Task, source: str, store: Store) -> PlannedFeatures:
+    """The features of every slide ``task`` names, planned; one TaskError naming the task file and rows when some
+    lack them (with the reason recorded when featuring them failed)."""
     wanted = {row.slide_id for row in task.rows}
-    loaded, identity = load_mil_features(source, store, wanted)
+    planned = plan_features(source, store, wanted)
     try:
-        require_slides(task, loaded.keys(), f"features in {source}")
+        require_slides(task, planned.wanted, f"features in {source}")
     except TaskError as exc:
-        reasons = _failed_reasons(store, identity, wanted - loaded.keys())
+        reasons = _failed_reasons(store, planned.identity, wanted - set(planned.wanted))
         raise TaskError(f"{exc}{reasons}") from None
-    return loaded, identity
+    return planned
 
 
 def _failed_reasons(store: Store, identity: dict[str, Any], missing: Collection[str]) -> str:
@@ -181,7 +329,8 @@ def _failed_reasons(store: Store, identity: dict[str, Any], missing: Collection[
     for slide_id in sorted(missing)[:5]:
         key = failed_key(identity["features_hash"], slide_id)
         if store.exists(key):
-            reasons.append(f"{slide_id}: {store.read_json(key).get('error') or store.read_json(key)}")
+            record = read_store_json(store, key)
+            reasons.append(f"{slide_id}: {record.get('error') or record}")
     return f" (featuring failed for {'; '.join(reasons)})" if reasons else ""
 
 
@@ -193,8 +342,7 @@ def available_slides(source: str, store: Store) -> list[str]:
     committed files); FeaturesSourceError when it is neither a folder nor a features hash with slides."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        files = sorted(folder.glob("*.h5")) or sorted((folder / "h5_files").glob("*.h5"))
-        return [f.stem for f in files if not f.name.startswith(".")]
+        return sorted(h5_slide_files(folder))
     return _featured(store, source)
 
 
@@ -301,9 +449,13 @@ class RunMirror:
 
     def _pull_folder(self, folder: str, log: logging.Logger) -> None:
         local = self.local / folder
-        if (local / "done.json").exists():
-            return
         remote = f"{self.prefix}/{folder}"
+        if (local / "done.json").exists():
+            if self.store.exists(f"{remote}/done.json"):  # done.json goes up last: the store has the whole folder
+                for name in self.ORDER:
+                    if (local / name).exists():
+                        self._pushed[str(local / name)] = _stamp(local / name)
+            return
         if self.store.exists(f"{remote}/done.json"):
             log.info("%s: finished in the store, taken from there", remote)
             for name in (n for n in self.ORDER if n != "state.pt" and self.store.exists(f"{remote}/{n}")):
@@ -397,16 +549,32 @@ class MilRun:
     task: Task
     task_sha256: str
     source: str
-    slides: dict[str, SlideFeatures]
-    identity: dict[str, Any]
+    planned: PlannedFeatures
     model: str
     recipe: MilRecipe
     name: str
     settings: MilSettings
     local: Path = field(init=False)
+    _slides: dict[str, SlideFeatures] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.local = work_root(self.settings) / "runs" / self.name
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.planned.identity
+
+    @property
+    def slides(self) -> dict[str, SlideFeatures]:
+        """The task slides' features, once load_slides read them (after the finished check: a skip reads none)."""
+        if self._slides is None:
+            raise RuntimeError(f"{self.name}: slides used before load_slides(store) read them")
+        return self._slides
+
+    def load_slides(self, store: Store) -> dict[str, SlideFeatures]:
+        if self._slides is None:
+            self._slides = read_planned(self.planned, store)
+        return self._slides
 
     @property
     def task_name(self) -> str:
@@ -422,30 +590,27 @@ class MilRun:
 
 
 def plan_run(task_path: str | Path, source: str, model: str, settings: Settings, store: Store) -> MilRun:
-    """Read the task and its features, name the run. TaskError / FeaturesFileError / FeaturesSourceError (all
+    """Read the task and what names its features, name the run. TaskError / FeaturesFileError / FeaturesSourceError (all
     ValueErrors) for bad input, naming the file and the fix."""
     task = check_task(task_path, source, store)
-    slides, identity = task_features(task, source, store)
-    if identity.get("random_weights") and not settings.models.allow_random_weights:
-        from tasks.models import RandomWeightsRefused
-
+    planned = task_features(task, source, store)
+    if planned.identity.get("random_weights") and not settings.models.allow_random_weights:
         raise RandomWeightsRefused(
             f"models.allow_random_weights is false and the features in {source} come from an encoder with random "
             "weights (their files say so); feature the slides with a trained encoder, or allow random weights"
         )
     recipe = recipe_from_settings(settings.mil)
-    name = mil_run_name(task.path, identity, model, recipe)
-    return MilRun(task, file_sha256(task.path), source, slides, identity, model, recipe, name, settings.mil)
+    name = mil_run_name(task.path, planned.identity, model, recipe)
+    return MilRun(task, file_sha256(task.path), source, planned, model, recipe, name, settings.mil)
 
 
 def run_record(run: MilRun, status: str, result: MilResult | None = None) -> dict[str, Any]:
-    features = {k: v for k, v in run.identity.items()}
     return {
         "run": run.name,
         "task": run.task_name,
         "task_file": str(run.task.path),
         "task_sha256": run.task_sha256,
-        "features": features,
+        "features": run.identity,
         "model": run.model,
         "recipe": asdict(run.recipe),
         "classes": run.task.labels,
@@ -460,12 +625,12 @@ def run_record(run: MilRun, status: str, result: MilResult | None = None) -> dic
 def finished_eval(run: MilRun, store: Store) -> dict[str, Any] | None:
     """The run's evaluation when the store holds it finished (run.json status finished, eval JSON present)."""
     try:
-        record = store.read_json(f"{RUNS}/{run.name}/run.json")
+        record = read_store_json(store, f"{RUNS}/{run.name}/run.json")
     except FileNotFoundError:
         return None
     if record.get("status") != "finished" or not store.exists(run.eval_key):
         return None
-    return store.read_json(run.eval_key)
+    return read_store_json(store, run.eval_key)
 
 
 def train_run(run: MilRun, store: Store, logger: logging.Logger, lease: RunLease) -> MilResult:
@@ -494,6 +659,11 @@ def train_run(run: MilRun, store: Store, logger: logging.Logger, lease: RunLease
         on_run_done=on_run_done,
         device=resolve_device(run.settings.device),
     )
+    # every (lr, seed), also those found done locally: a push that failed after done.json (a store outage, then a
+    # retry on this worker) or a worker killed in that window left them local only; already pushed files are skipped
+    for lr in run.recipe.learning_rates:
+        for seed in run.recipe.seeds:
+            mirror.push_folder(lr, seed, force=True)
     _push_metrics(run, mirror)
     for name in ("selection.json", "test.json"):
         mirror.push(name)
@@ -645,6 +815,8 @@ def heatmap_png(
     except HeatmapUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - a slide that moved or cannot be read costs its picture, not the run
+        if is_infrastructure(exc):
+            raise  # a timeout or outage is not the slide's fault: the task retries, the run stays unfinished
         raise HeatmapUnavailable(f"its slide {uri} cannot be read ({short_error(exc)})") from None
 
 
@@ -689,6 +861,7 @@ def train_and_evaluate(run: MilRun, store: Store, logger: logging.Logger) -> dic
     if found is not None:
         logger.info("%s: finished before (%s), skipped", run.name, store.uri(run.eval_key))
         return found | {"status": "skipped"}
+    run.load_slides(store)  # only now: a finished run is found without reading its vectors
     if run.random_weights:
         logger.warning(random_features_warning(run))
     prepare_data(run.task, {s: f.features for s, f in run.slides.items()}, run.recipe.selection_metric)  # fail fast
@@ -738,19 +911,23 @@ def flow_summary(evaluated: dict[str, Any], store: Store, status: str) -> dict[s
 
 
 def headline_text(mean: dict[str, Any], std: dict[str, Any]) -> dict[str, str]:
-    """Each headline metric as "mean±std" (4 decimals), "n/a" when undefined."""
-    return {
-        name: "n/a" if mean.get(name) is None else f"{mean[name]:.4f}±{(std.get(name) or 0.0):.4f}" for name in HEADLINE
-    }
+    """Each headline metric as "mean ± std" (4 decimals), "n/a" when undefined."""
+    return {name: mean_std_text(mean.get(name), std.get(name), digits=4) for name in HEADLINE}
 
 
 # --------------------------------------------------------------------------------------------------- the task
 
 
+# Final failures: what is wrong with the task file or the features themselves (a truncated parquet or a damaged
+# store JSON is not: UnreadableStoreObject leaves the unit pending).
+CONTENT_ERRORS = (TaskError, FeaturesFileError, FeaturesSourceError, RandomWeightsRefused)
+
+
 def train_mil_units(units: list[dict[str, Any]], settings: Settings, logger: logging.Logger) -> list[UnitOutcome]:
-    """Each unit {task, features, model}: trained and evaluated (ok), found finished (skipped), or failed for its
-    input (TaskError, FeaturesFileError, ...: ValueErrors naming the file). Anything else raises: the unit stays
-    pending and the task is retried when it is infrastructure."""
+    """Each unit {task, features, model}: trained and evaluated (ok), found finished (skipped), failed for its input
+    (CONTENT_ERRORS: the task file's or the features' own content, naming the file), or pending (another worker
+    holds the run; a store object cannot be read). Anything else raises: the unit stays pending and the task is
+    retried when it is infrastructure."""
     store = Store(settings.store, settings.s3)
     outcomes = []
     for unit in units:
@@ -759,10 +936,10 @@ def train_mil_units(units: list[dict[str, Any]], settings: Settings, logger: log
         try:
             run = plan_run(unit["task"], unit["features"], unit["model"], settings, store)
             evaluated = train_and_evaluate(run, store, logger)
-        except ValueError as exc:
+        except CONTENT_ERRORS as exc:
             outcomes.append(UnitOutcome(name, "failed", error=short_error(exc)))
             continue
-        except RunBusy as exc:  # another worker trains this run: nothing of it is ours to touch
+        except (RunBusy, UnreadableStoreObject, FeaturesChanged) as exc:  # another worker has it; or run again later
             outcomes.append(UnitOutcome(name, "pending", error=str(exc)))
             continue
         status = "skipped" if evaluated["status"] == "skipped" else "ok"

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.mil.h5 import FeaturesFileError
 from tasks.mil.metrics import classification_metrics, mean_std
 from tasks.mil.models import build_mil_model, mil_loss
 from tasks.mil.tasks import Task, TaskError, require_slides
@@ -134,7 +135,9 @@ def prepare_data(task: Task, features: Mapping[str, Tensor], selection_metric: S
     dims = {slide: bag.shape[1] if bag.dim() == 2 else None for rows in bags.values() for slide, bag, _ in rows}
     in_dim = next(iter(dims.values()))
     if odd := [slide for slide, dim in dims.items() if dim is None or dim != in_dim]:
-        raise ValueError(f"features of slide(s) {odd[:5]} are not N x {in_dim} like the others; recompute them")
+        raise FeaturesFileError(
+            f"{task.path}: features of slide(s) {odd[:5]} are not N x {in_dim} like the others; recompute them"
+        )
     return _Data(bags, classes, in_dim)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def _as_arrays(labels: Sequence[int], probabilities: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +73,8 @@ def macro_f1(labels: Sequence[int], probabilities: Sequence[Sequence[float]]) ->
 
 def auc(labels: Sequence[int], probabilities: Sequence[Sequence[float]]) -> tuple[float | None, str | None]:
     """``(auc, None)``, or ``(None, reason)`` when some class has no slide and the AUC is undefined."""
+    from sklearn.metrics import roc_auc_score  # here: pathgen status imports this module for its formats
+
     y, p = _as_arrays(labels, probabilities)
     n_classes = p.shape[1]
     absent = [c for c in range(n_classes) if not (y == c).any()]

@@ -231,3 +231,19 @@ def test_val_without_a_class_refuses_auc_selection(tmp_path: Path) -> None:
     path = write_task(rows, tmp_path / "one_class_val.csv")
     with pytest.raises(TaskError, match="val split has no slide labelled tumor"):
         train_mil(read_task(path), features, "abmil", SHORT, tmp_path / "run")
+
+
+def test_a_tie_on_the_selection_metric_goes_to_the_lower_validation_loss(tmp_path: Path) -> None:
+    """Witness bags reach val AUC 1.0 within a few epochs: among the tied epochs the best is the least-loss one,
+    not the first (a barely trained checkpoint that happens to rank the few val slides right)."""
+    recipe = replace(SHORT, learning_rates=(5e-3,), epochs=6)
+    task, features = _synthetic(tmp_path)
+    train_mil(task, features, "abmil", recipe, tmp_path / "run")
+    folder = tmp_path / "run" / lr_key(5e-3) / "0"
+    lines = _metrics_lines(folder / "metrics.jsonl")
+    top = max(line["val_auc"] for line in lines)
+    tied = [line for line in lines if line["val_auc"] == top]
+    assert len(tied) >= 2, lines  # the case under test: several epochs share the best AUC
+    expected = min(tied, key=lambda line: (line["val_loss"], line["epoch"]))["epoch"]
+    assert expected != tied[0]["epoch"], lines  # the loss decides: the first tied epoch is not the least-loss one
+    assert json.loads((folder / "done.json").read_text())["best_epoch"] == expected

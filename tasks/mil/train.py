@@ -69,6 +69,9 @@ class MilRecipe:
     acmil_mask_prob: float = 0.6  # p
     hidden_dim: int | None = None  # None: the model's default width
     selection_metric: SelectionMetric = "auc"
+    # An epoch ties the best on the selection metric (a small validation split reaches AUC 1.0 within the first
+    # epochs): the lower validation loss wins, so a barely trained checkpoint is not kept for a perfect ranking.
+    tie_break: Literal["val_loss"] = "val_loss"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or not self.learning_rates or not self.seeds:
@@ -271,7 +274,7 @@ def _resume(run: _Run, model, optimizer, scheduler) -> dict:
     state_path = run.folder / "state.pt"
     if not state_path.exists():
         torch.manual_seed(run.seed)  # the same RNG stream whether or not the model was built just before
-        return {"epoch": 0, "best_epoch": None, "best_value": -math.inf, "best_model": None}
+        return {"epoch": 0, "best_epoch": None, "best_value": -math.inf, "best_loss": math.inf, "best_model": None}
     state = torch.load(state_path, weights_only=True, map_location=run.device)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -305,10 +308,11 @@ def _run_one(run: _Run, log: Callable[[str], None], on_epoch: EpochCallback | No
         record = {"epoch": epoch, "lr": epoch_lr, "train_loss": train_loss, "val_loss": val_loss}
         record[f"val_{run.recipe.selection_metric}"] = value
         records.append(record)
-        if value > progress["best_value"]:  # the earliest epoch wins a tie
+        if value > progress["best_value"] or (value == progress["best_value"] and val_loss < progress["best_loss"]):
             # kept in the state (saved each epoch anyway), so best.pt is written once, when the (lr, seed) ends
             best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            progress = {**progress, "best_epoch": epoch, "best_value": value, "best_model": best_model}
+            best = {"best_epoch": epoch, "best_value": value, "best_loss": val_loss, "best_model": best_model}
+            progress = {**progress, **best}
         progress = {**progress, "epoch": epoch}
         _write_metrics(metrics_path, records)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **_rng_state(run.device)}

@@ -141,13 +141,20 @@ def write_planned(slide: SlidePass, plan: SelectionPlan, writer: PatchShardWrite
                 rejected[reason] += 1
                 continue
             record = slide.record(cell, scores, rgb, [plan.name], source_caption=caption_at.get((cell.x, cell.y)))
-            survivors.append((ranks[cell], record))
+            if plan.cap is None:  # nothing can be cut: stream it, so the shard is written while the next cells read
+                _keep(writer, kept, [record], plan.name)
+            else:
+                survivors.append((ranks[cell], record))
         if plan.cap is not None:  # only the last batch can overshoot: drop its worst-ranked survivors
             survivors = sorted(survivors, key=lambda s: s[0])[: plan.cap - len(kept)]
             survivors.sort(key=lambda s: (s[1].y, s[1].x))
-        writer.add([r for _, r in survivors])
-        kept.extend(KeptPatch((r.x, r.y, r.w0, r.h0), (plan.name,)) for _, r in survivors)
+            _keep(writer, kept, [r for _, r in survivors], plan.name)
     return PassResult(kept, {"read": read, "rejected": dict(rejected), "kept": len(kept)})
+
+
+def _keep(writer: PatchShardWriter, kept: list[KeptPatch], records: list[PatchRecord], method: str) -> None:
+    writer.add(records)
+    kept.extend(KeptPatch((r.x, r.y, r.w0, r.h0), (method,)) for r in records)
 
 
 @lru_cache(maxsize=64)

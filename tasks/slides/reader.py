@@ -7,10 +7,11 @@ extraction several times faster than per-patch ``read_region``. Neither library 
 in all cases: open one reader per worker (thread or process) and close it when done.
 
 Memory budget of one slide's reader: the tile cache (``TILE_CACHE_BYTES``, 512 MiB, lowered to one band of patches
-while extracting), the overview (slide area / mask_downsample², x3 bytes) and one band of rows while the overview is
-built (``OVERVIEW_BAND_BYTES``). A stripped (non-tiled) TIFF page is read the same way: an uncompressed one in bands
-of full-width rows (``STRIP_BAND_BYTES``), never whole; a compressed one strip by strip, and a strip that would
-decode to more than ``MAX_STRIP_BYTES`` is refused with the fix (convert the slide to a tiled pyramidal TIFF).
+while extracting; ``read_boxes`` keeps only the tiles that boxes still to come share, about one row of tiles across
+the slide in raster order), the overview (slide area / mask_downsample², x3 bytes) and one band of rows while the
+overview is built (``OVERVIEW_BAND_BYTES``). A stripped (non-tiled) TIFF page is read the same way: an uncompressed
+one in bands of full-width rows (``STRIP_BAND_BYTES``), never whole; a compressed one strip by strip, and a strip that
+would decode to more than ``MAX_STRIP_BYTES`` is refused with the fix (convert the slide to a tiled pyramidal TIFF).
 """
 
 from __future__ import annotations
@@ -108,6 +109,16 @@ class _TileLevel:
         self.cache.put(cache_key, tile)
         return tile
 
+    def tiles_under(self, x: int, y: int, w: int, h: int) -> Iterator[tuple[int, int]]:
+        """(tx, ty) of every tile a box in this level's coordinates overlaps, row by row."""
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if x0 >= x1 or y0 >= y1:
+            return
+        for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
+            for tx in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
+                yield tx, ty
+
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB pixels of a box in this level's coordinates; outside the image is white."""
         x0, y0 = max(x, 0), max(y, 0)
@@ -115,15 +126,12 @@ class _TileLevel:
         # Fresh pages cost as much as a tile decode: fill with white only when the box leaves the image.
         inside = x0 == x and y0 == y and x1 == x + w and y1 == y + h
         out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
-        if x0 >= x1 or y0 >= y1:
-            return out
-        for ty in range(y0 // self.tile_h, (y1 - 1) // self.tile_h + 1):
-            for tx in range(x0 // self.tile_w, (x1 - 1) // self.tile_w + 1):
-                tile = self._tile(tx, ty)
-                gx, gy = tx * self.tile_w, ty * self.tile_h
-                sx0, sy0 = max(x0, gx), max(y0, gy)
-                sx1, sy1 = min(x1, gx + self.tile_w), min(y1, gy + self.tile_h)
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy : sy1 - gy, sx0 - gx : sx1 - gx]
+        for tx, ty in self.tiles_under(x, y, w, h):
+            tile = self._tile(tx, ty)
+            gx, gy = tx * self.tile_w, ty * self.tile_h
+            sx0, sy0 = max(x0, gx), max(y0, gy)
+            sx1, sy1 = min(x1, gx + self.tile_w), min(y1, gy + self.tile_h)
+            out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy : sy1 - gy, sx0 - gx : sx1 - gx]
         return out
 
 
@@ -191,23 +199,43 @@ class _StripLevel(_TileLevel):
 
 
 class _TileCache:
+    """LRU of decoded tiles by (level, tx, ty), bounded in bytes.
+
+    While ``read_boxes`` reads a known list of boxes, ``last_use`` holds, for every tile they touch, the index of
+    the last box that needs it, and ``now`` the box being read: a tile no later box needs is never kept, and a kept
+    one is dropped as soon as its last box has it. Only tiles shared with boxes still to come stay in memory (in
+    raster order, one row of tiles across the slide), and a decoded tile that is used once is copied while it is
+    still in the CPU's cache and its memory serves the next decode, instead of ageing out of a cache of bands.
+    """
+
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity = capacity_bytes
         self.used = 0
         self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.last_use: dict[tuple, int] | None = None
+        self.now = 0
+
+    def _needed_later(self, key: tuple) -> bool:
+        return self.last_use is None or self.last_use.get(key, self.now + 1) > self.now
 
     def get(self, key: tuple) -> np.ndarray | None:
         tile = self.items.get(key)
         if tile is None:
             self.misses += 1
             return None
-        self.items.move_to_end(key)
         self.hits += 1
+        if self._needed_later(key):
+            self.items.move_to_end(key)
+        else:
+            del self.items[key]
+            self.used -= tile.nbytes
         return tile
 
     def put(self, key: tuple, tile: np.ndarray) -> None:
+        if not self._needed_later(key):
+            return
         self.items[key] = tile
         self.used += tile.nbytes
         while self.used > self.capacity and len(self.items) > 1:
@@ -397,19 +425,25 @@ class SlideReader:
         """RGB image of ``size`` pixels at ``resolution`` whose top-left corner is ``location`` at level 0."""
         if units != "mpp":
             raise ValueError(f"units={units!r} is not supported; use units='mpp'")
-        if self.info.mpp is None:
-            raise SlideError(missing_mpp_message(self.uri))
-        level = self.best_level(resolution)
-        level_mpp = self.info.level_mpp(level)
-        ds = self.info.level_downsamples[level]
-        scale = resolution / level_mpp
-        read_w = max(1, int(round(size[0] * scale)))
-        read_h = max(1, int(round(size[1] * scale)))
-        pixels = self.read_level(level, int(location[0] // ds), int(location[1] // ds), read_w, read_h)
+        level, x, y, read_w, read_h = self._level_box(location, size, resolution)
+        pixels = self.read_level(level, x, y, read_w, read_h)
         if (read_w, read_h) == tuple(size):
             return pixels
         interp = cv2.INTER_AREA if read_w > size[0] else cv2.INTER_LINEAR
         return cv2.resize(pixels, tuple(size), interpolation=interp)
+
+    def _level_box(
+        self, location: tuple[int, int], size: tuple[int, int], resolution: float
+    ) -> tuple[int, int, int, int, int]:
+        """(level, x, y, w, h): the box ``read_rect`` reads, in the coordinates of the level it reads it from."""
+        if self.info.mpp is None:
+            raise SlideError(missing_mpp_message(self.uri))
+        level = self.best_level(resolution)
+        ds = self.info.level_downsamples[level]
+        scale = resolution / self.info.level_mpp(level)
+        read_w = max(1, int(round(size[0] * scale)))
+        read_h = max(1, int(round(size[1] * scale)))
+        return level, int(location[0] // ds), int(location[1] // ds), read_w, read_h
 
     def read_boxes(
         self, boxes: Iterable[tuple[int, int, int, int]], resolution: float, size_px: int, read_ahead: int = 0
@@ -419,26 +453,54 @@ class SlideReader:
         With ``read_ahead > 0`` one helper thread reads up to that many patches ahead while the caller scores and
         encodes; the reader is then used by that thread alone, so it is never shared. The codecs release the GIL.
         """
-        if self._levels is not None:
-            self._cache.capacity = self._band_cache_bytes(resolution, size_px)
         locations = [(x, y) for x, y, _w0, _h0 in boxes]
         size = (size_px, size_px)
-        if read_ahead <= 0:
-            for location in locations:
-                yield self.read_rect(location, size, resolution)
-            return
-        pending: deque[Future] = deque()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathgen-read") as pool:
-            try:
-                for location in locations:
-                    pending.append(pool.submit(self.read_rect, location, size, resolution))
-                    if len(pending) > read_ahead:
+        if self._levels is not None:
+            self._cache.capacity = self._band_cache_bytes(resolution, size_px)
+            self._cache.last_use = self._last_uses(locations, size, resolution)
+        try:
+            if read_ahead <= 0:
+                for index, location in enumerate(locations):
+                    yield self._read_box(index, location, size, resolution)
+                return
+            pending: deque[Future] = deque()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathgen-read") as pool:
+                try:
+                    for index, location in enumerate(locations):
+                        pending.append(pool.submit(self._read_box, index, location, size, resolution))
+                        if len(pending) > read_ahead:
+                            yield pending.popleft().result()
+                    while pending:
                         yield pending.popleft().result()
-                while pending:
-                    yield pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+                finally:
+                    for future in pending:
+                        future.cancel()
+        finally:
+            self._cache.last_use = None  # other reads cache by recency alone
+
+    def _read_box(self, index: int, location: tuple[int, int], size: tuple[int, int], resolution: float) -> np.ndarray:
+        self._cache.now = index
+        return self.read_rect(location, size, resolution)
+
+    def _last_uses(
+        self, locations: list[tuple[int, int]], size: tuple[int, int], resolution: float
+    ) -> dict[tuple, int] | None:
+        """For each tile the boxes touch, the index of the last box that touches it (None without an MPP: then
+        every read raises the missing-MPP error).
+
+        Tiles on the rows of tiles under the last box are left out, so they stay by recency alone: a raster read in
+        batches (extraction reads 512 cells a call) goes on along those rows in the next call, which finds them."""
+        if self.info.mpp is None or not locations:
+            return None
+        last: dict[tuple, int] = {}
+        for index, location in enumerate(locations):
+            level, x, y, w, h = self._level_box(location, size, resolution)
+            tiles = self._levels[level]
+            for tx, ty in tiles.tiles_under(x, y, w, h):
+                last[(tiles.key, tx, ty)] = index
+        rows = [ty for _, ty in tiles.tiles_under(x, y, w, h)]  # the last box's
+        first_row = min(rows) if rows else math.inf
+        return {key: index for key, index in last.items() if key[2] < first_row}
 
     def _band_cache_bytes(self, resolution: float, size_px: int) -> int:
         """Enough tiles for one band of patches across the slide plus the next: raster order then decodes each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -84,7 +85,12 @@ def shard_metadata(kind: str, extra: dict[str, str] | None = None) -> dict[bytes
 
 
 class PatchShardWriter:
-    """Streams patch records into one Parquet file in row groups; commit is the caller's (Store.staged_file)."""
+    """Streams patch records into one Parquet file in row groups; commit is the caller's (Store.staged_file).
+
+    Row groups are written by one background thread while the caller reads and encodes the next patches (pyarrow
+    releases the GIL while it encodes and writes), with at most one row group in flight, so memory stays bounded. A
+    write's error is raised by the next ``add`` or by ``close``, which always waits for the write and closes the file.
+    """
 
     def __init__(self, local_path: str, metadata: dict[str, str]) -> None:
         schema = PATCH_SCHEMA.with_metadata(shard_metadata("patches", metadata))
@@ -99,6 +105,8 @@ class PatchShardWriter:
         )
         self._schema = schema
         self._pending: list[PatchRecord] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathgen-shard")
+        self._writing: Future | None = None
         self.rows = 0
 
     def add(self, records: list[PatchRecord]) -> None:
@@ -111,13 +119,25 @@ class PatchShardWriter:
         if not records:
             return
         columns = {name: [getattr(r, name) for r in records] for name in self._schema.names}
-        self._writer.write_table(pa.Table.from_pydict(columns, schema=self._schema))
+        table = pa.Table.from_pydict(columns, schema=self._schema)  # here: building it needs the GIL throughout
+        self._wait()
+        self._writing = self._pool.submit(self._writer.write_table, table)
         self.rows += len(records)
 
+    def _wait(self) -> None:
+        """Wait for the row group in flight; its error (a full disk) is raised here."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
+
     def close(self) -> None:
-        self._flush(self._pending)
-        self._pending = []
-        self._writer.close()
+        try:
+            self._flush(self._pending)
+            self._pending = []
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)  # a failed flush still leaves no write running on a closed file
+            self._writer.close()
 
 
 def read_shard(handle, columns: list[str] | None = None) -> pa.Table:

@@ -315,7 +315,9 @@ def deploy_all_and_run_the_factory(stack: Stack) -> None:
 def run_every_other_deployment(stack: Stack, factory: dict) -> None:
     """Each other deployment runs on the stack's worker too, on the factory's store (so most find their work done),
     all at once. caption-k8s waits for a Kubernetes worker, which the stack has not (tests/test_k8s.py renders it);
-    train-llava needs instruct's output first and is run in process by tests/test_llava.py."""
+    train-llava needs instruct's output first and is run in process by tests/test_llava.py; train-mil needs a
+    task of several slides with both labels, which the stack's one slide cannot make (tests/test_deployment.py runs
+    the factory's features and train-mil stages on a worker of the GPU pool's template)."""
     kather = factory["datasets"]
     runs = {
         "extract/extract": {"sources": factory["sources"]},
@@ -325,6 +327,8 @@ def run_every_other_deployment(stack: Stack, factory: dict) -> None:
         "factory/factory-weekly-regeneration": {"sources": factory["sources"]},
         "factory/recaption-new-describe-model": {},
         "instruct/instruct": {},  # the tiny model's replies fail validation: recorded as failures, not data
+        # features.encoder unset: the slide goes through the PathGen-CLIP the factory run just trained
+        "features/features": {"sources": factory["sources"]},
     }
     with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
         profile = {"config": factory["config"], "overrides": factory["overrides"]}
@@ -333,6 +337,25 @@ def run_every_other_deployment(stack: Stack, factory: dict) -> None:
     assert [r["state"]["type"] for r in finished] == ["COMPLETED"] * len(runs), [
         (name, r["state"]) for name, r in zip(runs, finished, strict=True)
     ]
+    _check_features(stack, factory["overrides"]["store"])
+
+
+def _check_features(stack: Stack, store: str) -> None:
+    """The features deployment featured the slide with the PathGen-CLIP checkpoint the factory trained."""
+    import json
+
+    import botocore.session
+
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=f"http://127.0.0.1:{stack.ports['S3_PORT']}", aws_access_key_id="local-key",
+        aws_secret_access_key="local-secret", region_name="us-east-1",
+    )  # fmt: skip
+    prefix = store.removeprefix("s3://factory/") + "/features/"
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket="factory", Prefix=prefix).get("Contents", [])]
+    assert any(k.endswith("/CMU-1-Small-Region.parquet") for k in keys), keys
+    manifest = next(k for k in keys if k.endswith("/features.json"))
+    encoder = json.loads(s3.get_object(Bucket="factory", Key=manifest)["Body"].read())["encoder"]
+    assert "models/clip/" in encoder["spec"] and encoder["digest"].startswith("sha256:"), encoder
 
 
 def check_factory_outputs(stack: Stack, run: dict, prefix: str) -> None:

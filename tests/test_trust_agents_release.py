@@ -80,7 +80,8 @@ def test_the_factorys_caption_stage_leaves_no_model_behind(
     shutil.copytree(extracted_store, store)
     overrides = {"agents.model_cache": str(tiny_models[0]), **SHORT}
     common = {"store": str(store), "config": None, "overrides": overrides}
-    row = _run_stage("caption", [], common, 1, [])
+    settings = load_settings(overrides={"store": str(store), **overrides}, environ={})
+    row = _run_stage("caption", [], common, 1, [], settings)
     assert row["state"] == "Completed" and row["ok"] == 1, row
     assert len(built) == 4  # two backends, each with its model, built by the stage
     gc.collect()

@@ -327,17 +327,29 @@ def run_every_other_deployment(stack: Stack, factory: dict) -> None:
         "factory/factory-weekly-regeneration": {"sources": factory["sources"]},
         "factory/recaption-new-describe-model": {},
         "instruct/instruct": {},  # the tiny model's replies fail validation: recorded as failures, not data
-        # features.encoder unset: the slide goes through the PathGen-CLIP the factory run just trained
-        "features/features": {"sources": factory["sources"]},
     }
     with httpx.Client(base_url=stack.api + "/", timeout=30) as api:
         profile = {"config": factory["config"], "overrides": factory["overrides"]}
         ids = [_start_deployment(api, name, {**profile, **extra}) for name, extra in runs.items()]
         finished = _wait_final(api, ids, timeout=240)
-    assert [r["state"]["type"] for r in finished] == ["COMPLETED"] * len(runs), [
-        (name, r["state"]) for name, r in zip(runs, finished, strict=True)
-    ]
+        # After the others, so that no training in flight changes what "the newest PathGen-CLIP" is: features.encoder
+        # unset, the slide goes through the checkpoint the factory run trained.
+        runs["features/features"] = {"sources": factory["sources"]}
+        features_id = _start_deployment(api, "features/features", {**profile, **runs["features/features"]})
+        finished += _wait_final(api, [features_id], timeout=240)
+        unfinished = [
+            (name, r["state"]["type"], r["state"].get("message"), _warnings(api, r["id"]))
+            for name, r in zip(runs, finished, strict=True)
+            if r["state"]["type"] != "COMPLETED"
+        ]
+    assert not unfinished, unfinished
     _check_features(stack, factory["overrides"]["store"])
+
+
+def _warnings(api: httpx.Client, flow_run_id: str) -> list[str]:
+    """The warnings and errors a flow run logged (its tasks' too): why a run failed, in the assertion's message."""
+    query = {"logs": {"flow_run_id": {"any_": [flow_run_id]}, "level": {"ge_": 30}}, "limit": 20}
+    return [log["message"][:400] for log in _call(api, "POST", "logs/filter", json=query).json()]
 
 
 def _check_features(stack: Stack, store: str) -> None:

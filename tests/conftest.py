@@ -3,6 +3,7 @@ real (ephemeral) Prefect API for the whole session. Servers bind to 127.0.0.1 an
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -204,3 +205,17 @@ def pytest_unconfigure(config):
         pyarrow.fs.finalize_s3()
     except Exception:  # noqa: BLE001 - nothing to finalize
         pass
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op torch thread inside, the former count after: MIL bags of a few dozen small instances wait on a
+    second thread more than it helps them, on a shared 2-core runner (an epoch took 5x longer)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from flows.features import features_flow
 from flows.train_mil import train_mil_flow
@@ -47,6 +46,7 @@ from pathgen.settings import load_settings
 from tasks.mil.run import attention_and_prediction, load_mil_features, recipe_from_settings, slide_boxes
 from tasks.mil.train import load_best, lr_key
 from tasks.store.objects import Store
+from tests.conftest import one_torch_thread
 from tests.mil_slides import attention_on_tumour, build_slides, write_task
 
 pytestmark = pytest.mark.prefect
@@ -70,10 +70,8 @@ SLIDE_SEED = 1
 def one_thread():
     """Bags of ~90 patches x 32 dims are far too small for two intra-op threads: on two busy cores they wait on each
     other (an epoch took 5x longer). One thread for this module, restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from tasks.models import RandomWeightsRefused
 from tasks.slides.pictures import BANNER_RGB
 from tasks.store.objects import Store
 
-from .conftest import CMU
+from .conftest import CMU, one_torch_thread
 
 DIM = 8
 HASH = "0123456789abcdef"
@@ -47,10 +47,8 @@ LOG = logging.getLogger("test-mil-run")
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def tissue_boxes(n: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from tasks.mil.metrics import (
 )
 from tasks.mil.tasks import Task, TaskError, TaskRow, read_task, write_task
 from tasks.mil.train import MilRecipe, lr_key, train_mil
+from tests.conftest import one_torch_thread
 
 DIM = 8
 SPLIT_SIZES = {"train": 40, "val": 16, "test": 40}
@@ -32,10 +33,8 @@ SHORT = MilRecipe(epochs=4, learning_rates=(1e-3, 5e-3), hidden_dim=32, acmil_to
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Bags of a few dozen 8-dim instances: thread hand-offs cost more than they save on a shared 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -1,0 +1,213 @@
+"""Labelled patch benchmarks as they are downloaded: the typed record a reader returns, the reader registry, format
+detection and the suites.
+
+A reader (one module per format under ``tasks/benchmark/readers/``, each exposing ``FORMAT``) recognises its
+dataset by its files and reads it without conversion into one or more ``BenchmarkTask`` (LC25000 gives two: lung
+and colon). A task holds the split zero-shot is scored on (``test``), the split a linear probe trains on
+(``train``, when the dataset has one or the reader derives one), its classes with their names and synonyms (a
+class file ``tasks/clip/data/<format>-classes.json``, as ``pathgen evaluate --classes`` reads), and a sentence
+saying which split it is and where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from tasks.clip.metrics import ClassSpec, load_class_spec
+
+CLASS_FILES = Path(__file__).resolve().parents[1] / "clip" / "data"
+MAX_DEPTH = 3  # how deep under --root a dataset folder is looked for (a download unpacks a folder or two deep)
+
+
+class Images(Protocol):
+    """Images by index, read when asked for, so a 300,000-patch set never sits in memory."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Image.Image:
+        """The image as RGB; a ValueError naming it when its bytes are not an image."""
+        ...
+
+    def name(self, index: int) -> str:
+        """What a person finds it by (a file path, or ``file.h5[index]``)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Images stored one per file."""
+
+    paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as exc:  # the dataset's content: named, so it is replaced rather than retried
+            raise ValueError(f"{path} cannot be read as an image ({exc}); remove or replace it") from None
+
+    def name(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+@dataclass(frozen=True)
+class Split:
+    images: Images
+    labels: np.ndarray  # int64 indices into the task's classes.folders, one per image
+    name: str  # "test", "train", "all", or what the dataset calls it
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"split {self.name!r}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) == 0:
+            raise ValueError(f"split {self.name!r} has no images")
+
+    def subset(self, indices: np.ndarray, name: str) -> Split:
+        return Split(_Subset(self.images, tuple(int(i) for i in indices)), self.labels[indices], name)
+
+
+@dataclass(frozen=True)
+class _Subset:
+    images: Images
+    indices: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> Image.Image:
+        return self.images.load(self.indices[index])
+
+    def name(self, index: int) -> str:
+        return self.images.name(self.indices[index])
+
+
+@dataclass(frozen=True)
+class BenchmarkTask:
+    name: str  # the row of the benchmark summary: "pcam", "lc25000-lung"
+    format: str  # the reader's name
+    folder: Path  # the dataset folder as downloaded
+    classes: ClassSpec  # folders are the class keys; label i is classes.folders[i]
+    test: Split  # zero-shot is scored here
+    train: Split | None  # the linear probe trains here; None when there is nothing to train on
+    split: str  # which split, and where it came from: said in every result
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    name: str  # the --format value
+    title: str  # "PatchCamelyon (PCam)"
+    source: str  # where to download it, printed when it is missing
+    layout: str  # the files it is recognised by, in one line
+    detect: Callable[[Path], bool]  # cheap: looks at names, never reads images
+    read: Callable[[Path], list[BenchmarkTask]]
+    paper: bool  # one of the paper's zero-shot datasets
+
+
+SUITES: dict[str, Sequence[str] | None] = {
+    "paper": ("pcam", "crc100k", "sicapv2", "bach", "osteo", "skin", "mhist", "wsss4luad", "lc25000"),
+    "all": None,  # every format there is a reader for
+}
+
+
+def formats() -> dict[str, DatasetFormat]:
+    """Every reader under tasks/benchmark/readers/, by format name."""
+    from tasks.benchmark import readers
+
+    found = {}
+    for module in pkgutil.iter_modules(readers.__path__):
+        fmt = importlib.import_module(f"{readers.__name__}.{module.name}").FORMAT
+        found[fmt.name] = fmt
+    return dict(sorted(found.items()))
+
+
+def suite_formats(suite: str) -> list[DatasetFormat]:
+    known = formats()
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
+    names = SUITES[suite] or list(known)
+    return [known[name] for name in names]
+
+
+def class_spec(format_name: str) -> ClassSpec:
+    """The shipped class names and synonyms of a format (``tasks/clip/data/<format>-classes.json``)."""
+    return load_class_spec(CLASS_FILES / f"{format_name}-classes.json")
+
+
+def detect_format(folder: Path, candidates: Sequence[DatasetFormat] | None = None) -> DatasetFormat:
+    """The one format whose files ``folder`` holds; an error naming the choices when none or several match."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"dataset folder {folder} does not exist")
+    candidates = list(candidates) if candidates is not None else list(formats().values())
+    matches = [fmt for fmt in candidates if fmt.detect(folder)]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(fmt.name for fmt in candidates)
+    if not matches:
+        raise ValueError(
+            f"{folder} is not laid out as any known dataset; name its format with --format ({names}), or give "
+            "--classes for a folder with one subfolder per class"
+        )
+    raise ValueError(
+        f"{folder} looks like several datasets ({', '.join(f.name for f in matches)}); choose one with --format"
+    )
+
+
+def find_datasets(root: Path, suite: Sequence[DatasetFormat]) -> dict[str, list[Path]]:
+    """Folders under ``root`` (itself included, up to MAX_DEPTH down) recognised as each format of the suite, in
+    path order; a recognised folder is not searched further, so a dataset's own subfolders never count twice."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"benchmark root {root} does not exist; --root: a folder holding the downloaded datasets")
+    found: dict[str, list[Path]] = {fmt.name: [] for fmt in suite}
+    level = [root]
+    for _ in range(MAX_DEPTH + 1):
+        deeper = []
+        for folder in level:
+            matches = [fmt for fmt in suite if fmt.detect(folder)]
+            for fmt in matches:
+                found[fmt.name].append(folder)
+            if not matches:
+                deeper.extend(sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        level = deeper
+    return found
+
+
+def folder_split(folder: Path, spec: ClassSpec, name: str) -> Split:
+    """One subfolder per class of ``spec`` (the class keys), images inside each."""
+    from tasks.clip.metrics import load_labelled_images
+
+    labelled = load_labelled_images(folder, spec)
+    return Split(ImageFiles(tuple(labelled.paths)), labelled.labels, name)
+
+
+def stable_fraction(key: str, salt: str = "") -> float:
+    """A number in [0, 1) fixed by ``key`` alone: the same file lands in the same split on every machine and run,
+    and adding files to a dataset never moves the others."""
+    digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def derived_split(split: Split, groups: Sequence[str], train_fraction: float, salt: str) -> tuple[Split, Split]:
+    """Train and test parts of a dataset without an official split, by group (a patient or a source image, so no
+    group is on both sides): a group goes to train when ``stable_fraction(group) < train_fraction``."""
+    if len(groups) != len(split.labels):
+        raise ValueError(f"{len(groups)} groups for {len(split.labels)} images")
+    in_train = np.array([stable_fraction(g, salt) < train_fraction for g in groups])
+    train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
+    if not len(train) or not len(test):
+        raise ValueError(f"{len(set(groups))} groups cannot be split into train and test; the dataset is too small")
+    return split.subset(train, "train (derived)"), split.subset(test, "test (derived)")

@@ -75,6 +75,9 @@ class Split:
         if len(self.labels) == 0:
             raise ValueError(f"split {self.name!r} has no images")
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
     def subset(self, indices: np.ndarray, name: str) -> Split:
         return Split(_Subset(self.images, tuple(int(i) for i in indices)), self.labels[indices], name)
 

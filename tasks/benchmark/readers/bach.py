@@ -1,0 +1,104 @@
+"""BACH (ICIAR 2018 Grand Challenge on BreAst Cancer Histology): 400 breast microscopy photos, four classes.
+
+Layout built against (the Zenodo record 3632035, ``ICIAR2018_BACH_Challenge.zip``, as described in kaiko-ai/eva
+``docs/datasets/bach.md``): ``ICIAR2018_BACH_Challenge/Photos/{Benign,InSitu,Invasive,Normal}/`` holding
+``b001.tif``..``b100.tif``, ``is001``.., ``iv001``.., ``n001``.. (2048 x 1536 px),
+``Photos/microscopy_ground_truth.csv`` (the same labels as the folders) and ``WSI/`` (not used). The challenge's
+test photos (``ICIAR2018_BACH_Challenge_TestDataset``) have no public labels: there is no labelled test split.
+
+The split is by patient, never one patient on both sides: the BACH organisers published which photos share a
+patient, and kaiko-ai/eva (``src/eva/vision/data/datasets/classification/bach.py``) turned that into a train /
+validation split of the 400 photos, 268 / 132, given as index ranges over the sorted files. ``TRAIN_NUMBERS`` is
+that split written as photo numbers per class; eva's validation photos are the zero-shot test set here. A photo
+not named like the release (``<prefix><3 digits>.tif`` in its class folder) is left out and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec
+from tasks.clip.metrics import IMAGE_SUFFIXES
+
+NAME = "bach"
+TOP = "ICIAR2018_BACH_Challenge"
+PREFIXES = {"Benign": "b", "InSitu": "is", "Invasive": "iv", "Normal": "n"}  # class folder -> file name prefix
+PHOTO = re.compile(r"(b|is|iv|n)(\d{3})\.tiff?", re.IGNORECASE)
+
+
+def _numbers(*spans: tuple[int, int]) -> frozenset[int]:
+    return frozenset(n for first, last in spans for n in range(first, last + 1))
+
+
+# eva's train index ranges (0, 41) (59, 60) (90, 139) (169, 240) (258, 260) (273, 345) (368, 400) over the files
+# sorted Benign, InSitu, Invasive, Normal (100 each), as photo numbers 1..100 of each class
+TRAIN_NUMBERS: dict[str, frozenset[int]] = {
+    "Benign": _numbers((1, 41), (60, 60), (91, 100)),
+    "InSitu": _numbers((1, 39), (70, 100)),
+    "Invasive": _numbers((1, 40), (59, 60), (74, 100)),
+    "Normal": _numbers((1, 45), (69, 100)),
+}
+
+
+def _photos(folder: Path) -> Path:
+    return folder / "Photos"
+
+
+def detect(folder: Path) -> bool:
+    return all((_photos(folder) / c).is_dir() for c in PREFIXES)
+
+
+def _resolve(folder: Path) -> Path:
+    """The ``ICIAR2018_BACH_Challenge`` folder, also when given the folder the zip was unpacked into."""
+    if not detect(folder) and detect(folder / TOP):
+        return folder / TOP
+    if not detect(folder):
+        raise ValueError(f"{folder} holds no Photos/{{{','.join(PREFIXES)}}}/; download BACH from {FORMAT.source}")
+    return folder
+
+
+def _photo_sides(photos: Path, spec_folders: list[str], skipped: Counter[str]) -> dict[str, list[tuple[Path, int]]]:
+    sides: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    for label, cls in enumerate(spec_folders):
+        for path in sorted(p for p in (photos / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            match = PHOTO.fullmatch(path.name)
+            if not match or match.group(1).lower() != PREFIXES[cls] or not 1 <= int(match.group(2)) <= 100:
+                skipped[f"files in Photos/{cls}/ not named {PREFIXES[cls]}001..{PREFIXES[cls]}100.tif"] += 1
+                continue
+            side = "train" if int(match.group(2)) in TRAIN_NUMBERS[cls] else "test"
+            sides[side].append((path, label))
+    return sides
+
+
+def _split(items: list[tuple[Path, int]], name: str) -> Split:
+    return Split(ImageFiles(tuple(p for p, _ in items)), np.asarray([lab for _, lab in items], dtype=np.int64), name)
+
+
+def read(folder: Path) -> list[BenchmarkTask]:
+    folder = _resolve(Path(folder))
+    spec = class_spec(NAME)
+    skipped: Counter[str] = Counter()
+    sides = _photo_sides(_photos(folder), spec.folders, skipped)
+    test, train = _split(sides["test"], "test (patient split)"), _split(sides["train"], "train (patient split)")
+    left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    split = (
+        f"no labelled official test set; patient-level split of Photos/ by the BACH patient table as kaiko-ai/eva "
+        f"splits it: zero-shot on eva's validation photos ({len(test.labels)}), the probe trains on its train photos "
+        f"({len(train.labels)})" + (f"; left out: {left_out}" if left_out else "")
+    )
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+
+
+FORMAT = DatasetFormat(
+    name=NAME,
+    title="BACH (ICIAR 2018 breast histology photos)",
+    source="https://zenodo.org/records/3632035 (ICIAR2018_BACH_Challenge.zip)",
+    layout=f"{TOP}/Photos/{{Benign,InSitu,Invasive,Normal}}/*.tif",
+    detect=detect,
+    read=read,
+    paper=True,
+)

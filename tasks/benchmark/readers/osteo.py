@@ -1,0 +1,120 @@
+"""Osteosarcoma (UT Southwestern / UT Dallas, TCIA "Osteosarcoma-Tumor-Assessment"): 1,144 tiles of 1024 x 1024 px
+at 10x from 4 patients, labelled non-tumour, necrotic (non-viable) tumour or viable tumour.
+
+Layout built against (the TCIA collection page, DOI 10.7937/tcia.2019.bvhjhdas, and public readers of it found with
+the code search, e.g. an ``OSDataset`` class that walks ``Osteosarcoma-UT/`` and reads ``ML_Features_1144.csv``):
+``Osteosarcoma-UT/Training-Set-1/set*/`` and ``Training-Set-2/set*/`` holding the tiles as ``.jpg``
+(``Case-3-A14-37149-17859.jpg``), and the label table ``ML_Features_1144.csv`` (downloaded from the collection
+page; put it in the same folder) with the columns ``image.name`` (``Case 3 A10-10547-25283``, ``Case 48 - P5
+C13-24121-14200``: spaces where the file names have hyphens) and ``classification`` (``Non-Tumor``, ``Viable``,
+``Non-Viable-Tumor``, and ``viable: non-viable`` for 53 mixed tiles, which have no single class and are left out).
+
+There is no official split. The derived one is by slide (``Case 3 A10``: the name without its tile coordinates):
+no slide is on both sides, but with 4 patients (Case 3, Case 4, Case 48, P9, one of them single-class) a patient
+split cannot give both sides every class, so one patient's slides can be on both sides; the split sentence says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_split
+from tasks.clip.metrics import IMAGE_SUFFIXES
+
+NAME = "osteo"
+TABLE = "ML_Features_1144.csv"
+NAME_COLUMN, CLASS_COLUMN = "image.name", "classification"
+TILE_SETS = "Training-Set-*"
+MIXED = "viable: non-viable"
+TRAIN_FRACTION = 0.5  # a few tens of slides: about half train the probe, the rest score zero-shot and the probe
+
+
+def detect(folder: Path) -> bool:
+    return (folder / TABLE).is_file() and any(p.is_dir() for p in folder.glob(TILE_SETS))
+
+
+def _key(name: str) -> str:
+    """Table names and file stems spelled alike: runs of spaces and hyphens become one hyphen, lower case."""
+    return re.sub(r"[\s\-]+", "-", name.strip()).lower()
+
+
+def _slide(key: str) -> str:
+    return re.sub(r"-\d+-\d+$", "", key)  # drop the tile's x-y coordinates
+
+
+def _tiles(folder: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for tile_set in sorted(p for p in folder.glob(TILE_SETS) if p.is_dir()):
+        for path in sorted(tile_set.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                found.setdefault(_key(path.stem), []).append(path)
+    return found
+
+
+def _table(folder: Path) -> list[dict[str, str]]:
+    path = folder / TABLE
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path} cannot be read as CSV ({exc}); download it again from {FORMAT.source}") from None
+    if not rows or NAME_COLUMN not in rows[0] or CLASS_COLUMN not in rows[0]:
+        raise ValueError(f"{path} must be a CSV with the columns {NAME_COLUMN!r} and {CLASS_COLUMN!r}")
+    return rows
+
+
+def _labelled(folder: Path, classes: list[str], skipped: Counter[str]) -> tuple[list[Path], list[int], list[str]]:
+    tiles, label_of = _tiles(folder), {c.lower(): i for i, c in enumerate(classes)}
+    paths, labels, slides = [], [], []
+    for row in _table(folder):
+        key, cls = _key(row[NAME_COLUMN] or ""), (row[CLASS_COLUMN] or "").strip().lower()
+        found = tiles.get(key, [])
+        if cls == MIXED:
+            skipped[f"mixed '{MIXED}' tiles (no single class)"] += 1
+        elif cls not in label_of:
+            skipped[f"rows with a class other than {', '.join(classes)}"] += 1
+        elif len(found) != 1:
+            skipped["rows with no tile file" if not found else "rows matching several tile files"] += 1
+        else:
+            paths.append(found[0])
+            labels.append(label_of[cls])
+            slides.append(_slide(key))
+    return paths, labels, slides
+
+
+def read(folder: Path) -> list[BenchmarkTask]:
+    folder = Path(folder)
+    spec = class_spec(NAME)
+    skipped: Counter[str] = Counter()
+    paths, labels, slides = _labelled(folder, spec.folders, skipped)
+    if not paths:
+        raise ValueError(f"no row of {folder / TABLE} matches a tile under {folder}/{TILE_SETS}/; check the download")
+    every = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all")
+    train, test = derived_split(every, slides, TRAIN_FRACTION, salt=NAME)
+    left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    split = (
+        f"no official split; derived by slide from {TABLE} (image.name without its tile coordinates; "
+        f"{len(set(slides))} slides, about {TRAIN_FRACTION:.0%} of them train, fixed by a hash of the slide name): "
+        f"zero-shot on {len(test.labels)} tiles, the probe trains on {len(train.labels)}; no slide is on both "
+        "sides, but a patient can be" + (f"; left out: {left_out}" if left_out else "")
+    )
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+
+
+FORMAT = DatasetFormat(
+    name=NAME,
+    title="Osteosarcoma tumour assessment (UT Southwestern, TCIA)",
+    source=(
+        "https://www.cancerimagingarchive.net/collection/osteosarcoma-tumor-assessment/ "
+        "(the tiles, and ML_Features_1144.csv put beside their Training-Set-* folders)"
+    ),
+    layout=f"{TABLE} beside {TILE_SETS}/set*/ of .jpg tiles",
+    detect=detect,
+    read=read,
+    paper=True,
+)

@@ -1,0 +1,314 @@
+"""Readers of PCam, CRC-100K, SICAPv2, BACH and Osteo, each on a tiny fixture the test writes in the dataset's
+official download layout (file and folder names as released, tiny images). The builders (``BUILDERS``) are also
+used by other benchmark tests."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from openpyxl import Workbook
+from PIL import Image
+
+from tasks.benchmark.datasets import DatasetFormat, class_spec, detect_format, find_datasets
+from tasks.benchmark.readers import bach, crc100k, osteo, pcam, sicapv2
+
+A1_FORMATS: dict[str, DatasetFormat] = {m.FORMAT.name: m.FORMAT for m in (pcam, crc100k, sicapv2, bach, osteo)}
+
+
+def _image(path: Path, value: int, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (value % 256, 40, 200 - value % 200)).save(path)
+    return path
+
+
+# -- builders: each writes one dataset as downloaded under root and returns the folder a reader is given -------
+
+
+def make_pcam(root: Path, gzipped: bool = False) -> Path:
+    folder = root / "pcam"
+    folder.mkdir(parents=True)
+    for split, labels in {"train": [0, 1, 1, 0], "valid": [1, 0], "test": [0, 1, 0, 1, 1, 0]}.items():
+        x = np.stack([np.full((96, 96, 3), 10 * i + (100 if split == "test" else 0), np.uint8) for i in labels])
+        x[:, 0, 0, 0] = np.arange(len(labels))  # each patch is told apart by its first pixel
+        for kind, data in (("x", x), ("y", np.asarray(labels, np.uint8).reshape(-1, 1, 1, 1))):
+            path = folder / f"camelyonpatch_level_2_split_{split}_{kind}.h5"
+            with h5py.File(path, "w") as handle:
+                handle.create_dataset(kind, data=data)
+            if gzipped:
+                with path.open("rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+                    shutil.copyfileobj(raw, packed)
+                path.unlink()
+    return folder
+
+
+def make_crc100k(root: Path, train: bool = True) -> Path:
+    folder = root / "crc100k"
+    sets = ("CRC-VAL-HE-7K", "NCT-CRC-HE-100K") if train else ("CRC-VAL-HE-7K",)
+    for name in sets:
+        for i, cls in enumerate(crc100k.CLASSES):
+            _image(folder / name / cls / f"{cls}-TCGA-AAAA{i}.tif", i * 20)
+    return folder
+
+
+SICAP_ROWS = {  # image_name, NC, G3, G4, G5, G4C
+    "Train.xlsx": [("16B0001851_Block_Region_1_0_0_xini_6803_yini_59786.jpg", 1, 0, 0, 0, 0),
+                   ("16B0001851_Block_Region_1_1_0_xini_7315_yini_59786.jpg", 0, 1, 0, 0, 0),
+                   ("16B0003394_Block_Region_2_0_1_xini_1200_yini_2200.jpg", 0, 0, 1, 0, 1),
+                   ("16B0003394_Block_Region_2_1_1_xini_1712_yini_2200.jpg", 0, 0, 0, 1, 0)],
+    "Test.xlsx": [("18B0006169_Block_Region_5_2_3_xini_100_yini_300.jpg", 0, 0, 0, 1, 0),
+                  ("18B0006169_Block_Region_5_3_3_xini_612_yini_300.jpg", 0, 0, 1, 0, 0),
+                  ("18B0006169_Block_Region_5_4_3_xini_1124_yini_300.jpg", 1, 0, 0, 0, 0),
+                  ("18B0006169_Block_Region_5_5_3_xini_1636_yini_300.jpg", 0, 1, 0, 0, 0),
+                  ("18B0006169_Block_Region_5_6_3_xini_2148_yini_300.jpg", 0, 0, 0, 0, 0),  # no grade: left out
+                  ("18B0006169_Block_Region_5_7_3_xini_2660_yini_300.jpg", 0, 1, 0, 0, 0)],  # no image: left out
+}  # fmt: skip
+
+
+def make_sicapv2(root: Path) -> Path:
+    folder = root / "SICAPv2"
+    (folder / "masks").mkdir(parents=True)
+    for sheet, rows in SICAP_ROWS.items():
+        book = Workbook()
+        book.active.append(["image_name", "NC", "G3", "G4", "G5", "G4C"])
+        for row in rows:
+            book.active.append(list(row))
+            if "_7_3_" not in row[0]:
+                _image(folder / "images" / row[0], len(row[0]))
+        (folder / "partition" / "Test").mkdir(parents=True, exist_ok=True)
+        book.save(folder / "partition" / "Test" / sheet)
+    return folder
+
+
+BACH_PHOTOS = {  # class folder -> photo numbers (train by eva's patient split: b1-41,60,91-100 is1-39,70-100 ...)
+    "Benign": (1, 41, 42, 60, 61, 100),
+    "InSitu": (39, 40, 69, 70),
+    "Invasive": (40, 41, 58, 59),
+    "Normal": (45, 46, 68, 69),
+}
+BACH_TRAIN = {"b001", "b041", "b060", "b100", "is039", "is070", "iv040", "iv059", "n045", "n069"}
+
+
+def make_bach(root: Path) -> Path:
+    top = root / "bach" / "ICIAR2018_BACH_Challenge"
+    truth = []
+    for cls, numbers in BACH_PHOTOS.items():
+        for n in numbers:
+            name = f"{bach.PREFIXES[cls]}{n:03d}.tif"
+            _image(top / "Photos" / cls / name, n)
+            truth.append(f"{name},{cls}")
+    _image(top / "Photos" / "Benign" / "copy of b001.tif", 1)  # not a release name: left out
+    (top / "Photos" / "microscopy_ground_truth.csv").write_text("\n".join(truth) + "\n")
+    (top / "WSI").mkdir()
+    return top
+
+
+OSTEO_ROWS = [  # image.name as the table spells it, classification, Training-Set, set
+    ("Case 3 A10-10547-25283", "Non-Tumor", 1, 1),
+    ("Case 3 A10-10900-25283", "Viable", 1, 1),
+    ("Case 3 A14-37149-17859", "Non-Viable-Tumor", 1, 2),
+    ("Case 4 C21-2000-3000", "Viable", 1, 3),
+    ("Case 4 C22-2000-3000", "Non-Tumor", 1, 3),
+    ("Case 48 - P5 C13-24121-14200", "Non-Viable-Tumor", 2, 5),
+    ("Case 48 - P5 C14-24121-14200", "Viable", 2, 5),
+    ("P9 B11-10159-22267", "Non-Tumor", 2, 6),
+    ("P9 B12-10159-22267", "Non-Tumor", 2, 6),
+    ("P9 B13-10159-22267", "Non-Tumor", 2, 6),
+    ("Case 4 C24-100-200", "viable: non-viable", 1, 4),  # mixed: left out
+]
+
+
+def make_osteo(root: Path) -> Path:
+    folder = root / "Osteosarcoma-UT"
+    for i, (name, _, tile_set, subset) in enumerate(OSTEO_ROWS):
+        file_name = name.replace(" ", "-").replace("---", "-") + ".jpg"  # how the release names the tiles
+        _image(folder / f"Training-Set-{tile_set}" / f"set{subset}" / file_name, 10 * i)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "ML_Features_1144.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image.name", "Nuclei.count", "classification"])
+        writer.writerows([name, 12, cls] for name, cls, _, _ in OSTEO_ROWS)
+        writer.writerow(["Case 3 A18-1-1", 3, "Viable"])  # no tile file: left out
+    return folder
+
+
+BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "pcam": make_pcam,
+    "crc100k": make_crc100k,
+    "sicapv2": make_sicapv2,
+    "bach": make_bach,
+    "osteo": make_osteo,
+}
+
+
+def _read_one(name: str, folder: Path):
+    (task,) = A1_FORMATS[name].read(folder)
+    assert task.name == task.format == name
+    assert task.classes.folders == class_spec(name).folders
+    return task
+
+
+def _names(split) -> list[str]:
+    return [Path(split.images.name(i)).name for i in range(len(split.labels))]
+
+
+# -- detection ------------------------------------------------------------------------------------------------
+
+
+def test_each_layout_is_detected_as_its_own_format_only(tmp_path):
+    folders = {name: build(tmp_path) for name, build in BUILDERS.items()}
+    for name, folder in folders.items():
+        assert [f for f in A1_FORMATS if A1_FORMATS[f].detect(folder)] == [name], folder
+        assert detect_format(folder, list(A1_FORMATS.values())).name == name
+    # the root holding them all is none of them, and each is found once, at its own folder
+    assert not any(fmt.detect(tmp_path) for fmt in A1_FORMATS.values())
+    found = find_datasets(tmp_path, list(A1_FORMATS.values()))
+    assert found == {name: [folder] for name, folder in folders.items()}
+
+
+def test_every_format_names_a_source_a_layout_and_its_classes():
+    for name, fmt in A1_FORMATS.items():
+        assert fmt.paper and fmt.source.startswith("https://") and fmt.layout and fmt.title
+        spec = class_spec(name)
+        assert all(len(spec.names[key]) >= 2 for key in spec.folders), name  # a name and a synonym each
+
+
+# -- PCam -----------------------------------------------------------------------------------------------------
+
+
+def test_pcam_reads_the_official_splits_lazily_from_hdf5(tmp_path):
+    task = _read_one("pcam", make_pcam(tmp_path))
+    assert task.test.labels.tolist() == [0, 1, 0, 1, 1, 0]
+    assert task.train is not None and task.train.labels.tolist() == [0, 1, 1, 0]
+    assert task.classes.folders == ["normal", "tumor"]
+    assert "camelyonpatch_level_2_split_test_{x,y}.h5" in task.split and "train" in task.split
+    images = pickle.loads(pickle.dumps(task.test.images))  # a worker process gets the path, not an open file
+    for i in range(len(images)):
+        pixels = np.asarray(images.load(i))
+        assert (
+            pixels.shape == (96, 96, 3) and pixels[0, 0, 0] == i and pixels[5, 5, 0] == 100 + 10 * task.test.labels[i]
+        )
+    assert images.name(2).endswith("camelyonpatch_level_2_split_test_x.h5[2]")
+
+
+def test_pcam_without_train_files_has_no_probe(tmp_path):
+    folder = make_pcam(tmp_path)
+    (folder / "camelyonpatch_level_2_split_train_y.h5").unlink()
+    task = _read_one("pcam", folder)
+    assert task.train is None and "no probe" in task.split
+
+
+def test_pcam_still_gzipped_or_malformed_is_a_clear_error(tmp_path):
+    packed = make_pcam(tmp_path / "gz", gzipped=True)
+    assert pcam.detect(packed)  # found as downloaded, so the benchmark can say what to do
+    with pytest.raises(ValueError, match="gunzip"):
+        pcam.read(packed)
+    bad = make_pcam(tmp_path / "bad")
+    with h5py.File(bad / "camelyonpatch_level_2_split_test_x.h5", "w") as handle:
+        handle.create_dataset("x", data=np.zeros((6, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\[N, 96, 96, 3\]"):
+        pcam.read(bad)
+
+
+# -- CRC-100K -------------------------------------------------------------------------------------------------
+
+
+def test_crc100k_scores_on_crc_val_he_7k_and_trains_on_nct_crc_he_100k(tmp_path):
+    folder = make_crc100k(tmp_path)
+    for given in (folder, folder / "CRC-VAL-HE-7K"):
+        task = _read_one("crc100k", given)
+        assert task.test.labels.tolist() == list(range(9)) and task.train.labels.tolist() == list(range(9))
+        assert all("CRC-VAL-HE-7K" in task.test.images.name(i) for i in range(9))
+        assert all("NCT-CRC-HE-100K" in task.train.images.name(i) for i in range(9))
+        assert _names(task.test)[0] == "ADI-TCGA-AAAA0.tif" and "CRC-VAL-HE-7K" in task.split
+
+
+def test_crc100k_parent_holding_other_datasets_is_not_taken_for_crc(tmp_path):
+    folder = make_crc100k(tmp_path, train=False)
+    assert crc100k.detect(folder)
+    (folder / "my-other-dataset").mkdir()
+    assert not crc100k.detect(folder) and crc100k.detect(folder / "CRC-VAL-HE-7K")
+    task = _read_one("crc100k", folder)
+    assert task.train is None and "no probe" in task.split
+
+
+# -- SICAPv2 --------------------------------------------------------------------------------------------------
+
+
+def test_sicapv2_reads_the_official_partition_and_counts_what_it_leaves_out(tmp_path):
+    task = _read_one("sicapv2", make_sicapv2(tmp_path))
+    assert task.classes.folders == ["NC", "G3", "G4", "G5"]
+    assert task.test.labels.tolist() == [3, 2, 0, 1] and task.train.labels.tolist() == [0, 1, 2, 3]
+    assert _names(task.test)[0] == SICAP_ROWS["Test.xlsx"][0][0]
+    assert "partition/Test/Test.xlsx" in task.split
+    assert "1 Test.xlsx rows without a single grade" in task.split
+    assert "1 Test.xlsx rows whose image is not in images/" in task.split
+
+
+def test_sicapv2_sheet_without_grade_columns_is_a_clear_error(tmp_path):
+    folder = make_sicapv2(tmp_path)
+    book = Workbook()
+    book.active.append(["image_name", "Gleason"])
+    book.active.append([SICAP_ROWS["Test.xlsx"][0][0], 5])
+    book.save(folder / "partition" / "Test" / "Test.xlsx")
+    with pytest.raises(ValueError, match="lacks the columns NC, G3, G4, G5"):
+        sicapv2.read(folder)
+    (folder / "partition" / "Test" / "Test.xlsx").write_text("not a spreadsheet")
+    with pytest.raises(ValueError, match="cannot be read as an .xlsx"):
+        sicapv2.read(folder)
+
+
+# -- BACH -----------------------------------------------------------------------------------------------------
+
+
+def test_bach_splits_by_patient_as_eva_does(tmp_path):
+    top = make_bach(tmp_path)
+    for given in (top, top.parent):  # the release folder, or the folder the zip was unpacked into
+        task = _read_one("bach", given)
+        assert task.folder == top
+        train, test = set(_names(task.train)), set(_names(task.test))
+        assert {n.removesuffix(".tif") for n in train} == BACH_TRAIN
+        assert len(train) + len(test) == sum(map(len, BACH_PHOTOS.values())) and not train & test
+        assert "1 files in Photos/Benign/ not named b001..b100.tif" in task.split
+        assert task.test.labels[_names(task.test).index("is040.tif")] == task.classes.folders.index("InSitu")
+
+
+def test_bach_split_tables_match_evas_ranges():
+    # eva's train index ranges over the 400 sorted photos (Benign, InSitu, Invasive, Normal, 100 each)
+    ranges = [(0, 41), (59, 60), (90, 139), (169, 240), (258, 260), (273, 345), (368, 400)]
+    order = ["Benign", "InSitu", "Invasive", "Normal"]
+    from_ranges = {(order[i // 100], i % 100 + 1) for a, b in ranges for i in range(a, b)}
+    tables = {(cls, n) for cls, numbers in bach.TRAIN_NUMBERS.items() for n in numbers}
+    assert tables == from_ranges and len(tables) == 268
+
+
+# -- Osteo ----------------------------------------------------------------------------------------------------
+
+
+def test_osteo_matches_table_names_to_tiles_and_splits_by_slide(tmp_path):
+    task = _read_one("osteo", make_osteo(tmp_path))
+    assert task.classes.folders == ["Non-Tumor", "Non-Viable-Tumor", "Viable"]
+    expected = {osteo._key(name) + ".jpg": cls for name, cls, _, _ in OSTEO_ROWS if cls != "viable: non-viable"}
+    seen = {}
+    for split in (task.train, task.test):
+        for i, name in enumerate(_names(split)):
+            seen[name.lower()] = task.classes.folders[split.labels[i]]
+    assert seen == expected
+    slides = [{osteo._slide(Path(n).stem.lower()) for n in _names(s)} for s in (task.train, task.test)]
+    assert slides[0] and slides[1] and not slides[0] & slides[1]
+    assert "1 mixed 'viable: non-viable' tiles (no single class)" in task.split
+    assert "1 rows with no tile file" in task.split
+
+
+def test_osteo_table_without_its_columns_is_a_clear_error(tmp_path):
+    folder = make_osteo(tmp_path)
+    (folder / "ML_Features_1144.csv").write_text("name,label\nCase 3 A10-10547-25283,Viable\n")
+    with pytest.raises(ValueError, match="'image.name' and 'classification'"):
+        osteo.read(folder)

@@ -4,6 +4,11 @@ in the store (--store, by default settings.store as for every command) and, with
 
 Exit codes: 0 when every question was put to the model (however many it got right); 2 for bad usage, a bad
 dataset file or a refused random-weight model; 1 when the model or the store failed.
+
+``pathgen mc-dataset pathmmu --root DIR --out FILE``: the released PathMMU files as such a JSON Lines file
+(tasks/mc/pathmmu.py). Exit codes: 0 when every question was converted; 1 when some were not (the file holds the
+rest; each left out is reported with its reason) or none were (nothing written); 2 for bad usage or a root that is
+no PathMMU release.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMAND = "evaluate-mc"
+DATASET_COMMAND = "mc-dataset"
+SKIPPED_SHOWN = 5  # questions named per reason; the counts are always complete
 
 
 def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
@@ -49,6 +56,36 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     )
     mc.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="reply length cap (default 32)")
     settings_args(mc)
+    _add_dataset_command(sub, common)
+
+
+def _add_dataset_command(sub, common: argparse.ArgumentParser) -> None:
+    from tasks.mc.pathmmu import SPLITS
+
+    dataset = sub.add_parser(
+        DATASET_COMMAND, parents=[common], help="convert a released multiple-choice benchmark for evaluate-mc"
+    )
+    formats = dataset.add_subparsers(dest="mc_format", required=True)
+    pathmmu = formats.add_parser(
+        "pathmmu", parents=[common], help="PathMMU (data.json + images/ from huggingface.co/datasets/jamessyx/PathMMU)"
+    )
+    pathmmu.add_argument("--root", metavar="DIR", required=True, help="the release folder: data.json and images/")
+    pathmmu.add_argument(
+        "--out",
+        metavar="FILE",
+        required=True,
+        help="JSONL to write, in the root or a folder above it (else use --copy-images)",
+    )
+    pathmmu.add_argument("--split", choices=SPLITS, default="test", help="which split (default: test)")
+    pathmmu.add_argument(
+        "--subset", action="append", metavar="NAME", help="only this subset, e.g. PubMed (repeatable; default: all)"
+    )
+    pathmmu.add_argument(
+        "--copy-images",
+        action="store_true",
+        help="put the images beside --out in <out stem>-images/ (hard links where possible) instead of naming "
+        "them in place; needed when --out is not in the root or a folder above it",
+    )
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:
@@ -159,4 +196,48 @@ def print_report(run: str, report: dict[str, Any], written: list[str]) -> None:
               "numbers measure nothing; pass --model for a real evaluation")  # fmt: skip
 
 
-COMMANDS = {COMMAND: evaluate_mc}
+def mc_dataset(args: argparse.Namespace) -> int:
+    from tasks.mc.pathmmu import PathmmuError, convert_release, write_conversion
+
+    out = Path(args.out).expanduser()
+    if out.is_dir() or not out.absolute().parent.is_dir():
+        why = "is a folder" if out.is_dir() else f"is in {out.absolute().parent}, which does not exist"
+        print(
+            f"pathgen {DATASET_COMMAND}: --out {args.out} {why}; give a .jsonl file in an existing folder",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        conversion = convert_release(Path(args.root).expanduser(), out, args.split, args.subset, args.copy_images)
+    except PathmmuError as exc:
+        print(f"pathgen {DATASET_COMMAND}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if conversion.records:
+        write_conversion(conversion, out, args.copy_images)
+    print_conversion(conversion, out, args.split)
+    return EXIT_OK if conversion.records and not conversion.skipped else EXIT_FAILED
+
+
+def print_conversion(conversion, out: Path, split: str) -> None:
+    converted = conversion.converted_by_subset()
+    total = len(conversion.records) + len(conversion.skipped)
+    print(f"PathMMU {split}: {len(conversion.records)} of {total} questions converted")
+    for subset in conversion.subsets:
+        left = sum(1 for s in conversion.skipped if s.subset == subset)
+        print(f"  {subset:<12} {converted.get(subset, 0):>6} converted, {left:>6} not converted")
+    by_reason: dict[str, list] = {}
+    for skipped in conversion.skipped:
+        by_reason.setdefault(skipped.kind, []).append(skipped)
+    for kind, items in by_reason.items():
+        print(f"not converted, {kind}: {len(items)}")
+        for item in items[:SKIPPED_SHOWN]:
+            print(f"  {item.id}: {item.detail}")
+        if len(items) > SKIPPED_SHOWN:
+            print(f"  ... and {len(items) - SKIPPED_SHOWN} more")
+    if conversion.records:
+        print(f"written: {out.absolute()} (pathgen evaluate-mc --dataset {out})")
+    else:
+        print("nothing written: no question could be converted")
+
+
+COMMANDS = {COMMAND: evaluate_mc, DATASET_COMMAND: mc_dataset}

@@ -1,0 +1,123 @@
+"""The Heidelberg skin tissue tiles of Kriegsmann et al. 2022 ("Skin Cancer" in the paper): 16 classes, 12 normal
+skin structures and 4 neoplasms, as downloaded.
+
+Layout built against: heiDATA doi:10.11588/data/7QCR8S (https://doi.org/10.11588/data/7QCR8S), ``data.zip``, whose
+top folder ``data/`` holds ``tiles-v2.csv``, ``class_dict.json`` and ``tiles/<class>/<class>_ws_<n>_<k>.jpg``. The
+heiDATA page itself could not be read here; the layout is as public code that loads the download shows it (found by
+code search: a download rule fetching heiDATA file 7166 = data.zip, dataset READMEs drawing the tree above, and
+loaders reading the columns ``file``, ``class`` and ``set``, where ``set`` is Train, Validation or Test and ``file``
+is the tile's path starting with ``data/``, relative to the folder that holds ``data/``). The class keys are the
+``class`` values (``nontumor_skin_dermis_dermis``, ``tumor_skin_epithelial_bcc``, ...). The official ``set``
+column is used: zero-shot on Test, the linear probe trains on Train, Validation is unused.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec
+from tasks.clip.metrics import ClassSpec
+
+NAME = "skin"
+TABLE = "tiles-v2.csv"
+FILE, CLASS, SET = "file", "class", "set"
+SETS = {"Test": "test", "Train": "train", "Validation": None}  # the set column's values -> our split (None: unused)
+
+
+@functools.cache
+def _classes() -> ClassSpec:
+    return class_spec(NAME)
+
+
+def detect(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / TABLE).is_file() and (folder / "tiles").is_dir()
+
+
+def _rows(table: Path) -> list[dict[str, str]]:
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in (FILE, CLASS, SET) if column not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(
+                    f"{table} lacks the column(s) {', '.join(missing)} (it has: "
+                    f"{', '.join(reader.fieldnames or []) or 'none'}); use the tiles-v2.csv of the heiDATA data.zip"
+                )
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{table} cannot be read as a CSV file ({exc}); download data.zip again") from None
+
+
+def _tile(folder: Path, file: str) -> Path | None:
+    """Where a ``file`` value is: relative to the folder above ``data/`` as released, or to ``folder`` itself when
+    ``data/`` was unpacked under another name (the leading ``data/`` then dropped)."""
+    relative = Path(file)
+    for path in (folder.parent / relative, folder / relative, folder.joinpath(*relative.parts[1:])):
+        if path.is_file():
+            return path
+    return None
+
+
+def _check(table: Path, rows: list[dict[str, str]], spec: ClassSpec) -> None:
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        if row[CLASS] not in spec.folders:
+            raise ValueError(
+                f"{table} line {number}: class {row[CLASS]!r} is not in {NAME}-classes.json; the known classes are "
+                f"{', '.join(spec.folders)}"
+            )
+        if row[SET] not in SETS:
+            raise ValueError(f"{table} line {number}: set {row[SET]!r} is not one of {', '.join(SETS)}")
+
+
+def _split(folder: Path, rows: list[dict[str, str]], name: str, spec: ClassSpec) -> tuple[Split, int]:
+    """The tiles of one split, and how many of its rows name a tile that is not there."""
+    paths, labels, missing = [], [], 0
+    for row in rows:
+        if SETS[row[SET]] != name:
+            continue
+        path = _tile(folder, row[FILE])
+        if path is None:
+            missing += 1
+            continue
+        paths.append(path)
+        labels.append(spec.folders.index(row[CLASS]))
+    if not paths:
+        raise ValueError(
+            f"{folder / TABLE} names no {name} tile that exists under {folder} ({missing} rows point at missing "
+            "files); unpack all of data.zip"
+        )
+    return Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), name), missing
+
+
+def read(folder: Path) -> list[BenchmarkTask]:
+    folder = Path(folder)
+    spec = _classes()
+    table = folder / TABLE
+    rows = _rows(table)
+    _check(table, rows, spec)
+    test, test_missing = _split(folder, rows, "test", spec)
+    train, train_missing = _split(folder, rows, "train", spec)
+    unused = sum(SETS[row[SET]] is None for row in rows)
+    split = (
+        f"official split of {table} (column {SET!r}): {len(test.labels)} Test tiles for zero-shot, "
+        f"{len(train.labels)} Train tiles for the linear probe, {unused} Validation tiles unused"
+    )
+    if test_missing or train_missing:
+        split += f"; {test_missing} Test and {train_missing} Train rows left out: their tile is not under {folder}"
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+
+
+FORMAT = DatasetFormat(
+    name=NAME,
+    title="Skin Cancer (Kriegsmann et al. 2022, Heidelberg skin tissue tiles)",
+    source="https://doi.org/10.11588/data/7QCR8S",
+    layout="data/ with tiles-v2.csv (file, class, set) and tiles/<class>/*.jpg",
+    detect=detect,
+    read=read,
+    paper=True,
+)

@@ -42,7 +42,7 @@ from tasks.errors import (
     short_error,
 )
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
-from tasks.slides.hashing import legacy_extraction_hash, mpp_override, slide_extraction_hash
+from tasks.slides.hashing import legacy_extraction_hash, mpp_override, slide_extraction_hash, slide_project
 from tasks.slides.passes import (
     PassResult,
     SlidePass,
@@ -297,7 +297,7 @@ def _base_record(ref: SlideRef, settings: Settings, extraction_hash: str, source
         slide_id=ref.slide_id,
         source_uri=ref.uri,
         origin=ref.origin,
-        project=ref.project,
+        project=slide_project(ref, settings),
         file_id=ref.file_id,
         md5=ref.md5,
         source=source,

@@ -1,6 +1,7 @@
 """A slide's extraction hash: everything that changes the patches this slide yields, and nothing else.
 
-It covers the settings that apply to this slide (its own MPP override and TCGA project, never another slide's),
+It covers the settings that apply to this slide (its own MPP override and TCGA project, never another slide's; the
+project as resolved from the settings, the source's GDC metadata or the slide's barcode: :func:`slide_project`),
 and the contents of the files the settings name, as this slide uses them: the attribute prompts of its project,
 its own findings sentences and the embedding checkpoint (sha256), and the identity of the slide's own bytes
 (:func:`tasks.slides.sources.source_identity`: the manifest's md5, else size and modification time of a file or the
@@ -19,12 +20,15 @@ from typing import Any
 from pathgen.digest import path_digest
 from pathgen.settings import Settings
 from tasks.selection.retrieval import prompts_for
+from tasks.slides.projects import resolve_project
 from tasks.slides.record import SourceIdentity
 from tasks.slides.sources import SlideRef
 
 
 def slide_project(ref: SlideRef, settings: Settings) -> str | None:
-    return ref.project or settings.slides.projects.get(ref.slide_id) or settings.slides.project
+    """The slide's TCGA project: the settings, else the source's GDC metadata, else its barcode's tissue source
+    site (:func:`tasks.slides.projects.resolve_project`); every caller resolves it here, so the hash follows."""
+    return resolve_project(ref, settings).project
 
 
 def mpp_override(ref: SlideRef, settings: Settings) -> float | None:

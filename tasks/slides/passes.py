@@ -24,6 +24,7 @@ from tasks.selection.embedding import EmbeddingModel, PatchEmbedder, load_embedd
 from tasks.selection.plan import SelectionPlan
 from tasks.selection.representative import select_representative
 from tasks.selection.retrieval import prompts_for, retrieval_scores
+from tasks.slides.projects import ResolvedProject, resolve_project
 from tasks.slides.quality import QualityScores, rejection_reason, score_patch
 from tasks.slides.reader import SlideReader
 from tasks.slides.shard import PatchRecord, PatchShardWriter, patch_id_for
@@ -79,6 +80,8 @@ class SlidePass:
         # once, not per patch: the scale of every patch of this slide and the level it is read from
         self.mpp, self.patch_px = patch_scale(self.ref, self.settings, float(self.reader.info.mpp))
         self.read_level = self.reader.best_level(self.mpp)
+        # the project its prompts and its hash use (tasks.slides.hashing.slide_project), recorded on every patch
+        self.project: ResolvedProject = resolve_project(self.ref, self.settings)
 
     def read(self, cells: list[GridCell]) -> Iterator[tuple[GridCell, np.ndarray]]:
         boxes = [c.box for c in cells]
@@ -102,7 +105,7 @@ class SlidePass:
             patch_id=patch_id_for(self.ref.slide_id, cell.box, self.mpp, self.patch_px),
             slide_id=self.ref.slide_id,
             source_uri=self.ref.uri,
-            project=self.ref.project,
+            project=self.project.project,
             file_id=self.ref.file_id,
             x=cell.x,
             y=cell.y,
@@ -195,8 +198,12 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
                 jpegs.append(slide.encode(rgb))
     embeddings = embedder.finish()
 
-    project = slide.ref.project or settings.slides.projects.get(slide.ref.slide_id) or settings.slides.project
-    prompts = prompts_for(slide.ref.slide_id, project, cfg.prompts_file, cfg.findings_file, slide.logger)
+    project = slide.project
+    if project.source == "barcode":
+        slide.logger.info("%s: project %s from its barcode (%s)", slide.ref.slide_id, project.project, project.note)
+    elif project.source == "none":
+        slide.logger.info("%s: no project from its barcode: %s", slide.ref.slide_id, project.note)
+    prompts = prompts_for(slide.ref.slide_id, project.project, cfg.prompts_file, cfg.findings_file, slide.logger)
     attributes, findings = retrieval_scores(
         embeddings, _text_embeddings(model, prompts.attributes), _text_embeddings(model, prompts.findings)
     )
@@ -249,6 +256,7 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
         "picks": chosen.picks,
         "prompts": {
             "project": prompts.project,
+            "project_from": project.source,
             "attributes": len(prompts.attributes),
             "findings": len(prompts.findings),
         },

@@ -1,9 +1,12 @@
 """Turn source specs into slide references.
 
 A spec is one of: a local slide file, a local folder (searched recursively), a glob, an ``s3://`` object or prefix,
-a GDC manifest (the TSV the GDC portal exports: id, filename, md5, size, state) or a PathGen-1.6M JSON file
-(``wsi_id``, ``position``, ``caption``, ``file_id``), whose exact patches are then re-extracted. A spec that
-names nothing readable still yields a reference, so that it is recorded as a failed slide with its reason.
+a GDC manifest (the TSV the GDC portal exports: id, filename, md5, size, state; a ``project_id`` column, where a
+table has one, gives each slide's project), a GDC sample sheet (the portal's other cart export,
+``gdc_sample_sheet.<date>.tsv``: "File ID", "File Name", ..., "Project ID", ...; its project is the slide's) or a
+PathGen-1.6M JSON file (``wsi_id``, ``position``, ``caption``, ``file_id``), whose exact patches are then
+re-extracted. A spec that names nothing readable still yields a reference, so that it is recorded as a failed slide
+with its reason. A slide no source names a project for may still get one from its barcode (tasks.slides.projects).
 
 Slide ids are the file name without its extension, made safe as a store key (``safe_slide_id``). Two different
 slides of one folder, glob, prefix or manifest that share a name both get ``<name>-<6 hex>``, the hex from their path
@@ -40,6 +43,8 @@ SLIDE_EXTENSIONS = (
     ".svs", ".ndpi", ".tif", ".tiff", ".qptiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
 )  # fmt: skip
 GDC_COLUMNS = ("id", "filename", "md5", "size", "state")
+# A GDC sample sheet's columns, as the manifest's names: the portal names them so in both exports' headers.
+SAMPLE_SHEET_COLUMNS = {"File ID": "id", "File Name": "filename", "Project ID": "project_id"}
 
 
 class SourceError(ValueError):
@@ -366,11 +371,14 @@ def _named_slide(
 
 def _gdc_manifest(spec: str, settings: Settings) -> list[SlideRef]:
     text = _read_text(spec, settings)
-    rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
+    rows = [
+        {SAMPLE_SHEET_COLUMNS.get(k, k): v for k, v in row.items()}
+        for row in csv.DictReader(text.splitlines(), delimiter="\t")
+    ]
     if not rows or not set(GDC_COLUMNS[:2]).issubset(rows[0].keys()):
         raise SourceError(
-            f"{spec} is not a GDC manifest: it needs tab-separated columns {', '.join(GDC_COLUMNS)} "
-            "(export it from the GDC portal's cart)"
+            f"{spec} is not a GDC manifest: it needs tab-separated columns {', '.join(GDC_COLUMNS)}, or a sample "
+            "sheet's 'File ID' and 'File Name' (export either from the GDC portal's cart)"
         )
     roots = _roots(spec, settings)
     refs: list[SlideRef] = []
@@ -385,7 +393,7 @@ def _gdc_manifest(spec: str, settings: Settings) -> list[SlideRef]:
             slide_id=slide_id_for(filename),
             uri=uri,
             origin=spec,
-            project=(row.get("project_id") or row.get("project") or None),
+            project=_row_project(row),
             file_id=file_id,
             md5=((row.get("md5") or "").strip() or None),
             size=int(row["size"]) if (row.get("size") or "").isdigit() else None,
@@ -396,6 +404,13 @@ def _gdc_manifest(spec: str, settings: Settings) -> list[SlideRef]:
     for ref, slide_id in zip(refs, _distinct_ids(layout), strict=True):
         ref.slide_id = slide_id
     return refs
+
+
+def _row_project(row: dict[str, Any]) -> str | None:
+    """The project a manifest or sample sheet row names; a file of several cases lists each case's project
+    (``TCGA-BRCA, TCGA-BRCA``): one project when they agree, none when they do not."""
+    named = {p.strip() for p in str(row.get("project_id") or row.get("project") or "").split(",") if p.strip()}
+    return named.pop() if len(named) == 1 else None
 
 
 def _pathgen_json(spec: str, settings: Settings) -> list[SlideRef]:

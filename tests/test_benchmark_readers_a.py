@@ -1,5 +1,6 @@
 """Readers of PCam, CRC-100K, SICAPv2, BACH and Osteo, each on a tiny fixture the test writes in the dataset's
-official download layout (file and folder names as released, tiny images). The builders (``BUILDERS``) are also
+official download layout (file and folder names as released, tiny images), scoring zero-shot where the paper's own
+scripts do, with their prompts. The builders (``BUILDERS``) are also
 used by other benchmark tests."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from openpyxl import Workbook
 from PIL import Image
 
-from tasks.benchmark.datasets import DatasetFormat, class_spec, detect_format, find_datasets
+from tasks.benchmark.datasets import DatasetFormat, class_spec, detect_format, find_datasets, positions_in
 from tasks.benchmark.readers import bach, crc100k, osteo, pcam, sicapv2
 
 A1_FORMATS: dict[str, DatasetFormat] = {m.FORMAT.name: m.FORMAT for m in (pcam, crc100k, sicapv2, bach, osteo)}
@@ -49,12 +50,12 @@ def make_pcam(root: Path, gzipped: bool = False) -> Path:
     return folder
 
 
-def make_crc100k(root: Path, train: bool = True) -> Path:
+def make_crc100k(root: Path, held_out: bool = True) -> Path:
     folder = root / "crc100k"
-    sets = ("CRC-VAL-HE-7K", "NCT-CRC-HE-100K") if train else ("CRC-VAL-HE-7K",)
+    sets = ("NCT-CRC-HE-100K", "CRC-VAL-HE-7K") if held_out else ("NCT-CRC-HE-100K",)
     for name in sets:
         for i, cls in enumerate(crc100k.CLASSES):
-            _image(folder / name / cls / f"{cls}-TCGA-AAAA{i}.tif", i * 20)
+            _image(folder / name / cls / f"{cls}-{name[:3]}-AAAA{i}.tif", i * 20)
     return folder
 
 
@@ -159,6 +160,54 @@ def _names(split) -> list[str]:
     return [Path(split.images.name(i)).name for i in range(len(split.labels))]
 
 
+def _labelled(task, split) -> dict[str, int]:
+    return dict(zip(_names(split), split.labels.tolist(), strict=True))
+
+
+def assert_probe_held_out(task) -> None:
+    """The probe trains and is scored on two disjoint parts of the zero-shot images (their labels kept)."""
+    assert task.train is not None and task.probe_test is not None
+    train, scored, every = _labelled(task, task.train), _labelled(task, task.probe_test), _labelled(task, task.test)
+    assert train and scored and not train.keys() & scored.keys()
+    assert {**train, **scored} == every
+    for side in (task.train, task.probe_test):  # cut from the zero-shot images: their features serve both sides
+        at = positions_in(side, task.test)
+        assert at is not None and [task.test.images.name(i) for i in at] == [
+            side.images.name(i) for i in range(len(side))
+        ]
+
+
+# the prompts of the PathGen-1.6M authors' zero-shot scripts (PathFoundation/PathGen-1.6M,
+# Zero-shot_classification/clip_acc_{crc,SICAP_v2,BACH,osteo}.py), as they build them: template.format(name.lower())
+PAPER_PROMPTS = {
+    "crc100k": [
+        "An H&E patch of adipose", "An H&E patch of background", "An H&E patch of debris",
+        "An H&E patch of lymphocytes", "An H&E patch of mucus", "An H&E patch of smooth muscle",
+        "An H&E patch of normal colon mucosa", "An H&E patch of cancer-associated stroma",
+        "An H&E patch of colorectal adenocarcinoma epithelium",
+    ],
+    "sicapv2": [
+        "An H&E image of non-cancerous",
+        "An H&E image of gleason grade 3: atrophic well differentiated and dense glandular regions",
+        "An H&E image of gleason grade 4: cribriform, ill-formed, large-fused and papillary glandular patterns",
+        "An H&E image of gleason grade 5: isolated cells or file of cells, nests of cells without lumina formation "
+        "and pseudo-rosetting patterns",
+    ],
+    "bach": [
+        "An H&E image of benign tissue", "An H&E image of in-situ carcinoma", "An H&E image of invasive carcinoma",
+        "An H&E image of normal tissue",
+    ],
+    "osteo": [
+        "An H&E image patch of non-tumor", "An H&E image patch of necrotic tumor", "An H&E image patch of viable tumor",
+    ],
+}  # fmt: skip
+
+
+def prompts(spec) -> list[str]:
+    """Every prompt zero-shot embeds, class by class (tasks.clip.metrics.class_weights)."""
+    return [template.format(name) for key in spec.folders for name in spec.names[key] for template in spec.templates]
+
+
 # -- detection ------------------------------------------------------------------------------------------------
 
 
@@ -176,8 +225,9 @@ def test_each_layout_is_detected_as_its_own_format_only(tmp_path):
 def test_every_format_names_a_source_a_layout_and_its_classes():
     for name, fmt in A1_FORMATS.items():
         assert fmt.paper and fmt.source.startswith("https://") and fmt.layout and fmt.title
-        spec = class_spec(name)
-        assert all(len(spec.names[key]) >= 2 for key in spec.folders), name  # a name and a synonym each
+        assert class_spec(name).folders
+    for name, expected in PAPER_PROMPTS.items():  # one prompt per class, exactly the paper's
+        assert prompts(class_spec(name)) == expected, name
 
 
 # -- PCam -----------------------------------------------------------------------------------------------------
@@ -187,6 +237,7 @@ def test_pcam_reads_the_official_splits_lazily_from_hdf5(tmp_path):
     task = _read_one("pcam", make_pcam(tmp_path))
     assert task.test.labels.tolist() == [0, 1, 0, 1, 1, 0]
     assert task.train is not None and task.train.labels.tolist() == [0, 1, 1, 0]
+    assert task.probe_test is None  # the probe is scored on the official test split too
     assert task.classes.folders == ["normal", "tumor"]
     assert "camelyonpatch_level_2_split_test_{x,y}.h5" in task.split and "train" in task.split
     images = pickle.loads(pickle.dumps(task.test.images))  # a worker process gets the path, not an open file
@@ -220,34 +271,41 @@ def test_pcam_still_gzipped_or_malformed_is_a_clear_error(tmp_path):
 # -- CRC-100K -------------------------------------------------------------------------------------------------
 
 
-def test_crc100k_scores_on_crc_val_he_7k_and_trains_on_nct_crc_he_100k(tmp_path):
+def test_crc100k_scores_zero_shot_on_nct_crc_he_100k_and_the_probe_on_crc_val_he_7k(tmp_path):
     folder = make_crc100k(tmp_path)
-    for given in (folder, folder / "CRC-VAL-HE-7K"):
+    for given in (folder, folder / "NCT-CRC-HE-100K"):
         task = _read_one("crc100k", given)
-        assert task.test.labels.tolist() == list(range(9)) and task.train.labels.tolist() == list(range(9))
-        assert all("CRC-VAL-HE-7K" in task.test.images.name(i) for i in range(9))
-        assert all("NCT-CRC-HE-100K" in task.train.images.name(i) for i in range(9))
-        assert _names(task.test)[0] == "ADI-TCGA-AAAA0.tif" and "CRC-VAL-HE-7K" in task.split
+        assert task.test.labels.tolist() == list(range(9)) and task.train is task.test
+        assert _names(task.test)[0] == "ADI-NCT-AAAA0.tif" and all(n.split("-")[1] == "NCT" for n in _names(task.test))
+        assert task.probe_test.labels.tolist() == list(range(9)) and positions_in(task.probe_test, task.test) is None
+        assert all(n.split("-")[1] == "CRC" for n in _names(task.probe_test))
+        assert positions_in(task.train, task.test).tolist() == list(range(9))  # one embedding serves both
+        assert "zero-shot on all of NCT-CRC-HE-100K/" in task.split and "CRC-VAL-HE-7K/" in task.split
 
 
-def test_crc100k_parent_holding_other_datasets_is_not_taken_for_crc(tmp_path):
-    folder = make_crc100k(tmp_path, train=False)
-    assert crc100k.detect(folder)
-    (folder / "my-other-dataset").mkdir()
-    assert not crc100k.detect(folder) and crc100k.detect(folder / "CRC-VAL-HE-7K")
+def test_crc100k_without_the_held_out_set_has_no_probe_and_without_100k_is_missing(tmp_path):
+    folder = make_crc100k(tmp_path, held_out=False)
     task = _read_one("crc100k", folder)
-    assert task.train is None and "no probe" in task.split
+    assert task.train is None and task.probe_test is None and "no probe" in task.split
+    (folder / "my-other-dataset").mkdir()
+    assert not crc100k.detect(folder) and crc100k.detect(folder / "NCT-CRC-HE-100K")
+    only_7k = make_crc100k(tmp_path / "val")
+    shutil.rmtree(only_7k / "NCT-CRC-HE-100K")
+    assert not crc100k.detect(only_7k) and not crc100k.detect(only_7k / "CRC-VAL-HE-7K")
+    with pytest.raises(ValueError, match="holds no NCT-CRC-HE-100K/, the set the paper scores"):
+        crc100k.read(only_7k)
 
 
 # -- SICAPv2 --------------------------------------------------------------------------------------------------
 
 
-def test_sicapv2_reads_the_official_partition_and_counts_what_it_leaves_out(tmp_path):
+def test_sicapv2_scores_zero_shot_on_train_xlsx_and_the_probe_on_test_xlsx(tmp_path):
     task = _read_one("sicapv2", make_sicapv2(tmp_path))
     assert task.classes.folders == ["NC", "G3", "G4", "G5"]
-    assert task.test.labels.tolist() == [3, 2, 0, 1] and task.train.labels.tolist() == [0, 1, 2, 3]
-    assert _names(task.test)[0] == SICAP_ROWS["Test.xlsx"][0][0]
-    assert "partition/Test/Test.xlsx" in task.split
+    assert task.test.labels.tolist() == [0, 1, 2, 3] and task.train is task.test
+    assert _names(task.test)[0] == SICAP_ROWS["Train.xlsx"][0][0] and task.test.name == "partition/Test/Train.xlsx"
+    assert task.probe_test.labels.tolist() == [3, 2, 0, 1]
+    assert "zero-shot on partition/Test/Train.xlsx (4 single-grade patches)" in task.split
     assert "1 Test.xlsx rows without a single grade" in task.split
     assert "1 Test.xlsx rows whose image is not in images/" in task.split
 
@@ -268,14 +326,14 @@ def test_sicapv2_sheet_without_grade_columns_is_a_clear_error(tmp_path):
 # -- BACH -----------------------------------------------------------------------------------------------------
 
 
-def test_bach_splits_by_patient_as_eva_does(tmp_path):
+def test_bach_scores_zero_shot_on_every_photo_and_the_probe_by_patient_as_eva_splits(tmp_path):
     top = make_bach(tmp_path)
     for given in (top, top.parent):  # the release folder, or the folder the zip was unpacked into
         task = _read_one("bach", given)
         assert task.folder == top
-        train, test = set(_names(task.train)), set(_names(task.test))
-        assert {n.removesuffix(".tif") for n in train} == BACH_TRAIN
-        assert len(train) + len(test) == sum(map(len, BACH_PHOTOS.values())) and not train & test
+        assert len(task.test.labels) == sum(map(len, BACH_PHOTOS.values()))
+        assert_probe_held_out(task)
+        assert {n.removesuffix(".tif") for n in _names(task.train)} == BACH_TRAIN
         assert "1 files in Photos/Benign/ not named b001..b100.tif" in task.split
         assert task.test.labels[_names(task.test).index("is040.tif")] == task.classes.folders.index("InSitu")
 
@@ -292,18 +350,18 @@ def test_bach_split_tables_match_evas_ranges():
 # -- Osteo ----------------------------------------------------------------------------------------------------
 
 
-def test_osteo_matches_table_names_to_tiles_and_splits_by_slide(tmp_path):
+def test_osteo_scores_zero_shot_on_every_tile_mixed_ones_viable_and_splits_the_probe_by_slide(tmp_path):
     task = _read_one("osteo", make_osteo(tmp_path))
     assert task.classes.folders == ["Non-Tumor", "Non-Viable-Tumor", "Viable"]
-    expected = {osteo._key(name) + ".jpg": cls for name, cls, _, _ in OSTEO_ROWS if cls != "viable: non-viable"}
-    seen = {}
-    for split in (task.train, task.test):
-        for i, name in enumerate(_names(split)):
-            seen[name.lower()] = task.classes.folders[split.labels[i]]
+    expected = {
+        osteo._key(name) + ".jpg": cls.replace("viable: non-viable", "Viable") for name, cls, _, _ in OSTEO_ROWS
+    }
+    seen = {name.lower(): task.classes.folders[label] for name, label in _labelled(task, task.test).items()}
     assert seen == expected
-    slides = [{osteo._slide(Path(n).stem.lower()) for n in _names(s)} for s in (task.train, task.test)]
-    assert slides[0] and slides[1] and not slides[0] & slides[1]
-    assert "1 mixed 'viable: non-viable' tiles (no single class)" in task.split
+    assert_probe_held_out(task)
+    slides = [{osteo._slide(Path(n).stem.lower()) for n in _names(s)} for s in (task.train, task.probe_test)]
+    assert not slides[0] & slides[1]
+    assert "1 mixed 'viable: non-viable' tiles labelled viable tumour" in task.split
     assert "1 rows with no tile file" in task.split
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from tasks.benchmark.datasets import class_spec, detect_format, find_datasets, formats
 from tasks.benchmark.readers import kather2016, lc25000, mhist, skin, wsss4luad
 from tests.test_benchmark_readers_a import BUILDERS as A1_BUILDERS
+from tests.test_benchmark_readers_a import assert_probe_held_out, prompts
 
 SHARED_KATHER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "patches" / "kather2016-samples"
 
@@ -155,27 +156,48 @@ def test_every_layout_is_detected_as_its_own_format_only_across_all_formats(tmp_
     assert find_datasets(tmp_path, list(known.values())) == {name: [folder] for name, folder in folders.items()}
 
 
-def test_each_format_names_a_source_a_layout_and_classes_with_synonyms():
+# the prompts of the PathGen-1.6M authors' zero-shot scripts (PathFoundation/PathGen-1.6M,
+# Zero-shot_classification/clip_acc_{WSSS4LUAD,lc25000_lung,lc25000_colon,skincancer}.py), in the class files' order
+PAPER_PROMPTS = {
+    "wsss4luad": ["An H&E image of tumor tissue.", "An H&E image of normal tissue."],
+    "lc25000-lung": [
+        "An image of benign lung tissue", "An image of lung adenocarcinoma",
+        "An image of lung squamous cell carcinomas",
+    ],
+    "lc25000-colon": ["An image of normal colon tissue", "An image of colon adenocarcinoma"],
+}  # fmt: skip
+SKIN_NAMES = [  # clip_acc_skincancer.py's label_dict, lower-cased as it formats them
+    "chondral tissue", "dermis", "elastosis", "epidermis", "hair follicle", "skeletal muscle", "necrosis", "nerves",
+    "sebaceous glands", "subcutis", "sweat glands", "vessel",
+]  # fmt: skip
+SKIN_TUMOURS = ["epithelial basal cell carcinoma", "epithelial squamous cell carcinoma", "melanoma", "naevus"]
+
+
+def test_each_format_names_a_source_a_layout_and_the_papers_prompts():
     for module in (skin, mhist, wsss4luad, lc25000, kather2016):
         fmt = module.FORMAT
         assert fmt.paper is (fmt.name != "kather2016"), fmt.name
         assert fmt.source.startswith("https://") and fmt.layout and fmt.title
-    for name in ("skin", "mhist", "wsss4luad", "lc25000-lung", "lc25000-colon"):
-        spec = class_spec(name)
-        assert all(len(spec.names[key]) >= 2 for key in spec.folders), name  # a name and a synonym each
-    assert len(class_spec("skin").folders) == 16
+    for name, expected in PAPER_PROMPTS.items():
+        assert prompts(class_spec(name)) == expected, name
+    skin_prompts = [f"An H&E image of non-tumor {n}" for n in SKIN_NAMES]
+    assert prompts(class_spec("skin")) == skin_prompts + [f"An H&E image of tumor {n}" for n in SKIN_TUMOURS]
+    assert len(class_spec("skin").folders) == 16 and class_spec("mhist").folders == ["HP", "SSA"]
 
 
 # -- Skin Cancer ----------------------------------------------------------------------------------------------
 
 
-def test_skin_reads_the_official_sets_from_tiles_v2(tmp_path):
+def test_skin_scores_zero_shot_on_every_row_and_the_probe_on_the_official_sets(tmp_path):
     (task,) = skin.read(make_skin(tmp_path))
     assert (task.name, task.format) == ("skin", "skin")
     expected = {f"{cls}_ws_{40 + i % 2}_{k}.jpg": (cls, subset) for i, (cls, subset, k) in enumerate(SKIN_TILES)}
-    assert _keys(task, task.test) == {name: cls for name, (cls, subset) in expected.items() if subset == "Test"}
+    assert _keys(task, task.test) == {name: cls for name, (cls, _) in expected.items()}
     assert _keys(task, task.train) == {name: cls for name, (cls, subset) in expected.items() if subset == "Train"}
-    assert "3 Test tiles for zero-shot, 3 Train tiles for the linear probe, 1 Validation tiles unused" in task.split
+    assert _keys(task, task.probe_test) == {name: cls for name, (cls, subset) in expected.items() if subset == "Test"}
+    assert "zero-shot on all 7 tiles" in task.split and "trains on the 3 Train tiles and is scored on the 3 Test" in (
+        task.split
+    )
     assert task.test.images.load(0).mode == "RGB"
 
 
@@ -183,8 +205,8 @@ def test_skin_finds_tiles_when_data_was_renamed_and_counts_missing_ones(tmp_path
     folder = make_skin(tmp_path).rename(tmp_path / "skin" / "kriegsmann")  # file column still says data/...
     next(iter(sorted((folder / "tiles" / "tumor_skin_epithelial_bcc").glob("*_3.jpg")))).unlink()
     (task,) = skin.read(folder)
-    assert len(task.test.labels) == 2 and len(task.train.labels) == 3
-    assert "1 Test and 0 Train rows left out: their tile is not under" in task.split
+    assert len(task.test.labels) == 6 and len(task.probe_test.labels) == 2 and len(task.train.labels) == 3
+    assert "1 rows left out: their tile is not under" in task.split
 
 
 def test_skin_table_with_an_unknown_class_or_without_its_columns_is_a_clear_error(tmp_path):
@@ -231,20 +253,30 @@ def test_mhist_is_not_any_images_folder_with_an_annotations_csv(tmp_path):
 # -- WSSS4LUAD ------------------------------------------------------------------------------------------------
 
 
-def test_wsss4luad_labels_tumor_from_the_name_and_splits_by_slide(tmp_path):
+def test_wsss4luad_scores_every_patch_tumor_or_not_and_splits_the_probe_by_slide(tmp_path):
     folder = make_wsss4luad(tmp_path)
     (folder / "1.training" / "notes.png").write_bytes(b"")  # a .png without a label: left out, and said
     (task,) = wsss4luad.read(folder)
     assert task.classes.folders == ["tumor", "non-tumor"]
-    labels = {**_keys(task, task.test), **_keys(task, task.train)}
+    labels = _keys(task, task.test)
     assert len(labels) == len(WSSS_PATCHES)
     assert all(
         value == ("tumor" if name.rsplit("-", 1)[1].startswith("[1") else "non-tumor") for name, value in labels.items()
     )
     assert sum(value == "tumor" for value in labels.values()) == 16
-    slides = [{name.split("-")[0] for name in _names(split)} for split in (task.train, task.test)]
-    assert slides[0] and slides[1] and not slides[0] & slides[1]
+    assert_probe_held_out(task)
+    slides = [{name.split("-")[0] for name in _names(split)} for split in (task.train, task.probe_test)]
+    assert not slides[0] & slides[1]
     assert "1 .png files without a label in the name left out (e.g. notes.png)" in task.split
+
+
+def test_wsss4luad_of_one_slide_is_scored_zero_shot_without_a_probe(tmp_path):
+    folder = tmp_path / "WSSS4LUAD"
+    for i, vector in enumerate(("[1, 0, 0]", "[0, 1, 0]", "[0, 0, 1]")):
+        _image(folder / "1.training" / f"436219-{100 * i}-7-{vector}.png", i)
+    (task,) = wsss4luad.read(folder)  # one slide cannot be split in two: zero-shot still counts
+    assert task.test.labels.tolist() == [0, 1, 1] and task.train is None and task.probe_test is None
+    assert "no probe: the slides all fall on one side" in task.split
 
 
 def test_wsss4luad_without_labelled_patches_is_a_clear_error(tmp_path):
@@ -257,18 +289,18 @@ def test_wsss4luad_without_labelled_patches_is_a_clear_error(tmp_path):
 # -- LC25000 --------------------------------------------------------------------------------------------------
 
 
-def test_lc25000_gives_a_lung_and_a_colon_task_split_image_by_image(tmp_path):
+def test_lc25000_gives_a_lung_and_a_colon_task_scored_on_every_image(tmp_path):
     tasks = {task.name: task for task in lc25000.read(make_lc25000(tmp_path))}
     assert sorted(tasks) == ["lc25000-colon", "lc25000-lung"]
-    assert tasks["lc25000-lung"].classes.folders == ["lung_aca", "lung_n", "lung_scc"]
-    assert tasks["lc25000-colon"].classes.folders == ["colon_aca", "colon_n"]
+    assert tasks["lc25000-lung"].classes.folders == ["lung_n", "lung_aca", "lung_scc"]
+    assert tasks["lc25000-colon"].classes.folders == ["colon_n", "colon_aca"]
     for task in tasks.values():
         assert task.format == "lc25000"
-        keys = {**_keys(task, task.test), **_keys(task, task.train)}
+        keys = _keys(task, task.test)
         assert len(keys) == 6 * len(task.classes.folders)
         prefix = {"lung_aca": "lungaca", "lung_n": "lungn", "lung_scc": "lungscc", "colon_aca": "colonca"}
         assert all(re.sub(r"\d+\.jpeg$", "", name) == prefix.get(key, "colonn") for name, key in keys.items())
-        assert not set(_names(task.test)) & set(_names(task.train))
+        assert_probe_held_out(task)
         assert "augmentations of one original may be on both sides" in task.split
 
 
@@ -284,18 +316,20 @@ def test_lc25000_with_one_half_downloaded_gives_that_task(tmp_path):
 # -- Kather 2016 ----------------------------------------------------------------------------------------------
 
 
-def test_kather2016_splits_by_source_slide(tmp_path):
+def test_kather2016_scores_every_tile_and_splits_the_probe_by_source_slide(tmp_path):
     (task,) = kather2016.read(make_kather2016(tmp_path))
     assert task.classes.folders == class_spec("kather2016").folders
-    slides = [{kather2016.SLIDE.search(name).group(0) for name in _names(s)} for s in (task.train, task.test)]
-    assert slides[0] and slides[1] and not slides[0] & slides[1]
-    assert len(task.test.labels) + len(task.train.labels) == 24
+    assert len(task.test.labels) == 24
+    assert_probe_held_out(task)
+    slides = [{kather2016.SLIDE.search(name).group(0) for name in _names(s)} for s in (task.train, task.probe_test)]
+    assert not slides[0] & slides[1]
 
 
 def test_kather2016_reads_the_shared_real_samples():
     assert detect_format(SHARED_KATHER).name == "kather2016"
     (task,) = kather2016.read(SHARED_KATHER)
-    assert len(task.test.labels) + len(task.train.labels) == 24
-    slides = [{kather2016.SLIDE.search(name).group(0) for name in _names(s)} for s in (task.train, task.test)]
-    assert slides[0] and slides[1] and not slides[0] & slides[1]
+    assert len(task.test.labels) == 24
+    assert_probe_held_out(task)
+    slides = [{kather2016.SLIDE.search(name).group(0) for name in _names(s)} for s in (task.train, task.probe_test)]
+    assert not slides[0] & slides[1]
     assert task.test.images.load(0).size == (150, 150)

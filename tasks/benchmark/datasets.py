@@ -4,9 +4,16 @@ detection and the suites.
 A reader (one module per format under ``tasks/benchmark/readers/``, each exposing ``FORMAT``) recognises its
 dataset by its files and reads it without conversion into one or more ``BenchmarkTask`` (LC25000 gives two: lung
 and colon). A task holds the split zero-shot is scored on (``test``), the split a linear probe trains on
-(``train``, when the dataset has one or the reader derives one), its classes with their names and synonyms (a
-class file ``tasks/clip/data/<format>-classes.json``, as ``pathgen evaluate --classes`` reads), and a sentence
-saying which split it is and where it came from.
+(``train``, when the dataset has one or the reader derives one), the split the probe is scored on when it is not
+``test`` (``probe_test``), its classes with their names and prompt templates (a class file
+``tasks/clip/data/<format>-classes.json``, as ``pathgen evaluate --classes`` reads), and a sentence saying which
+split each is and where it came from.
+
+``test`` is the split the paper's zero-shot is scored on, as the PathGen-1.6M authors' own scripts read it
+(github.com/PathFoundation/PathGen-1.6M, ``Zero-shot_classification/clip_acc_*.py``): for several datasets that
+is not the official test split (all of NCT-CRC-HE-100K, SICAPv2's ``partition/Test/Train.xlsx``, every row of the
+skin set's tiles-v2.csv, every labelled image where there is no official split). The probe then trains on the
+official train split, or a derived one, and is scored on ``probe_test`` so it never tests on what it trained on.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from tasks.clip.metrics import ClassSpec, load_class_spec
 
 CLASS_FILES = Path(__file__).resolve().parents[1] / "clip" / "data"
 MAX_DEPTH = 3  # how deep under --root a dataset folder is looked for (a download unpacks a folder or two deep)
+# share of the groups (slides, patients, images) a derived split gives the probe's training side, for every dataset
+# without an official split: zero-shot scores all of it anyway, so the derived split serves only the probe, whose
+# train and test sides are then about equal; the paper publishes no probe split for these datasets
+DERIVED_TRAIN_FRACTION = 0.5
 
 
 class Images(Protocol):
@@ -103,9 +114,10 @@ class BenchmarkTask:
     format: str  # the reader's name
     folder: Path  # the dataset folder as downloaded
     classes: ClassSpec  # folders are the class keys; label i is classes.folders[i]
-    test: Split  # zero-shot is scored here
+    test: Split  # zero-shot is scored here: the split the paper's zero-shot scores
     train: Split | None  # the linear probe trains here; None when there is nothing to train on
     split: str  # which split, and where it came from: said in every result
+    probe_test: Split | None = None  # the linear probe is scored here; None: on ``test``
 
 
 @dataclass(frozen=True)
@@ -189,6 +201,17 @@ def find_datasets(root: Path, suite: Sequence[DatasetFormat]) -> dict[str, list[
     return found
 
 
+def positions_in(split: Split, whole: Split) -> np.ndarray | None:
+    """Where ``split``'s images sit among ``whole``'s, when it is ``whole`` itself or a ``subset`` of it (a probe's
+    train and test sides cut from the zero-shot images), so the features computed for ``whole`` serve it without
+    embedding its images again; None when it holds other images."""
+    if split.images is whole.images:
+        return np.arange(len(whole), dtype=np.int64)
+    if isinstance(split.images, _Subset) and split.images.images is whole.images:
+        return np.asarray(split.images.indices, dtype=np.int64)
+    return None
+
+
 def folder_split(folder: Path, spec: ClassSpec, name: str) -> Split:
     """One subfolder per class of ``spec`` (the class keys), images inside each."""
     from tasks.clip.metrics import load_labelled_images
@@ -204,13 +227,29 @@ def stable_fraction(key: str, salt: str = "") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def derived_split(split: Split, groups: Sequence[str], train_fraction: float, salt: str) -> tuple[Split, Split]:
+def _in_train(groups: Sequence[str], salt: str, train_fraction: float) -> np.ndarray:
+    return np.array([stable_fraction(g, salt) < train_fraction for g in groups], dtype=bool)
+
+
+def derived_split(
+    split: Split, groups: Sequence[str], salt: str, train_fraction: float = DERIVED_TRAIN_FRACTION
+) -> tuple[Split, Split]:
     """Train and test parts of a dataset without an official split, by group (a patient or a source image, so no
     group is on both sides): a group goes to train when ``stable_fraction(group) < train_fraction``."""
     if len(groups) != len(split.labels):
         raise ValueError(f"{len(groups)} groups for {len(split.labels)} images")
-    in_train = np.array([stable_fraction(g, salt) < train_fraction for g in groups])
+    in_train = _in_train(groups, salt, train_fraction)
     train, test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
     if not len(train) or not len(test):
         raise ValueError(f"{len(set(groups))} groups cannot be split into train and test; the dataset is too small")
     return split.subset(train, "train (derived)"), split.subset(test, "test (derived)")
+
+
+def derived_probe(whole: Split, groups: Sequence[str], salt: str) -> tuple[Split, Split] | None:
+    """The linear probe's train and scored sides of a dataset without an official split, cut from the images
+    zero-shot scores (``derived_split`` by group); None when its groups all fall on one side (a tiny download):
+    zero-shot still scores every image, there is just no probe."""
+    if len(groups) != len(whole.labels):
+        raise ValueError(f"{len(groups)} groups for {len(whole.labels)} images")
+    in_train = _in_train(groups, salt, DERIVED_TRAIN_FRACTION)
+    return derived_split(whole, groups, salt) if in_train.any() and not in_train.all() else None

@@ -6,11 +6,17 @@ Layout built against (the Zenodo record 3632035, ``ICIAR2018_BACH_Challenge.zip`
 ``Photos/microscopy_ground_truth.csv`` (the same labels as the folders) and ``WSI/`` (not used). The challenge's
 test photos (``ICIAR2018_BACH_Challenge_TestDataset``) have no public labels: there is no labelled test split.
 
-The split is by patient, never one patient on both sides: the BACH organisers published which photos share a
-patient, and kaiko-ai/eva (``src/eva/vision/data/datasets/classification/bach.py``) turned that into a train /
-validation split of the 400 photos, 268 / 132, given as index ranges over the sorted files. ``TRAIN_NUMBERS`` is
-that split written as photo numbers per class; eva's validation photos are the zero-shot test set here. A photo
-not named like the release (``<prefix><3 digits>.tif`` in its class folder) is left out and counted.
+Zero-shot is scored on every labelled photo, as the paper's own script does (PathFoundation/PathGen-1.6M
+``Zero-shot_classification/clip_acc_BACH.py`` reads the authors' reformatted ``formalized_data/images`` folder of
+photos whose name ends in the class letter A..D = Benign, InSitu, Invasive, Normal: the labelled photos, the test
+set's labels being unpublished; its prompt "An H&E image of {}" and class names are in ``bach-classes.json``).
+
+The linear probe's split is by patient, never one patient on both sides: the BACH organisers published which photos
+share a patient, and kaiko-ai/eva (``src/eva/vision/data/datasets/classification/bach.py``) turned that into a
+train / validation split of the 400 photos, 268 / 132, given as index ranges over the sorted files.
+``TRAIN_NUMBERS`` is that split written as photo numbers per class; the probe trains on eva's train photos and is
+scored on its validation photos (``probe_test``). A photo not named like the release (``<prefix><3 digits>.tif``
+in its class folder) is left out and counted.
 """
 
 from __future__ import annotations
@@ -61,36 +67,37 @@ def _resolve(folder: Path) -> Path:
     return folder
 
 
-def _photo_sides(photos: Path, spec_folders: list[str], skipped: Counter[str]) -> dict[str, list[tuple[Path, int]]]:
-    sides: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+def _photos_by_side(photos: Path, spec_folders: list[str], skipped: Counter[str]) -> list[tuple[Path, int, bool]]:
+    """Every release-named photo: its path, label, and whether eva's patient split puts it on the train side."""
+    found = []
     for label, cls in enumerate(spec_folders):
         for path in sorted(p for p in (photos / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             match = PHOTO.fullmatch(path.name)
             if not match or match.group(1).lower() != PREFIXES[cls] or not 1 <= int(match.group(2)) <= 100:
                 skipped[f"files in Photos/{cls}/ not named {PREFIXES[cls]}001..{PREFIXES[cls]}100.tif"] += 1
                 continue
-            side = "train" if int(match.group(2)) in TRAIN_NUMBERS[cls] else "test"
-            sides[side].append((path, label))
-    return sides
-
-
-def _split(items: list[tuple[Path, int]], name: str) -> Split:
-    return Split(ImageFiles(tuple(p for p, _ in items)), np.asarray([lab for _, lab in items], dtype=np.int64), name)
+            found.append((path, label, int(match.group(2)) in TRAIN_NUMBERS[cls]))
+    return found
 
 
 def read(folder: Path) -> list[BenchmarkTask]:
     folder = _resolve(Path(folder))
     spec = class_spec(NAME)
     skipped: Counter[str] = Counter()
-    sides = _photo_sides(_photos(folder), spec.folders, skipped)
-    test, train = _split(sides["test"], "test (patient split)"), _split(sides["train"], "train (patient split)")
+    found = _photos_by_side(_photos(folder), spec.folders, skipped)
+    labels = np.asarray([label for _, label, _ in found], dtype=np.int64)
+    test = Split(ImageFiles(tuple(path for path, _, _ in found)), labels, "all labelled photos")
+    in_train = np.asarray([side for _, _, side in found], dtype=bool)
+    train = test.subset(np.flatnonzero(in_train), "train (patient split)")
+    probe_test = test.subset(np.flatnonzero(~in_train), "validation (patient split)")
     left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
     split = (
-        f"no labelled official test set; patient-level split of Photos/ by the BACH patient table as kaiko-ai/eva "
-        f"splits it: zero-shot on eva's validation photos ({len(test.labels)}), the probe trains on its train photos "
-        f"({len(train.labels)})" + (f"; left out: {left_out}" if left_out else "")
+        f"no labelled official test set; zero-shot on all {len(test.labels)} labelled photos of Photos/, as the "
+        f"paper's clip_acc_BACH.py; the probe trains on kaiko-ai/eva's patient-level train photos "
+        f"({len(train.labels)}) and is scored on its validation photos ({len(probe_test.labels)})"
+        + (f"; left out: {left_out}" if left_out else "")
     )
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

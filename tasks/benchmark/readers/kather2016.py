@@ -7,8 +7,10 @@ cut from, e.g. ``1A11_CRC-Prim-HE-07_022.tif_Row_601_Col_151.tif`` (slide CRC-Pr
 sample ``../shared/data/patches/kather2016-samples`` has the same layout. The class keys are those of
 ``tasks/clip/data/kather2016-classes.json``.
 
-There is no official split. Tiles of one slide share staining and patient, so the derived split is by slide
-(``CRC-Prim-HE-NN`` in the name; a tile whose name carries none is its own group, and the count is said).
+There is no official split. As for the paper's datasets without one (the authors' scripts score every labelled
+image: LC25000, WSSS4LUAD, Osteo), zero-shot is scored on every tile, and the linear probe's split is derived.
+Tiles of one slide share staining and patient, so it is by slide (``CRC-Prim-HE-NN`` in the name; a tile whose
+name carries none is its own group, and the count is said).
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import re
 from pathlib import Path
 
 from tasks.benchmark.datasets import (
+    DERIVED_TRAIN_FRACTION,
     BenchmarkTask,
     DatasetFormat,
     ImageFiles,
     Split,
     class_spec,
-    derived_split,
+    derived_probe,
 )
 from tasks.clip.metrics import ClassSpec, load_labelled_images
 
 NAME = "kather2016"
-TRAIN_FRACTION = 0.3  # of the slides; the larger part stays for zero-shot, which is what the benchmark reports
 SLIDE = re.compile(r"CRC-Prim-HE-\d+")
 
 
@@ -52,19 +54,23 @@ def read(folder: Path) -> list[BenchmarkTask]:
     tiles = load_labelled_images(folder, spec)
     slides = [_slide(path) for path in tiles.paths]
     groups = [slide or path.name for slide, path in zip(slides, tiles.paths, strict=True)]
-    everything = Split(ImageFiles(tuple(tiles.paths)), tiles.labels, "all")
-    train, test = derived_split(everything, groups, TRAIN_FRACTION, NAME)
-    group_of = {str(path): group for path, group in zip(tiles.paths, groups, strict=True)}
-    in_test = {group_of[test.images.name(i)] for i in range(len(test.labels))}
+    everything = Split(ImageFiles(tuple(tiles.paths)), tiles.labels, "all tiles")
+    sides = derived_probe(everything, groups, salt=NAME)
+    train, probe_test = sides or (None, None)
     unnamed = slides.count(None)
+    probe = (
+        f"it trains on {len(sides[0].labels)} tiles and is scored on {len(sides[1].labels)}"
+        if sides
+        else "no probe: the slides all fall on one side"
+    )
     split = (
-        f"no official split: {len(test.labels)} of the {len(tiles.paths)} tiles in {folder} (class folders "
-        f"{spec.folders[0]}..{spec.folders[-1]}) are the derived test split and {len(train.labels)} the train "
-        f"split, by source slide (CRC-Prim-HE-NN in the tile name; {len(in_test)} of {len(set(groups))} slides "
-        f"in test, about {TRAIN_FRACTION:.0%} to train by a stable hash), so no slide is on both sides"
+        f"no official split; zero-shot on all {len(tiles.paths)} tiles in {folder} (class folders "
+        f"{spec.folders[0]}..{spec.folders[-1]}); the probe's split is derived by source slide (CRC-Prim-HE-NN in "
+        f"the tile name; {len(set(groups))} slides, about {DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash, "
+        f"no slide on both sides): {probe}"
         + (f"; {unnamed} tiles name no slide and are split one by one" if unnamed else "")
     )
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+    return [BenchmarkTask(NAME, NAME, folder, spec, everything, train, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

@@ -7,10 +7,15 @@ folder ``lung_colon_image_set/`` holds ``lung_image_sets/{lung_aca,lung_n,lung_s
 ``colon_image_sets/{colon_aca,colon_n}/``, 5,000 768x768 ``.jpeg`` images per class (``lungaca1.jpeg``,
 ``colonn1.jpeg``, ...). A download holding only one of the two halves gives only that task.
 
-There is no official split. The images are augmentations of 1,250 originals (750 lung, 500 colon; arXiv:1912.12142),
-and nothing in the files tells which original an image came from, so the derived split is by image:
-augmentations of one original can be on both sides, which flatters the linear probe (zero-shot does not train and is
-unaffected). Every ``split`` sentence says so.
+Zero-shot is scored on every image of each half, as the paper's own scripts do (PathFoundation/PathGen-1.6M
+``Zero-shot_classification/clip_acc_lc25000_{lung,colon}.py`` walk all of ``lung_image_sets`` /
+``colon_image_sets`` for ``.jpeg``; their prompt "An image of {}" and class names are in
+``lc25000-{lung,colon}-classes.json``).
+
+There is no official split, so the probe's is derived. The images are augmentations of 1,250 originals (750 lung,
+500 colon; arXiv:1912.12142), and nothing in the files tells which original an image came from, so the derived
+split is by image: augmentations of one original can be on both sides, which flatters the linear probe (zero-shot
+does not train and is unaffected). Every ``split`` sentence says so.
 """
 
 from __future__ import annotations
@@ -18,12 +23,19 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_split
+from tasks.benchmark.datasets import (
+    DERIVED_TRAIN_FRACTION,
+    BenchmarkTask,
+    DatasetFormat,
+    ImageFiles,
+    Split,
+    class_spec,
+    derived_probe,
+)
 from tasks.clip.metrics import ClassSpec, load_labelled_images
 
 NAME = "lc25000"
 HALVES = (("lc25000-lung", "lung_image_sets"), ("lc25000-colon", "colon_image_sets"))  # task name, subfolder
-TRAIN_FRACTION = 0.3  # the larger part stays for zero-shot, which is what the benchmark reports
 
 
 @functools.cache
@@ -43,16 +55,23 @@ def detect(folder: Path) -> bool:
 def _read_half(folder: Path, task: str, subfolder: str) -> BenchmarkTask:
     spec = _classes(task)
     images = load_labelled_images(folder / subfolder, spec)
-    everything = Split(ImageFiles(tuple(images.paths)), images.labels, "all")
-    train, test = derived_split(everything, [path.name for path in images.paths], TRAIN_FRACTION, task)
+    everything = Split(ImageFiles(tuple(images.paths)), images.labels, "all images")
+    sides = derived_probe(everything, [path.name for path in images.paths], salt=task)
+    train, probe_test = sides or (None, None)
+    probe = (
+        f"it trains on {len(sides[0].labels)} and is scored on {len(sides[1].labels)}"
+        if sides
+        else "no probe: the images all fall on one side"
+    )
     split = (
-        f"no official split: {len(test.labels)} of the {len(images.paths)} images in {folder / subfolder} "
-        f"({', '.join(spec.folders)}) are the derived test split and {len(train.labels)} the train split, image by "
-        f"image (about {TRAIN_FRACTION:.0%} to train by a stable hash of the file name); LC25000 is augmented from "
+        f"no official split; zero-shot on all {len(images.paths)} images in {folder / subfolder} "
+        f"({', '.join(spec.folders)}), as the paper's clip_acc_{task.replace('-', '_')}.py; the probe's split is "
+        f"derived image by image (about {DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash of the file name): "
+        f"{probe}; LC25000 is augmented from "
         "1,250 originals and the files do not say which, so augmentations of one original may be on both sides "
         "(the linear probe is flattered, zero-shot is not)"
     )
-    return BenchmarkTask(task, NAME, folder, spec, test, train, split)
+    return BenchmarkTask(task, NAME, folder, spec, everything, train, split, probe_test)
 
 
 def read(folder: Path) -> list[BenchmarkTask]:

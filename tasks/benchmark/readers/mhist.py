@@ -6,7 +6,9 @@ Layout built against: the dataset page https://bmirds.github.io/MHIST/ (download
 a folder holding ``images/MHIST_aaa.png ...`` (3,152 images, 224x224 px) and ``annotations.csv`` with the columns
 ``Image Name``, ``Majority Vote Label`` (HP or SSA), ``Number of Annotators who Selected SSA (Out of 7)`` and
 ``Partition`` (train: 2,175 images, test: 977). The official partition is used as is: zero-shot on ``test``, the
-linear probe trains on ``train``.
+linear probe trains on ``train``. The paper's authors released no MHIST script (PathFoundation/PathGen-1.6M
+``Zero-shot_classification/`` holds eight, none for MHIST), so the paper's split and prompt for it are not known;
+the class file's names are ours.
 """
 
 from __future__ import annotations

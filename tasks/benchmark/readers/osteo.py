@@ -7,11 +7,17 @@ the code search, e.g. an ``OSDataset`` class that walks ``Osteosarcoma-UT/`` and
 (``Case-3-A14-37149-17859.jpg``), and the label table ``ML_Features_1144.csv`` (downloaded from the collection
 page; put it in the same folder) with the columns ``image.name`` (``Case 3 A10-10547-25283``, ``Case 48 - P5
 C13-24121-14200``: spaces where the file names have hyphens) and ``classification`` (``Non-Tumor``, ``Viable``,
-``Non-Viable-Tumor``, and ``viable: non-viable`` for 53 mixed tiles, which have no single class and are left out).
+``Non-Viable-Tumor``, and ``viable: non-viable`` for 53 mixed tiles).
 
-There is no official split. The derived one is by slide (``Case 3 A10``: the name without its tile coordinates):
-no slide is on both sides, but with 4 patients (Case 3, Case 4, Case 48, P9, one of them single-class) a patient
-split cannot give both sides every class, so one patient's slides can be on both sides; the split sentence says so.
+Zero-shot is scored on every tile of the table, as the paper's own script does (PathFoundation/PathGen-1.6M
+``Zero-shot_classification/clip_acc_osteo.py`` reads every row of ``ML_Features_1144.csv``, spells ``image.name``
+as the tile's file name the way ``_key`` does, and labels the mixed ``viable: non-viable`` tiles viable tumour;
+its prompt "An H&E image patch of {}" and class names are in ``osteo-classes.json``).
+
+There is no official split, so the probe's is derived by slide (``Case 3 A10``: the name without its tile
+coordinates): no slide is on both sides, but with 4 patients (Case 3, Case 4, Case 48, P9, one of them
+single-class) a patient split cannot give both sides every class, so one patient's slides can be on both sides;
+the split sentence says so.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_split
+from tasks.benchmark.datasets import (
+    DERIVED_TRAIN_FRACTION,
+    BenchmarkTask,
+    DatasetFormat,
+    ImageFiles,
+    Split,
+    class_spec,
+    derived_probe,
+)
 from tasks.clip.metrics import IMAGE_SUFFIXES
 
 NAME = "osteo"
@@ -31,7 +45,7 @@ TABLE = "ML_Features_1144.csv"
 NAME_COLUMN, CLASS_COLUMN = "image.name", "classification"
 TILE_SETS = "Training-Set-*"
 MIXED = "viable: non-viable"
-TRAIN_FRACTION = 0.5  # a few tens of slides: about half train the probe, the rest score zero-shot and the probe
+MIXED_AS = "viable"  # the class the paper's script gives the mixed tiles (its csv2_label_dict)
 
 
 def detect(folder: Path) -> bool:
@@ -69,14 +83,17 @@ def _table(folder: Path) -> list[dict[str, str]]:
 
 
 def _labelled(folder: Path, classes: list[str], skipped: Counter[str]) -> tuple[list[Path], list[int], list[str]]:
+    """Tiles with their label and slide; ``skipped`` counts the rows left out, and the mixed tiles relabelled."""
     tiles, label_of = _tiles(folder), {c.lower(): i for i, c in enumerate(classes)}
     paths, labels, slides = [], [], []
     for row in _table(folder):
         key, cls = _key(row[NAME_COLUMN] or ""), (row[CLASS_COLUMN] or "").strip().lower()
         found = tiles.get(key, [])
+        if cls == MIXED and len(found) == 1:
+            skipped[MIXED] += 1
         if cls == MIXED:
-            skipped[f"mixed '{MIXED}' tiles (no single class)"] += 1
-        elif cls not in label_of:
+            cls = MIXED_AS
+        if cls not in label_of:
             skipped[f"rows with a class other than {', '.join(classes)}"] += 1
         elif len(found) != 1:
             skipped["rows with no tile file" if not found else "rows matching several tile files"] += 1
@@ -94,16 +111,25 @@ def read(folder: Path) -> list[BenchmarkTask]:
     paths, labels, slides = _labelled(folder, spec.folders, skipped)
     if not paths:
         raise ValueError(f"no row of {folder / TABLE} matches a tile under {folder}/{TILE_SETS}/; check the download")
-    every = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all")
-    train, test = derived_split(every, slides, TRAIN_FRACTION, salt=NAME)
+    every = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all tiles")
+    sides = derived_probe(every, slides, salt=NAME)
+    train, probe_test = sides or (None, None)
+    mixed = skipped.pop(MIXED, 0)
     left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
-    split = (
-        f"no official split; derived by slide from {TABLE} (image.name without its tile coordinates; "
-        f"{len(set(slides))} slides, about {TRAIN_FRACTION:.0%} of them train, fixed by a hash of the slide name): "
-        f"zero-shot on {len(test.labels)} tiles, the probe trains on {len(train.labels)}; no slide is on both "
-        "sides, but a patient can be" + (f"; left out: {left_out}" if left_out else "")
+    probe = (
+        f"it trains on {len(sides[0].labels)} tiles and is scored on {len(sides[1].labels)}; no slide is on both "
+        "sides, but a patient can be"
+        if sides
+        else "no probe: the slides all fall on one side"
     )
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+    split = (
+        f"no official split; zero-shot on all {len(every.labels)} tiles of {TABLE} found under {TILE_SETS}/ "
+        f"({mixed} mixed '{MIXED}' tiles labelled viable tumour), as the paper's clip_acc_osteo.py; the probe's "
+        f"split is derived by slide (image.name without its tile coordinates; {len(set(slides))} slides, about "
+        f"{DERIVED_TRAIN_FRACTION:.0%} of them train, fixed by a hash of the slide name): {probe}"
+        + (f"; left out: {left_out}" if left_out else "")
+    )
+    return [BenchmarkTask(NAME, NAME, folder, spec, every, train, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

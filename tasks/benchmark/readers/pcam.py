@@ -7,8 +7,10 @@ kaiko-ai/eva ``src/eva/vision/data/datasets/classification/patch_camelyon.py``):
 dataset ``y`` is ``[N, 1, 1, 1]``, 1 when the centre 32 x 32 px hold metastatic tumour, else 0.
 
 Zero-shot is scored on the official test split (32,768 patches) and the probe trains on the official train split
-(262,144); the valid split is not used. Patches are read one at a time from the open file, never as one array:
-the train images are 7 GB.
+(262,144); the valid split is not used. The paper's authors released no PCam script (PathFoundation/PathGen-1.6M
+``Zero-shot_classification/`` holds eight, none for PCam), so which split and prompt the paper scored is not
+known; the class file's names and templates are ours. Patches are read one at a time from the open file, never as
+one array: the train images are 7 GB.
 """
 
 from __future__ import annotations

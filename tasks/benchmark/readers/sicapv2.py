@@ -7,8 +7,11 @@ patient-level split), ``partition/Validation/Val{1..4}/`` (cross-validation fold
 ``wsi_labels.xlsx``. Each partition sheet has the columns ``image_name``, ``NC``, ``G3``, ``G4``, ``G5`` (one-hot,
 the patch's grade) and ``G4C`` (cribriform, a subset of G4, not a class here).
 
-Zero-shot is scored on ``Test.xlsx`` and the probe trains on ``Train.xlsx``. A row with no single grade, or whose
-image is not in ``images/``, is left out and counted in the split sentence.
+Zero-shot is scored on ``partition/Test/Train.xlsx``, as the paper's own script does (PathFoundation/PathGen-1.6M
+``Zero-shot_classification/clip_acc_SICAP_v2.py`` reads that sheet, drops ``G4C`` and keeps the rows with exactly
+one of NC, G3, G4, G5; its prompt "An H&E image of {}" and its grade descriptions are in ``sicapv2-classes.json``).
+The linear probe trains on the same sheet and is scored on the official held-out ``Test.xlsx`` (``probe_test``).
+A row with no single grade, or whose image is not in ``images/``, is left out and counted in the split sentence.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ NAME_COLUMN = "image_name"
 
 
 def detect(folder: Path) -> bool:
-    return (folder / "images").is_dir() and (folder / PARTITION / "Test.xlsx").is_file()
+    return (folder / "images").is_dir() and (folder / PARTITION / "Train.xlsx").is_file()
 
 
 def _rows(sheet: Path) -> list[dict[str, object]]:
@@ -73,7 +76,7 @@ def _split(folder: Path, sheet_name: str, grades: list[str], skipped: Counter[st
         else:
             paths.append(image)
             labels.append(grade)
-    split = sheet_name.removesuffix(".xlsx").lower()
+    split = f"{PARTITION.as_posix()}/{sheet_name}"  # the sheet, not "train"/"test": zero-shot scores Train.xlsx
     return Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), split)
 
 
@@ -81,15 +84,16 @@ def read(folder: Path) -> list[BenchmarkTask]:
     folder = Path(folder)
     spec = class_spec(NAME)
     skipped: Counter[str] = Counter()
-    test = _split(folder, "Test.xlsx", spec.folders, skipped)
-    train = _split(folder, "Train.xlsx", spec.folders, skipped)
+    probe_test = _split(folder, "Test.xlsx", spec.folders, skipped)
+    test = _split(folder, "Train.xlsx", spec.folders, skipped)
     left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
     split = (
-        f"official SICAPv2 patient-level split: zero-shot on {PARTITION}/Test.xlsx ({len(test.labels)} patches), "
-        f"the probe trains on {PARTITION}/Train.xlsx ({len(train.labels)})"
-        + (f"; left out: {left_out}" if left_out else "")
+        f"zero-shot on {PARTITION}/Train.xlsx ({len(test.labels)} single-grade patches), as the paper's "
+        f"clip_acc_SICAP_v2.py; the probe trains on the same sheet and is scored on the official patient-level "
+        f"{PARTITION}/Test.xlsx ({len(probe_test.labels)})" + (f"; left out: {left_out}" if left_out else "")
     )
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+    # train is test, one Split: its images need embedding only once
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, test, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

@@ -7,8 +7,12 @@ heiDATA page itself could not be read here; the layout is as public code that lo
 code search: a download rule fetching heiDATA file 7166 = data.zip, dataset READMEs drawing the tree above, and
 loaders reading the columns ``file``, ``class`` and ``set``, where ``set`` is Train, Validation or Test and ``file``
 is the tile's path starting with ``data/``, relative to the folder that holds ``data/``). The class keys are the
-``class`` values (``nontumor_skin_dermis_dermis``, ``tumor_skin_epithelial_bcc``, ...). The official ``set``
-column is used: zero-shot on Test, the linear probe trains on Train, Validation is unused.
+``class`` values (``nontumor_skin_dermis_dermis``, ``tumor_skin_epithelial_bcc``, ...).
+
+Zero-shot is scored on every row of ``tiles-v2.csv``, Train, Validation and Test alike, as the paper's own script
+does (PathFoundation/PathGen-1.6M ``Zero-shot_classification/clip_acc_skincancer.py`` iterates over all rows and
+never reads ``set``; its prompt "An H&E image of {}" and class names are in ``skin-classes.json``). The linear
+probe uses the official ``set`` column: it trains on Train and is scored on Test (``probe_test``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from tasks.clip.metrics import ClassSpec
 NAME = "skin"
 TABLE = "tiles-v2.csv"
 FILE, CLASS, SET = "file", "class", "set"
-SETS = {"Test": "test", "Train": "train", "Validation": None}  # the set column's values -> our split (None: unused)
+SETS = {"Test": "test", "Train": "train", "Validation": "validation"}  # the set column's values -> the split's name
 
 
 @functools.cache
@@ -74,24 +78,23 @@ def _check(table: Path, rows: list[dict[str, str]], spec: ClassSpec) -> None:
             raise ValueError(f"{table} line {number}: set {row[SET]!r} is not one of {', '.join(SETS)}")
 
 
-def _split(folder: Path, rows: list[dict[str, str]], name: str, spec: ClassSpec) -> tuple[Split, int]:
-    """The tiles of one split, and how many of its rows name a tile that is not there."""
-    paths, labels, missing = [], [], 0
+def _tiles(folder: Path, rows: list[dict[str, str]], spec: ClassSpec) -> tuple[Split, list[str], int]:
+    """Every row's tile (zero-shot), the split each comes from, and how many rows name a tile that is not there."""
+    paths, labels, sets, missing = [], [], [], 0
     for row in rows:
-        if SETS[row[SET]] != name:
-            continue
         path = _tile(folder, row[FILE])
         if path is None:
             missing += 1
             continue
         paths.append(path)
         labels.append(spec.folders.index(row[CLASS]))
+        sets.append(SETS[row[SET]])
     if not paths:
         raise ValueError(
-            f"{folder / TABLE} names no {name} tile that exists under {folder} ({missing} rows point at missing "
-            "files); unpack all of data.zip"
+            f"{folder / TABLE} names no tile that exists under {folder} ({missing} rows point at missing files); "
+            "unpack all of data.zip"
         )
-    return Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), name), missing
+    return Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all"), sets, missing
 
 
 def read(folder: Path) -> list[BenchmarkTask]:
@@ -100,16 +103,21 @@ def read(folder: Path) -> list[BenchmarkTask]:
     table = folder / TABLE
     rows = _rows(table)
     _check(table, rows, spec)
-    test, test_missing = _split(folder, rows, "test", spec)
-    train, train_missing = _split(folder, rows, "train", spec)
-    unused = sum(SETS[row[SET]] is None for row in rows)
-    split = (
-        f"official split of {table} (column {SET!r}): {len(test.labels)} Test tiles for zero-shot, "
-        f"{len(train.labels)} Train tiles for the linear probe, {unused} Validation tiles unused"
-    )
-    if test_missing or train_missing:
-        split += f"; {test_missing} Test and {train_missing} Train rows left out: their tile is not under {folder}"
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+    test, sets, missing = _tiles(folder, rows, spec)
+    train_at, scored_at = (np.flatnonzero(np.asarray(sets) == name) for name in ("train", "test"))
+    split = f"zero-shot on all {len(test.labels)} tiles of {table} (Train, Validation and Test), as the paper's "
+    if len(train_at) and len(scored_at):
+        train, probe_test = test.subset(train_at, "train"), test.subset(scored_at, "test")
+        split += (
+            f"clip_acc_skincancer.py; the probe trains on the {len(train_at)} Train tiles and is scored on the "
+            f"{len(scored_at)} Test tiles (column {SET!r})"
+        )
+    else:
+        train = probe_test = None
+        split += f"clip_acc_skincancer.py; no probe: no Train or no Test tile (column {SET!r}) is there"
+    if missing:
+        split += f"; {missing} rows left out: their tile is not under {folder}"
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

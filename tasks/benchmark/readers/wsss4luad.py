@@ -5,15 +5,15 @@ patch-level labelled training patches) as public code reads it: ``1.training/*.p
 name, ``<slide>-<x>-<y>-[tumor, stroma, normal].png`` (e.g. ``436219-7159-48057-[1, 0, 0].png``), plus
 ``2.validation/{img,mask}`` and ``3.testing/{img,mask}`` (pixel masks of larger regions, not used here).
 
-Classes: tumor vs non-tumor, over all labelled training patches. Why not the three tissue classes: a patch's label
-is a multi-label vector and over half of the patches hold two or three tissues (public code counts 4,693
-single-label patches of the 10,091), so one class per patch exists only as "holds tumor or not"; the zero-shot
-scripts of the paper's own group (code search: ``.../clip_zeroshot_cls/WSSS/1.training`` with the prompts "An H&E
-image of tumor tissue." / "An H&E image of normal tissue.", label tumor when the first flag is 1, else normal) score
-exactly this, on every training patch.
+Classes: tumor vs non-tumor, over all labelled training patches, as the paper's own script scores it
+(PathFoundation/PathGen-1.6M ``Zero-shot_classification/clip_acc_WSSS4LUAD.py`` reads every ``.png`` of
+``.../WSSS/1.training``, labels a patch tumour when the first flag of its name's vector is 1, else normal, and
+prompts "An H&E image of tumor tissue." / "An H&E image of normal tissue.", which ``wsss4luad-classes.json``
+holds; the key stays ``non-tumor`` because such a patch may hold stroma only). One class per patch exists only as
+"holds tumour or not": over half of the patches hold two or three tissues.
 
-No official patch-level test split: the split is derived by slide (the name before ``-<x>-<y>``), so no slide is on
-both sides; zero-shot is scored on the derived test part.
+Zero-shot is scored on every labelled patch of ``1.training``. There is no official patch-level split, so the
+probe's is derived by slide (the name before ``-<x>-<y>``): no slide is on both sides.
 """
 
 from __future__ import annotations
@@ -24,12 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_split
+from tasks.benchmark.datasets import (
+    DERIVED_TRAIN_FRACTION,
+    BenchmarkTask,
+    DatasetFormat,
+    ImageFiles,
+    Split,
+    class_spec,
+    derived_probe,
+)
 from tasks.clip.metrics import ClassSpec
 
 NAME = "wsss4luad"
 TRAINING = "1.training"
-TRAIN_FRACTION = 0.3  # of the slides; the larger part stays for zero-shot, which is what the benchmark reports
 LABELLED = re.compile(r"^(?P<stem>.+?)-?\[\s*(?P<tumor>[01])\s*,\s*(?P<stroma>[01])\s*,\s*(?P<normal>[01])\s*\]$")
 POSITION = re.compile(r"-\d+-\d+$")  # the -<x>-<y> after the slide in a patch name
 
@@ -71,20 +78,23 @@ def read(folder: Path) -> list[BenchmarkTask]:
             f"{folder / TRAINING} holds no patch named <slide>-<x>-<y>-[tumor, stroma, normal].png "
             f"({len(unlabelled)} other .png files); give the WSSS4LUAD folder with the challenge's 1.training/"
         )
-    everything = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all")
-    train, test = derived_split(everything, slides, TRAIN_FRACTION, NAME)
-    slide_of = {str(path): slide for path, slide in zip(paths, slides, strict=True)}
-    in_test = {slide_of[test.images.name(i)] for i in range(len(test.labels))}
+    everything = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all labelled patches")
+    sides = derived_probe(everything, slides, salt=NAME)
+    train, probe_test = sides or (None, None)
+    probe = (
+        f"it trains on {len(sides[0].labels)} patches and is scored on {len(sides[1].labels)}"
+        if sides
+        else "no probe: the slides all fall on one side"
+    )
     split = (
-        f"no official patch-level test split: {len(test.labels)} of the {len(paths)} labelled patches in "
-        f"{folder / TRAINING} are the derived test split and {len(train.labels)} the train split, by slide "
-        f"({len(in_test)} of {len(set(slides))} slides in test, about {TRAIN_FRACTION:.0%} to train by a stable "
-        "hash), so no slide is on both sides; label tumor when the name's [tumor, stroma, normal] has tumor, "
-        "else non-tumor"
+        f"no official patch-level split; zero-shot on all {len(paths)} labelled patches in {folder / TRAINING}, as "
+        f"the paper's clip_acc_WSSS4LUAD.py (tumor when the name's [tumor, stroma, normal] has tumor, else "
+        f"non-tumor); the probe's split is derived by slide ({len(set(slides))} slides, about "
+        f"{DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash, no slide on both sides): {probe}"
     )
     if unlabelled:
         split += f"; {len(unlabelled)} .png files without a label in the name left out (e.g. {unlabelled[0]})"
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split)]
+    return [BenchmarkTask(NAME, NAME, folder, spec, everything, train, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

@@ -1,5 +1,7 @@
-"""Evaluate a CLIP model on labelled patch folders: zero-shot, linear probe (with train/ and test/ splits) and
-retrieval on held-out pairs; results to ``eval/<run>/<dataset>.json`` and a table artifact per dataset.
+"""Evaluate a CLIP model on labelled patch datasets: zero-shot, linear probe (when a dataset has a train split) and
+retrieval on held-out pairs; results to ``eval/<run>/<task>.json`` and a table artifact per task. A dataset is
+``{dataset: DIR, classes: FILE}`` (one folder per class) or ``{dataset: DIR[, format: NAME]}`` (a benchmark dataset
+as downloaded: ``tasks/benchmark/readers/``, its format detected when not named).
 
 The model is any open_clip name with ``pretrained`` (``ViT-B-16:openai``) or a checkpoint, so PathGen-CLIP sits
 beside its baselines on the same folders; without one, the newest PathGen-CLIP checkpoint in the store.
@@ -14,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pathgen.settings import run_settings
-from tasks.clip.spec import parse_model_spec
+from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import RUNS
 from tasks.clip.stages import newest_checkpoint as newest_stage_checkpoint
 from tasks.clip.train import epoch_of
@@ -46,6 +48,21 @@ def eval_run_name(model: str) -> str:
     return name if int(match[3]) >= _last_epoch(model) else f"{name}-epoch{match[3]}"
 
 
+def eval_run_of(spec: ModelSpec) -> str:
+    """Where a model's results go: ``eval/<eval_run>/``; a checkpoint's by its run and stage."""
+    return eval_run_name(spec.pretrained if spec.pretrained and "/" in spec.pretrained else spec.label)
+
+
+def _dataset_unit(entry: dict[str, str]) -> dict[str, str]:
+    """A dataset entry as a unit; an entry with neither classes nor format has its format detected."""
+    if not entry.get("dataset"):
+        raise ValueError(f"dataset entry {entry} names no dataset folder: give {{dataset: DIR[, classes: FILE]}}")
+    unknown = set(entry) - {"dataset", "classes", "format"}
+    if unknown:
+        raise ValueError(f"dataset entry {entry}: unknown keys {sorted(unknown)}; known: dataset, classes, format")
+    return {key: entry[key] for key in ("dataset", "classes", "format") if entry.get(key)}
+
+
 def _last_epoch(checkpoint: str) -> int:
     import fsspec
 
@@ -70,10 +87,10 @@ def evaluate_flow(
     target = open_store(settings, ["eval"], logger)
     model = model or newest_checkpoint(target)
     spec = parse_model_spec(model)
-    eval_run = eval_run_name(spec.pretrained if spec.pretrained and "/" in spec.pretrained else spec.label)
+    eval_run = eval_run_of(spec)
     name_flow_run(f"evaluate-{eval_run}-{len(datasets)}-datasets")
     logger.info("evaluating %s as %s", spec.label, eval_run)
-    units = [{"dataset": d["dataset"], "classes": d["classes"], "holdout": holdout} for d in datasets]
+    units = [{**_dataset_unit(d), "holdout": holdout} for d in datasets]
     stage = Stage(
         "evaluate",
         evaluate_task,

@@ -3,9 +3,11 @@ instruct and train-llava, and the whole-slide path: features of every tissue pat
 ``mil.task``), each stage switchable.
 
 Every stage runs as a subflow (its own run, table and progress in the UI) and skips what the store already holds:
-committed slides and pairs, finished CLIP stages. ``parts`` goes to extract and caption. Models are checked for all
-chosen stages before any work (``models.allow_random_weights``); each stage's models leave the GPU when it ends
-(the next stage's training needs the memory). The run ends with a ``factory-report`` markdown
+committed slides and pairs, finished CLIP stages. The evaluate stage evaluates ``datasets`` (else clip.evaluate);
+with ``eval.suite`` set it runs the benchmark instead (flows/benchmark.py: eval.baselines and the newest
+PathGen-CLIP on every dataset of the suite under eval.root). ``parts`` goes to extract and caption. Models are
+checked for all chosen stages before any work (``models.allow_random_weights``); each stage's models leave the GPU
+when it ends (the next stage's training needs the memory). The run ends with a ``factory-report`` markdown
 artifact: each stage's state, counts and throughput, then what the store holds (``pathgen status``).
 """
 
@@ -18,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from agents.backends import release_backends
+from flows.benchmark import benchmark_flow
 from flows.caption import caption_flow
 from flows.evaluate import evaluate_flow
 from flows.extract import extract_flow
@@ -109,8 +112,8 @@ def _run_stage(
 
 def _skip_note(stage: str, datasets: list[dict], settings: Settings) -> str | None:
     """Why a chosen stage has nothing to do in this run (its row says so), or None."""
-    if stage == "evaluate" and not datasets:
-        return "no datasets: pass datasets or set clip.evaluate"
+    if stage == "evaluate" and not datasets and not settings.eval.suite:
+        return "no datasets: pass datasets, set clip.evaluate, or set eval.suite and eval.root (the benchmark)"
     if stage == "train-mil" and not settings.mil.task:
         return "no task: set mil.task to a task CSV (pathgen mil-task builds one)"
     return None
@@ -133,6 +136,8 @@ def _start_stage(stage: str, sources: list[str], common: dict, parts: int, datas
     if stage == "train-mil":
         mil = settings.mil
         return train_mil_flow(task=mil.task, features=mil.features, model=mil.model, return_state=True, **common)
+    if settings.eval.suite:  # the benchmark: eval.baselines, then the newest PathGen-CLIP, on every dataset found
+        return benchmark_flow(suite=settings.eval.suite, root=settings.eval.root, return_state=True, **common)
     return evaluate_flow(datasets, return_state=True, **common)
 
 
@@ -174,6 +179,8 @@ def _counts(stage: str, result: dict[str, Any]) -> dict[str, Any]:
     elif stage == "train-mil":
         counts = {key: result.get(key) for key in ("run", "status", "model", "features", "chosen_lr", "eval")}
         counts["auc"] = mean_std_text(*((result.get(k) or {}).get("auc") for k in ("mean", "std")), missing=None)
+    elif "rows" in result:  # the benchmark
+        counts = {"benchmark": result["run"], "failed_cells": result["failed"], "summary": result["files"]["markdown"]}
     else:
         counts = {"eval_run": result.get("eval_run"), "results": ", ".join(r["status"] for r in result["results"])}
     counts["random_weights"] = bool(result.get("random_weights"))

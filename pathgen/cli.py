@@ -34,7 +34,9 @@ RANDOM_CAPTIONS = (
 
 
 def _settings_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML settings file")
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML settings file; FILE#VARIANT for one of its variants (e.g. #clip-l)"
+    )
     parser.add_argument(
         "--set",
         dest="assignments",
@@ -116,8 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate", parents=[common], help="zero-shot, linear-probe and retrieval evaluation of a CLIP model"
     )
-    evaluate.add_argument("--dataset", metavar="DIR", required=True, help="one folder per class (or train/ test/)")
-    evaluate.add_argument("--classes", metavar="FILE", required=True, help="JSON: folder -> class names [templates]")
+    evaluate.add_argument(
+        "--dataset", metavar="DIR", required=True, help="a benchmark dataset as downloaded, or one folder per class"
+    )
+    evaluate.add_argument(
+        "--format",
+        dest="dataset_format",
+        metavar="NAME",
+        help="the dataset's format (pcam, crc100k, ...: tasks/benchmark/readers/); default: detected from its files",
+    )
+    evaluate.add_argument(
+        "--classes", metavar="FILE", help="JSON: folder -> class names [templates], for one folder per class"
+    )
     evaluate.add_argument(
         "--model", metavar="NAME_OR_PATH", help="ViT-B-16:openai, a checkpoint path; default: newest in the store"
     )
@@ -273,6 +285,8 @@ COMMAND_MODULES = (
     "pathgen.llava_cli",
     "pathgen.mil_cli",
     "pathgen.features_cli",
+    "pathgen.benchmark_cli",
+    "pathgen.serve_cli",
 )
 
 
@@ -384,15 +398,18 @@ def _export(args: argparse.Namespace) -> int:
 
         return export_features(args, settings)
     try:
-        count = export_pathgen_json(Store(settings.store, settings.s3), args.out, args.agents_hash)
+        store = Store(settings.store, settings.s3)
+        count = export_pathgen_json(store, args.out, args.agents_hash, settings.export.reviews)
     except ValueError as exc:
         print(f"pathgen export: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {count} records to {args.out}")
     from tasks.captions.export import provenance_path
+    from tasks.reviews.report import review_line
 
     side = json.loads(provenance_path(args.out).read_text())
     print(f"provenance: {provenance_path(args.out)}")
+    print(review_line(side["reviews"]))
     if side["random_weights"]:
         print(f"RANDOM WEIGHTS: {side['random_weight_records']} of {count} records were captioned by random-weight "
               "models; their captions are noise")  # fmt: skip

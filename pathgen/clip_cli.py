@@ -16,6 +16,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 def export_webdataset(args: argparse.Namespace, settings: Settings) -> int:
     from tasks.captions.export import agents_hashes
     from tasks.clip.webdataset import export_pairs
+    from tasks.reviews.report import review_line
     from tasks.store.objects import Store
 
     store = Store(settings.store, settings.s3)
@@ -27,12 +28,19 @@ def export_webdataset(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    summary = export_pairs(store, chosen, Path(args.out), settings.clip.holdout_fraction)
+    try:
+        summary = export_pairs(
+            store, chosen, Path(args.out), settings.clip.holdout_fraction, None, settings.export.reviews
+        )
+    except ValueError as exc:  # an unreadable review file: named, with the way around it
+        print(f"pathgen export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(
         f"wrote {summary.pairs} training pairs in {summary.tars} tars to {summary.out} "
         f"({summary.holdout_pairs} held out in {summary.out}/holdout; {summary.written} tars rewritten; "
         f"{summary.pairs_per_s:.0f} pairs/s)"
     )
+    print(review_line(summary.reviews))
     if summary.random_weights:
         print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise")
     return EXIT_OK if summary.pairs else EXIT_FAILED
@@ -70,7 +78,11 @@ def train_clip(args: argparse.Namespace, overrides: dict) -> int:
 def evaluate(args: argparse.Namespace, overrides: dict) -> int:
     from flows.evaluate import RANDOM_WHY, evaluate_flow
 
-    datasets = [{"dataset": str(Path(args.dataset)), "classes": str(Path(args.classes))}]
+    try:
+        datasets = [dataset_entry(args.dataset, args.classes, args.dataset_format)]
+    except ValueError as exc:  # before Prefect starts: a folder that is no dataset is told at once
+        print(f"pathgen evaluate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     with api_server():
         state = evaluate_flow(
             datasets, model=args.model, holdout=args.holdout, config=args.config, overrides=overrides, return_state=True
@@ -86,6 +98,22 @@ def evaluate(args: argparse.Namespace, overrides: dict) -> int:
     if summary["random_weights"]:
         print(f"RANDOM WEIGHTS: {summary['model']} has {RANDOM_WHY}; these numbers measure noise")
     return EXIT_OK if summary["ok"] == len(summary["results"]) else EXIT_FAILED
+
+
+def dataset_entry(dataset: str, classes: str | None, dataset_format: str | None) -> dict[str, str]:
+    """``--dataset`` with ``--classes`` (one folder per class) or its format, named or detected from its files."""
+    from tasks.benchmark.datasets import detect_format
+    from tasks.clip.evaluate import dataset_format as known_format
+
+    folder = Path(dataset)
+    if not folder.is_dir():
+        raise ValueError(f"--dataset {dataset} is not a folder; give the dataset's folder as downloaded")
+    if classes:
+        if dataset_format:
+            raise ValueError(f"give --classes (one folder per class) or --format {dataset_format}, not both")
+        return {"dataset": str(folder), "classes": str(Path(classes))}
+    fmt = known_format(dataset_format) if dataset_format else detect_format(folder)
+    return {"dataset": str(folder), "format": fmt.name}
 
 
 def _headline(result: dict) -> str:

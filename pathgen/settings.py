@@ -6,7 +6,8 @@ environment (``PATHGEN_PATCH__TARGET_MPP=0.25``). One entry of a map setting is 
 (``slides.mpp_overrides.<slide_id>=0.5``, ``PATHGEN_SLIDES__MPP_OVERRIDES__<SLIDE_ID>=0.5``); a list setting takes
 comma-separated values (``slides.roots=/a,/b``) or a YAML list (``slides.roots=[/a, /b]``). A ``PATHGEN_*`` variable
 that names no setting is an error, except the few in ``NON_SETTING_ENV_VARS``. Credentials never live here: they
-come from the environment.
+come from the environment. A YAML file may hold named variants of itself (``variants: {NAME: {...settings}}``):
+``FILE#NAME`` loads the file with that variant deep-merged over it; ``variants`` itself is never a setting.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import cut, short_repr
 
@@ -53,6 +54,12 @@ MAX_SEED = 2**32 - 1  # numpy, torch and the OpenAI-compatible servers all take 
 MAX_SLIDE_MPP = 100.0  # a slide coarser than 100 µm/px holds no cells worth a caption
 MAX_YAML_BYTES = 2**20  # a settings file (or prompts file) larger than this is refused before it is parsed
 MAX_ERRORS_SHOWN = 10  # one settings error lists at most this many fields
+
+
+def _multiples_near(value: int, factor: int) -> str:
+    """The multiples of ``factor`` on either side of ``value`` (the nearest positive ones), for an error's fix."""
+    below = value - value % factor
+    return " or ".join(str(v) for v in (below, below + factor) if v > 0)
 
 
 def _blank_is_unset(value: Any) -> Any:
@@ -200,7 +207,11 @@ class SlideSettings(_Section):
     mpp_overrides: dict[str, Annotated[float, Field(gt=0.0, le=MAX_SLIDE_MPP)]] = Field(
         default_factory=dict, description="slide_id (or file name) -> MPP, wins over the slide's own metadata"
     )
-    project: str | None = Field(None, description="TCGA project of every slide (e.g. TCGA-BRCA) unless mapped")
+    project: str | None = Field(
+        None,
+        description="TCGA project of every slide not in slides.projects (e.g. TCGA-BRCA), over the source's GDC "
+        "metadata and the slide's barcode (tasks/slides/projects.py)",
+    )
     projects: dict[str, str] = Field(default_factory=dict, description="slide_id -> TCGA project")
     roots: list[str] = Field(
         default_factory=list,
@@ -385,7 +396,13 @@ class ClipSettings(_Section):
     run: str | None = Field(None, description="run name under models/clip/; unset: a hash of the training inputs")
     lr: float = Field(3e-5, gt=0.0, le=1.0)
     weight_decay: float = Field(0.1, ge=0.0, le=10.0)
-    batch_size: int = Field(384, ge=2, le=65536, description="per device; lowered to the pairs available")
+    batch_size: int = Field(
+        384,
+        ge=2,
+        le=65536,
+        description="global batch: pairs per optimizer step over all clip.devices (the paper's 384); each device "
+        "takes batch_size / devices, which must divide; lowered to the pairs available",
+    )
     warmup: int = Field(100, ge=0, le=10_000_000, description="warmup steps of the cosine schedule")
     precision: str = Field("auto", pattern=r"^(auto|amp|amp_bf16|bf16|fp16|fp32)$", description="auto: amp on GPU")
     grad_checkpointing: bool = False
@@ -410,6 +427,21 @@ class ClipSettings(_Section):
         default_factory=list, description="after each stage: [{dataset: DIR, classes: FILE}] to evaluate on"
     )
 
+    @model_validator(mode="after")
+    def _batch_divides(self) -> ClipSettings:
+        clip_batch_per_device(self.batch_size, self.devices)  # one that does not divide fails here, before any work
+        return self
+
+
+def clip_batch_per_device(batch_size: int, devices: int) -> int:
+    """The batch each device trains on: the global ``clip.batch_size`` shared evenly by ``clip.devices``."""
+    if batch_size % devices:
+        raise SettingsError(
+            f"clip.batch_size {batch_size} is the global batch, shared evenly by clip.devices {devices}: set it to a "
+            f"multiple of {devices} ({_multiples_near(batch_size, devices)}) or change clip.devices"
+        )
+    return batch_size // devices
+
 
 class LlavaSettings(_Section):
     """PathGen-LLaVA: vision tower + two-layer GELU projector + causal LM; stage 1 trains the projector on caption
@@ -430,7 +462,23 @@ class LlavaSettings(_Section):
     epochs_stage2: int = Field(1, ge=1, le=1000)
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="cap on optimizer steps per stage")
     batch_size: int = Field(16, ge=1, le=4096, description="conversations per device and micro-batch")
-    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    grad_accum: int = Field(
+        1, ge=1, le=1024, description="micro-batches per optimizer step of a stage without a global batch set"
+    )
+    global_batch_stage1: int | None = Field(
+        None,
+        ge=1,
+        le=2**20,
+        description="stage 1 conversations per optimizer step over all devices (LLaVA-1.5: 256); set, the stage's "
+        "micro-batches per step are global / (batch_size x devices), which must divide; unset: grad_accum",
+    )
+    global_batch_stage2: int | None = Field(
+        None,
+        ge=1,
+        le=2**20,
+        description="stage 2 conversations per optimizer step over all devices (LLaVA-1.5: 128); set, the stage's "
+        "micro-batches per step are global / (batch_size x devices), which must divide; unset: grad_accum",
+    )
     max_length: int = Field(2048, ge=16, le=131_072, description="tokens per conversation, image tokens included")
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="share of steps with a linear warmup (then cosine)")
     weight_decay: float = Field(0.0, ge=0.0, le=10.0)
@@ -447,14 +495,64 @@ class LlavaSettings(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     work_dir: str | None = Field(None, description="local folder for models and checkpoints; unset: ~/.cache")
 
+    def grad_accum_of(self, stage: str) -> int:
+        """Micro-batches per optimizer step of ``stage`` (stage1 | stage2): from its global batch when one is set
+        (LLaVA-1.5 states its batches globally: per device x accumulation x devices), else ``grad_accum``."""
+        key = f"global_batch_{stage}"
+        total = getattr(self, key)
+        if total is None:
+            return self.grad_accum
+        step = self.batch_size * self.devices
+        if total % step:
+            raise SettingsError(
+                f"llava.{key} {total} is no multiple of llava.batch_size x llava.devices ({self.batch_size} x "
+                f"{self.devices} = {step}): set it to {_multiples_near(total, step)}, or change llava.batch_size or "
+                "llava.devices"
+            )
+        return total // step
+
+    @model_validator(mode="after")
+    def _global_batches_divide(self) -> LlavaSettings:
+        if self.global_batch_stage1 and self.global_batch_stage2 and self.grad_accum != 1:
+            raise SettingsError(
+                f"llava.grad_accum {self.grad_accum} would be ignored: both stages derive theirs from "
+                "llava.global_batch_stage1 and llava.global_batch_stage2; leave llava.grad_accum at 1"
+            )
+        for stage in ("stage1", "stage2"):
+            self.grad_accum_of(stage)  # one that does not divide fails here, before any work
+        return self
+
 
 class EvalSettings(_Section):
     batch_size: int = Field(64, ge=1, le=4096)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     shots: list[int] = Field(default_factory=list, description="k-shot linear probes (besides the full one)")
-    seeds: int = Field(3, ge=1, le=100, description="samplings per k-shot probe")
+    seeds: int = Field(3, ge=1, le=100, description="samplings per k-shot probe, and seeds of the paper probe")
     probe_c: float = Field(1.0, gt=0.0, le=1e6, description="inverse L2 strength of the logistic regression")
+    probe: Literal["logistic", "paper"] = Field(
+        "logistic",
+        description="linear probe: logistic (scikit-learn, full train set + eval.shots) or paper (PathGen-CLIP's "
+        "nn.Linear with AdamW on eval.probe_shots per class, eval.seeds seeds)",
+    )
+    probe_shots: int = Field(256, ge=1, le=1_000_000, description="paper probe: training samples per class, at most")
+    probe_lr: float = Field(1e-2, gt=0.0, le=10.0, description="paper probe: AdamW learning rate")
+    probe_epochs: int = Field(20, ge=1, le=10_000, description="paper probe: epochs over the sampled training set")
+    probe_batch_size: int = Field(32, ge=1, le=65_536, description="paper probe: samples per AdamW step")
     retrieval_pairs: int = Field(5000, ge=2, le=100_000, description="held-out pairs scored for retrieval, at most")
+    suite: Literal["paper", "all"] | None = Field(
+        None,
+        description="the factory's evaluate stage runs this benchmark suite (pathgen benchmark) on the datasets under "
+        "eval.root; unset: it evaluates clip.evaluate",
+    )
+    root: str | None = Field(
+        None, description="benchmark root: a folder holding the downloaded datasets, one folder each, any names"
+    )
+    baselines: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="models benchmarked before the newest PathGen-CLIP (as pathgen evaluate --model takes them, e.g. "
+        "ViT-B-16:openai), so each difference column is trained minus baseline",
+    )
 
 
 class InstructSettings(RoleSettings):
@@ -538,6 +636,34 @@ class ModelsSettings(_Section):
     )
 
 
+class ExportSettings(_Section):
+    """What every export of pairs (PathGen JSON, WebDataset, LLaVA) does with the reviews under reviews/."""
+
+    reviews: Literal["apply", "ignore"] = Field(
+        "apply",
+        description="apply: leave out rejected pairs and use corrected captions (the latest review of a pair counts); "
+        "ignore: export the pairs as generated. Either way the export's provenance counts the reviews",
+    )
+
+
+class ServeSettings(_Section):
+    """``pathgen serve``: the review browser (pathgen/serve/)."""
+
+    reviewer_header: str = Field(
+        "X-Forwarded-User",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="request header naming the reviewer, set by the authenticating proxy in front of the app (which "
+        "must overwrite any value a client sends); without it a review is by --reviewer",
+    )
+    openseadragon_dir: str | None = Field(
+        None,
+        description="folder holding openseadragon.min.js and images/; unset: .vendor/node_modules/openseadragon/"
+        "build/openseadragon in the checkout, where `make setup` installs it from npm",
+    )
+    page_size: int = Field(48, ge=1, le=500, description="pairs per page of the pairs grid")
+    open_slides: int = Field(4, ge=1, le=64, description="slides kept open for DeepZoom tiles (LRU)")
+
+
 class Settings(_Section):
     store: str = Field("file://./store", description="fsspec URL of the store root")
     sources: list[str] = Field(default_factory=list)
@@ -560,6 +686,8 @@ class Settings(_Section):
     features: FeaturesSettings = Field(default_factory=FeaturesSettings)
     mil: MilSettings = Field(default_factory=MilSettings)
     models: ModelsSettings = Field(default_factory=ModelsSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
 
 
 def _unwrap_optional(annotation: Any) -> Any:
@@ -739,15 +867,55 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+VARIANTS_KEY = "variants"  # a settings file's named variants of itself (FILE#NAME); never a setting
+
+
+def _split_variant(config_file: str | os.PathLike) -> tuple[Path, str | None]:
+    """``deploy/paper.yaml#clip-l`` -> (the file, the variant); a file whose own name holds ``#`` is taken whole."""
+    text = os.fspath(config_file)
+    path, sep, variant = text.rpartition("#")
+    if not sep or Path(text).is_file():
+        return Path(text), None
+    if not variant.strip():
+        raise SettingsError(
+            f"config {short_repr(text)} names no variant after '#': write FILE#VARIANT (for example "
+            "deploy/paper.yaml#clip-l), or drop the '#'"
+        )
+    return Path(path), variant.strip()
+
+
+def _with_variant(loaded: dict[str, Any], variant: str | None, what: str) -> dict[str, Any]:
+    """A settings file's mapping without its ``variants``, and with the chosen one deep-merged over it."""
+    variants = loaded.pop(VARIANTS_KEY, None)
+    if variants is not None and not isinstance(variants, dict):
+        raise SettingsError(
+            f"{what}: {VARIANTS_KEY} must map each variant's name to settings, e.g. "
+            f"{VARIANTS_KEY}: {{clip-l: {{clip: {{model: ViT-L-14-336}}}}}}"
+        )
+    if variant is None:
+        return loaded
+    if variant not in (variants or {}):
+        known = ", ".join(sorted(str(name) for name in variants or {})) or "none"
+        raise SettingsError(
+            f"{what} has no variant {short_repr(variant)} (its variants: {known}); name one of them after '#', or "
+            "drop the '#' for the file as it is"
+        )
+    chosen = variants[variant] or {}
+    if not isinstance(chosen, dict) or VARIANTS_KEY in chosen:
+        raise SettingsError(f"{what}: variant {variant!r} must be a mapping of settings, without variants of its own")
+    return _deep_merge(loaded, chosen)
+
+
 def load_settings(
     config_file: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | Iterable[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build the settings from a YAML file, the environment and ``key=value`` overrides; fail naming the field."""
+    """Build the settings from a YAML file (``FILE#VARIANT`` for one of its variants), the environment and
+    ``key=value`` overrides; fail naming the field."""
     tree: dict[str, Any] = {}
     if config_file:
-        path = Path(config_file)
+        path, variant = _split_variant(config_file)
         if not path.is_file():
             raise SettingsError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
         what = f"config file {str(path)!r}"
@@ -762,7 +930,7 @@ def load_settings(
             raise SettingsError(f"{what} is not valid YAML: {cut(str(exc))}") from None
         if not isinstance(loaded, dict):
             raise SettingsError(f"config file {str(path)!r} must hold a mapping of settings at the top level")
-        tree = loaded
+        tree = _with_variant(loaded, variant, what)
     # Start from the defaults so that setting one field of a section (agents.summarize.model) keeps the others.
     tree = _deep_merge(Settings().model_dump(), tree)
     layered = dict(_env_assignments(os.environ if environ is None else environ))

@@ -1,6 +1,7 @@
 """What a store holds, read from the store alone: slides by status with failures grouped by reason, patches, pairs
-per agents_hash, PathGen-CLIP runs and evaluations, the whole-slide tasks (one table per task: every encoder and MIL
-model evaluated on it side by side, and the slide features per encoder), and where to look at the pictures.
+per agents_hash with their caption statistics (``tasks.captions.stats``), PathGen-CLIP runs and evaluations, the
+whole-slide tasks (one table per task: every encoder and MIL model evaluated on it side by side, and the slide
+features per encoder), and where to look at the pictures.
 ``pathgen status`` prints it; the factory flow publishes it as a markdown artifact, with the run's own throughput
 added.
 """
@@ -15,7 +16,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from tasks.benchmark.summary import BENCHMARKS, newest_benchmark, report_lines
+from tasks.captions.stats import caption_stats, stats_lines
 from tasks.mil.metrics import mean_std_text
+from tasks.reviews.report import review_lines, review_report
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
@@ -43,23 +47,29 @@ def reason_code(error: str | None, slide_id: str = "") -> str:
 
 def store_report(store: Store) -> dict[str, Any]:
     """Everything :func:`markdown` and :func:`text` show, as plain data."""
+    records = _slide_records(store)
     return {
         "store": store.url,
-        "slides": _slides(store),
-        "pairs": _pairs(store),
+        "slides": _slides(store, records),
+        "pairs": _pairs(store, {r["slide_id"]: r.get("project") for r in records if "slide_id" in r}),
         "instruct": _instruct(store),
         "clip_runs": _clip_runs(store),
         "llava_runs": _llava_runs(store),
         "evaluations": _evaluations(store),
         "mil": mil_report(store),
+        "benchmark": newest_benchmark(store),
         "contact_sheets": [store.uri(k) for k in store.list("reports", ".png")],
+        "reviews": review_report(store),
     }
 
 
-def _slides(store: Store) -> dict[str, Any]:
+def _slide_records(store: Store) -> list[dict[str, Any]]:
     keys = store.list("slides", "slide.json")
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        records = list(pool.map(store.read_json, keys))
+        return list(pool.map(store.read_json, keys))
+
+
+def _slides(store: Store, records: list[dict[str, Any]]) -> dict[str, Any]:
     failures: dict[str, dict[str, Any]] = {}
     for record in sorted(records, key=lambda r: r["slide_id"]):
         if record.get("status") == "failed":
@@ -134,7 +144,9 @@ def _item_failures(store: Store, keys: list[str], columns: list[str]) -> dict[st
     return dict(sorted(groups.items(), key=lambda item: -item[1]["count"]))
 
 
-def _pairs(store: Store) -> list[dict[str, Any]]:
+def _pairs(store: Store, projects: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Per agents_hash: pairs and slides (from the shards' footers), failed items by reason, and the caption
+    statistics; ``projects`` (slide id -> project of its slide record) places failures of slides without pairs."""
     pair_keys, failed_keys = store.list("pairs", ".parquet"), store.list("failed", ".parquet")
     found = []
     for agents_hash in sorted({k.split("/")[1] for k in pair_keys + failed_keys}):
@@ -155,6 +167,7 @@ def _pairs(store: Store) -> list[dict[str, Any]]:
                 "failures": failures,
                 "random_weights": random,
                 "prefix": store.uri(f"pairs/{agents_hash}"),
+                "captions": caption_stats(store, pairs, failed, projects),
             }
         )
     return found
@@ -212,13 +225,13 @@ def _clip_runs(store: Store) -> list[dict[str, Any]]:
 def _evaluations(store: Store) -> list[dict[str, Any]]:
     found = []
     for key in store.list("eval", ".json"):
-        if key.startswith(f"{MIL_EVAL}/"):
-            continue  # whole-slide results: their own tables (mil_report)
+        if key.startswith((f"{MIL_EVAL}/", f"{BENCHMARKS}/")):
+            continue  # whole-slide results and benchmark summaries: their own tables (mil_report, newest_benchmark)
         result = store.read_json(key)
         if not isinstance(result, dict):
             continue
         headline = {}
-        probe = (result.get("linear_probe") or {}).get("full")
+        probe = (result.get("linear_probe") or {}).get("headline")
         for name, metrics in (("zero_shot", result.get("zero_shot")), ("linear_probe", probe)):
             if isinstance(metrics, dict) and "balanced_accuracy" in metrics:
                 headline[f"{name}_balanced_accuracy"] = metrics["balanced_accuracy"]
@@ -254,7 +267,9 @@ def _lines(report: dict[str, Any], link) -> list[str]:
         line = f"Pairs {pairs['agents_hash']}: {pairs['pairs']} pairs from {pairs['slides']} slides, "
         line += f"{pairs['failed_items']} failed items; {link(pairs['prefix'], pairs['prefix'])}"
         lines.append(line + (" (RANDOM WEIGHTS: captions are noise)" if pairs["random_weights"] else ""))
+        lines += stats_lines(pairs.get("captions") or {})
         lines += _item_failure_lines(pairs["failures"])
+    lines += review_lines(report.get("reviews"), {p["agents_hash"]: p["pairs"] for p in report["pairs"]}, link)
     for found in report.get("instruct", []):
         lines.append(
             f"Instruct {found['instruct_hash']}: {found['conversations']} conversations from {found['slides']} "
@@ -302,13 +317,15 @@ def _item_failure_lines(failures: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def text(report: dict[str, Any]) -> str:
-    return "\n".join(_lines(report, lambda name, uri: uri) + _mil_lines(report.get("mil"), _text_table, str))
+    tables = _mil_lines(report.get("mil"), _text_table, str) + report_lines(report.get("benchmark"), _text_table, str)
+    return "\n".join(_lines(report, lambda name, uri: uri) + tables)
 
 
 def markdown(report: dict[str, Any], title: str = "PathGen Factory report", extra: list[str] | None = None) -> str:
     """The report as markdown for a Prefect artifact; ``extra`` lines (the run's own figures) go first."""
     body = [_md_item(line) + "  " for line in _lines(report, _md_link)]
     tables = _mil_lines(report.get("mil"), _md_table, _md_heading)
+    tables += report_lines(report.get("benchmark"), _md_table, lambda line: f"## {line.removesuffix(':')}")
     return "\n".join([f"# {title}", "", *(extra or []), "", *body, *([""] + tables if tables else [])])
 
 

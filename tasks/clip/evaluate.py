@@ -1,10 +1,13 @@
-"""Evaluate an open_clip model the way pathology CLIP models are compared, on labelled patch folders.
+"""Evaluate an open_clip model the way pathology CLIP models are compared, on labelled patch datasets.
 
-A dataset folder holds one folder per class (or ``train/`` and ``test/`` splits, each with one folder per class).
-Zero-shot classification ensembles every class name and template; with splits, a logistic-regression probe on
-frozen image features is fitted on ``train/`` and scored on ``test/``. Retrieval recall uses pairs held out of
-training (``holdout/`` tars of an export). Results are a JSON-ready dict; ``publish`` writes them to
-``eval/<run>/<dataset>.json`` with a confusion-matrix PNG beside them.
+A dataset is a folder with one folder per class and a class file (``--classes``; or ``train/`` and ``test/``
+splits, each with one folder per class), or a benchmark dataset as downloaded, read by its format's reader
+(``tasks/benchmark/readers/``; ``--format``, or detected from its files). Either way it becomes one or more
+``BenchmarkTask``, and every task is evaluated the same way (:func:`evaluate_dataset`): zero-shot classification,
+ensembling every class name and template, on its test split; with a train split, the linear probe ``eval.probe``
+names (``tasks/clip/probe.py``) on frozen image features. Retrieval recall uses pairs held out of training
+(``holdout/`` tars of an export). Results are JSON-ready dicts; ``publish`` writes them to
+``eval/<run>/<task>.json`` with a confusion-matrix PNG beside them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +25,13 @@ import numpy as np
 from PIL import Image
 
 from pathgen.settings import EvalSettings
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, Split, detect_format, folder_split, formats
 from tasks.clip.metrics import (
-    ClassSpec,
     class_weights,
     classification_metrics,
     confusion_png,
     has_splits,
-    linear_probe,
     load_class_spec,
-    load_labelled_images,
     retrieval_recall,
     zero_shot_predict,
 )
@@ -37,6 +39,9 @@ from tasks.clip.webdataset import training_tars
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder
 from tasks.slides.pictures import random_weights_banner
 from tasks.store.objects import Store
+
+CLASS_FOLDERS = "folders"  # the format of a class-folder dataset given with --classes
+LOAD_THREADS = 4  # images decoded at once while the model embeds: decoding, not the model, bounds a CPU run
 
 
 def embed_images(model: EmbeddingModel, images: list[Image.Image | Path], batch_size: int) -> np.ndarray:
@@ -51,29 +56,124 @@ def embed_images(model: EmbeddingModel, images: list[Image.Image | Path], batch_
     return embedder.finish()
 
 
-def evaluate_dataset(model: EmbeddingModel, dataset: Path, spec: ClassSpec, cfg: EvalSettings) -> dict[str, Any]:
-    """Zero-shot (on ``test/`` when the folder has splits) and, with splits, the linear probe."""
-    split = has_splits(dataset)
-    test = load_labelled_images(dataset / "test" if split else dataset, spec)
-    test_x = embed_images(model, list(test.paths), cfg.batch_size)
-    weights = class_weights(model.embed_texts, spec)
-    predicted = zero_shot_predict(test_x, weights)
+def embed_split(model: EmbeddingModel, split: Split, batch_size: int) -> np.ndarray:
+    """The split's image features, [N, D]; images are read a batch at a time, never all at once."""
+    embedder = PatchEmbedder(model, batch_size)
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
+        for start in range(0, len(split.images), batch_size):
+            indices = range(start, min(start + batch_size, len(split.images)))
+            for image in pool.map(split.images.load, indices):  # a bad image raises a ValueError naming it
+                embedder.add(np.asarray(image))
+    return embedder.finish()
+
+
+def evaluate_dataset(model: EmbeddingModel, task: BenchmarkTask, cfg: EvalSettings) -> dict[str, Any]:
+    """Zero-shot on the task's test split and, when it has a train split, the linear probe ``cfg.probe`` trained
+    there and scored on ``probe_test`` (else on the test split). A probe that cannot be fitted (one class in the
+    train split) is recorded with its reason; zero-shot still counts."""
+    spec = task.classes
+    test_x = embed_split(model, task.test, cfg.batch_size)
+    predicted = zero_shot_predict(test_x, class_weights(model.embed_texts, spec))
     about = model.describe()  # its random_weights counts a checkpoint trained from random too
+    probe_test = task.probe_test if task.probe_test is not None else task.test
     result: dict[str, Any] = {
-        "dataset": dataset.name,
+        "dataset": task.name,
+        "format": task.format,
+        "folder": str(task.folder),
+        "split": task.split,
+        "test_split": task.test.name,
+        "train_split": task.train.name if task.train is not None else None,
+        "probe_test_split": probe_test.name if task.train is not None else None,
         "model": about,
         "random_weights": about["random_weights"],
         "classes": spec.folders,
         "templates": spec.templates,
-        "zero_shot": classification_metrics(test.labels, predicted, spec.folders),
+        "zero_shot": classification_metrics(task.test.labels, predicted, spec.folders),
     }
-    if split:
-        train = load_labelled_images(dataset / "train", spec)
-        train_x = embed_images(model, list(train.paths), cfg.batch_size)
-        result["linear_probe"] = linear_probe(
-            train_x, train.labels, test_x, test.labels, spec.folders, cfg.probe_c, cfg.shots, cfg.seeds
-        )
+    if task.train is not None:
+        from tasks.clip.probe import run_probe
+
+        features = _FeaturesOf(model, cfg.batch_size, task.test, test_x)
+        train_x, probe_x = features.of(task.train), features.of(probe_test)
+        try:
+            result["linear_probe"] = run_probe(
+                train_x, task.train.labels, probe_x, probe_test.labels, spec.folders, cfg
+            )
+        except ValueError as exc:
+            result["linear_probe"] = {"method": cfg.probe, "error": str(exc)}
     return result
+
+
+class _FeaturesOf:
+    """Features of a split: the test split's rows when every image of it is one of the test split's (a derived
+    train split of a dataset scored whole by zero-shot), else embedded; so no image is embedded twice."""
+
+    def __init__(self, model: EmbeddingModel, batch_size: int, test: Split, test_x: np.ndarray) -> None:
+        self.model, self.batch_size, self.test, self.test_x = model, batch_size, test, test_x
+        self._rows: dict[str, int] | None = None
+
+    def of(self, split: Split) -> np.ndarray:
+        if split is self.test:
+            return self.test_x
+        if self._rows is None:
+            self._rows = {self.test.images.name(i): i for i in range(len(self.test.images))}
+        rows = [self._rows.get(split.images.name(i)) for i in range(len(split.images))]
+        if all(row is not None for row in rows):
+            return self.test_x[np.asarray(rows, dtype=np.int64)]
+        return embed_split(self.model, split, self.batch_size)
+
+
+def folder_task(dataset: Path, classes: Path) -> BenchmarkTask:
+    """A folder of class folders with its class file as a task: ``test/`` and ``train/`` when it has them, else
+    every image is scored zero-shot and there is nothing to train a probe on."""
+    dataset, spec = Path(dataset), load_class_spec(classes)
+    if has_splits(dataset):
+        test, train = folder_split(dataset / "test", spec, "test"), folder_split(dataset / "train", spec, "train")
+        split = f"the test/ folder of {dataset} (zero-shot), its train/ folder for the linear probe"
+    else:
+        test, train = folder_split(dataset, spec, "all"), None
+        split = f"every image under {dataset} (no train/ and test/ folders, so no linear probe)"
+    return BenchmarkTask(dataset.name, CLASS_FOLDERS, dataset, spec, test, train, split)
+
+
+def dataset_format(name: str) -> DatasetFormat:
+    known = formats()
+    if name not in known:
+        raise ValueError(f"unknown dataset format {name!r}; --format takes one of: {', '.join(known)}")
+    return known[name]
+
+
+def read_tasks(dataset: Path, classes: Path | None = None, format_name: str | None = None) -> list[BenchmarkTask]:
+    """The tasks a dataset folder holds: with ``classes``, one folder per class; else what the reader of
+    ``format_name`` (given, or detected from the folder's files) reads."""
+    dataset = Path(dataset)
+    if not dataset.is_dir():
+        raise ValueError(
+            f"dataset folder {dataset} does not exist (--dataset: a folder as downloaded, or one folder per class "
+            "with --classes)"
+        )
+    if classes is not None:
+        if format_name is not None:
+            raise ValueError(f"give --classes (a folder per class) or --format {format_name}, not both")
+        return [folder_task(dataset, Path(classes))]
+    fmt = dataset_format(format_name) if format_name else detect_format(dataset)
+    return read_dataset(fmt, dataset)
+
+
+def read_dataset(fmt: DatasetFormat, folder: Path) -> list[BenchmarkTask]:
+    """``fmt.read(folder)``; whatever stops a reader is this download's problem (a file missing or cut short), so
+    it is a ValueError naming the folder and the layout expected, and the other datasets go on."""
+    try:
+        tasks = fmt.read(folder)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the same files fail the same way on a retry
+        raise ValueError(
+            f"{folder} cannot be read as {fmt.name} ({type(exc).__name__}: {exc}); expected: {fmt.layout}"
+        ) from None
+    if not tasks:
+        raise ValueError(f"{folder} holds no {fmt.name} task; expected: {fmt.layout}")
+    return tasks
 
 
 def read_holdout(folder: Path, limit: int | None = None) -> tuple[list[Image.Image], list[str]]:
@@ -111,11 +211,8 @@ def holdout_retrieval(model: EmbeddingModel, folder: Path, cfg: EvalSettings) ->
 def evaluate(
     model: EmbeddingModel, dataset: Path, classes: Path, cfg: EvalSettings, holdout: Path | None = None
 ) -> dict[str, Any]:
-    """One dataset folder with its class file, plus retrieval on held-out pairs when given."""
-    dataset, spec = Path(dataset), load_class_spec(classes)
-    if not dataset.is_dir():
-        raise ValueError(f"dataset folder {dataset} does not exist (--dataset: one folder per class)")
-    result = evaluate_dataset(model, dataset, spec, cfg)
+    """One folder of class folders with its class file, plus retrieval on held-out pairs when given."""
+    result = evaluate_dataset(model, folder_task(dataset, classes), cfg)
     if holdout is not None:
         result["retrieval"] = holdout_retrieval(model, holdout, cfg)
     return result
@@ -156,9 +253,10 @@ def table_rows(run: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     zero = result.get("zero_shot")
     if zero:
         rows.append({"run": run, "dataset": result["dataset"], "task": "zero-shot", **_headline(zero)})
-    probe = (result.get("linear_probe") or {}).get("full")
-    if probe:
-        rows.append({"run": run, "dataset": result["dataset"], "task": "linear probe", **_headline(probe)})
+    probe = result.get("linear_probe") or {}
+    if probe.get("headline"):
+        task = f"linear probe ({probe.get('method', 'logistic')})"
+        rows.append({"run": run, "dataset": result["dataset"], "task": task, **_headline(probe["headline"])})
     retrieval = result.get("retrieval")
     if retrieval:
         for direction in ("image_to_text", "text_to_image"):

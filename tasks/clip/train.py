@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pathgen.settings import clip_batch_per_device
 from tasks.clip import scalars
 from tasks.clip.spec import ModelSpec, fetch_whole, local_checkpoint
 from tasks.store.objects import Store
@@ -66,12 +67,17 @@ class StagePlan:
 
 
 def fitted_batch(batch_size: int, samples: int, devices: int, logger: logging.Logger) -> int:
-    """The trainer drops partial batches: a batch larger than the data would train on nothing."""
-    fitted = max(2, min(batch_size, samples // devices))
-    if fitted < batch_size:
+    """The per-device batch open_clip_train gets (its ``--batch-size``) for the global ``clip.batch_size``: an equal
+    share of it per device (the paper states its 384 globally), lowered to the pairs each device has, since the
+    trainer drops partial batches and a batch larger than the data would train on nothing. A contrastive batch needs
+    two pairs; with several devices one each is enough, as the trainer gathers every device's features."""
+    per_device = clip_batch_per_device(batch_size, devices)
+    fitted = max(2 if devices == 1 else 1, min(per_device, samples // devices))
+    if fitted < per_device:
         logger.warning(
-            "clip.batch_size %d is more than the %d pairs per device: batches of %d",
+            "clip.batch_size %d (%d per device) is more than the %d pairs per device: batches of %d per device",
             batch_size,
+            per_device,
             samples // devices,
             fitted,
         )

@@ -8,13 +8,14 @@ the device) raises, so the unit stays pending and the runner retries it.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from pathgen.settings import PairSetSettings, Settings
-from tasks.clip.evaluate import evaluate, publish, table_rows
+from tasks.clip.evaluate import CLASS_FOLDERS, evaluate_dataset, holdout_retrieval, publish, read_tasks, table_rows
 from tasks.clip.lease import RunBusy
 from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import data_digest, export_set, stage_plan, train_stage
@@ -118,42 +119,70 @@ def train_task(
 def evaluate_units(
     units: list[dict[str, Any]], settings: Settings, model: str, eval_run: str, logger
 ) -> list[UnitOutcome]:
-    """Each unit: {dataset, classes[, holdout]} or {holdout} alone (retrieval on held-out pairs only)."""
-    from prefect.artifacts import create_table_artifact
-
+    """Each unit: {dataset, classes | format[, name][, holdout]}, or {holdout} alone (retrieval on held-out pairs
+    only). One outcome per task a dataset holds (LC25000 holds two); a dataset that cannot be read is one failed
+    outcome named by the unit's ``name`` (its format in a benchmark), else its folder's name."""
     store = Store(settings.store, settings.s3)
     loaded = load_clip_model(parse_model_spec(model), settings.eval.device, logger)
     outcomes = []
     for unit in units:
-        started = time.perf_counter()
-        name = Path(unit.get("dataset") or "holdout").name
-        try:
-            result = _evaluate_unit(loaded, unit, settings)
-        except ValueError as exc:
-            outcomes.append(UnitOutcome(name, "failed", error=short_error(exc)))
+        if not unit.get("dataset"):
+            evaluate = partial(_holdout_only, loaded, Path(unit["holdout"]), settings.eval)
+            outcomes.append(_evaluated(store, eval_run, "holdout", evaluate, logger))
             continue
-        uri = publish(store, eval_run, result, logger)
-        rows = table_rows(eval_run, result)
-        create_table_artifact(rows, key=_artifact_key(f"eval-{eval_run}-{name}"), description=f"{eval_run} on {name}")
-        headline = rows[0] if rows else {}
-        columns = {
-            "json": uri,
-            **{k: headline.get(k) for k in ("accuracy", "balanced_accuracy", "R@1") if k in headline},
-        }
-        n = int(headline.get("n", 0))
-        seconds = time.perf_counter() - started
-        outcomes.append(UnitOutcome(name, "ok", n, seconds, None, bool(result["random_weights"]), columns))
+        try:
+            found = read_tasks(Path(unit["dataset"]), _path(unit.get("classes")), unit.get("format"))
+        except ValueError as exc:
+            name = unit.get("name") or Path(unit["dataset"]).name
+            outcomes.append(UnitOutcome(name, "failed", error=short_error(exc), columns=_unit_columns(unit)))
+            continue
+        for index, benchmark_task in enumerate(found):
+            holdout = _path(unit.get("holdout")) if index == 0 else None  # retrieval does not depend on the dataset
+            evaluate = partial(_evaluate_task, loaded, benchmark_task, settings.eval, holdout)
+            columns = {"format": benchmark_task.format, "folder": str(benchmark_task.folder)}
+            outcomes.append(_evaluated(store, eval_run, benchmark_task.name, evaluate, logger, columns))
     release_clip_models()  # the next stage's training wants the GPU memory back
     return outcomes
 
 
-def _evaluate_unit(model, unit: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    holdout = Path(unit["holdout"]) if unit.get("holdout") else None
-    if unit.get("dataset"):
-        return evaluate(model, Path(unit["dataset"]), Path(unit["classes"]), settings.eval, holdout)
-    from tasks.clip.evaluate import holdout_retrieval
+def _evaluate_task(model, benchmark_task, cfg, holdout: Path | None) -> dict[str, Any]:
+    result = evaluate_dataset(model, benchmark_task, cfg)
+    if holdout is not None:
+        result["retrieval"] = holdout_retrieval(model, holdout, cfg)
+    return result
 
-    retrieval = holdout_retrieval(model, holdout, settings.eval) if holdout else None
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _unit_columns(unit: dict[str, Any]) -> dict[str, Any]:
+    """A dataset that could not be read: the format it was read as (None: none detected) and its folder."""
+    return {"format": unit.get("format") or (CLASS_FOLDERS if unit.get("classes") else None), "folder": unit["dataset"]}
+
+
+def _evaluated(store: Store, eval_run: str, name: str, evaluate, logger, columns=None) -> UnitOutcome:
+    """Run one evaluation, publish its result and table artifact; a ValueError (the data's fault) fails it."""
+    from prefect.artifacts import create_table_artifact
+
+    started = time.perf_counter()
+    try:
+        result = evaluate()
+    except ValueError as exc:
+        return UnitOutcome(name, "failed", error=short_error(exc), columns=dict(columns or {}))
+    uri = publish(store, eval_run, result, logger)
+    rows = table_rows(eval_run, result)
+    create_table_artifact(rows, key=_artifact_key(f"eval-{eval_run}-{name}"), description=f"{eval_run} on {name}")
+    headline = rows[0] if rows else {}
+    found = {k: headline.get(k) for k in ("accuracy", "balanced_accuracy", "weighted_f1", "R@1") if k in headline}
+    seconds = time.perf_counter() - started
+    n = int(headline.get("n", 0))
+    columns = {"json": uri, **found, **(columns or {})}
+    return UnitOutcome(name, "ok", n, seconds, None, bool(result["random_weights"]), columns)
+
+
+def _holdout_only(model, holdout: Path, cfg) -> dict[str, Any]:
+    retrieval = holdout_retrieval(model, holdout, cfg)
     if retrieval is None:
         raise ValueError(f"fewer than 2 held-out pairs in {holdout}: raise clip.holdout_fraction for retrieval")
     about = model.describe()

@@ -30,6 +30,8 @@ from tasks.store.objects import Store
 STAGE_MODES = {"stage1": "projector"}  # stage 2: full or lora, from llava.lora
 # Settings that change neither the weights nor the data order: a run with other values resumes the same run.
 NOT_IN_NAME = {"run", "work_dir", "workers", "save_steps", "vision", "language_model", "gradient_checkpointing"}
+# In a run's name only when set, so that the runs named before these settings existed keep their names.
+GLOBAL_BATCHES = ("global_batch_stage1", "global_batch_stage2")
 
 
 def work_root(cfg: LlavaSettings) -> Path:
@@ -56,6 +58,9 @@ def run_name(cfg: LlavaSettings, data_digest: str, vision: VisionSource) -> str:
     if cfg.run:
         return cfg.run
     train = cfg.model_dump(exclude=NOT_IN_NAME)
+    for key in GLOBAL_BATCHES:
+        if train[key] is None:
+            del train[key]
     train["precision"] = resolved_precision(cfg.precision)
     inputs = {
         "data": data_digest,
@@ -102,7 +107,7 @@ def stage_plan(settings: Settings, run: str, stage: str, data: Path, start: Path
         epochs=cfg.epochs_stage1 if stage == "stage1" else cfg.epochs_stage2,
         max_steps=cfg.max_steps,
         batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
+        grad_accum=cfg.grad_accum_of(stage),
         max_length=cfg.max_length,
         warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,

@@ -25,7 +25,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# OpenSeadragon, the slide viewer of `pathgen serve`, from its npm package (not copied into the repository); the app
+# says how to fetch it when it is missing. Without npm the setup goes on: only the zoomable slide view needs it.
+OPENSEADRAGON_VERSION := 6.1.1
+OPENSEADRAGON := .vendor/node_modules/openseadragon/build/openseadragon/openseadragon.min.js
+
+$(OPENSEADRAGON):
+	@command -v npm >/dev/null || { echo "npm not found: pathgen serve will show slides without the zoomable viewer"; exit 0; }; \
+	npm install --prefix .vendor --no-save --no-audit --no-fund openseadragon@$(OPENSEADRAGON_VERSION)
+
+setup: $(VENV)/.installed $(OPENSEADRAGON)
 
 demo: setup
 	$(BIN)/pathgen run $(SLIDES) --store $(STORE) --dataset $(KATHER) --classes tasks/clip/data/kather2016-classes.json \

@@ -1,0 +1,148 @@
+"""The review browser: a FastAPI app over one store (``create_app``), its pages (pages.py) and JSON API (api.py).
+
+It reads the store through ``Store`` (file:// or s3://) and writes nothing but reviews (``reviews/``, through
+tasks/reviews/store.py). Reviewer identity comes from a request header that an authenticating proxy in front of
+the app sets (``serve.reviewer_header``, ``X-Forwarded-User`` by default; the proxy must overwrite any value a client
+sends), else from ``--reviewer``. The app binds to 127.0.0.1 unless told otherwise: anyone who can reach it can
+review under the ``--reviewer`` name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from pathgen.serve.data import BadRequest, ImageColumns, NotFound, ReviewCache, ShardLocations, SlideRecords
+from pathgen.serve.queries import MatchCounts, PairIndex
+from pathgen.serve.tiles import SlideTiles
+from pathgen.settings import Settings, load_settings
+from tasks.store.objects import Store
+
+HERE = Path(__file__).resolve().parent
+REPO_OPENSEADRAGON = HERE.parents[1] / ".vendor" / "node_modules" / "openseadragon" / "build" / "openseadragon"
+OPENSEADRAGON_FETCH = "make setup (or: npm install --prefix .vendor --no-save openseadragon@6.1.1)"
+PROXY_HELP = (
+    "To let a team review, keep the app on 127.0.0.1 and put an authenticating reverse proxy in front of it (e.g. "
+    "nginx with auth_request, oauth2-proxy, Apache mod_auth_openidc) that sets {header} to the signed-in user and "
+    "overwrites any {header} a client sends; reviews are then stored under that name."
+)
+
+
+@dataclass
+class ServeContext:
+    """Everything a request needs, shared by all requests of the app."""
+
+    store: Store
+    reviewer: str | None
+    read_only: bool
+    read_only_reason: str | None
+    settings: Settings
+    index: PairIndex
+    records: SlideRecords
+    reviews: ReviewCache
+    tiles: SlideTiles
+    counts: MatchCounts = field(default_factory=MatchCounts)
+    locations: ShardLocations = field(default_factory=ShardLocations)
+    images: ImageColumns = field(default_factory=ImageColumns)
+    templates: jinja2.Environment | None = None
+    openseadragon: Path | None = None
+
+    @property
+    def reviewer_header(self) -> str:
+        return self.settings.serve.reviewer_header
+
+    def reviewer_of(self, request: Request) -> str | None:
+        """The proxy's header wins; else ``--reviewer``; else nobody (a review is refused, saying how to name one)."""
+        named = (request.headers.get(self.reviewer_header) or "").strip()
+        return named or self.reviewer
+
+
+def store_read_only(store: Store) -> str | None:
+    """Why the store cannot take reviews, when that can be told without writing: a local store whose folder (or its
+    reviews/ folder) this process may not write. An S3 store is found read-only by its first refused review."""
+    if store.remote:
+        return None
+    for folder in (os.path.join(store.root, "reviews"), store.root):
+        if os.path.isdir(folder):
+            return None if os.access(folder, os.W_OK) else f"{folder} is not writable by this process"
+    return f"{store.root} does not exist"
+
+
+def _openseadragon(settings: Settings) -> Path | None:
+    folder = Path(settings.serve.openseadragon_dir).expanduser() if settings.serve.openseadragon_dir else None
+    folder = folder or REPO_OPENSEADRAGON
+    return folder if (folder / "openseadragon.min.js").is_file() else None
+
+
+def _templates() -> jinja2.Environment:
+    # autoescape on for every template: captions and reasons are untrusted text
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    env.filters["pct"] = lambda value: f"{value:.1%}" if isinstance(value, float) else value
+    return env
+
+
+def create_app(store: Store, reviewer: str | None, read_only: bool, settings: Settings | None = None) -> FastAPI:
+    """The app over ``store``; ``read_only`` (or a store this process cannot write) disables reviews."""
+    from pathgen.serve import api, pages
+
+    settings = settings or load_settings(environ={})
+    why = "started with --read-only" if read_only else store_read_only(store)
+    ctx = ServeContext(
+        store=store,
+        reviewer=reviewer,
+        read_only=why is not None,
+        read_only_reason=why,
+        settings=settings,
+        index=PairIndex(store),
+        records=SlideRecords(store),
+        reviews=ReviewCache(store),
+        tiles=SlideTiles(settings.serve.open_slides, settings.s3, settings.tissue),
+        templates=_templates(),
+        openseadragon=_openseadragon(settings),
+    )
+    app = FastAPI(title="PathGen review browser", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app.state.ctx = ctx
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    if ctx.openseadragon is not None:
+        app.mount("/vendor/openseadragon", StaticFiles(directory=str(ctx.openseadragon)), name="openseadragon")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.add_api_route("/", lambda: RedirectResponse("/slides"), include_in_schema=False)
+    _errors(app, ctx)
+    app.router.on_shutdown.append(ctx.tiles.close)
+    return app
+
+
+def _errors(app: FastAPI, ctx: ServeContext) -> None:
+    """An API request gets ``{"error": sentence}``; a page gets the error page. Bad ids: 400; unknown: 404."""
+
+    def respond(request: Request, status: int, message: str) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=status)
+        page = ctx.templates.get_template("error.html").render(status=status, message=message, ctx=ctx)
+        return HTMLResponse(page, status_code=status)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> Response:
+        return respond(request, 400, str(exc))
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> Response:
+        return respond(request, 404, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
+            parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+        return respond(request, 422, "invalid request: " + "; ".join(parts))

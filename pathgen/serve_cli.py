@@ -1,0 +1,81 @@
+"""``pathgen serve [--store URL] [--host 127.0.0.1] [--port 8765] [--reviewer NAME] [--read-only]``: the review
+browser over a store (pathgen/serve/). It reads the store and writes nothing but ``reviews/``.
+
+Exit codes: 0 when stopped (Ctrl-C), 2 for bad usage or settings (a store that does not exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK, EXIT_USAGE = 0, 2
+COMMAND = "serve"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
+EPILOG = """Reviewer identity: each review is stored under the name in the request header serve.reviewer_header
+(X-Forwarded-User by default), else under --reviewer NAME. The app binds to 127.0.0.1 by default: anyone who can reach
+it reviews as --reviewer. To let a team review, keep it on 127.0.0.1 and put an authenticating reverse proxy in front
+(nginx with auth_request, oauth2-proxy, Apache mod_auth_openidc) that sets X-Forwarded-User to the signed-in user and
+overwrites any such header a client sends, e.g. nginx:
+  location / { auth_request /oauth2/auth; auth_request_set $user $upstream_http_x_auth_request_user;
+               proxy_set_header X-Forwarded-User $user; proxy_pass http://127.0.0.1:8765; }"""
+
+
+def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
+    from pathgen.cli import store_arg
+
+    serve = sub.add_parser(
+        COMMAND,
+        parents=[common],
+        help="browse the slides, patches and pairs of a store in a web browser, and review the pairs",
+        description="A web app over the store: /slides, /slides/<slide_id>, /patches/<patch_id>, /pairs, and a JSON "
+        "API under /api/. It writes nothing but reviews (reviews/<agents_hash>/<slide_id>.parquet).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    store_arg(serve)
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
+    serve.add_argument("--reviewer", metavar="NAME", help="the reviewer when no proxy header names one (see below)")
+    serve.add_argument("--read-only", action="store_true", help="browse only: reviews are disabled")
+    settings_args(serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from pathgen.cli import overrides_of
+    from pathgen.settings import load_settings
+    from tasks.store.objects import Store, StoreError
+
+    settings = load_settings(args.config, overrides_of(args))
+    if not 0 <= args.port <= 65535:
+        print(f"pathgen serve: --port {args.port} is not a port (0..65535)", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store(settings.store, settings.s3)
+    try:
+        if not store.exists(""):
+            print(f"pathgen serve: no store at {store.url}; give --store URL of a store pathgen wrote", file=sys.stderr)
+            return EXIT_USAGE
+    except StoreError as exc:
+        print(f"pathgen serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    import uvicorn
+
+    from pathgen.serve.app import create_app
+
+    app = create_app(store, args.reviewer, args.read_only, settings)
+    ctx = app.state.ctx
+    print(f"pathgen serve: {store.url} at http://{args.host}:{args.port}/slides (Ctrl-C stops it)")
+    if ctx.read_only:
+        print(f"  read-only: {ctx.read_only_reason}; reviews are disabled")
+    else:
+        who = f"as {args.reviewer}" if args.reviewer else "only when a proxy names the reviewer"
+        print(f"  reviews: {who} (header {ctx.reviewer_header}); see pathgen serve --help for a proxy")
+    if ctx.openseadragon is None:
+        print("  the slide viewer (OpenSeadragon) is missing: run make setup to fetch it from npm")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"  WARNING: bound to {args.host}: whoever reaches it can review; put an authenticating proxy in front")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return EXIT_OK
+
+
+COMMANDS = {COMMAND: serve}

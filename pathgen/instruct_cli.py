@@ -68,10 +68,12 @@ def export_llava(args: argparse.Namespace, settings: Settings) -> int:
     """``pathgen export llava --out DIR``: stage1.json, stage2.json, images/, provenance.json."""
     from tasks.instruct.export import empty_because
     from tasks.instruct.export import export_llava as export
+    from tasks.reviews.report import review_line
     from tasks.store.objects import Store
 
     try:
-        result = export(Store(settings.store, settings.s3), args.out, args.agents_hash, args.instruct_hash)
+        store = Store(settings.store, settings.s3)
+        result = export(store, args.out, args.agents_hash, args.instruct_hash, reviews=settings.export.reviews)
     except ValueError as exc:
         print(f"pathgen export: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -84,6 +86,7 @@ def export_llava(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  stage2.json is empty: {empty_because(result)}")
     if result.missing_images:
         print(f"  {result.missing_images} conversations left out: no pair shard holds their patch's image")
+    print(f"  {review_line(result.reviews)}; {result.reviews['conversations_left_out']} conversations left out")
     if result.random_weights:
         records = result.random_weight_records
         print(

@@ -4,22 +4,25 @@
 The export stays a plain list of records, readable by PathGen-1.6M code; a record captioned by models with random
 weights also carries ``"random_weights": true`` (absent otherwise, as in the released data). Beside it,
 ``<out>.provenance.json`` says what made the pairs: the agents_hash, each role's model and identity, and
-``random_weights``."""
+``random_weights``, and what the reviews did (``reviews``: the mode, ``export.reviews``, and how many pairs were
+reviewed, accepted, rejected and left out, corrected; see ``tasks.reviews.store``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from tasks.captions.records import pairs_prefix
+from tasks.captions.records import pairs_prefix, slide_of
+from tasks.reviews.store import ExportReviews
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 
 ROLES = ("describe", "revise", "summarize")
-COLUMNS = ["slide_id", "x", "y", "caption", "file_id", "random_weights", *(f"{role}_model" for role in ROLES)]
+COLUMNS = ["patch_id", "slide_id", "x", "y", "caption", "file_id", "random_weights"]
+COLUMNS += [f"{role}_model" for role in ROLES]
 
 
 def agents_hashes(store: Store) -> list[str]:
@@ -31,9 +34,12 @@ def provenance_path(out: str | Path) -> Path:
     return Path(f"{out}.provenance.json")
 
 
-def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None = None) -> int:
+def export_pathgen_json(
+    store: Store, out: str | Path, agents_hash: str | None = None, reviews: Literal["apply", "ignore"] = "apply"
+) -> int:
     """Write every pair of one agents_hash as a PathGen-1.6M JSON list, and its provenance beside it (see
-    ``provenance_path``); returns how many records."""
+    ``provenance_path``); ``reviews`` (``export.reviews``): apply them (rejected pairs left out, corrected captions
+    used) or ignore them. Returns how many records."""
     hashes = agents_hashes(store)
     if agents_hash is None:
         if len(hashes) != 1:
@@ -46,6 +52,7 @@ def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None =
     random_records = 0
     models: dict[str, set[str]] = {role: set() for role in ROLES}
     provenance: dict[str, Any] | None = None
+    reviewed = ExportReviews.of(store, agents_hash, reviews)
     for key in store.list(pairs_prefix(agents_hash), ".parquet"):
         with store.open(key) as handle:
             shard = pq.ParquetFile(handle, pre_buffer=False)
@@ -53,7 +60,7 @@ def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None =
             table = read_shard(handle, columns=[c for c in COLUMNS if c in shard.schema_arrow.names])
         if provenance is None and "pathgen.provenance" in meta:
             provenance = json.loads(meta["pathgen.provenance"])
-        for row in table.to_pylist():
+        for row in reviewed.apply(slide_of(key), table.to_pylist()):
             record = {"wsi_id": row["slide_id"], "position": [str(row["x"]), str(row["y"])], "caption": row["caption"]}
             if row.get("file_id"):
                 record["file_id"] = row["file_id"]
@@ -76,6 +83,7 @@ def export_pathgen_json(store: Store, out: str | Path, agents_hash: str | None =
         "models": {role: ", ".join(sorted(models[role])) or roles.get(role, {}).get("model") for role in ROLES},
         "identities": {role: roles[role].get("identity") for role in ROLES if role in roles},
         "provenance": provenance,
+        "reviews": reviewed.provenance(),
     }
     provenance_path(out).write_text(json.dumps(sidecar, indent=1) + "\n")
     return len(records)

@@ -86,7 +86,7 @@ def export_set(store: Store, pair_set: PairSetSettings, settings: Settings, logg
     out = set_folder(cfg, pair_set)
     if pair_set.external:
         return export_external(pair_set, out, cfg.pairs_per_tar, cfg.holdout_fraction)
-    return export_pairs(store, pair_set.agents_hash, out, cfg.holdout_fraction, logger)
+    return export_pairs(store, pair_set.agents_hash, out, cfg.holdout_fraction, logger, settings.export.reviews)
 
 
 PRETRAINED_ARCHITECTURE = "ViT-B-16"  # what clip.pretrained (openai, say) loads into when clip.model is unset

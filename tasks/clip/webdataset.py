@@ -9,7 +9,9 @@ An external set (a folder of images and a CSV/JSONL of captions) becomes ``ext-N
 pairs. A sample is ``<patch_id>.jpg`` + ``.txt`` (the caption) + ``.json`` (its provenance). ``sizes.json`` beside
 the tars gives open_clip_train the sample counts; ``manifest.json`` records which pair shard (by commit id) each
 tar came from, so a re-export rewrites only slides whose pairs changed. Every file is written to a temporary name
-and renamed: a tar is never half there.
+and renamed: a tar is never half there. Reviews (``export.reviews``, ``tasks.reviews.store``) are applied by default:
+a rejected pair is left out, a corrected caption replaces the generated one (its sample's ``.json`` says ``"review":
+"correct"``); the manifest counts them per slide and in all, and a slide whose reviews changed is written again.
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pathgen.settings import PairSetSettings
 from tasks.captions.records import pairs_prefix, slide_of
+from tasks.reviews.store import COUNTS, ExportReviews, Review, add_counts, apply_reviews, reviews_digest
 from tasks.store.objects import Store
 
 HOLDOUT = "holdout"
 PROVENANCE = [
     "patch_id", "slide_id", "source_uri", "project", "file_id", "x", "y", "w0", "h0", "level", "mpp", "patch_px",
     "caption_tokens", "describe_model", "revise_model", "summarize_model", "prompt_versions", "agents_hash",
-    "extraction_hash", "random_weights", "factory_version", "created_at",
+    "extraction_hash", "random_weights", "factory_version", "created_at", "review",
 ]  # fmt: skip
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -62,6 +65,7 @@ class ExportSummary:
     seconds: float = 0.0
     random_weights: bool = False
     sources: list[str] = field(default_factory=list)
+    reviews: dict[str, Any] = field(default_factory=dict)  # the manifest's: mode and counts
 
     @property
     def pairs_per_s(self) -> float:
@@ -139,26 +143,42 @@ def _shard_rows(store: Store, key: str) -> tuple[str, list[dict[str, Any]]]:
     return metadata.get("pathgen.commit_id", ""), rows
 
 
-def export_pairs(store: Store, agents_hash: str, out: Path, holdout_fraction: float, logger=None) -> ExportSummary:
-    """Every pair of ``pairs/<agents_hash>/`` into exactly one tar under ``out`` (training or holdout)."""
+def export_pairs(
+    store: Store,
+    agents_hash: str,
+    out: Path,
+    holdout_fraction: float,
+    logger=None,
+    reviews: Literal["apply", "ignore"] = "apply",
+) -> ExportSummary:
+    """Every pair of ``pairs/<agents_hash>/`` into exactly one tar under ``out`` (training or holdout), reviews
+    applied or ignored (``reviews``: ``export.reviews``)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_tars(out)
     identity = {"agents_hash": agents_hash, "holdout_fraction": holdout_fraction, "holdout_split": HOLDOUT_SPLIT}
+    identity["reviews_mode"] = reviews
+    reviewed = ExportReviews.of(store, agents_hash, reviews)
     manifest = _load_manifest(out, identity)
     summary = ExportSummary(str(out), sources=[store.uri(pairs_prefix(agents_hash))])
     entries: dict[str, dict[str, Any]] = {}
     for key in store.list(pairs_prefix(agents_hash), ".parquet"):
         slide_id = slide_of(key)
         entry = manifest["slides"].get(slide_id)
-        if not (entry and _tars_present(out, entry) and _commit_of(store, key) == entry["commit_id"]):
-            entry = _export_slide(store, key, slide_id, out, holdout_fraction)
+        slide_reviews = reviewed.for_slide(slide_id)
+        digest = reviews_digest(slide_reviews)
+        fresh = entry and entry.get("reviews_digest") == digest and _tars_present(out, entry)
+        if not (fresh and _commit_of(store, key) == entry["commit_id"]):
+            entry = _export_slide(store, key, slide_id, out, holdout_fraction, (slide_reviews, reviews))
+            entry["reviews_digest"] = digest
             summary.written += 1
             if logger:
                 logger.info("exported %s: %d pairs, %d held out", slide_id, entry["pairs"], entry["holdout_pairs"])
         entries[slide_id] = entry
     _remove_unlisted(out, entries.values(), previous)
     manifest["slides"] = entries
+    manifest["reviews"] = {"mode": reviews, **_review_totals(entries.values())}
+    manifest["reviews"] |= {"problems": reviewed.problems} if reviewed.problems else {}
     summary = _finish_export(out, manifest, summary, started)
     if logger and holdout_fraction > 0 and not summary.holdout_pairs:
         logger.warning(
@@ -176,12 +196,24 @@ def _commit_of(store: Store, key: str) -> str:
     return raw.get(b"pathgen.commit_id", b"").decode()
 
 
-def _export_slide(store: Store, key: str, slide_id: str, out: Path, fraction: float) -> dict[str, Any]:
-    commit_id, rows = _shard_rows(store, key)
+def _review_totals(entries: Iterable[dict[str, Any]]) -> dict[str, int]:
+    totals = {"pairs_read": 0, **dict.fromkeys(COUNTS, 0)}
+    for entry in entries:
+        add_counts(totals, entry.get("reviews", {}))
+        totals["pairs_read"] += entry.get("pairs_read", 0)
+    return totals
+
+
+def _export_slide(
+    store: Store, key: str, slide_id: str, out: Path, fraction: float, reviews: tuple[dict[str, Review], str]
+) -> dict[str, Any]:
+    commit_id, read = _shard_rows(store, key)
+    rows, counts = apply_reviews(read, *reviews)
     held_out = is_holdout(holdout_group(slide_id), fraction)
     held, kept = (rows, []) if held_out else ([], rows)
     name = tar_name(slide_id)
     entry = {"commit_id": commit_id, "tar": name, "pairs": len(kept), "holdout_pairs": len(held)}
+    entry |= {"pairs_read": len(read), "reviews": counts}
     entry["random_weights"] = any(bool(r.get("random_weights")) for r in rows)
     for folder, part in ((out, kept), (out / HOLDOUT, held)):
         target = folder / name
@@ -234,6 +266,7 @@ def _finish_export(out: Path, manifest: dict[str, Any], summary: ExportSummary, 
     write_json_atomic(out / "manifest.json", manifest)
     summary.pairs, summary.holdout_pairs, summary.tars = sum(sizes.values()), sum(held.values()), len(sizes)
     summary.random_weights = any(e.get("random_weights") for e in entries)
+    summary.reviews = manifest["reviews"]
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -6,7 +6,7 @@ patch images written beside it::
                          {"from": "gpt", "value": <caption>}]}
     DIR/stage2.json     the instruction conversations, "<image>\\n" opening the first human turn
     DIR/images/<patch_id>.jpg   the patch JPEG bytes from the pair shards
-    DIR/provenance.json store, hashes, counts, models, random_weights
+    DIR/provenance.json store, hashes, counts, models, random_weights, and what the reviews did (``reviews``)
     DIR/manifest.json   which shard (by commit id) each image and conversation came from
     DIR/.lock           held (flock) by the export writing DIR: a second export into DIR waits for it
 
@@ -17,6 +17,10 @@ from other pairs) follows the commit id of the pair shard it came from in the sa
 a temporary name and
 renamed; the images a JSON file names are in place before it is replaced, and images no record names any more are
 removed after. A DIR that holds anything but an earlier llava export is refused, never overwritten.
+
+Reviews (``export.reviews``, ``tasks.reviews.store``) are applied by default: a rejected pair is left out of stage 1,
+and so are the conversations about its patch from stage 2; a corrected caption replaces the generated one in stage 1.
+A change of the reviews makes the export run again, as a new shard does.
 """
 
 from __future__ import annotations
@@ -32,14 +36,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
 from tasks.captions.export import agents_hashes
-from tasks.captions.records import pair_key, pairs_prefix
+from tasks.captions.records import pair_key, pairs_prefix, slide_of
 from tasks.instruct.commit import metadata
 from tasks.instruct.records import instruct_prefix
+from tasks.reviews.store import ExportReviews
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store, pid_alive
 
@@ -77,6 +82,7 @@ class LlavaExport:
     missing_images: int = 0  # conversations left out: no pair shard held their patch's image
     kinds: dict[str, int] = field(default_factory=dict)
     random_weight_records: dict[str, int] = field(default_factory=lambda: {"stage1": 0, "stage2": 0})
+    reviews: dict[str, Any] = field(default_factory=dict)  # the provenance's: mode, counts, conversations left out
 
     @property
     def random_weights(self) -> bool:
@@ -202,22 +208,31 @@ class _Images:
         self.present &= named
 
 
-def _stage1(store: Store, commits: dict[str, str], kept: dict, images: _Images, result: LlavaExport) -> tuple:
-    """Every pair of the agents_hash as a one-turn conversation, images written for the shards the manifest does not
-    vouch for; returns the manifest's entries of the shards and the captioning's provenance."""
+def _stage1(
+    store: Store, commits: dict[str, str], kept: dict, images: _Images, result: LlavaExport, reviewed: ExportReviews
+) -> tuple:
+    """Every pair of the agents_hash the reviews keep as a one-turn conversation, images written for the shards the
+    manifest does not vouch for; returns the manifest's entries of the shards and the captioning's provenance."""
     out = _JsonList(result.out / "stage1.json")
     entries: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
     try:
         for key in commits:
             rows, meta = _read(store, key, ["patch_id", "caption", "random_weights"])
+            rows = reviewed.apply(slide_of(key), rows)
+            names = [image_file(key, row["patch_id"]) for row in rows]
             commit = meta.get("pathgen.commit_id", "")
-            if not commit or kept.get(key, {}).get("commit_id") != commit:  # new or changed: its images too
-                rows, meta = _read(store, key, ["patch_id", "caption", "image", "random_weights"])
-                for row in rows:
-                    images.write(key, row["patch_id"], row["image"])
+            # New or changed: all its images; else those a changed review let back in.
+            changed = not commit or kept.get(key, {}).get("commit_id") != commit
+            wanted = {
+                row["patch_id"] for row in rows if changed or image_file(key, row["patch_id"]) not in images.present
+            }
+            if wanted:
+                for row in _read(store, key, ["patch_id", "image"])[0]:
+                    if row["patch_id"] in wanted:
+                        images.write(key, row["patch_id"], row["image"])
             provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
-            entries[key] = {"commit_id": commit, "images": [image_file(key, row["patch_id"]) for row in rows]}
+            entries[key] = {"commit_id": commit, "images": names}
             images.fresh.update(entries[key]["images"])
             for row in rows:
                 human = f"{IMAGE_TOKEN}\n{stage1_instruction(row['patch_id'])}"
@@ -257,9 +272,12 @@ def _source_images(store: Store, key: str, rows: list[dict], meta: dict, earlier
     return {"key": source, "commit_id": source_meta.get("pathgen.commit_id", ""), "images": sorted(written)}
 
 
-def _stage2(store: Store, commits: dict[str, str], earlier: dict, images: _Images, result: LlavaExport) -> tuple:
-    """Every conversation of the instruct_hash (none without one) whose image this export vouches for; returns the
-    manifest's entries of its shards (``earlier``: the last export's) and the instruct run's provenance."""
+def _stage2(
+    store: Store, commits: dict[str, str], earlier: dict, images: _Images, result: LlavaExport, reviewed: ExportReviews
+) -> tuple:
+    """Every conversation of the instruct_hash (none without one) whose image this export vouches for and whose pair
+    ``reviewed`` (the reviews of the pairs it was written from) does not reject; returns the manifest's entries of its
+    shards (``earlier``: the last export's) and the instruct run's provenance."""
     out = _JsonList(result.out / "stage2.json")
     entries: dict[str, dict[str, Any]] = {}
     provenance: dict[str, Any] = {}
@@ -267,6 +285,9 @@ def _stage2(store: Store, commits: dict[str, str], earlier: dict, images: _Image
     try:
         for key in commits:
             rows, meta = _read(store, key, columns)
+            rejected = reviewed.rejected(slide_of(key))
+            result.reviews["conversations_left_out"] += sum(row["patch_id"] in rejected for row in rows)
+            rows = [row for row in rows if row["patch_id"] not in rejected]
             provenance = provenance or json.loads(meta.get("pathgen.provenance", "{}"))
             source = _source_images(store, key, rows, meta, earlier.get(key) or {}, images)
             kept = [row for row in rows if image_file(key, row["patch_id"]) in images.fresh]
@@ -389,25 +410,29 @@ def export_llava(
     agents_hash: str | None = None,
     instruct_hash: str | None = None,
     logger: logging.Logger | None = None,
+    reviews: Literal["apply", "ignore"] = "apply",
 ) -> LlavaExport:
     """Write or update DIR/stage1.json, stage2.json, images/, provenance.json and manifest.json (see the module's
-    docstring); a store with nothing new writes nothing. An export already writing DIR is waited for."""
+    docstring), the reviews applied or ignored (``reviews``: ``export.reviews``); a store with nothing new writes
+    nothing. An export already writing DIR is waited for."""
     agents_hash, instruct_hash = choose_hashes(store, agents_hash, instruct_hash)
     out = Path(out).expanduser().absolute()
     _check_out(out)
     with _export_lock(out, logger or logging.getLogger("pathgen.export")):
-        return _update(store, LlavaExport(out, agents_hash, instruct_hash))
+        return _update(store, LlavaExport(out, agents_hash, instruct_hash), reviews)
 
 
-def _update(store: Store, result: LlavaExport) -> LlavaExport:
+def _update(store: Store, result: LlavaExport, mode: Literal["apply", "ignore"]) -> LlavaExport:
     out, agents_hash, instruct_hash = result.out, result.agents_hash, result.instruct_hash
     shards = {
         "pairs": _shard_commits(store, pairs_prefix(agents_hash)),
         "instruct": _shard_commits(store, instruct_prefix(instruct_hash) if instruct_hash else None),
     }
+    reviewed, source_reviewed = _export_reviews(store, agents_hash, instruct_hash, mode)
+    digest = reviewed.digest(map(slide_of, shards["pairs"])) + source_reviewed.digest(map(slide_of, shards["instruct"]))
     manifest = _manifest(out, agents_hash)
     images = _Images(out / "images", _present(out / "images"))
-    unchanged = _unchanged(out, manifest, instruct_hash, shards, images.present)
+    unchanged = _unchanged(out, manifest, instruct_hash, shards, images.present) and manifest.get("reviews") == digest
     if unchanged and _sources_unchanged(store, manifest["instruct"]):
         try:
             return _as_exported(result)
@@ -419,13 +444,18 @@ def _update(store: Store, result: LlavaExport) -> LlavaExport:
     images.folder.mkdir(parents=True, exist_ok=True)
     _remove_partials(out)
     _write_json(out / MANIFEST, {**manifest, "complete": False, "pairs": kept, "instruct": {}})
-    pairs, captions = _stage1(store, shards["pairs"], kept, images, result)
-    conversations, instructions = _stage2(store, shards["instruct"], manifest["instruct"], images, result)
+    result.reviews = {"conversations_left_out": 0}
+    pairs, captions = _stage1(store, shards["pairs"], kept, images, result, reviewed)
+    conversations, instructions = _stage2(
+        store, shards["instruct"], manifest["instruct"], images, result, source_reviewed
+    )
+    result.reviews = reviewed.provenance() | result.reviews
     named = _named(pairs, conversations)
     images.remove_unnamed(named)
     result.images, result.written = len(named), images.written
     _write_json(out / "provenance.json", _provenance(store, result, captions, instructions))
     manifest = {"format": FORMAT, "agents_hash": agents_hash, "instruct_hash": instruct_hash, "complete": True}
+    manifest["reviews"] = digest
     _write_json(out / MANIFEST, manifest | {"pairs": pairs, "instruct": conversations})
     return result
 
@@ -454,7 +484,16 @@ def _as_exported(result: LlavaExport) -> LlavaExport:
     result.missing_images = provenance["stage2"]["missing_images"]
     result.images = provenance["images"]["count"]
     result.random_weight_records = {s: provenance[s]["random_weight_records"] for s in ("stage1", "stage2")}
+    result.reviews = provenance["reviews"]
     return result
+
+
+def _export_reviews(store: Store, agents_hash: str, instruct_hash: str | None, mode: str) -> tuple:
+    """The reviews of the stage 1 pairs, and those of the pairs the instruction data was written from (the same
+    unless that data came from other pairs)."""
+    reviewed = ExportReviews.of(store, agents_hash, mode)
+    source = _source_of(store, instruct_hash) if instruct_hash else agents_hash
+    return reviewed, (reviewed if source in (agents_hash, "") else ExportReviews.of(store, source, mode))
 
 
 def _provenance(store: Store, result: LlavaExport, captions: dict, instructions: dict) -> dict[str, Any]:
@@ -479,6 +518,7 @@ def _provenance(store: Store, result: LlavaExport, captions: dict, instructions:
         },
         "images": {"folder": "images", "count": result.images},
         "image_token": IMAGE_TOKEN,
+        "reviews": result.reviews,
         # A set with no records still says what made it: the provenance of the shards it read.
         "random_weights": result.random_weights or any(bool(p.get("random_weights")) for p in (captions, instructions)),
         "caption_provenance": captions,

@@ -79,7 +79,7 @@ def export_units(units: list[dict[str, Any]], settings: Settings, logger: loggin
         started = time.perf_counter()
         Path(unit["out"]).parent.mkdir(parents=True, exist_ok=True)
         try:
-            result = export_llava(store, unit["out"])
+            result = export_llava(store, unit["out"], reviews=settings.export.reviews)
         except ValueError as exc:  # nothing to export, several sets to choose from, a patch_id that is a path
             outcomes.append(UnitOutcome("llava", "failed", error=short_error(exc)))
             continue

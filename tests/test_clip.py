@@ -80,12 +80,82 @@ def test_export_puts_every_pair_in_exactly_one_tar_and_open_clip_train_reads_the
 
 
 def test_model_specs_name_their_weights():
-    assert parse_model_spec("ViT-B-16:openai") == ModelSpec("ViT-B-16", "openai")
+    assert parse_model_spec("ViT-B-16:laion2b_s34b_b88k") == ModelSpec("ViT-B-16", "laion2b_s34b_b88k")
     assert parse_model_spec("ViT-B-16").random_weights and parse_model_spec("tiny-random").random_weights
     assert not parse_model_spec("ViT-B-16:/runs/a/epoch_2.pt").random_weights
     assert not parse_model_spec("local-dir:/models/x").random_weights
     with pytest.raises(ValueError, match="NAME:/nowhere/epoch_1.pt"):
         parse_model_spec("/nowhere/epoch_1.pt")
+
+
+def test_a_quickgelu_trained_tag_is_detected_and_names_the_quickgelu_twin(monkeypatch, caplog):
+    """OpenAI's weights were trained with QuickGELU; open_clip's plain ViT-B-16 is GELU and only warns."""
+    import logging
+
+    from tasks.clip import spec
+
+    assert spec.needs_quick_gelu("ViT-B-16", "openai") and spec.needs_quick_gelu("ViT-L-14-336", "openai")
+    for name, tag in (
+        ("ViT-B-16-quickgelu", "openai"),
+        ("ViT-B-16", "laion2b_s34b_b88k"),
+        ("tiny-random", None),
+        ("tiny-random", "openai"),
+        ("ViT-B-16", None),
+        ("ViT-B-16", "/runs/a/epoch_2.pt"),
+    ):
+        assert not spec.needs_quick_gelu(name, tag), (name, tag)
+        assert spec.quick_gelu_name(name, tag) == name
+    monkeypatch.setattr(spec, "_switched", set())
+    with caplog.at_level(logging.INFO, logger="pathgen.clip"):
+        assert parse_model_spec("ViT-B-16:openai") == ModelSpec("ViT-B-16-quickgelu", "openai")
+        assert parse_model_spec("ViT-B-16:OpenAI").name == "ViT-B-16-quickgelu"  # open_clip's tags ignore case
+        assert parse_model_spec("ViT-B-16:openai").label == "ViT-B-16-quickgelu:openai"
+    assert [r.getMessage() for r in caplog.records if "QuickGELU" in r.getMessage()] == [
+        "ViT-B-16:openai builds ViT-B-16-quickgelu: the openai weights were trained with QuickGELU, ViT-B-16 has GELU",
+        "ViT-B-16:OpenAI builds ViT-B-16-quickgelu: the OpenAI weights were trained with QuickGELU, ViT-B-16 has GELU",
+    ]  # once per pair
+    assert parse_model_spec("ViT-B-16-quickgelu:openai") == ModelSpec("ViT-B-16-quickgelu", "openai")
+    assert parse_model_spec("ViT-B-16:/runs/a/epoch_2.pt") == ModelSpec("ViT-B-16", "/runs/a/epoch_2.pt")
+
+
+def test_openai_specs_train_select_and_tower_with_quickgelu_and_our_forced_runs_load_so(tmp_path):
+    import logging
+
+    from pathgen.settings import ClipSettings, EmbeddingSettings, load_settings
+    from tasks.clip.stages import stage_plan, start_spec
+    from tasks.clip.train import trainer_args
+    from tasks.llava.vision import vision_source
+    from tasks.selection.embedding import embedding_spec
+
+    assert start_spec(ClipSettings(pretrained="openai")) == ModelSpec("ViT-B-16-quickgelu", "openai")
+    assert start_spec(ClipSettings(model="ViT-B-16", pretrained="laion2b_s34b_b88k")).name == "ViT-B-16"
+    assert start_spec(ClipSettings(pretrained="/runs/a/epoch_2.pt")).name == "ViT-B-16"
+    assert start_spec(ClipSettings()) == ModelSpec("tiny-random")
+    settings = load_settings(overrides={"clip.model": "ViT-B-16", "clip.pretrained": "openai",
+                                        "clip.work_dir": str(tmp_path)}, environ={})  # fmt: skip
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "sizes.json").write_text(json.dumps({"000000.tar": 1000}))
+    plan = stage_plan(settings, "run", "stage1", export, start_spec(settings.clip), logging.getLogger("test"))
+    args = trainer_args(plan)
+    assert args[args.index("--model") + 1] == "ViT-B-16-quickgelu" and "--force-quick-gelu" not in args
+
+    assert embedding_spec(EmbeddingSettings(model="ViT-L-14-336", pretrained="openai")).name == "ViT-L-14-336-quickgelu"
+    assert embedding_spec(EmbeddingSettings()) == ModelSpec("tiny-random")
+    assert vision_source("ViT-L-14-336:openai").text == "ViT-L-14-336-quickgelu:openai"
+    assert vision_source("tiny-random").text == "tiny-random"
+
+    stage = tmp_path / "clip-run" / "stage1"
+    (stage / "checkpoints").mkdir(parents=True)
+    checkpoint = stage / "checkpoints" / "epoch_1.pt"
+    checkpoint.write_bytes(b"weights")
+    (stage / "params.txt").write_text("model: ViT-B-16\npretrained: openai\n")
+    assert parse_model_spec(str(checkpoint)).name == "ViT-B-16"
+    (stage / "params.txt").write_text("force_quick_gelu: True\nmodel: ViT-B-16\npretrained: openai\n")
+    assert parse_model_spec(str(checkpoint)) == ModelSpec("ViT-B-16-quickgelu", str(checkpoint))
+    (stage / "params.txt").write_text("force_quick_gelu: True\nmodel: tiny-random\n")
+    with pytest.raises(ValueError, match="no tiny-random-quickgelu"):
+        parse_model_spec(str(checkpoint))
 
 
 def _processes_naming(text: str) -> list[int]:
@@ -303,6 +373,36 @@ def test_the_run_name_changes_exactly_when_the_trained_model_would(tmp_path):
     rows[0]["caption"] += " (revised)"
     data["captions"].write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert name() != first  # one caption changed
+
+
+def test_a_global_batch_on_several_devices_is_another_run_than_the_per_device_batch_it_replaced(tmp_path):
+    """clip.batch_size was per device before it became the global batch: an older run on two devices trained another
+    model under the same settings and must not be resumed as this one; on one device the two are the same run."""
+    import hashlib
+
+    from pathgen.settings import load_settings
+    from tasks.clip.stages import run_name
+
+    def names(devices: int) -> tuple[str, str]:
+        overrides = {"clip.devices": devices, "clip.batch_size": 384, "clip.precision": "fp32"}
+        overrides |= {"clip.work_dir": str(tmp_path), "clip.stage1.folder": str(tmp_path)}
+        cfg = load_settings(overrides=overrides, environ={}).clip
+        fields = {"lr", "weight_decay", "batch_size", "warmup", "seed", "devices", "workers"}
+        per_device = {  # how runs were named while clip.batch_size was per device
+            "model": "tiny-random",
+            "weights": None,
+            "train": cfg.model_dump(include=fields) | {"precision": "fp32"},
+            "epochs": [cfg.stage1.epochs],
+            "data": ["digest"],
+            "holdout_fraction": cfg.holdout_fraction,
+        }
+        before = "clip-" + hashlib.sha256(json.dumps(per_device, sort_keys=True).encode()).hexdigest()[:12]
+        return run_name(cfg, ["digest"]), before
+
+    now, before = names(1)
+    assert now == before  # a single-device run keeps its name and resumes
+    now, before = names(2)
+    assert now != before and now != names(1)[0]
 
 
 @pytest.mark.s3

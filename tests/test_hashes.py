@@ -134,3 +134,40 @@ def test_the_backend_cache_never_hands_out_a_backend_built_for_other_settings(ti
 def test_identity_names_random_weights(key):
     s = _settings()
     assert "random weights" in identities(s.agents, s.retries)[key]
+
+
+def test_a_quickgelu_twin_changes_exactly_the_hashes_of_the_openai_specs(tmp_path):
+    """OpenAI's tags build the name's -quickgelu twin: an identity of the twin, the same as naming it; every other spec
+    hashes the settings as they were given."""
+    from pathgen.settings import ClipSettings
+    from tasks.clip.stages import run_name
+    from tasks.features.encoder import encoder_identity
+    from tasks.features.hashing import features_hash
+    from tasks.slides.hashing import _embedding_identity
+
+    def embedding(model, pretrained):
+        return _settings(**{"embedding.model": model, "embedding.pretrained": pretrained})
+
+    assert slide_extraction_hash(A, embedding("ViT-L-14-336", "openai")) == (
+        slide_extraction_hash(A, embedding("ViT-L-14-336-quickgelu", "openai"))
+    )
+    checkpoint = tmp_path / "pathgen-clip.pt"
+    checkpoint.write_bytes(b"weights")
+    for model, pretrained in ((None, None), ("tiny-random", None), ("ViT-B-16", "laion2b_s34b_b88k"),
+                              ("ViT-B-16", str(checkpoint))):  # fmt: skip
+        identity = _embedding_identity(embedding(model, pretrained))
+        assert identity["model"] == model, (model, pretrained)
+
+    def run(**clip):
+        return run_name(ClipSettings(**clip), ["digest"])
+
+    assert run(model="ViT-B-16", pretrained="openai") == run(pretrained="openai")
+    assert run(pretrained="openai") == run(model="ViT-B-16-quickgelu", pretrained="openai")
+    assert run(model="ViT-B-16", pretrained="laion2b_s34b_b88k") != run(
+        model="ViT-B-16-quickgelu", pretrained="laion2b_s34b_b88k"
+    )  # a GELU-trained tag: the plain name stays the plain model
+
+    settings = _settings()
+    plain, twin = encoder_identity("ViT-B-16:openai"), encoder_identity("ViT-B-16-quickgelu:openai")
+    assert plain["name"] == "ViT-B-16-quickgelu" and features_hash(settings, plain) == features_hash(settings, twin)
+    assert encoder_identity("ViT-B-16:laion2b_s34b_b88k")["name"] == "ViT-B-16"

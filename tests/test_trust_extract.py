@@ -192,9 +192,9 @@ def test_production_weights_unreachable_stop_before_the_first_slide(tmp_path, hu
     with pytest.raises(ModelUnavailable) as caught:
         require_real_models(settings, ["extract", "caption", "train-clip"])
     message = str(caught.value)
-    assert "embedding.model / embedding.pretrained ViT-L-14-336:openai" in message
+    assert "embedding.model / embedding.pretrained ViT-L-14-336-quickgelu:openai" in message
     assert "agents.describe.model Qwen/Qwen2.5-VL-7B-Instruct" in message
-    assert "clip.model / clip.pretrained ViT-B-16:openai" in message
+    assert "clip.model / clip.pretrained ViT-B-16-quickgelu:openai" in message
     assert is_infrastructure(caught.value) and "stays pending" in message
     state = extract_flow(
         sources=[str(CMU)], store=str(tmp_path / "store"), config=production, processes=False, return_state=True

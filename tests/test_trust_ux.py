@@ -77,7 +77,8 @@ def test_clip_model_without_pretrained_trains_that_architecture_from_random_weig
     assert start_spec(tiny.clip) == ModelSpec(TINY_RANDOM)  # neither set: the tiny model
     assert run_name(tiny.clip, digest) != run_name(settings.clip, digest)  # another model, another run
     pretrained = _clip_settings(tmp_path / "third", **{"clip.pretrained": "openai"})
-    assert start_spec(pretrained.clip) == ModelSpec("ViT-B-16", "openai")  # a tag alone loads into ViT-B-16
+    # a tag alone loads into ViT-B-16; OpenAI's, trained with QuickGELU, into its QuickGELU twin
+    assert start_spec(pretrained.clip) == ModelSpec("ViT-B-16-quickgelu", "openai")
 
 
 # -- points 21 and 24: a checkpoint trained from random weights, and what the trainer prints -----------------------
@@ -303,6 +304,16 @@ def test_a_shard_without_column_statistics_is_read_for_its_flag(tmp_path):
     table = pa.table({"patch_id": ["p0", "p1"], "random_weights": [False, True]})
     pq.write_table(table, folder / "slide-1.parquet", write_statistics=False)
     assert store_report(Store(str(tmp_path / "store")))["pairs"][0]["random_weights"] is True
+
+
+def test_the_report_shows_the_probe_of_evaluations_written_before_the_headline(tmp_path):
+    from tasks.report import store_report
+
+    store = Store(str(tmp_path / "store"))
+    store.write_json("eval/new/kather.json", {"linear_probe": {"headline": {"balanced_accuracy": 0.9}}})
+    store.write_json("eval/old/kather.json", {"linear_probe": {"full": {"balanced_accuracy": 0.8}}})
+    shown = {e["eval"]: e["headline"] for e in store_report(store)["evaluations"]}
+    assert shown == {"new": {"linear_probe_balanced_accuracy": 0.9}, "old": {"linear_probe_balanced_accuracy": 0.8}}
 
 
 # -- point 23: the contact sheet goes into the store's reports/ ---------------------------------------------------

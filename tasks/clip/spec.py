@@ -4,11 +4,17 @@ checkpoint (``ViT-B-16:/runs/x/epoch_2.pt``), a bare checkpoint of ours (its mod
 
 A model is random weights when nothing was loaded into it: a bare name has open_clip's random initialisation,
 whatever the name, so it is declared random exactly like the tiny model.
+
+A pretrained tag whose weights were trained with QuickGELU (``openai``, and a few others) on a config that builds GELU
+(open_clip's plain ``ViT-B-16``) names the config's ``-quickgelu`` twin instead (:func:`quick_gelu_name`): open_clip
+itself only warns, and builds a model whose features are wrong. The twin's name is the model's identity everywhere
+(run names, extraction and features hashes), so exactly the specs whose model changes get new hashes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -18,6 +24,10 @@ from pathlib import Path
 TINY_RANDOM = "tiny-random"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _SELF_CONTAINED = ("local-dir:", "hf-hub:")  # open_clip loads config and weights from these by themselves
+QUICK_GELU_SUFFIX = "-quickgelu"
+
+log = logging.getLogger("pathgen.clip")
+_switched: set[tuple[str, str]] = set()  # (name, tag) pairs already logged as switched to their -quickgelu twin
 
 
 @dataclass(frozen=True)
@@ -47,24 +57,73 @@ def parse_model_spec(text: str) -> ModelSpec:
             return ModelSpec(name, rest)  # NAME:PATH
         return ModelSpec(checkpoint_model_name(text), text)
     name, _, pretrained = text.partition(":")
-    return ModelSpec(name, pretrained or None)
+    return ModelSpec(quick_gelu_name(name, pretrained or None), pretrained or None)
+
+
+def needs_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's ``pretrained`` tag for ``name`` was trained with QuickGELU that ``name``'s config lacks
+    (``ViT-B-16`` with ``openai``). Reads open_clip's registries only: nothing is downloaded or built."""
+    if not pretrained or not re.fullmatch(r"[\w-]+", pretrained) or not name or name.startswith(_SELF_CONTAINED):
+        return False  # no tag: no weights, or a checkpoint (whose run's params.txt names its model)
+    import open_clip
+
+    if not open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False):
+        return False  # not a tag of name (a checkpoint, another tag), or a GELU-trained one
+    return not (open_clip.get_model_config(name) or {}).get("quick_gelu", False)
+
+
+def quick_gelu_name(name: str, pretrained: str | None) -> str:
+    """``name``, or its ``-quickgelu`` twin where :func:`needs_quick_gelu` (logged once per pair)."""
+    if not needs_quick_gelu(name, pretrained):
+        return name
+    import open_clip
+
+    twin = name + QUICK_GELU_SUFFIX
+    if not open_clip.get_pretrained_cfg(twin, pretrained):
+        raise ValueError(
+            f"{name}:{pretrained}: the {pretrained} weights were trained with QuickGELU, which open_clip's {name} "
+            f"lacks, and open_clip has no {twin} with that tag; name a QuickGELU config of that architecture"
+        )
+    if (name, pretrained) not in _switched:
+        _switched.add((name, pretrained))
+        log.info("%s:%s builds %s: the %s weights were trained with QuickGELU, %s has GELU", name, pretrained, twin,
+                 pretrained, name)  # fmt: skip
+    return twin
 
 
 def checkpoint_model_name(checkpoint: str) -> str:
     """The open_clip model a trainer checkpoint holds, from ``params.txt`` of its run (``<run>/checkpoints/x.pt``).
 
-    open_clip_train's checkpoints carry weights, not the architecture, so a bare path needs the run beside it."""
+    open_clip_train's checkpoints carry weights, not the architecture, so a bare path needs the run beside it. A run
+    trained with ``--force-quick-gelu`` holds the model's ``-quickgelu`` twin."""
     for folder in _parents(checkpoint):
         params = _read_text(f"{folder}/params.txt")
         if params is None:
             continue
         match = re.search(r"^model: (\S+)$", params, re.MULTILINE)
         if match:
-            return match.group(1)
+            forced = re.search(r"^force_quick_gelu: True$", params, re.MULTILINE)
+            return _quick_gelu_twin(match.group(1), checkpoint) if forced else match.group(1)
     raise ValueError(
         f"cannot tell which open_clip model {checkpoint} holds: no params.txt of its training run beside it; "
         f"name the model as NAME:{checkpoint} (for example ViT-B-16:{checkpoint})"
     )
+
+
+def _quick_gelu_twin(name: str, checkpoint: str) -> str:
+    import open_clip
+
+    from tasks.selection.embedding import _register_configs
+
+    _register_configs()
+    if (open_clip.get_model_config(name) or {}).get("quick_gelu", False) or name.endswith(QUICK_GELU_SUFFIX):
+        return name
+    if name + QUICK_GELU_SUFFIX not in open_clip.list_models():
+        raise ValueError(
+            f"{checkpoint} was trained as {name} with QuickGELU forced, and open_clip has no {name}{QUICK_GELU_SUFFIX}"
+            f' config to load it into; add one (the {name} config with "quick_gelu": true)'
+        )
+    return name + QUICK_GELU_SUFFIX
 
 
 def trained_from_random(checkpoint: str | None, hops: int = 4) -> bool:

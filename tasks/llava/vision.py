@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.clip.spec import CHECKPOINT_SUFFIXES, TINY_RANDOM, ModelSpec, local_checkpoint, parse_model_spec
+from tasks.clip.spec import (
+    CHECKPOINT_SUFFIXES,
+    TINY_RANDOM,
+    ModelSpec,
+    local_checkpoint,
+    parse_model_spec,
+    quick_gelu_name,
+)
 
 OPEN_CLIP_PREFIXES = ("local-dir:", "hf-hub:")
 TOLERANCE = 1e-4  # fp32: the two implementations differ only in the order of floating-point operations
@@ -61,12 +68,16 @@ class VisionTower:
 
 
 def vision_source(text: str | None) -> VisionSource:
-    """A setting's value -> its source; unset is the tiny open_clip model (random weights)."""
+    """A setting's value -> its source; unset is the tiny open_clip model (random weights). ``NAME:TAG`` with a tag
+    trained with QuickGELU becomes the name's ``-quickgelu`` twin, the model it builds (and the run's identity)."""
     if not text:
         return VisionSource("open_clip", TINY_RANDOM, True)
     if is_open_clip(text):
         if Path(text).is_dir():  # an open_clip folder named without its prefix
             text = f"local-dir:{text}"
+        name, _, tag = text.partition(":")
+        if quick_gelu_name(name, tag or None) != name:
+            text = f"{quick_gelu_name(name, tag)}:{tag}"
         return VisionSource("open_clip", text, parse_model_spec(text).random_weights)
     from agents.backends import folder_random_weights
 

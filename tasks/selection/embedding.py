@@ -19,7 +19,14 @@ import cv2
 import numpy as np
 
 from pathgen.settings import EmbeddingSettings
-from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, parse_model_spec
+from tasks.clip.spec import (
+    TINY_RANDOM,
+    ModelSpec,
+    has_random_weights,
+    local_checkpoint,
+    parse_model_spec,
+    quick_gelu_name,
+)
 from tasks.devices import empty_cuda_cache
 from tasks.errors import ModelUnavailable, short_error
 
@@ -102,10 +109,11 @@ def resolve_device(device: str) -> str:
 
 
 def embedding_spec(cfg: EmbeddingSettings) -> ModelSpec:
-    """The model selection embeds with. A checkpoint alone (a PathGen-CLIP run's) names its model itself."""
+    """The model selection embeds with. A checkpoint alone (a PathGen-CLIP run's) names its model itself; a tag
+    trained with QuickGELU embeds with the name's ``-quickgelu`` twin (``ViT-L-14-336`` with ``openai``)."""
     if cfg.model is None and cfg.pretrained:
         return parse_model_spec(cfg.pretrained)
-    return ModelSpec(cfg.model or TINY_RANDOM, cfg.pretrained or None)
+    return ModelSpec(quick_gelu_name(cfg.model or TINY_RANDOM, cfg.pretrained or None), cfg.pretrained or None)
 
 
 def load_embedding_model(cfg: EmbeddingSettings, logger: logging.Logger | None = None) -> EmbeddingModel:

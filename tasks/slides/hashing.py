@@ -19,6 +19,7 @@ from typing import Any
 
 from pathgen.digest import path_digest
 from pathgen.settings import Settings
+from tasks.clip.spec import quick_gelu_name
 from tasks.selection.retrieval import prompts_for
 from tasks.slides.projects import resolve_project
 from tasks.slides.record import SourceIdentity
@@ -42,7 +43,9 @@ def mpp_override(ref: SlideRef, settings: Settings) -> float | None:
 
 def _embedding_identity(settings: Settings) -> dict[str, Any]:
     cfg = settings.embedding
-    identity: dict[str, Any] = {"model": cfg.model, "pretrained": cfg.pretrained}
+    # The model built: a QuickGELU-trained tag builds the name's -quickgelu twin (tasks.clip.spec.quick_gelu_name)
+    model = quick_gelu_name(cfg.model, cfg.pretrained) if cfg.model else cfg.model
+    identity: dict[str, Any] = {"model": model, "pretrained": cfg.pretrained}
     if cfg.pretrained and Path(cfg.pretrained).exists():
         identity["pretrained"] = {"file": Path(cfg.pretrained).name, "sha256": path_digest(cfg.pretrained)}
     return identity

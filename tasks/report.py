@@ -17,11 +17,12 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from tasks.benchmark.summary import BENCHMARKS, newest_benchmark, report_lines
-from tasks.captions.stats import caption_stats, stats_lines
+from tasks.captions.stats import read_pairs, stats_lines
 from tasks.mil.metrics import mean_std_text
 from tasks.reviews.report import review_lines, review_report
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
+from tasks.tables import md_table, text_table
 
 MIL_EVAL = "eval/mil"  # eval/mil/<run>/<task>.json: one whole-slide task's results of one MIL run
 PICTURES_LISTED = 12  # slides whose thumbnail and selection picture the report links
@@ -110,64 +111,47 @@ def _rows(store: Store, key: str, columns: list[str]):
 
 
 def _footer(store: Store, key: str) -> pq.FileMetaData:
-    """A shard's Parquet footer alone (row counts, column statistics): the pairs' images are never read."""
+    """A shard's Parquet footer alone (row counts, column statistics): the rows are never read."""
     with store.open(key) as handle:
         return pq.ParquetFile(handle, pre_buffer=False).metadata
 
 
-def _any_true(store: Store, key: str, footer: pq.FileMetaData, column: str) -> bool:
-    """Whether a boolean column holds a true value, from the footer's statistics (the column itself only when a
-    row group has none)."""
-    names = [footer.schema.column(i).name for i in range(footer.num_columns)]
-    if column not in names:
-        return False
-    index = names.index(column)
-    for group in range(footer.num_row_groups):
-        stats = footer.row_group(group).column(index).statistics
-        if stats is None or not stats.has_min_max:
-            return any(_rows(store, key, [column])[column].to_pylist())
-        if stats.max:
-            return True
-    return False
-
-
-def _item_failures(store: Store, keys: list[str], columns: list[str]) -> dict[str, dict[str, Any]]:
+def _item_failures(store: Store, keys: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     """Failed items by reason code (``stage:reason`` where the shard has stages), each with the first one's
-    detail whole: what the reply or the check said."""
+    detail whole: what the reply or the check said; and each failed table's row count."""
     groups: dict[str, dict[str, Any]] = {}
+    rows: dict[str, int] = {}
     for key in keys:
-        table = _rows(store, key, columns).to_pylist()
-        for row in table:
+        table = _rows(store, key, ["stage", "reason", "detail"])
+        rows[key] = table.num_rows
+        for row in table.to_pylist():
             code = f"{row['stage']}:{row['reason']}" if "stage" in row else row["reason"]
             group = groups.setdefault(code, {"count": 0, "example": row.get("detail")})
             group["count"] += 1
-    return dict(sorted(groups.items(), key=lambda item: -item[1]["count"]))
+    return dict(sorted(groups.items(), key=lambda item: -item[1]["count"])), rows
 
 
 def _pairs(store: Store, projects: dict[str, str | None]) -> list[dict[str, Any]]:
-    """Per agents_hash: pairs and slides (from the shards' footers), failed items by reason, and the caption
-    statistics; ``projects`` (slide id -> project of its slide record) places failures of slides without pairs."""
+    """Per agents_hash: pairs and slides, failed items by reason, and the caption statistics, each pair shard and
+    failed table read once; ``projects`` (slide id -> project of its slide record) places failures of slides
+    without pairs."""
     pair_keys, failed_keys = store.list("pairs", ".parquet"), store.list("failed", ".parquet")
     found = []
     for agents_hash in sorted({k.split("/")[1] for k in pair_keys + failed_keys}):
         pairs = [k for k in pair_keys if k.split("/")[1] == agents_hash]
         failed = [k for k in failed_keys if k.split("/")[1] == agents_hash]
-        count, random = 0, False
-        for key in pairs:
-            footer = _footer(store, key)
-            count += footer.num_rows
-            random = random or _any_true(store, key, footer, "random_weights")
-        failures = _item_failures(store, failed, ["stage", "reason", "detail"])
+        failures, failed_rows = _item_failures(store, failed)
+        read = read_pairs(store, pairs, failed_rows, projects)
         found.append(
             {
                 "agents_hash": agents_hash,
                 "slides": len(pairs),
-                "pairs": count,
+                "pairs": read.pairs,
                 "failed_items": sum(group["count"] for group in failures.values()),
                 "failures": failures,
-                "random_weights": random,
+                "random_weights": read.random_weights,
                 "prefix": store.uri(f"pairs/{agents_hash}"),
-                "captions": caption_stats(store, pairs, failed, projects),
+                "captions": read.captions,
             }
         )
     return found
@@ -185,7 +169,7 @@ def _instruct(store: Store) -> list[dict[str, Any]]:
                 "instruct_hash": instruct_hash,
                 "slides": len(mine),
                 "conversations": sum(_footer(store, k).num_rows for k in mine),
-                "failures": _item_failures(store, failed, ["stage", "reason", "detail"]),
+                "failures": _item_failures(store, failed)[0],
                 "prefix": store.uri(f"instruct/{instruct_hash}"),
             }
         )
@@ -231,7 +215,8 @@ def _evaluations(store: Store) -> list[dict[str, Any]]:
         if not isinstance(result, dict):
             continue
         headline = {}
-        probe = (result.get("linear_probe") or {}).get("headline")
+        probe = result.get("linear_probe") or {}
+        probe = probe.get("headline") or probe.get("full")  # "full": how results were written before the headline
         for name, metrics in (("zero_shot", result.get("zero_shot")), ("linear_probe", probe)):
             if isinstance(metrics, dict) and "balanced_accuracy" in metrics:
                 headline[f"{name}_balanced_accuracy"] = metrics["balanced_accuracy"]
@@ -324,8 +309,8 @@ def text(report: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any], title: str = "PathGen Factory report", extra: list[str] | None = None) -> str:
     """The report as markdown for a Prefect artifact; ``extra`` lines (the run's own figures) go first."""
     body = [_md_item(line) + "  " for line in _lines(report, _md_link)]
-    tables = _mil_lines(report.get("mil"), _md_table, _md_heading)
-    tables += report_lines(report.get("benchmark"), _md_table, lambda line: f"## {line.removesuffix(':')}")
+    tables = _mil_lines(report.get("mil"), md_table, _md_heading)
+    tables += report_lines(report.get("benchmark"), md_table, lambda line: f"## {line.removesuffix(':')}")
     return "\n".join([f"# {title}", "", *(extra or []), "", *body, *([""] + tables if tables else [])])
 
 
@@ -444,19 +429,8 @@ def _encoder_cell(label: str, random_weights: bool) -> str:
 
 
 def _text_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    """Aligned columns, indented under their heading."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-
-    def render(cells) -> str:
-        return "  " + "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    return [render(header), render(["-" * width for width in widths]), *(render(row) for row in rows)]
+    return text_table(header, rows, indent="  ")  # indented under its heading
 
 
 def _md_heading(line: str) -> str:
     return f"{'##' if line.startswith('Whole-slide') else '###'} {line.removesuffix(':')}"
-
-
-def _md_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]

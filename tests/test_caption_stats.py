@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.captions.stats import caption_stats, histogram
+from tasks.captions.stats import histogram, read_pairs
 from tasks.report import markdown, store_report, text
 from tasks.store.objects import Store
 
@@ -83,20 +83,35 @@ def test_statistics_match_the_shards_rows(tmp_path):
 
 def test_images_are_not_read(tmp_path, monkeypatch):
     """Column projection: asking for the statistics' columns never asks for ``image``."""
-    import tasks.captions.stats as stats_module
-
     store = _store(tmp_path)
     asked = []
-    real = stats_module.read_shard
+    real = pq.ParquetFile.read
 
-    def spy(handle, columns=None):
+    def spy(self, columns=None, **kwargs):
         asked.append(columns)
-        return real(handle, columns)
+        return real(self, columns, **kwargs)
 
-    monkeypatch.setattr(stats_module, "read_shard", spy)
-    keys = store.list("pairs/h1", ".parquet")
-    caption_stats(store, keys, [])
+    monkeypatch.setattr(pq.ParquetFile, "read", spy)
+    read = read_pairs(store, store.list("pairs/h1", ".parquet"), {})
     assert asked and all(columns and "image" not in columns for columns in asked)
+    assert (read.pairs, read.random_weights) == (9, True)
+
+
+def test_status_opens_each_pair_shard_and_failed_table_once(tmp_path, monkeypatch):
+    """Row counts, the random-weights flag, the statistics and the failures' reasons come from one read each."""
+    store = _store(tmp_path)
+    opened = []
+    real = Store.open
+
+    def spy(self, key, *args, **kwargs):
+        opened.append(key)
+        return real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "open", spy)
+    report = store_report(store)
+    shards = [k for k in opened if k.startswith(("pairs/", "failed/"))]
+    assert len(shards) == 6 and sorted(shards) == sorted(set(shards))  # three pair shards, three failed tables
+    assert (report["pairs"][0]["pairs"], report["pairs"][0]["failed_items"]) == (9, 4)
 
 
 def test_empty_and_over_long_tallies():

@@ -1,9 +1,11 @@
 """Caption statistics of one agents_hash, for ``pathgen status`` and the factory report.
 
 Read from the pair shards (``pairs/<agents_hash>/<slide_id>.parquet``), only the columns needed (Parquet column
-projection: the images are never read; an older shard that lacks a column is counted without it), and from the
-failed tables' footers alone (their row count; the slide is in the key), a bounded chunk of shards at a time into
-running counts, so the figures scale to the full 1.6M pairs in bounded memory:
+projection: the images are never read; an older shard that lacks a column is counted without it), each shard once:
+the same read gives the report its row count and random_weights flag (:func:`read_pairs`). Failed items come as
+row counts per failed table (the slide is in the key), which the report counts while it reads their reasons. A
+bounded chunk of shards at a time goes into running counts, so the figures scale to the full 1.6M pairs in bounded
+memory:
 
 - CLIP-token length of the captions: ``caption_tokens``, the pipeline's own count (open_clip's BPE tokenizer, start
   and end tokens included, ``agents.clip_tokens``): min, p50, p90 and max (nearest rank: the smallest length that
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,7 +34,6 @@ from typing import Any, TypeVar
 import pyarrow.parquet as pq
 
 from tasks.slides.projects import barcode_project
-from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 from tasks.work.shards import slide_of
 
@@ -138,20 +139,48 @@ def summarize(tally: CaptionTally) -> dict[str, Any]:
     }
 
 
-def _read(store: Store, key: str, columns: list[str]) -> tuple[dict[str, list[Any]], int]:
-    """The shard's ``columns`` that it has, as lists, and its row count."""
+@dataclass(frozen=True)
+class PairShard:
+    """What one read of a pair shard gives: its row count, whether any row has random_weights, and those of
+    PAIR_COLUMNS it has, as lists."""
+
+    rows: int
+    random_weights: bool
+    columns: dict[str, list[Any]]
+
+
+def read_pair_shard(store: Store, key: str) -> PairShard:
+    """One shard, read once: the footer (row count; random_weights from its column statistics) and the statistics'
+    columns; the random_weights column itself only where a row group has no statistics for it."""
     with store.open(key) as handle:
         parquet = pq.ParquetFile(handle, pre_buffer=False)
-        present = [c for c in columns if c in parquet.schema_arrow.names]
-        if not present:  # an older shard: its footer's row count is all there is to read
-            return {}, parquet.metadata.num_rows
-        table = read_shard(handle, present)
-    return {name: table.column(name).to_pylist() for name in table.column_names}, table.num_rows
+        footer = parquet.metadata
+        present = [c for c in PAIR_COLUMNS if c in parquet.schema_arrow.names]
+        random = _any_true_in_footer(footer, "random_weights")
+        if random is None:
+            present.append("random_weights")
+        # not read_table: see tasks.slides.shard.read_shard (no threads, no pre-buffering over a Python file)
+        table = parquet.read(columns=present, use_threads=False) if present else None
+    columns = {name: table.column(name).to_pylist() for name in table.column_names} if table is not None else {}
+    if random is None:
+        random = any(columns.pop("random_weights"))
+    return PairShard(footer.num_rows, random, columns)
 
 
-def _failed_rows(store: Store, key: str) -> int:
-    with store.open(key) as handle:
-        return pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
+def _any_true_in_footer(footer: pq.FileMetaData, column: str) -> bool | None:
+    """Whether a boolean column holds a true value, from the footer's statistics: False where the shard lacks the
+    column, None where a row group has no statistics for it (then only the column itself tells)."""
+    names = [footer.schema.column(i).name for i in range(footer.num_columns)]
+    if column not in names:
+        return False
+    index = names.index(column)
+    for group in range(footer.num_row_groups):
+        stats = footer.row_group(group).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        if stats.max:
+            return True
+    return False
 
 
 def slide_project_fallback(slide_id: str, known: dict[str, str | None]) -> str:
@@ -159,25 +188,40 @@ def slide_project_fallback(slide_id: str, known: dict[str, str | None]) -> str:
     return known.get(slide_id) or barcode_project([slide_id]).project or UNKNOWN
 
 
-def caption_stats(
-    store: Store, pair_keys: Iterable[str], failed_keys: Iterable[str], known: dict[str, str | None] | None = None
-) -> dict[str, Any]:
-    """The statistics of the module docstring over these pair shards and failed tables (one agents_hash's);
-    ``known``: slide id -> project from the slide records, for slides whose pairs carry none."""
+@dataclass(frozen=True)
+class PairsRead:
+    """One agents_hash's pair shards: their rows, whether any was made with random weights, and the statistics."""
+
+    pairs: int
+    random_weights: bool
+    captions: dict[str, Any]
+
+
+def read_pairs(
+    store: Store,
+    pair_keys: Iterable[str],
+    failed_rows: Mapping[str, int],
+    known: dict[str, str | None] | None = None,
+) -> PairsRead:
+    """The statistics of the module docstring over these pair shards (one agents_hash's), each read once;
+    ``failed_rows``: failed table key -> its row count; ``known``: slide id -> project from the slide records, for
+    slides whose pairs carry none."""
     known = known or {}
     tally = CaptionTally()
+    random = False
     slide_projects: dict[str, str] = {}
-    for key, (columns, rows) in _each(pair_keys, lambda key: _read(store, key, PAIR_COLUMNS)):
+    for key, shard in _each(pair_keys, lambda key: read_pair_shard(store, key)):
         slide_id = slide_of(key)
         fallback = slide_project_fallback(slide_id, known)
-        tally.add(columns, rows, fallback)
-        named = [p for p in columns.get("project", []) if p]
+        tally.add(shard.columns, shard.rows, fallback)
+        random = random or shard.random_weights
+        named = [p for p in shard.columns.get("project", []) if p]
         slide_projects[slide_id] = Counter(named).most_common(1)[0][0] if named else fallback
-    for key, rows in _each(failed_keys, lambda key: _failed_rows(store, key)):
+    for key, rows in failed_rows.items():
         slide_id = slide_of(key)
         project = slide_projects.get(slide_id) or slide_project_fallback(slide_id, known)
         tally.project_failed[project] += rows
-    return summarize(tally)
+    return PairsRead(tally.pairs, random, summarize(tally))
 
 
 def _each(keys: Iterable[str], read: Callable[[str], T]) -> Iterator[tuple[str, T]]:

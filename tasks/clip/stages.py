@@ -22,7 +22,7 @@ from pathgen.settings import ClipSettings, PairSetSettings, Settings
 from tasks.captions.export import agents_hashes
 from tasks.clip.lease import RunLease
 from tasks.clip.scalars import MetricsUnreadable
-from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint
+from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, quick_gelu_name
 from tasks.clip.train import (
     CheckpointMirror,
     StagePlan,
@@ -94,9 +94,10 @@ PRETRAINED_ARCHITECTURE = "ViT-B-16"  # what clip.pretrained (openai, say) loads
 
 def start_spec(cfg: ClipSettings) -> ModelSpec:
     """The model stage 1 starts from. ``clip.model`` is trained as named: from ``clip.pretrained`` when given, else
-    from random initialisation (random weights, and says so); neither set: the tiny model, from random weights."""
+    from random initialisation (random weights, and says so); neither set: the tiny model, from random weights.
+    A tag trained with QuickGELU trains the name's ``-quickgelu`` twin (``ViT-B-16`` with ``openai``)."""
     if cfg.pretrained:
-        return ModelSpec(cfg.model or PRETRAINED_ARCHITECTURE, cfg.pretrained)
+        return ModelSpec(quick_gelu_name(cfg.model or PRETRAINED_ARCHITECTURE, cfg.pretrained), cfg.pretrained)
     return ModelSpec(cfg.model or TINY_RANDOM)
 
 
@@ -109,6 +110,10 @@ def run_name(cfg: ClipSettings, data_digests: list[str]) -> str:
     if local and Path(local).exists():
         weights = path_digest(local)  # by content, wherever it lies
     train = cfg.model_dump(include={"lr", "weight_decay", "batch_size", "warmup", "seed", "devices", "workers"})
+    if cfg.devices > 1:
+        # batch_size became the global batch: a run trained with the per-device batch under the same settings is
+        # another model and keeps its own name; on one device the two are the same, and so is the name
+        train["batch"] = "global"
     train["precision"] = resolved_precision(cfg.precision)
     inputs = {
         "model": spec.name,

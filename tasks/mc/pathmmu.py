@@ -30,12 +30,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.files import write_atomic
 from tasks.mc.dataset import DatasetError, normalize, parse_line
 from tasks.paths import outside_folder
 
@@ -220,18 +220,6 @@ def convert_release(
     return result
 
 
-def _atomic(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _link_or_copy(source: Path, tmp: Path) -> None:
     tmp.unlink()
     try:
@@ -244,6 +232,6 @@ def write_conversion(conversion: Conversion, out: Path, copy_images: bool = Fals
     """The images (with ``copy_images``) and then the JSON Lines file, each written whole."""
     if copy_images:
         for name, source in conversion.images.items():
-            _atomic(out.parent / name, lambda tmp, source=source: _link_or_copy(source, tmp))
+            write_atomic(out.parent / name, lambda tmp, source=source: _link_or_copy(source, tmp))
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in conversion.records)
-    _atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))

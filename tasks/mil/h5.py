@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+
+from tasks.files import write_atomic
 
 FORMAT = "pathgen-slide-features/1"
 FEATURES, COORDS = "features", "coords"
@@ -105,19 +106,14 @@ def write_slide_h5(
     coords_attrs = {"patch_size": int(patch_size), "patch_level": int(patch_level), "name": path.stem}
     if patch_size_level0 is not None:
         coords_attrs["patch_size_level0"] = int(patch_size_level0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
+
+    def write(partial: Path) -> None:
+        with h5py.File(partial, "w") as f:
             f.attrs.update(file_attrs)
             f.create_dataset(FEATURES, data=feats).attrs.update({"name": path.stem, "encoder": str(encoder)})
             f.create_dataset(COORDS, data=xy).attrs.update(coords_attrs)
-        with open(tmp, "rb+") as handle:  # the bytes are on disk before the name points at them
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return write_atomic(path, write)
 
 
 def read_slide_h5(path: str | os.PathLike[str]) -> SlideFeatures:

@@ -54,6 +54,7 @@ from tasks.features.store import (
     read_features,
     read_meta,
 )
+from tasks.files import write_atomic
 from tasks.mil.h5 import CLAM_SUBFOLDER, FeaturesFileError, SlideFeatures, read_features_folder, read_slide_h5
 from tasks.mil.metrics import STD_DEFINITION, mean_std, mean_std_text
 from tasks.mil.tasks import Task, TaskError, read_task, require_slides
@@ -477,14 +478,7 @@ class RunMirror:
         return self.local / ".pulled" / remote.replace("/", "_")
 
     def _fetch(self, remote: str, name: str, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        try:
-            with open(handle, "wb") as stream:
-                stream.write(self.store.read_bytes(f"{remote}/{name}"))
-            Path(partial).replace(target)
-        finally:
-            Path(partial).unlink(missing_ok=True)
+        write_atomic(target, lambda partial: partial.write_bytes(self.store.read_bytes(f"{remote}/{name}")))
         self._pushed[str(target)] = _stamp(target)  # the store has it already
 
     def push_folder(self, lr: float, seed: int, force: bool = False) -> None:
@@ -529,14 +523,8 @@ def combined_metrics(local: Path, recipe: MilRecipe) -> list[dict[str, Any]]:
 
 def write_local_json(path: Path, obj: Any) -> None:
     """A whole file or none: a temporary file in the same folder renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with open(handle, "w") as stream:
-            stream.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=str) + "\n")
-        Path(partial).replace(path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, default=str) + "\n"
+    write_atomic(path, lambda partial: partial.write_text(text))
 
 
 # --------------------------------------------------------------------------------------------------- the run

@@ -55,14 +55,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+
+from tasks.files import write_atomic
 
 SPLITS = ("train", "val", "test")
 COLUMNS = ("case_id", "slide_id", "label", "split")
@@ -207,19 +207,14 @@ def write_task(rows: Iterable[TaskRow], out: str | Path) -> Path:
     ordered = sorted(rows, key=lambda row: (_split_rank(row.split), row.slide_id))
     # numbered as they will stand in the file (the header is line 1), so an error points into it
     check_rows([_with_line(row, number) for number, row in enumerate(ordered, start=2)], out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+
+    def write(partial: Path) -> None:
+        with open(partial, "w", encoding="utf-8", newline="") as stream:
             writer = csv.writer(stream, lineterminator="\n")
             writer.writerow(COLUMNS)
             writer.writerows((row.case_id, row.slide_id, row.label, row.split) for row in ordered)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(partial, 0o644)  # mkstemp makes it private; a task file is shared like any CSV
-        os.replace(partial, out)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+
+    write_atomic(out, write)
     return out
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.files import write_atomic
 from tasks.mil.h5 import FeaturesFileError
 from tasks.mil.metrics import classification_metrics, mean_std
 from tasks.mil.models import build_mil_model, mil_loss
@@ -147,23 +146,12 @@ def prepare_data(task: Task, features: Mapping[str, Tensor], selection_metric: S
 # --------------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        write(Path(partial))
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-
-
 def _save_torch(obj: object, path: Path) -> None:
-    _atomic_write(path, lambda partial: torch.save(obj, partial))
+    write_atomic(path, lambda partial: torch.save(obj, partial))
 
 
 def _save_json(obj: object, path: Path) -> None:
-    _atomic_write(path, lambda partial: partial.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    write_atomic(path, lambda partial: partial.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def data_digest(data: _Data) -> str:
@@ -207,7 +195,7 @@ def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def _write_metrics(path: Path, records: list[dict]) -> None:
-    _atomic_write(path, lambda partial: partial.write_text("".join(json.dumps(r) + "\n" for r in records)))
+    write_atomic(path, lambda partial: partial.write_text("".join(json.dumps(r) + "\n" for r in records)))
 
 
 # --------------------------------------------------------------------------------------------------- one epoch

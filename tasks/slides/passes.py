@@ -22,7 +22,7 @@ import numpy as np
 from pathgen.settings import Settings
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder, load_embedding_model
 from tasks.selection.plan import SelectionPlan
-from tasks.selection.representative import select_representative
+from tasks.selection.representative import Selection, select_representative
 from tasks.selection.retrieval import prompts_for, retrieval_scores
 from tasks.slides.projects import ResolvedProject, resolve_project
 from tasks.slides.quality import QualityScores, rejection_reason, score_patch
@@ -82,6 +82,11 @@ class SlidePass:
         self.read_level = self.reader.best_level(self.mpp)
         # the project its prompts and its hash use (tasks.slides.hashing.slide_project), recorded on every patch
         self.project: ResolvedProject = resolve_project(self.ref, self.settings)
+        if self.project.source == "barcode":
+            self.logger.info("%s: project %s from its barcode (%s)", self.ref.slide_id, self.project.project,
+                             self.project.note)  # fmt: skip
+        elif self.project.source == "none":
+            self.logger.info("%s: no project from its barcode: %s", self.ref.slide_id, self.project.note)
 
     def read(self, cells: list[GridCell]) -> Iterator[tuple[GridCell, np.ndarray]]:
         boxes = [c.box for c in cells]
@@ -165,50 +170,33 @@ def _text_embeddings(model: EmbeddingModel, texts: tuple[str, ...]) -> np.ndarra
     return model.embed_texts(list(texts))
 
 
+@dataclass
+class _Candidates:
+    """The cells that passed the quality checks, their embeddings, and their JPEGs when encoded in the first pass."""
+
+    cells: list[tuple[GridCell, QualityScores]]
+    embeddings: np.ndarray
+    jpegs: list[bytes]
+    rejected: Counter[str]
+
+
 def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchShardWriter) -> PassResult:
     settings, cfg = slide.settings, slide.settings.selection
     model = load_embedding_model(settings.embedding, slide.logger)
-    # Random-weight embeddings of H&E patches are nearly collinear (cosine ~0.97 for unrelated tissue), so a
-    # similarity filter on them would discard almost everything for no reason: it is skipped, and said so.
-    threshold = None if model.random_weights else cfg.duplicate_threshold
-    if model.random_weights:
-        slide.logger.warning(
-            "%s: selection uses random-weight embeddings (tiny-random): clusters and retrieval picks are noise, "
-            "and the near-duplicate filter is skipped",
-            slide.ref.slide_id,
-        )
-    embedder = PatchEmbedder(model, settings.embedding.batch_size, slide.logger)
+    threshold = _duplicate_threshold(slide, model)
     # Choosing needs every candidate's embedding, so the chosen patches are either encoded now, while their pixels
     # are at hand, or read again afterwards. Encoding costs ~1 ms a patch and re-reading ~3 ms (its tiles decode
     # again), so a slide with few candidates per kept patch (biopsies) encodes all of them now; a large one
     # re-reads only what is kept.
     encode_now = len(cells) <= REREAD_FACTOR * cfg.max_per_slide
-    jpegs: list[bytes] = []
-    rejected: Counter[str] = Counter()
-    candidates: list[tuple[GridCell, QualityScores]] = []
-    for start in range(0, len(cells), RASTER_BATCH):
-        for cell, rgb in slide.read(cells[start : start + RASTER_BATCH]):
-            scores, reason = slide.score(rgb)
-            if reason:
-                rejected[reason] += 1
-                continue
-            candidates.append((cell, scores))
-            embedder.add(rgb)
-            if encode_now:
-                jpegs.append(slide.encode(rgb))
-    embeddings = embedder.finish()
-
-    project = slide.project
-    if project.source == "barcode":
-        slide.logger.info("%s: project %s from its barcode (%s)", slide.ref.slide_id, project.project, project.note)
-    elif project.source == "none":
-        slide.logger.info("%s: no project from its barcode: %s", slide.ref.slide_id, project.note)
-    prompts = prompts_for(slide.ref.slide_id, project.project, cfg.prompts_file, cfg.findings_file, slide.logger)
+    embedder = PatchEmbedder(model, settings.embedding.batch_size, slide.logger)
+    found = _embed_candidates(slide, cells, embedder, encode_now)
+    prompts = prompts_for(slide.ref.slide_id, slide.project.project, cfg.prompts_file, cfg.findings_file, slide.logger)
     attributes, findings = retrieval_scores(
-        embeddings, _text_embeddings(model, prompts.attributes), _text_embeddings(model, prompts.findings)
+        found.embeddings, _text_embeddings(model, prompts.attributes), _text_embeddings(model, prompts.findings)
     )
     chosen = select_representative(
-        embeddings,
+        found.embeddings,
         attributes,
         findings,
         max_per_slide=cfg.max_per_slide,
@@ -218,34 +206,10 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
         clusters=cfg.clusters,
         cluster_rule_factor=cfg.cluster_rule_factor,
     )
-
-    order = sorted(chosen.indices, key=lambda i: (candidates[i][0].y, candidates[i][0].x))  # raster: tiles once
-    by_cell = {candidates[i][0]: i for i in order}
-    kept: list[KeptPatch] = []
-    for start in range(0, len(order), RASTER_BATCH):
-        batch = [candidates[i][0] for i in order[start : start + RASTER_BATCH]]
-        pixels = ((cell, jpegs[by_cell[cell]]) for cell in batch) if encode_now else slide.read(batch)
-        records = []
-        for cell, image in pixels:
-            i = by_cell[cell]
-            reasons = chosen.reasons[i]
-            records.append(
-                slide.record(
-                    cell,
-                    candidates[i][1],
-                    image,
-                    reasons,
-                    cluster=int(chosen.labels[i]),
-                    attribute_score=float(attributes[i]),
-                    findings_score=None if findings is None else float(findings[i]),
-                    embedding=embeddings[i].tolist(),
-                )
-            )
-            kept.append(KeptPatch(cell.box, tuple(reasons), int(chosen.labels[i])))
-        writer.add(records)
+    kept = _write_chosen(slide, found, chosen, attributes, findings, writer, encode_now)
     selection = {
         "method": "representative",
-        "candidates": len(candidates),
+        "candidates": len(found.cells),
         "k": chosen.k,
         "K": cfg.retrieval_top_k,
         "max_per_slide": cfg.max_per_slide,
@@ -256,16 +220,83 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
         "picks": chosen.picks,
         "prompts": {
             "project": prompts.project,
-            "project_from": project.source,
+            "project_from": slide.project.source,
             "attributes": len(prompts.attributes),
             "findings": len(prompts.findings),
         },
         "embedding": model.describe(),
     }
     counts = {
-        "read": len(cells) + (0 if encode_now else len(order)),
-        "candidates": len(candidates),
-        "rejected": dict(rejected),
+        "read": len(cells) + (0 if encode_now else len(chosen.indices)),
+        "candidates": len(found.cells),
+        "rejected": dict(found.rejected),
         "kept": len(kept),
     }
     return PassResult(kept, counts, selection, model.random_weights)
+
+
+def _duplicate_threshold(slide: SlidePass, model: EmbeddingModel) -> float | None:
+    """``selection.duplicate_threshold``, or None (no near-duplicate filter) for random-weight embeddings: those of
+    H&E patches are nearly collinear (cosine ~0.97 for unrelated tissue), so a similarity filter on them would
+    discard almost everything for no reason. It is skipped, and said so."""
+    if not model.random_weights:
+        return slide.settings.selection.duplicate_threshold
+    slide.logger.warning(
+        "%s: selection uses random-weight embeddings (tiny-random): clusters and retrieval picks are noise, "
+        "and the near-duplicate filter is skipped",
+        slide.ref.slide_id,
+    )
+    return None
+
+
+def _embed_candidates(slide: SlidePass, cells: list[GridCell], embedder: PatchEmbedder, encode: bool) -> _Candidates:
+    """Every cell read and scored; those that pass embedded (and encoded, with ``encode``), a batch at a time."""
+    found = _Candidates([], np.empty(0), [], Counter())
+    for start in range(0, len(cells), RASTER_BATCH):
+        for cell, rgb in slide.read(cells[start : start + RASTER_BATCH]):
+            scores, reason = slide.score(rgb)
+            if reason:
+                found.rejected[reason] += 1
+                continue
+            found.cells.append((cell, scores))
+            embedder.add(rgb)
+            if encode:
+                found.jpegs.append(slide.encode(rgb))
+    found.embeddings = embedder.finish()
+    return found
+
+
+def _write_chosen(
+    slide: SlidePass,
+    found: _Candidates,
+    chosen: Selection,
+    attributes: np.ndarray,
+    findings: np.ndarray | None,
+    writer: PatchShardWriter,
+    encoded: bool,
+) -> list[KeptPatch]:
+    """The chosen candidates' records, in raster order (each tile decoded once when they are read again)."""
+    order = sorted(chosen.indices, key=lambda i: (found.cells[i][0].y, found.cells[i][0].x))
+    by_cell = {found.cells[i][0]: i for i in order}
+    kept: list[KeptPatch] = []
+    for start in range(0, len(order), RASTER_BATCH):
+        batch = [found.cells[i][0] for i in order[start : start + RASTER_BATCH]]
+        pixels = ((cell, found.jpegs[by_cell[cell]]) for cell in batch) if encoded else slide.read(batch)
+        records = []
+        for cell, image in pixels:
+            i = by_cell[cell]
+            records.append(
+                slide.record(
+                    cell,
+                    found.cells[i][1],
+                    image,
+                    chosen.reasons[i],
+                    cluster=int(chosen.labels[i]),
+                    attribute_score=float(attributes[i]),
+                    findings_score=None if findings is None else float(findings[i]),
+                    embedding=found.embeddings[i].tolist(),
+                )
+            )
+            kept.append(KeptPatch(cell.box, tuple(chosen.reasons[i]), int(chosen.labels[i])))
+        writer.add(records)
+    return kept

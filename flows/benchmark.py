@@ -6,12 +6,15 @@ Datasets are recognised by their files (``tasks/benchmark/readers/``), under any
 that are not there are listed with where to download them. Each model is one Prefect task that loads it once and
 evaluates every dataset (a dataset is a unit: one that cannot be read is a failed cell and the others go on); its
 per-task results go to ``eval/<eval_run>/<task>.json`` as ``pathgen evaluate`` writes them, and the summary is
-built from those results. Models: as ``pathgen evaluate --model`` takes them; unset, ``eval.baselines`` and then the
-newest PathGen-CLIP checkpoint in the store, so the difference column is "trained minus baseline".
+built from those results; each is copied under ``eval/benchmark/<run>/<eval_run>/``, where the summary links it, as
+a later evaluation of the model rewrites ``eval/<eval_run>/``. Models: as ``pathgen evaluate --model`` takes them;
+unset, ``eval.baselines`` and then the newest PathGen-CLIP checkpoint in the store, so the difference column is
+"trained minus baseline".
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.evaluate import RANDOM_WHY, eval_run_of, newest_checkpoint
+from flows.evaluate import eval_run_of, newest_checkpoint
 from pathgen.settings import Settings, run_settings
 from tasks.benchmark.run import BenchmarkPlan, cell_of, default_run_name, plan_benchmark, result_key, row_of
-from tasks.benchmark.summary import ModelResults, build_summary, markdown, publish_summary
+from tasks.benchmark.summary import ModelResults, build_summary, markdown, publish_summary, result_copy_key
+from tasks.clip.evaluate import random_weights_why
 from tasks.clip.spec import ModelSpec, has_random_weights, parse_model_spec
 from tasks.clip.work import evaluate_task
 from tasks.models import require_real_models
@@ -83,7 +87,7 @@ def benchmark_flow(
     logger.info("benchmark %s: %s, %s", run, files["json"], files["markdown"])
     for column in columns:
         if column.random_weights:
-            logger.warning("%s has RANDOM WEIGHTS (%s): its column measures noise", column.model, RANDOM_WHY)
+            logger.warning("%s has RANDOM WEIGHTS: %s", column.model, column.random_why)
     return summary | {"files": files}
 
 
@@ -108,7 +112,12 @@ def _benchmark_model(
     for outcome in outcomes:
         found = outcome.row("dataset")
         result = store.read_json(result_key(eval_run, outcome.unit)) if outcome.status == "ok" else None
+        if result is not None:  # the run's own copy: a later evaluation of this model rewrites eval/<eval_run>/
+            copy = result_copy_key(run, eval_run, outcome.unit)
+            store.write_bytes(copy, (json.dumps(result | {"benchmark": run}, indent=1) + "\n").encode())
+            found["json"] = store.uri(copy)
         cells[outcome.unit] = cell_of(found, result)
         rows[outcome.unit] = row_of(outcome.unit, found, result)
     random_weights = has_random_weights(spec) or any(o.random_weights for o in outcomes)
-    return ModelResults(spec.label, eval_run, random_weights, cells, rows)
+    why = random_weights_why(spec, random_weights)
+    return ModelResults(spec.label, eval_run, random_weights, cells, rows, why)

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pathgen.settings import run_settings
+from tasks.clip.evaluate import dataset_entry, random_weights_why
 from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import RUNS
 from tasks.clip.stages import newest_checkpoint as newest_stage_checkpoint
@@ -26,8 +27,6 @@ from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run
 from tasks.work.runner import Stage, open_store, run_units
 from tasks.work.units import summarize
-
-RANDOM_WHY = "no pretrained weights: none loaded, or its training run started from random initialisation"
 
 
 def newest_checkpoint(store: Store) -> str:
@@ -53,16 +52,6 @@ def eval_run_of(spec: ModelSpec) -> str:
     return eval_run_name(spec.pretrained if spec.pretrained and "/" in spec.pretrained else spec.label)
 
 
-def _dataset_unit(entry: dict[str, str]) -> dict[str, str]:
-    """A dataset entry as a unit; an entry with neither classes nor format has its format detected."""
-    if not entry.get("dataset"):
-        raise ValueError(f"dataset entry {entry} names no dataset folder: give {{dataset: DIR[, classes: FILE]}}")
-    unknown = set(entry) - {"dataset", "classes", "format"}
-    if unknown:
-        raise ValueError(f"dataset entry {entry}: unknown keys {sorted(unknown)}; known: dataset, classes, format")
-    return {key: entry[key] for key in ("dataset", "classes", "format") if entry.get(key)}
-
-
 def _last_epoch(checkpoint: str) -> int:
     import fsspec
 
@@ -83,6 +72,7 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
+    units = [{**dataset_entry(d), "holdout": holdout} for d in datasets]  # a malformed entry: before any work
     require_real_models(settings, ["evaluate"], model)
     target = open_store(settings, ["eval"], logger)
     model = model or newest_checkpoint(target)
@@ -90,7 +80,6 @@ def evaluate_flow(
     eval_run = eval_run_of(spec)
     name_flow_run(f"evaluate-{eval_run}-{len(datasets)}-datasets")
     logger.info("evaluating %s as %s", spec.label, eval_run)
-    units = [{**_dataset_unit(d), "holdout": holdout} for d in datasets]
     stage = Stage(
         "evaluate",
         evaluate_task,
@@ -105,6 +94,7 @@ def evaluate_flow(
     summary.update(model=spec.label, eval_run=eval_run, results=[o.row("dataset") for o in outcomes])
     summary["eval_prefix"] = target.uri(f"eval/{eval_run}")
     summary["random_weights"] = bool(spec.random_weights or summary["random_weights"])
+    summary["random_why"] = random_weights_why(spec, summary["random_weights"])
     if summary["random_weights"]:
-        logger.warning("%s has RANDOM WEIGHTS (%s): these numbers measure noise", spec.label, RANDOM_WHY)
+        logger.warning("%s has RANDOM WEIGHTS: %s", spec.label, summary["random_why"])
     return summary

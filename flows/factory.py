@@ -5,9 +5,10 @@ instruct and train-llava, and the whole-slide path: features of every tissue pat
 Every stage runs as a subflow (its own run, table and progress in the UI) and skips what the store already holds:
 committed slides and pairs, finished CLIP stages. The evaluate stage evaluates ``datasets`` (else clip.evaluate);
 with ``eval.suite`` set it runs the benchmark instead (flows/benchmark.py: eval.baselines and the newest
-PathGen-CLIP on every dataset of the suite under eval.root). ``parts`` goes to extract and caption. Models are
-checked for all chosen stages before any work (``models.allow_random_weights``); each stage's models leave the GPU
-when it ends (the next stage's training needs the memory). The run ends with a ``factory-report`` markdown
+PathGen-CLIP on every dataset of the suite under eval.root; a missing root or datasets passed besides are refused
+before any work). ``parts`` goes to extract and caption. Models are checked for all chosen stages before any work
+(``models.allow_random_weights``); each stage's models leave the GPU when it ends (the next stage's training needs
+the memory). The run ends with a ``factory-report`` markdown
 artifact: each stage's state, counts and throughput, then what the store holds (``pathgen status``).
 """
 
@@ -60,6 +61,8 @@ def factory_flow(
     settings = run_settings(store, config, overrides)
     chosen = checked_stages(stages)
     require_real_models(settings, chosen)  # every chosen stage's models, before the first stage starts
+    if "evaluate" in chosen:
+        check_benchmark(datasets, settings)  # a bad eval.root would fail only after train-clip has run
     sources = list(sources or settings.sources)
     needing = [stage for stage in ("extract", "features") if stage in chosen]
     if needing and not sources:
@@ -90,6 +93,38 @@ def checked_stages(stages: list[str] | None) -> list[str]:
     if unknown:
         raise SettingsError(f"unknown factory stages {unknown}; choose from {', '.join(STAGES)}")
     return [s for s in STAGES if s in chosen]
+
+
+def check_benchmark(datasets: list[dict] | None, settings: Settings) -> None:
+    """With ``eval.suite`` set, the evaluate stage runs the benchmark on ``eval.root``: a settings error before any
+    work when the root is unset, still deploy/paper.yaml's /FILL-IN/ placeholder, not there, or holds none of the
+    suite's datasets, and when datasets are passed too (the benchmark would leave them unevaluated)."""
+    from pathlib import Path
+
+    from tasks.benchmark.run import plan_benchmark
+
+    suite, root = settings.eval.suite, settings.eval.root
+    if not suite:
+        return
+    if datasets:
+        raise SettingsError(
+            f"eval.suite={suite} makes the evaluate stage run the benchmark on eval.root, so the datasets passed "
+            f"({', '.join(str(d.get('dataset')) for d in datasets)}) would not be evaluated: unset eval.suite to "
+            "evaluate them, or leave them out"
+        )
+    if not root:
+        raise SettingsError(f"eval.suite={suite} needs eval.root: the folder holding the downloaded datasets")
+    if "/FILL-IN/" in root:
+        raise SettingsError(
+            f"eval.root is still the placeholder {root}: set it to the folder of the downloaded datasets"
+        )
+    if not Path(root).is_dir():
+        raise SettingsError(f"eval.root {root} does not exist: set it to the folder of the downloaded datasets")
+    if not plan_benchmark(Path(root), suite).found:
+        raise SettingsError(
+            f"no dataset of suite {suite} under eval.root {root}; pathgen benchmark --root {root} lists where to "
+            "download them"
+        )
 
 
 def release_models() -> None:

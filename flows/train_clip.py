@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pathgen.settings import Settings, run_settings
+from tasks.clip.evaluate import dataset_entry
 from tasks.clip.spec import ModelSpec, has_random_weights
 from tasks.clip.stages import (
     RUNS,
@@ -39,6 +40,7 @@ def train_clip_flow(
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
     require_real_models(settings, ["train-clip"])  # before any work: production refuses a random start
+    evaluations = [dataset_entry(d) for d in settings.clip.evaluate]  # a malformed entry fails before training
     target = open_store(settings, [RUNS, "eval"], logger)
     sets = [(name, resolve_pair_set(target, pair_set)) for name, pair_set in stage_sets(settings.clip)]
     export_stage = Stage("clip-export", export_task, unit_id=lambda u: u["stage"], units="sets", unit_column="stage")
@@ -56,7 +58,7 @@ def train_clip_flow(
         if trained.status not in ("ok", "skipped"):
             return _finish(summary, settings, logger, f"{stage}: {trained.error}")
         start = ModelSpec(start.name, trained.columns["local_checkpoint"])
-        summary["stages"][-1]["evaluations"] = _evaluate(settings, run, stage, export, trained, logger)
+        summary["stages"][-1]["evaluations"] = _evaluate(settings, evaluations, run, stage, export, trained, logger)
     write_run_record(target, run, settings.clip, summary["stages"], summary["exports"])
     return _finish(summary, settings, logger)
 
@@ -75,9 +77,19 @@ def _train(settings: Settings, run: str, stage: str, export: UnitOutcome, start:
     return run_units(train_stage, [[{"stage": stage, "data": export.columns["out"]}]], settings, logger)[0]
 
 
-def _evaluate(settings: Settings, run: str, stage: str, export: UnitOutcome, trained: UnitOutcome, logger) -> list:
+def _evaluate(
+    settings: Settings,
+    datasets: list[dict[str, str]],
+    run: str,
+    stage: str,
+    export: UnitOutcome,
+    trained: UnitOutcome,
+    logger,
+) -> list:
+    """After a stage: ``clip.evaluate``'s datasets (``{dataset, classes}`` or ``{dataset[, format]}``, as
+    ``pathgen evaluate`` takes them) with retrieval on the held-out pairs, else retrieval alone."""
     holdout = str(Path(export.columns["out"]) / HOLDOUT) if export.columns.get("holdout_pairs") else None
-    units = [{"dataset": d["dataset"], "classes": d["classes"], "holdout": holdout} for d in settings.clip.evaluate]
+    units = [{**entry, "holdout": holdout} for entry in datasets]
     if not units and holdout and int(export.columns["holdout_pairs"]) >= 2:
         units = [{"holdout": holdout}]
     if not units:

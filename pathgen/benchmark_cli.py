@@ -104,20 +104,21 @@ def _usage_problem(args: argparse.Namespace, settings) -> str | None:
 
 
 def print_summary(summary: dict) -> int:
-    from tasks.benchmark.summary import column_name, failures, table, text_table
+    from tasks.benchmark.summary import column_name, failures, random_text, table, text_table, unseen_classes
 
     print(f"\nbenchmark {summary['run']}: {summary['metrics']}")
     for line in text_table(*table(summary)):
         print(f"  {line}")
-    for line in failures(summary):
+    for line in failures(summary) + unseen_classes(summary):
         print(f"  {line}")
     for entry in summary["models"]:
         print(f"{column_name(entry)}: {entry['model']}")
         if entry["random_weights"]:
-            print("  RANDOM WEIGHTS: no pretrained weights, or trained from random initialisation; its column is noise")
+            print(f"  RANDOM WEIGHTS: {random_text(entry)}")
     print(f"summary: {summary['files']['json']}")
     print(f"         {summary['files']['markdown']}")
-    print(f"per task: eval/<eval_run>/<task>.json ({', '.join(m['eval_run'] for m in summary['models'])})")
+    runs = ", ".join(m["eval_run"] for m in summary["models"])
+    print(f"per task: eval/benchmark/{summary['run']}/<eval_run>/<task>.json ({runs}; the newest in eval/<eval_run>/)")
     return EXIT_FAILED if summary["failed"] else EXIT_OK
 
 

@@ -76,7 +76,7 @@ def train_clip(args: argparse.Namespace, overrides: dict) -> int:
 
 
 def evaluate(args: argparse.Namespace, overrides: dict) -> int:
-    from flows.evaluate import RANDOM_WHY, evaluate_flow
+    from flows.evaluate import evaluate_flow
 
     try:
         datasets = [dataset_entry(args.dataset, args.classes, args.dataset_format)]
@@ -96,24 +96,15 @@ def evaluate(args: argparse.Namespace, overrides: dict) -> int:
         print(f"{summary['model']} on {result['dataset']}: {result['status']} {_headline(result)}")
         print(f"  {result.get('json') or result.get('error')}")
     if summary["random_weights"]:
-        print(f"RANDOM WEIGHTS: {summary['model']} has {RANDOM_WHY}; these numbers measure noise")
+        print(f"RANDOM WEIGHTS: {summary['model']}: {summary['random_why']}")
     return EXIT_OK if summary["ok"] == len(summary["results"]) else EXIT_FAILED
 
 
 def dataset_entry(dataset: str, classes: str | None, dataset_format: str | None) -> dict[str, str]:
     """``--dataset`` with ``--classes`` (one folder per class) or its format, named or detected from its files."""
-    from tasks.benchmark.datasets import detect_format
-    from tasks.clip.evaluate import dataset_format as known_format
+    from tasks.clip.evaluate import located_entry
 
-    folder = Path(dataset)
-    if not folder.is_dir():
-        raise ValueError(f"--dataset {dataset} is not a folder; give the dataset's folder as downloaded")
-    if classes:
-        if dataset_format:
-            raise ValueError(f"give --classes (one folder per class) or --format {dataset_format}, not both")
-        return {"dataset": str(folder), "classes": str(Path(classes))}
-    fmt = known_format(dataset_format) if dataset_format else detect_format(folder)
-    return {"dataset": str(folder), "format": fmt.name}
+    return located_entry({"dataset": dataset, "classes": classes, "format": dataset_format})
 
 
 def _headline(result: dict) -> str:

@@ -122,7 +122,7 @@ OSTEO_ROWS = [  # image.name as the table spells it, classification, Training-Se
     ("P9 B11-10159-22267", "Non-Tumor", 2, 6),
     ("P9 B12-10159-22267", "Non-Tumor", 2, 6),
     ("P9 B13-10159-22267", "Non-Tumor", 2, 6),
-    ("Case 4 C24-100-200", "viable: non-viable", 1, 4),  # mixed: left out
+    ("Case 4 C24-100-200", "viable: non-viable", 1, 4),  # mixed: labelled viable, as the paper's script does
 ]
 
 
@@ -249,6 +249,19 @@ def test_pcam_reads_the_official_splits_lazily_from_hdf5(tmp_path):
     assert images.name(2).endswith("camelyonpatch_level_2_split_test_x.h5[2]")
 
 
+def test_pcam_threads_share_one_handle_and_closing_the_task_closes_it(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    task = _read_one("pcam", make_pcam(tmp_path))
+    with ThreadPoolExecutor(4) as pool:  # as evaluate's loading threads read it
+        list(pool.map(task.test.images.load, range(6)))
+    opened = [handle for (pid, path), handle in pcam._OPEN.items() if str(tmp_path) in path]
+    assert len(opened) == 1 and opened[0].id.valid
+    task.close()
+    assert not opened[0].id.valid and not any(str(tmp_path) in path for _, path in pcam._OPEN)
+    assert np.asarray(task.test.images.load(1))[0, 0, 0] == 1  # opened again when asked
+
+
 def test_pcam_without_train_files_has_no_probe(tmp_path):
     folder = make_pcam(tmp_path)
     (folder / "camelyonpatch_level_2_split_train_y.h5").unlink()
@@ -310,15 +323,23 @@ def test_sicapv2_scores_zero_shot_on_train_xlsx_and_the_probe_on_test_xlsx(tmp_p
     assert "1 Test.xlsx rows whose image is not in images/" in task.split
 
 
-def test_sicapv2_sheet_without_grade_columns_is_a_clear_error(tmp_path):
+def test_sicapv2_bad_train_sheet_is_a_clear_error_and_a_bad_test_sheet_only_drops_the_probe(tmp_path):
     folder = make_sicapv2(tmp_path)
+    sheets = folder / "partition" / "Test"
     book = Workbook()
     book.active.append(["image_name", "Gleason"])
     book.active.append([SICAP_ROWS["Test.xlsx"][0][0], 5])
-    book.save(folder / "partition" / "Test" / "Test.xlsx")
+    book.save(sheets / "Test.xlsx")
+    task = _read_one("sicapv2", folder)  # zero-shot needs Train.xlsx only
+    assert task.train is None and task.probe_test is None and task.test.labels.tolist() == [0, 1, 2, 3]
+    assert "no probe: " in task.split and "lacks the columns NC, G3, G4, G5" in task.split
+    (sheets / "Test.xlsx").unlink()
+    task = _read_one("sicapv2", folder)
+    assert task.train is None and "no probe: SICAPv2 partition" in task.split and "Test.xlsx is missing" in task.split
+    book.save(sheets / "Train.xlsx")
     with pytest.raises(ValueError, match="lacks the columns NC, G3, G4, G5"):
         sicapv2.read(folder)
-    (folder / "partition" / "Test" / "Test.xlsx").write_text("not a spreadsheet")
+    (sheets / "Train.xlsx").write_text("not a spreadsheet")
     with pytest.raises(ValueError, match="cannot be read as an .xlsx"):
         sicapv2.read(folder)
 
@@ -336,6 +357,16 @@ def test_bach_scores_zero_shot_on_every_photo_and_the_probe_by_patient_as_eva_sp
         assert {n.removesuffix(".tif") for n in _names(task.train)} == BACH_TRAIN
         assert "1 files in Photos/Benign/ not named b001..b100.tif" in task.split
         assert task.test.labels[_names(task.test).index("is040.tif")] == task.classes.folders.index("InSitu")
+
+
+def test_bach_partial_download_with_one_side_of_the_patient_split_scores_zero_shot_without_a_probe(tmp_path):
+    top = make_bach(tmp_path)
+    for photo in top.glob("Photos/*/*.tif"):
+        if photo.stem not in BACH_TRAIN:
+            photo.unlink()
+    task = _read_one("bach", top)
+    assert task.train is None and task.probe_test is None and len(task.test.labels) == len(BACH_TRAIN)
+    assert "no probe: every photo there is on kaiko-ai/eva's train side" in task.split
 
 
 def test_bach_split_tables_match_evas_ranges():
@@ -368,5 +399,5 @@ def test_osteo_scores_zero_shot_on_every_tile_mixed_ones_viable_and_splits_the_p
 def test_osteo_table_without_its_columns_is_a_clear_error(tmp_path):
     folder = make_osteo(tmp_path)
     (folder / "ML_Features_1144.csv").write_text("name,label\nCase 3 A10-10547-25283,Viable\n")
-    with pytest.raises(ValueError, match="'image.name' and 'classification'"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) image.name, classification"):
         osteo.read(folder)

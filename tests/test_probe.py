@@ -117,3 +117,32 @@ def test_probe_settings_are_bounded():
     for bad in ({"probe": "svm"}, {"probe_shots": 0}, {"probe_lr": 0.0}, {"probe_epochs": 0}):
         with pytest.raises(ValidationError):
             EvalSettings(**bad)
+
+
+def test_paper_probe_on_the_drawn_rows_alone_equals_the_probe_on_every_row():
+    """A caller may embed only the union of the seeds' draws (PCam's 262,144 train patches): same numbers."""
+    from tasks.clip.probe import paper_draws
+
+    train_x, train_y = clusters(40, seed=0, spread=2.0)
+    test_x, test_y = clusters(20, seed=1, spread=2.0)
+    cfg = paper_cfg(probe_shots=6, seeds=3)
+    whole = run_probe(train_x, train_y, test_x, test_y, CLASSES, cfg)
+    draws = paper_draws(train_y, cfg)
+    union = np.unique(np.concatenate(draws))
+    assert union.size < train_y.size
+    mapped = [np.searchsorted(union, d) for d in draws]
+    part = run_probe(train_x[union], train_y[union], test_x, test_y, CLASSES, cfg, draws=mapped)
+    assert part["runs"] == whole["runs"] and part["train_per_class"] == whole["train_per_class"]
+    with pytest.raises(ValueError, match="one per seed"):
+        run_probe(train_x, train_y, test_x, test_y, CLASSES, cfg, draws=draws[:1])
+
+
+@pytest.mark.parametrize("probe", ["paper", "logistic"])
+def test_a_class_absent_from_the_training_side_is_named(probe):
+    train_x, train_y = clusters(20, seed=0)
+    test_x, test_y = clusters(10, seed=1)
+    keep = train_y != 2
+    cfg = paper_cfg(probe_shots=5, seeds=1) if probe == "paper" else EvalSettings(shots=[], seeds=1)
+    result = run_probe(train_x[keep], train_y[keep], test_x, test_y, CLASSES, cfg)
+    assert result["untrained_classes"] == ["necrosis"]
+    assert run_probe(train_x, train_y, test_x, test_y, CLASSES, cfg)["untrained_classes"] == []

@@ -18,6 +18,7 @@ official train split, or a derived one, and is scored on ``probe_test`` so it ne
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib
 import pkgutil
@@ -52,6 +53,10 @@ class Images(Protocol):
         """What a person finds it by (a file path, or ``file.h5[index]``)."""
         ...
 
+    def close(self) -> None:
+        """Let go of open files (an HDF5 handle) once an evaluation is done; a later ``load`` opens them again."""
+        ...
+
 
 @dataclass(frozen=True)
 class ImageFiles:
@@ -72,6 +77,9 @@ class ImageFiles:
 
     def name(self, index: int) -> str:
         return str(self.paths[index])
+
+    def close(self) -> None:  # every load opens and closes its own file
+        return None
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,9 @@ class _Subset:
     def name(self, index: int) -> str:
         return self.images.name(self.indices[index])
 
+    def close(self) -> None:
+        self.images.close()
+
 
 @dataclass(frozen=True)
 class BenchmarkTask:
@@ -118,6 +129,12 @@ class BenchmarkTask:
     train: Split | None  # the linear probe trains here; None when there is nothing to train on
     split: str  # which split, and where it came from: said in every result
     probe_test: Split | None = None  # the linear probe is scored here; None: on ``test``
+
+    def close(self) -> None:
+        """Let go of the files its splits hold open (PCam's HDF5 handles), once it is evaluated."""
+        for split in (self.test, self.train, self.probe_test):
+            if split is not None:
+                split.images.close()
 
 
 @dataclass(frozen=True)
@@ -202,13 +219,19 @@ def find_datasets(root: Path, suite: Sequence[DatasetFormat]) -> dict[str, list[
 
 
 def positions_in(split: Split, whole: Split) -> np.ndarray | None:
-    """Where ``split``'s images sit among ``whole``'s, when it is ``whole`` itself or a ``subset`` of it (a probe's
-    train and test sides cut from the zero-shot images), so the features computed for ``whole`` serve it without
-    embedding its images again; None when it holds other images."""
-    if split.images is whole.images:
+    """Where ``split``'s images sit among ``whole``'s, when it is ``whole`` itself or a ``subset`` of it, however
+    deep (a probe's train and test sides cut from the zero-shot images, and the paper probe's samples cut from
+    those), so the features computed for ``whole`` serve it without embedding its images again; None when it holds
+    other images."""
+    return _positions(split.images, whole.images)
+
+
+def _positions(images: Images, whole: Images) -> np.ndarray | None:
+    if images is whole:
         return np.arange(len(whole), dtype=np.int64)
-    if isinstance(split.images, _Subset) and split.images.images is whole.images:
-        return np.asarray(split.images.indices, dtype=np.int64)
+    if isinstance(images, _Subset):
+        inner = _positions(images.images, whole)
+        return None if inner is None else inner[np.asarray(images.indices, dtype=np.int64)]
     return None
 
 
@@ -218,6 +241,23 @@ def folder_split(folder: Path, spec: ClassSpec, name: str) -> Split:
 
     labelled = load_labelled_images(folder, spec)
     return Split(ImageFiles(tuple(labelled.paths)), labelled.labels, name)
+
+
+def read_csv_rows(path: Path, columns: Sequence[str], fix: str) -> list[dict[str, str]]:
+    """The rows of a dataset's CSV table (a UTF-8 byte order mark allowed), each by column name; a ValueError
+    naming the file, what is wrong and ``fix`` (how to get a good one) when it cannot be read or lacks a column."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in columns if column not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(
+                    f"{path} lacks the column(s) {', '.join(missing)} (it has: "
+                    f"{', '.join(reader.fieldnames or []) or 'none'}); {fix}"
+                )
+            return list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path} cannot be read as a CSV file ({exc}); {fix}") from None
 
 
 def stable_fraction(key: str, salt: str = "") -> float:
@@ -253,3 +293,21 @@ def derived_probe(whole: Split, groups: Sequence[str], salt: str) -> tuple[Split
         raise ValueError(f"{len(groups)} groups for {len(whole.labels)} images")
     in_train = _in_train(groups, salt, DERIVED_TRAIN_FRACTION)
     return derived_split(whole, groups, salt) if in_train.any() and not in_train.all() else None
+
+
+def derived_probe_sides(
+    whole: Split, groups: Sequence[str], salt: str, items: str, group: str, how: str = ""
+) -> tuple[Split | None, Split | None, str]:
+    """The probe's train and scored sides of a dataset without an official split (``derived_probe``), and the
+    sentence that says so: ``items`` is what an image is ("tiles"), ``group`` what keeps images together ("slide"),
+    ``how`` where the group is read ("CRC-Prim-HE-NN in the tile name"). Both sides None when the groups all fall
+    on one side."""
+    sides = derived_probe(whole, groups, salt)
+    said = (
+        f"the probe's split is derived by {group} ({how + '; ' if how else ''}{len(set(groups))} {group}s, about "
+        f"{DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash, no {group} on both sides)"
+    )
+    if sides is None:
+        return None, None, f"{said}: no probe: the {group}s all fall on one side"
+    train, probe_test = sides
+    return train, probe_test, f"{said}: it trains on {len(train)} {items} and is scored on {len(probe_test)}"

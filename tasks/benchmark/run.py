@@ -80,7 +80,8 @@ def probe_headline(probe: dict[str, Any] | None) -> dict[str, Any] | None:
         return {"method": probe.get("method"), "error": probe["error"]}
     headline = probe.get("headline") or probe.get("full") or {}
     keys = ("n", "balanced_accuracy", "weighted_f1")
-    return {"method": probe.get("method", "logistic"), **{k: headline.get(k) for k in keys}}
+    untrained = {"untrained_classes": probe["untrained_classes"]} if probe.get("untrained_classes") else {}
+    return {"method": probe.get("method", "logistic"), **{k: headline.get(k) for k in keys}, **untrained}
 
 
 def row_of(task: str, outcome: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tasks.benchmark.run import BenchmarkPlan
@@ -30,9 +30,32 @@ class ModelResults:
     random_weights: bool
     cells: dict[str, dict[str, Any]]  # task -> cell (tasks.benchmark.run.cell_of)
     rows: dict[str, dict[str, Any]]  # task -> what the row says about its dataset (tasks.benchmark.run.row_of)
+    random_why: str | None = None  # why it is RANDOM WEIGHTS (tasks.clip.evaluate.random_weights_why)
+
+
+def aligned(models: list[ModelResults]) -> list[ModelResults]:
+    """The models with their cells under the same task names. A model whose whole task crashed has its cells
+    under each unit's name, the dataset's format ("lc25000"), while the others have them under the tasks the
+    dataset holds ("lc25000-lung", "lc25000-colon"): such a cell stands for each of those tasks."""
+    tasks_of: dict[str, set[str]] = {}
+    for column in models:
+        for task, row in column.rows.items():
+            if row.get("format") and row["format"] != task:
+                tasks_of.setdefault(row["format"], set()).add(task)
+    out = []
+    for column in models:
+        cells, rows = dict(column.cells), dict(column.rows)
+        for name in [n for n in cells if n in tasks_of]:
+            cell, row = cells.pop(name), rows.pop(name, {})
+            for task in sorted(tasks_of[name]):
+                cells.setdefault(task, dict(cell))
+                rows.setdefault(task, {**row, "task": task, "format": name})
+        out.append(replace(column, cells=cells, rows=rows))
+    return out
 
 
 def build_summary(plan: BenchmarkPlan, run: str, created: str, models: list[ModelResults]) -> dict[str, Any]:
+    models = aligned(models)
     order = {fmt.name: i for i, (fmt, _) in enumerate(plan.found)}
     rows: dict[str, dict[str, Any]] = {}
     for column in models:
@@ -76,6 +99,7 @@ def _model_entry(column: ModelResults, tasks: list[str], first: ModelResults) ->
         "model": column.model,
         "eval_run": column.eval_run,
         "random_weights": column.random_weights,
+        "random_why": column.random_why,
         "mean": {**mean, "tasks": len(done)},
     }
     if column is not first:
@@ -101,6 +125,11 @@ def short_name(entry: dict[str, Any]) -> str:
     return entry["eval_run"] if "/" in entry["model"] else entry["model"]
 
 
+def random_text(entry: dict[str, Any]) -> str:
+    """Why a model column is RANDOM WEIGHTS: no weights loaded (noise), or trained from random initialisation."""
+    return entry.get("random_why") or "no pretrained weights"
+
+
 def column_name(entry: dict[str, Any]) -> str:
     return short_name(entry) + (" (RANDOM WEIGHTS)" if entry["random_weights"] else "")
 
@@ -119,7 +148,10 @@ def _cell_text(cell: dict[str, Any]) -> str:
 def _probe_text(probe: dict[str, Any] | None) -> str:
     if not probe:
         return "n/a"
-    return "failed (reason below)" if probe.get("error") else _pair(probe)
+    if probe.get("error"):
+        return "failed (reason below)"
+    unseen = len(probe.get("untrained_classes") or ())
+    return _pair(probe) + (f" ({unseen} class{'' if unseen == 1 else 'es'} unseen in training)" if unseen else "")
 
 
 def table(summary: dict[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
@@ -160,6 +192,21 @@ def failures(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def unseen_classes(summary: dict[str, Any]) -> list[str]:
+    """Each task whose probe is scored on classes its training side lacks (a derived split put all of a class on
+    one side): the probe cannot predict them, so its numbers are low for that reason alone."""
+    lines = []
+    for row in summary["rows"]:
+        unseen = {
+            tuple((cell.get("probe") or {}).get("untrained_classes") or ())
+            for cell in row["cells"].values()
+            if cell.get("status") == "ok"
+        } - {()}
+        for classes in sorted(unseen):
+            lines.append(f"{row['task']}: not in the probe's training side: {', '.join(classes)}")
+    return lines
+
+
 def markdown(summary: dict[str, Any]) -> str:
     models = summary["models"]
     compared = f"; in brackets, the difference to {short_name(models[0])}" if len(models) > 1 else ""
@@ -174,13 +221,14 @@ def markdown(summary: dict[str, Any]) -> str:
         "## Models",
         "",
     ]
-    noise = " RANDOM WEIGHTS: no pretrained weights, or trained from random initialisation; its column is noise."
     for entry in models:
         said = f"- {column_name(entry)}: {entry['model']}, results in eval/{entry['eval_run']}/."
-        lines.append(said + (noise if entry["random_weights"] else ""))
+        lines.append(said + (f" RANDOM WEIGHTS: {random_text(entry)}." if entry["random_weights"] else ""))
     probe = probe_table(summary)
     if probe:
         lines += ["", "## Linear probe (balanced accuracy / weighted F1)", "", *md_table(*probe)]
+        unseen = unseen_classes(summary)
+        lines += ["", *(f"- {line}" for line in unseen)] if unseen else []
     lines += ["", "## Datasets", ""]
     for row in summary["rows"]:
         lines.append(f"- {row['task']} ({row['format']}, {row['folder']}): {row.get('split') or 'not read'}")
@@ -219,6 +267,12 @@ def text_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
 
 def summary_key(run: str, name: str = "summary.json") -> str:
     return f"{BENCHMARKS}/{run}/{name}"
+
+
+def result_copy_key(run: str, eval_run: str, task: str) -> str:
+    """The run's own copy of a per-task result: ``eval/<eval_run>/<task>.json`` is the newest evaluation of that
+    model, rewritten by a later run, while a summary's link must keep pointing at the numbers it shows."""
+    return summary_key(run, f"{eval_run}/{task}.json")
 
 
 def publish_summary(store: Store, summary: dict[str, Any]) -> dict[str, str]:

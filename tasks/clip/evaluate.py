@@ -25,7 +25,15 @@ import numpy as np
 from PIL import Image
 
 from pathgen.settings import EvalSettings
-from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, Split, detect_format, folder_split, formats
+from tasks.benchmark.datasets import (
+    BenchmarkTask,
+    DatasetFormat,
+    Split,
+    detect_format,
+    folder_split,
+    formats,
+    positions_in,
+)
 from tasks.clip.metrics import (
     class_weights,
     classification_metrics,
@@ -35,6 +43,7 @@ from tasks.clip.metrics import (
     retrieval_recall,
     zero_shot_predict,
 )
+from tasks.clip.spec import ModelSpec
 from tasks.clip.webdataset import training_tars
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder
 from tasks.slides.pictures import random_weights_banner
@@ -42,6 +51,14 @@ from tasks.store.objects import Store
 
 CLASS_FOLDERS = "folders"  # the format of a class-folder dataset given with --classes
 LOAD_THREADS = 4  # images decoded at once while the model embeds: decoding, not the model, bounds a CPU run
+DATASET_KEYS = ("dataset", "classes", "format")  # a dataset entry: {dataset, classes} or {dataset[, format]}
+# why a model is RANDOM WEIGHTS, said wherever its numbers are (a trained toy model's numbers are not noise)
+NO_WEIGHTS = "no weights loaded: its numbers are noise"
+RANDOM_START = (
+    "its training run started from random initialisation, not from pretrained weights: a toy model, not comparable "
+    "with pretrained ones"
+)
+_BANNER = {NO_WEIGHTS: "these numbers are noise", RANDOM_START: "a toy model trained from random init"}
 
 
 def embed_images(model: EmbeddingModel, images: list[Image.Image | Path], batch_size: int) -> np.ndarray:
@@ -67,10 +84,25 @@ def embed_split(model: EmbeddingModel, split: Split, batch_size: int) -> np.ndar
     return embedder.finish()
 
 
+def random_weights_why(spec: ModelSpec, random_weights: bool) -> str | None:
+    """Why a model is RANDOM WEIGHTS (``has_random_weights``), or None: nothing loaded (a bare name, tiny-random),
+    or a checkpoint whose run started from random initialisation."""
+    if not random_weights:
+        return None
+    return NO_WEIGHTS if spec.random_weights else RANDOM_START
+
+
 def evaluate_dataset(model: EmbeddingModel, task: BenchmarkTask, cfg: EvalSettings) -> dict[str, Any]:
     """Zero-shot on the task's test split and, when it has a train split, the linear probe ``cfg.probe`` trained
     there and scored on ``probe_test`` (else on the test split). A probe that cannot be fitted (one class in the
-    train split) is recorded with its reason; zero-shot still counts."""
+    train split) is recorded with its reason; zero-shot still counts. The task's open files are closed after."""
+    try:
+        return _evaluate(model, task, cfg)
+    finally:
+        task.close()  # PCam's HDF5 handles, held only while one evaluation reads them
+
+
+def _evaluate(model: EmbeddingModel, task: BenchmarkTask, cfg: EvalSettings) -> dict[str, Any]:
     spec = task.classes
     test_x = embed_split(model, task.test, cfg.batch_size)
     predicted = zero_shot_predict(test_x, class_weights(model.embed_texts, spec))
@@ -86,41 +118,45 @@ def evaluate_dataset(model: EmbeddingModel, task: BenchmarkTask, cfg: EvalSettin
         "probe_test_split": probe_test.name if task.train is not None else None,
         "model": about,
         "random_weights": about["random_weights"],
+        "random_why": random_weights_why(ModelSpec(model.name, model.pretrained), about["random_weights"]),
         "classes": spec.folders,
         "templates": spec.templates,
         "zero_shot": classification_metrics(task.test.labels, predicted, spec.folders),
     }
     if task.train is not None:
-        from tasks.clip.probe import run_probe
-
-        features = _FeaturesOf(model, cfg.batch_size, task.test, test_x)
-        train_x, probe_x = features.of(task.train), features.of(probe_test)
-        try:
-            result["linear_probe"] = run_probe(
-                train_x, task.train.labels, probe_x, probe_test.labels, spec.folders, cfg
-            )
-        except ValueError as exc:
-            result["linear_probe"] = {"method": cfg.probe, "error": str(exc)}
+        result["linear_probe"] = _probe(task, probe_test, _FeaturesOf(model, cfg, task.test, test_x), cfg)
     return result
 
 
-class _FeaturesOf:
-    """Features of a split: the test split's rows when every image of it is one of the test split's (a derived
-    train split of a dataset scored whole by zero-shot), else embedded; so no image is embedded twice."""
+def _probe(task: BenchmarkTask, scored: Split, features: _FeaturesOf, cfg: EvalSettings) -> dict:
+    """The probe ``cfg.probe`` names; the paper probe's per-seed samples are drawn from the labels first and only
+    their images embedded (PCam: 256 per class of 262,144 train patches), with the same numbers as embedding all."""
+    from tasks.clip.probe import paper_draws, run_probe
 
-    def __init__(self, model: EmbeddingModel, batch_size: int, test: Split, test_x: np.ndarray) -> None:
-        self.model, self.batch_size, self.test, self.test_x = model, batch_size, test, test_x
-        self._rows: dict[str, int] | None = None
+    train, draws = task.train, None
+    if cfg.probe == "paper":
+        draws = paper_draws(train.labels, cfg)
+        union = np.unique(np.concatenate(draws))
+        train, draws = train.subset(union, train.name), [np.searchsorted(union, d) for d in draws]
+    train_x, scored_x = features.of(train), features.of(scored)
+    try:
+        return run_probe(train_x, train.labels, scored_x, scored.labels, task.classes.folders, cfg, draws)
+    except ValueError as exc:
+        return {"method": cfg.probe, "error": str(exc)}
+
+
+class _FeaturesOf:
+    """Features of a split: the test split's rows when it is the test split or cut from it (``positions_in``: a
+    derived train split of a dataset scored whole by zero-shot), else embedded; so no image is embedded twice."""
+
+    def __init__(self, model: EmbeddingModel, cfg: EvalSettings, test: Split, test_x: np.ndarray) -> None:
+        self.model, self.batch_size, self.test, self.test_x = model, cfg.batch_size, test, test_x
 
     def of(self, split: Split) -> np.ndarray:
         if split is self.test:
             return self.test_x
-        if self._rows is None:
-            self._rows = {self.test.images.name(i): i for i in range(len(self.test.images))}
-        rows = [self._rows.get(split.images.name(i)) for i in range(len(split.images))]
-        if all(row is not None for row in rows):
-            return self.test_x[np.asarray(rows, dtype=np.int64)]
-        return embed_split(self.model, split, self.batch_size)
+        rows = positions_in(split, self.test)
+        return self.test_x[rows] if rows is not None else embed_split(self.model, split, self.batch_size)
 
 
 def folder_task(dataset: Path, classes: Path) -> BenchmarkTask:
@@ -143,21 +179,50 @@ def dataset_format(name: str) -> DatasetFormat:
     return known[name]
 
 
+def dataset_entry(entry: dict[str, Any]) -> dict[str, str]:
+    """A dataset entry as ``pathgen evaluate``, the evaluate flow and ``clip.evaluate`` take it: ``{dataset,
+    classes}`` (one folder per class) or ``{dataset[, format]}`` (as downloaded; the format detected when not
+    named), its keys and format checked. Whether the folder holds such a dataset is found when it is read."""
+    if not isinstance(entry, dict) or not entry.get("dataset"):
+        raise ValueError(
+            f"dataset entry {entry} names no dataset folder: give {{dataset: DIR, classes: FILE}} (one folder per "
+            "class) or {dataset: DIR[, format: NAME]} (a dataset as downloaded)"
+        )
+    unknown = set(entry) - set(DATASET_KEYS)
+    if unknown:
+        raise ValueError(f"dataset entry {entry}: unknown keys {sorted(unknown)}; known: {', '.join(DATASET_KEYS)}")
+    if entry.get("classes") and entry.get("format"):
+        raise ValueError(
+            f"dataset {entry['dataset']}: give classes (--classes, one folder per class) or format "
+            f"(--format {entry['format']}), not both"
+        )
+    if entry.get("format"):
+        dataset_format(str(entry["format"]))
+    return {key: str(entry[key]) for key in DATASET_KEYS if entry.get(key)}
+
+
+def located_entry(entry: dict[str, Any]) -> dict[str, str]:
+    """``dataset_entry``, its folder checked to be there and, with neither classes nor format, its format detected
+    from its files."""
+    entry = dataset_entry(entry)
+    folder = Path(entry["dataset"])
+    if not folder.is_dir():
+        raise ValueError(
+            f"dataset folder {folder} does not exist (--dataset: a folder as downloaded, or one folder per class "
+            "with --classes)"
+        )
+    if not entry.get("classes") and not entry.get("format"):
+        entry["format"] = detect_format(folder).name
+    return entry
+
+
 def read_tasks(dataset: Path, classes: Path | None = None, format_name: str | None = None) -> list[BenchmarkTask]:
     """The tasks a dataset folder holds: with ``classes``, one folder per class; else what the reader of
     ``format_name`` (given, or detected from the folder's files) reads."""
-    dataset = Path(dataset)
-    if not dataset.is_dir():
-        raise ValueError(
-            f"dataset folder {dataset} does not exist (--dataset: a folder as downloaded, or one folder per class "
-            "with --classes)"
-        )
-    if classes is not None:
-        if format_name is not None:
-            raise ValueError(f"give --classes (a folder per class) or --format {format_name}, not both")
-        return [folder_task(dataset, Path(classes))]
-    fmt = dataset_format(format_name) if format_name else detect_format(dataset)
-    return read_dataset(fmt, dataset)
+    entry = located_entry({"dataset": str(dataset), "classes": classes, "format": format_name})
+    if entry.get("classes"):
+        return [folder_task(Path(entry["dataset"]), Path(entry["classes"]))]
+    return read_dataset(dataset_format(entry["format"]), Path(entry["dataset"]))
 
 
 def read_dataset(fmt: DatasetFormat, folder: Path) -> list[BenchmarkTask]:
@@ -227,7 +292,8 @@ def publish(store: Store, run: str, result: dict[str, Any], logger: logging.Logg
             png = Path(folder) / "confusion.png"
             confusion_png(result["zero_shot"]["confusion"], result["classes"], png, confusion_title(name, result))
             if result["random_weights"]:  # said where the picture is looked at, not only in the JSON beside it
-                banded = random_weights_banner(np.asarray(Image.open(png).convert("RGB")), "these numbers are noise")
+                why = _BANNER.get(result.get("random_why"), "these numbers are noise")
+                banded = random_weights_banner(np.asarray(Image.open(png).convert("RGB")), why)
                 Image.fromarray(banded).save(png)
             store.put_file(png, f"{prefix}/{name}-confusion.png")
         result = result | {"confusion_png": store.uri(f"{prefix}/{name}-confusion.png")}

@@ -17,8 +17,14 @@ inputs. The paper probe runs on the CPU (it is tiny: features x classes weights)
 per-class sample, the layer's initial weights and the batch order -- drawn from the seed, so a seed gives the same
 numbers on every run.
 
-Both return ``{"method", "headline": {"n", "accuracy", "balanced_accuracy", "weighted_f1"}, ...}``: the headline
-is what tables show (logistic: the full-train-set fit; paper: the means over the seeds).
+Both return ``{"method", "headline": {"n", "accuracy", "balanced_accuracy", "weighted_f1"}, "untrained_classes",
+...}``: the headline is what tables show (logistic: the full-train-set fit; paper: the means over the seeds), and
+``untrained_classes`` names the classes of the scored side that the training side lacks (a derived split can put
+all of a class on one side): the probe cannot predict them, so its numbers are low for that reason alone.
+
+The paper probe's samples are fixed by the labels and seeds alone (:func:`paper_draws`), so a caller can draw them
+first and embed only those images (PCam trains on 256 of 262,144 patches per class) and pass ``draws``: the result
+is the same as with the features of every training image.
 """
 
 from __future__ import annotations
@@ -103,6 +109,13 @@ def _mean_std(runs: list[dict]) -> dict[str, float]:
     return out
 
 
+def paper_draws(train_y: np.ndarray | Sequence[int], cfg: EvalSettings) -> list[np.ndarray]:
+    """Per seed ``0..eval.seeds-1``, the sorted training rows the paper probe fits on: ``eval.probe_shots`` per
+    class (all of a class that has fewer), drawn with that seed."""
+    y = np.asarray(train_y, dtype=np.int64).ravel()
+    return [_k_shot_indices(y, cfg.probe_shots, np.random.default_rng(seed)) for seed in range(cfg.seeds)]
+
+
 def paper_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -110,11 +123,15 @@ def paper_probe(
     test_y: np.ndarray,
     classes: list[str],
     cfg: EvalSettings,
+    draws: list[np.ndarray] | None = None,
 ) -> dict:
-    """The paper's probe on checked, L2-normalised features; see the module docstring."""
+    """The paper's probe on checked, L2-normalised features; see the module docstring. ``draws``: each seed's rows
+    of ``train_x`` (:func:`paper_draws` of the full training labels, mapped to the rows given), else drawn here."""
+    draws = paper_draws(train_y, cfg) if draws is None else draws
+    if len(draws) != cfg.seeds:
+        raise ValueError(f"{len(draws)} draws for eval.seeds={cfg.seeds}; give one per seed (paper_draws)")
     runs = []
-    for seed in range(cfg.seeds):
-        idx = _k_shot_indices(train_y, cfg.probe_shots, np.random.default_rng(seed))
+    for seed, idx in enumerate(draws):
         layer = train_linear(
             train_x[idx], train_y[idx], len(classes), seed, cfg.probe_lr, cfg.probe_epochs, cfg.probe_batch_size
         )
@@ -144,11 +161,22 @@ def run_probe(
     test_y: np.ndarray | Sequence[int],
     classes: list[str],
     cfg: EvalSettings,
+    draws: list[np.ndarray] | None = None,
 ) -> dict:
-    """The linear probe ``cfg.probe`` names, trained on (train_x, train_y) and scored on (test_x, test_y)."""
+    """The linear probe ``cfg.probe`` names, trained on (train_x, train_y) and scored on (test_x, test_y);
+    ``draws`` (paper probe only): each seed's rows of ``train_x``, drawn before embedding (see the module
+    docstring)."""
     tx, ty, vx, vy = _checked_inputs(train_x, train_y, test_x, test_y, classes)
     tx, vx = _l2_normalise(tx), _l2_normalise(vx)
+    untrained = {"untrained_classes": untrained_classes(ty, vy, classes)}
     if cfg.probe == "paper":
-        return paper_probe(tx, ty, vx, vy, classes, cfg)
+        return paper_probe(tx, ty, vx, vy, classes, cfg, draws) | untrained
+    if draws is not None:
+        raise ValueError("draws are the paper probe's samples; the logistic probe fits on every training row")
     result = linear_probe(tx, ty, vx, vy, classes, cfg.probe_c, cfg.shots, cfg.seeds)
-    return {"method": "logistic", "headline": _headline(result["full"]), **result}
+    return {"method": "logistic", "headline": _headline(result["full"]), **result} | untrained
+
+
+def untrained_classes(train_y: np.ndarray, test_y: np.ndarray, classes: list[str]) -> list[str]:
+    """The classes the scored side holds and the training side does not: a probe never predicts them."""
+    return [classes[i] for i in sorted(set(test_y.tolist()) - set(train_y.tolist()))]

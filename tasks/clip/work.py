@@ -170,6 +170,9 @@ def _evaluated(store: Store, eval_run: str, name: str, evaluate, logger, columns
         result = evaluate()
     except ValueError as exc:
         return UnitOutcome(name, "failed", error=short_error(exc), columns=dict(columns or {}))
+    unseen = (result.get("linear_probe") or {}).get("untrained_classes")
+    if unseen:  # a derived split put every image of these classes on the scored side
+        logger.warning("%s: the linear probe is scored on classes its training side lacks: %s", name, ", ".join(unseen))
     uri = publish(store, eval_run, result, logger)
     rows = table_rows(eval_run, result)
     create_table_artifact(rows, key=_artifact_key(f"eval-{eval_run}-{name}"), description=f"{eval_run} on {name}")

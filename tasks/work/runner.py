@@ -100,7 +100,8 @@ def _run_groups(stage: Stage, groups: list[list[Any]], settings: Settings, logge
             outcomes.extend(done)
             _reported(stage, done)
             bar.update(bar_task, advance=len(group))
-            update_progress_artifact(progress_id, 100.0 * len(outcomes) / max(total, 1))
+            # a unit can give several outcomes (a dataset holding two tasks): the share done never passes 100%
+            update_progress_artifact(progress_id, min(100.0, 100.0 * len(outcomes) / max(total, 1)))
     outcomes.sort(key=lambda o: o.unit)
     create_table_artifact(
         [o.row(stage.unit_column) for o in outcomes],

@@ -88,15 +88,23 @@ def read(folder: Path) -> list[BenchmarkTask]:
     labels = np.asarray([label for _, label, _ in found], dtype=np.int64)
     test = Split(ImageFiles(tuple(path for path, _, _ in found)), labels, "all labelled photos")
     in_train = np.asarray([side for _, _, side in found], dtype=bool)
-    train = test.subset(np.flatnonzero(in_train), "train (patient split)")
-    probe_test = test.subset(np.flatnonzero(~in_train), "validation (patient split)")
     left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
     split = (
         f"no labelled official test set; zero-shot on all {len(test.labels)} labelled photos of Photos/, as the "
-        f"paper's clip_acc_BACH.py; the probe trains on kaiko-ai/eva's patient-level train photos "
-        f"({len(train.labels)}) and is scored on its validation photos ({len(probe_test.labels)})"
-        + (f"; left out: {left_out}" if left_out else "")
+        f"paper's clip_acc_BACH.py; "
     )
+    if in_train.any() and not in_train.all():
+        train = test.subset(np.flatnonzero(in_train), "train (patient split)")
+        probe_test = test.subset(np.flatnonzero(~in_train), "validation (patient split)")
+        split += (
+            f"the probe trains on kaiko-ai/eva's patient-level train photos ({len(train.labels)}) and is scored on "
+            f"its validation photos ({len(probe_test.labels)})"
+        )
+    else:  # a partial download: zero-shot still scores every photo there is
+        train = probe_test = None
+        side = "train" if in_train.all() else "validation"
+        split += f"no probe: every photo there is on kaiko-ai/eva's {side} side of its patient split"
+    split += f"; left out: {left_out}" if left_out else ""
     return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split, probe_test)]
 
 

@@ -19,15 +19,7 @@ import functools
 import re
 from pathlib import Path
 
-from tasks.benchmark.datasets import (
-    DERIVED_TRAIN_FRACTION,
-    BenchmarkTask,
-    DatasetFormat,
-    ImageFiles,
-    Split,
-    class_spec,
-    derived_probe,
-)
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_probe_sides
 from tasks.clip.metrics import ClassSpec, load_labelled_images
 
 NAME = "kather2016"
@@ -55,19 +47,13 @@ def read(folder: Path) -> list[BenchmarkTask]:
     slides = [_slide(path) for path in tiles.paths]
     groups = [slide or path.name for slide, path in zip(slides, tiles.paths, strict=True)]
     everything = Split(ImageFiles(tuple(tiles.paths)), tiles.labels, "all tiles")
-    sides = derived_probe(everything, groups, salt=NAME)
-    train, probe_test = sides or (None, None)
-    unnamed = slides.count(None)
-    probe = (
-        f"it trains on {len(sides[0].labels)} tiles and is scored on {len(sides[1].labels)}"
-        if sides
-        else "no probe: the slides all fall on one side"
+    train, probe_test, probe = derived_probe_sides(
+        everything, groups, NAME, "tiles", "slide", "source slide: CRC-Prim-HE-NN in the tile name"
     )
+    unnamed = slides.count(None)
     split = (
         f"no official split; zero-shot on all {len(tiles.paths)} tiles in {folder} (class folders "
-        f"{spec.folders[0]}..{spec.folders[-1]}); the probe's split is derived by source slide (CRC-Prim-HE-NN in "
-        f"the tile name; {len(set(groups))} slides, about {DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash, "
-        f"no slide on both sides): {probe}"
+        f"{spec.folders[0]}..{spec.folders[-1]}); {probe}"
         + (f"; {unnamed} tiles name no slide and are split one by one" if unnamed else "")
     )
     return [BenchmarkTask(NAME, NAME, folder, spec, everything, train, split, probe_test)]

@@ -23,15 +23,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from tasks.benchmark.datasets import (
-    DERIVED_TRAIN_FRACTION,
-    BenchmarkTask,
-    DatasetFormat,
-    ImageFiles,
-    Split,
-    class_spec,
-    derived_probe,
-)
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_probe_sides
 from tasks.clip.metrics import ClassSpec, load_labelled_images
 
 NAME = "lc25000"
@@ -56,20 +48,13 @@ def _read_half(folder: Path, task: str, subfolder: str) -> BenchmarkTask:
     spec = _classes(task)
     images = load_labelled_images(folder / subfolder, spec)
     everything = Split(ImageFiles(tuple(images.paths)), images.labels, "all images")
-    sides = derived_probe(everything, [path.name for path in images.paths], salt=task)
-    train, probe_test = sides or (None, None)
-    probe = (
-        f"it trains on {len(sides[0].labels)} and is scored on {len(sides[1].labels)}"
-        if sides
-        else "no probe: the images all fall on one side"
-    )
+    names = [path.name for path in images.paths]
+    train, probe_test, probe = derived_probe_sides(everything, names, task, "images", "image", "its file name")
     split = (
         f"no official split; zero-shot on all {len(images.paths)} images in {folder / subfolder} "
-        f"({', '.join(spec.folders)}), as the paper's clip_acc_{task.replace('-', '_')}.py; the probe's split is "
-        f"derived image by image (about {DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash of the file name): "
-        f"{probe}; LC25000 is augmented from "
-        "1,250 originals and the files do not say which, so augmentations of one original may be on both sides "
-        "(the linear probe is flattered, zero-shot is not)"
+        f"({', '.join(spec.folders)}), as the paper's clip_acc_{task.replace('-', '_')}.py; {probe}; LC25000 is "
+        "augmented from 1,250 originals and the files do not say which, so augmentations of one original may be on "
+        "both sides (the linear probe is flattered, zero-shot is not)"
     )
     return BenchmarkTask(task, NAME, folder, spec, everything, train, split, probe_test)
 

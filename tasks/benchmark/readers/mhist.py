@@ -13,13 +13,12 @@ the class file's names are ours.
 
 from __future__ import annotations
 
-import csv
 import functools
 from pathlib import Path
 
 import numpy as np
 
-from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, read_csv_rows
 from tasks.clip.metrics import ClassSpec
 
 NAME = "mhist"
@@ -43,18 +42,7 @@ def detect(folder: Path) -> bool:
 
 
 def _rows(csv_path: Path) -> list[dict[str, str]]:
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [column for column in (IMAGE, LABEL, PARTITION) if column not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(
-                    f"{csv_path} lacks the column(s) {', '.join(missing)} (it has: "
-                    f"{', '.join(reader.fieldnames or []) or 'none'}); use the annotations.csv that came with MHIST"
-                )
-            return list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{csv_path} cannot be read as a CSV file ({exc}); download annotations.csv again") from None
+    return read_csv_rows(csv_path, (IMAGE, LABEL, PARTITION), "use the annotations.csv that came with MHIST")
 
 
 def _split(folder: Path, rows: list[dict[str, str]], partition: str, spec: ClassSpec) -> tuple[Split, int]:

@@ -22,7 +22,6 @@ the split sentence says so.
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import Counter
 from pathlib import Path
@@ -30,13 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from tasks.benchmark.datasets import (
-    DERIVED_TRAIN_FRACTION,
     BenchmarkTask,
     DatasetFormat,
     ImageFiles,
     Split,
     class_spec,
-    derived_probe,
+    derived_probe_sides,
+    read_csv_rows,
 )
 from tasks.clip.metrics import IMAGE_SUFFIXES
 
@@ -71,15 +70,7 @@ def _tiles(folder: Path) -> dict[str, list[Path]]:
 
 
 def _table(folder: Path) -> list[dict[str, str]]:
-    path = folder / TABLE
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{path} cannot be read as CSV ({exc}); download it again from {FORMAT.source}") from None
-    if not rows or NAME_COLUMN not in rows[0] or CLASS_COLUMN not in rows[0]:
-        raise ValueError(f"{path} must be a CSV with the columns {NAME_COLUMN!r} and {CLASS_COLUMN!r}")
-    return rows
+    return read_csv_rows(folder / TABLE, (NAME_COLUMN, CLASS_COLUMN), f"download it again from {FORMAT.source}")
 
 
 def _labelled(folder: Path, classes: list[str], skipped: Counter[str]) -> tuple[list[Path], list[int], list[str]]:
@@ -112,21 +103,15 @@ def read(folder: Path) -> list[BenchmarkTask]:
     if not paths:
         raise ValueError(f"no row of {folder / TABLE} matches a tile under {folder}/{TILE_SETS}/; check the download")
     every = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all tiles")
-    sides = derived_probe(every, slides, salt=NAME)
-    train, probe_test = sides or (None, None)
+    train, probe_test, probe = derived_probe_sides(
+        every, slides, NAME, "tiles", "slide", "image.name without its tile coordinates"
+    )
     mixed = skipped.pop(MIXED, 0)
     left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
-    probe = (
-        f"it trains on {len(sides[0].labels)} tiles and is scored on {len(sides[1].labels)}; no slide is on both "
-        "sides, but a patient can be"
-        if sides
-        else "no probe: the slides all fall on one side"
-    )
+    patients = " (a patient can be on both sides)" if train is not None else ""
     split = (
         f"no official split; zero-shot on all {len(every.labels)} tiles of {TABLE} found under {TILE_SETS}/ "
-        f"({mixed} mixed '{MIXED}' tiles labelled viable tumour), as the paper's clip_acc_osteo.py; the probe's "
-        f"split is derived by slide (image.name without its tile coordinates; {len(set(slides))} slides, about "
-        f"{DERIVED_TRAIN_FRACTION:.0%} of them train, fixed by a hash of the slide name): {probe}"
+        f"({mixed} mixed '{MIXED}' tiles labelled viable tumour), as the paper's clip_acc_osteo.py; {probe}{patients}"
         + (f"; left out: {left_out}" if left_out else "")
     )
     return [BenchmarkTask(NAME, NAME, folder, spec, every, train, split, probe_test)]

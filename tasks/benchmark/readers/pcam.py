@@ -16,6 +16,7 @@ one array: the train images are 7 GB.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,10 @@ NAME = "pcam"
 PREFIX = "camelyonpatch_level_2_split"
 PATCH_SHAPE = (96, 96, 3)
 
-# one open handle per (process, file): h5py handles do not survive a fork, so a worker process opens its own
+# one open handle per (process, file): h5py handles do not survive a fork, so a worker process opens its own; the
+# lock keeps evaluate's image-loading threads from opening one file twice (the second handle would leak)
 _OPEN: dict[tuple[int, str], Any] = {}
+_OPENING = threading.Lock()
 
 
 def _file(folder: Path, split: str, kind: str) -> Path:
@@ -41,9 +44,17 @@ def _h5(path: Path) -> Any:
     import h5py
 
     key = (os.getpid(), str(path))
-    if key not in _OPEN:
-        _OPEN[key] = h5py.File(path, "r")
-    return _OPEN[key]
+    with _OPENING:
+        if key not in _OPEN:
+            _OPEN[key] = h5py.File(path, "r")
+        return _OPEN[key]
+
+
+def _close(path: Path) -> None:
+    with _OPENING:
+        handle = _OPEN.pop((os.getpid(), str(path)), None)
+    if handle is not None:
+        handle.close()
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,10 @@ class H5Images:
 
     def name(self, index: int) -> str:
         return f"{self.path}[{index}]"
+
+    def close(self) -> None:
+        """Close this process's handle (after an evaluation); the next ``load`` opens it again."""
+        _close(self.path)
 
 
 def detect(folder: Path) -> bool:

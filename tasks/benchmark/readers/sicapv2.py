@@ -84,16 +84,26 @@ def read(folder: Path) -> list[BenchmarkTask]:
     folder = Path(folder)
     spec = class_spec(NAME)
     skipped: Counter[str] = Counter()
-    probe_test = _split(folder, "Test.xlsx", spec.folders, skipped)
     test = _split(folder, "Train.xlsx", spec.folders, skipped)
-    left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
     split = (
         f"zero-shot on {PARTITION}/Train.xlsx ({len(test.labels)} single-grade patches), as the paper's "
-        f"clip_acc_SICAP_v2.py; the probe trains on the same sheet and is scored on the official patient-level "
-        f"{PARTITION}/Test.xlsx ({len(probe_test.labels)})" + (f"; left out: {left_out}" if left_out else "")
+        f"clip_acc_SICAP_v2.py; "
     )
+    try:
+        probe_test: Split | None = _split(folder, "Test.xlsx", spec.folders, skipped)
+    except ValueError as exc:  # the probe's side only: zero-shot needs Train.xlsx alone
+        probe_test = None
+        split += f"no probe: {exc}"
+    else:
+        split += (
+            f"the probe trains on the same sheet and is scored on the official patient-level "
+            f"{PARTITION}/Test.xlsx ({len(probe_test.labels)})"
+        )
+    left_out = "; ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+    split += f"; left out: {left_out}" if left_out else ""
     # train is test, one Split: its images need embedding only once
-    return [BenchmarkTask(NAME, NAME, folder, spec, test, test, split, probe_test)]
+    train = test if probe_test is not None else None
+    return [BenchmarkTask(NAME, NAME, folder, spec, test, train, split, probe_test)]
 
 
 FORMAT = DatasetFormat(

@@ -17,13 +17,12 @@ probe uses the official ``set`` column: it trains on Train and is scored on Test
 
 from __future__ import annotations
 
-import csv
 import functools
 from pathlib import Path
 
 import numpy as np
 
-from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, read_csv_rows
 from tasks.clip.metrics import ClassSpec
 
 NAME = "skin"
@@ -43,18 +42,7 @@ def detect(folder: Path) -> bool:
 
 
 def _rows(table: Path) -> list[dict[str, str]]:
-    try:
-        with table.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [column for column in (FILE, CLASS, SET) if column not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(
-                    f"{table} lacks the column(s) {', '.join(missing)} (it has: "
-                    f"{', '.join(reader.fieldnames or []) or 'none'}); use the tiles-v2.csv of the heiDATA data.zip"
-                )
-            return list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{table} cannot be read as a CSV file ({exc}); download data.zip again") from None
+    return read_csv_rows(table, (FILE, CLASS, SET), "use the tiles-v2.csv of the heiDATA data.zip")
 
 
 def _tile(folder: Path, file: str) -> Path | None:

@@ -24,15 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.benchmark.datasets import (
-    DERIVED_TRAIN_FRACTION,
-    BenchmarkTask,
-    DatasetFormat,
-    ImageFiles,
-    Split,
-    class_spec,
-    derived_probe,
-)
+from tasks.benchmark.datasets import BenchmarkTask, DatasetFormat, ImageFiles, Split, class_spec, derived_probe_sides
 from tasks.clip.metrics import ClassSpec
 
 NAME = "wsss4luad"
@@ -79,18 +71,11 @@ def read(folder: Path) -> list[BenchmarkTask]:
             f"({len(unlabelled)} other .png files); give the WSSS4LUAD folder with the challenge's 1.training/"
         )
     everything = Split(ImageFiles(tuple(paths)), np.asarray(labels, dtype=np.int64), "all labelled patches")
-    sides = derived_probe(everything, slides, salt=NAME)
-    train, probe_test = sides or (None, None)
-    probe = (
-        f"it trains on {len(sides[0].labels)} patches and is scored on {len(sides[1].labels)}"
-        if sides
-        else "no probe: the slides all fall on one side"
-    )
+    train, probe_test, probe = derived_probe_sides(everything, slides, NAME, "patches", "slide")
     split = (
         f"no official patch-level split; zero-shot on all {len(paths)} labelled patches in {folder / TRAINING}, as "
         f"the paper's clip_acc_WSSS4LUAD.py (tumor when the name's [tumor, stroma, normal] has tumor, else "
-        f"non-tumor); the probe's split is derived by slide ({len(set(slides))} slides, about "
-        f"{DERIVED_TRAIN_FRACTION:.0%} to train by a stable hash, no slide on both sides): {probe}"
+        f"non-tumor); {probe}"
     )
     if unlabelled:
         split += f"; {len(unlabelled)} .png files without a label in the name left out (e.g. {unlabelled[0]})"

@@ -26,12 +26,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # OpenSeadragon, the slide viewer of `pathgen serve`, from its npm package (not copied into the repository); the app
-# says how to fetch it when it is missing. Without npm the setup goes on: only the zoomable slide view needs it.
+# says how to fetch it when it is missing. Without npm the setup goes on (only the zoomable slide view needs it),
+# except in CI ($CI set), where the browser test needs the viewer: there a missing npm fails (.ci/run installs it).
 OPENSEADRAGON_VERSION := 6.1.1
 OPENSEADRAGON := .vendor/node_modules/openseadragon/build/openseadragon/openseadragon.min.js
 
 $(OPENSEADRAGON):
-	@command -v npm >/dev/null || { echo "npm not found: pathgen serve will show slides without the zoomable viewer"; exit 0; }; \
+	@command -v npm >/dev/null || { \
+	  if [ -n "$$CI" ]; then echo "CI: npm not found, the slide viewer cannot be fetched; install nodejs and npm (.ci/run does)" >&2; exit 1; fi; \
+	  echo "npm not found: pathgen serve will show slides without the zoomable viewer"; exit 0; }; \
 	npm install --prefix .vendor --no-save --no-audit --no-fund openseadragon@$(OPENSEADRAGON_VERSION)
 
 setup: $(VENV)/.installed $(OPENSEADRAGON)

@@ -104,7 +104,8 @@ def _usage_problem(args: argparse.Namespace, settings) -> str | None:
 
 
 def print_summary(summary: dict) -> int:
-    from tasks.benchmark.summary import column_name, failures, random_text, table, text_table, unseen_classes
+    from tasks.benchmark.summary import column_name, failures, random_text, table, unseen_classes
+    from tasks.tables import text_table
 
     print(f"\nbenchmark {summary['run']}: {summary['metrics']}")
     for line in text_table(*table(summary)):

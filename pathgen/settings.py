@@ -388,7 +388,8 @@ class ClipSettings(_Section):
     model: ModelName = Field(
         None,
         description="open_clip model name; unset: ViT-B-16 with clip.pretrained, else the tiny-random model. Named "
-        "without clip.pretrained, that architecture trains from random initialisation (RANDOM WEIGHTS)",
+        "without clip.pretrained, that architecture trains from random initialisation (RANDOM WEIGHTS). A tag "
+        "trained with QuickGELU (openai) trains the name's -quickgelu twin (ViT-B-16-quickgelu)",
     )
     pretrained: ModelName = Field(
         None, description="open_clip pretrained tag (openai) or checkpoint path; unset trains from random weights"
@@ -424,7 +425,9 @@ class ClipSettings(_Section):
     stage1: PairSetSettings = Field(default_factory=PairSetSettings)
     stage2: PairSetSettings | None = Field(None, description="optional second stage, e.g. curated or external pairs")
     evaluate: list[dict[str, str]] = Field(
-        default_factory=list, description="after each stage: [{dataset: DIR, classes: FILE}] to evaluate on"
+        default_factory=list,
+        description="after each stage: [{dataset: DIR, classes: FILE} (one folder per class) or {dataset: DIR[, "
+        "format: NAME]} (a dataset as downloaded)] to evaluate on",
     )
 
     @model_validator(mode="after")
@@ -653,7 +656,18 @@ class ServeSettings(_Section):
         "X-Forwarded-User",
         pattern=r"^[A-Za-z0-9-]{1,64}$",
         description="request header naming the reviewer, set by the authenticating proxy in front of the app (which "
-        "must overwrite any value a client sends); without it a review is by --reviewer",
+        "must overwrite any value a client sends); read only with serve.trust_reviewer_header",
+    )
+    trust_reviewer_header: bool = Field(
+        False,
+        description="take the reviewer from serve.reviewer_header, over --reviewer (pathgen serve --behind-proxy): "
+        "only behind an authenticating proxy that overwrites the header; off, the header is ignored",
+    )
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^(\*|(\*\.)?[A-Za-z0-9.-]{1,253})$")]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Host header names the app answers besides 127.0.0.1, localhost and the --host it binds to (the "
+        "names a proxy or the reviewers use, e.g. review.example.org); other hosts get 400",
     )
     openseadragon_dir: str | None = Field(
         None,

@@ -275,7 +275,7 @@ def test_webdataset_applies_reviews_and_rewrites_a_slide_whose_reviews_changed(t
     summary = export_pairs(store, HASH, out, 0.0)
     assert summary.pairs == 7 and summary.written == 2
     assert summary.reviews == {"mode": "apply", "pairs_read": 8, "reviewed": 3, "accepted": 1, "rejected": 1,
-                               "corrected": 1}  # fmt: skip
+                               "corrected": 1, "left_out": 1, "captions_corrected": 1}  # fmt: skip
     captions = _tar_captions(out / "slide-a.tar")
     assert set(captions) == {"slide-a-p0", "slide-a-p2", "slide-a-p3"}
     assert captions["slide-a-p2"] == "<b>Tumour</b> & stroma"
@@ -289,6 +289,7 @@ def test_webdataset_applies_reviews_and_rewrites_a_slide_whose_reviews_changed(t
 
     ignored = export_pairs(store, HASH, out, 0.0, reviews="ignore")
     assert ignored.pairs == 8 and ignored.reviews["mode"] == "ignore" and ignored.reviews["rejected"] == 2
+    assert ignored.reviews["left_out"] == 0 and ignored.reviews["captions_corrected"] == 0
 
 
 def test_llava_export_applies_reviews_and_lets_a_pair_back_in(tmp_path):

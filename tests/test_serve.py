@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathgen.serve.app import create_app
 from pathgen.serve.queries import PairFilter, PairIndex, page_pairs
 from pathgen.settings import load_settings
 from tasks.captions.records import FAILED_SCHEMA, PAIR_SCHEMA, failed_key, pair_key, patches_key
-from tasks.reviews.store import review_key
+from tasks.reviews.store import Review, review_key, save_review
 from tasks.slides.reader import SlideReader
 from tasks.slides.shard import PatchRecord, PatchShardWriter, patch_id_for
 from tasks.store.objects import Store
@@ -142,9 +144,22 @@ def built(tmp_path_factory) -> tuple[Path, list[str]]:
     return root, ids
 
 
+def _client(app) -> TestClient:
+    """A client whose requests name 127.0.0.1 as Host, as a browser on this machine does (the app refuses others)."""
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
 @pytest.fixture
 def client(built) -> TestClient:
-    return TestClient(create_app(Store(str(built[0])), "dr-test", False, load_settings(environ={})))
+    return _client(create_app(Store(str(built[0])), "dr-test", False, load_settings(environ={})))
+
+
+@pytest.fixture
+def fresh(built, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the built store of this test's own: reviews written to it reach no other test."""
+    root = tmp_path / "store"
+    shutil.copytree(built[0], root)
+    return root, built[1]
 
 
 # -- pages ---------------------------------------------------------------------------------------------------
@@ -167,7 +182,7 @@ def test_slides_page_lists_filters_and_sorts(client):
 def test_an_unreadable_slide_record_is_named_not_fatal(tmp_path):
     store = Store(str(tmp_path / "store"))
     store.write_bytes("slides/bad/slide.json", b"{not json")
-    page = TestClient(create_app(store, None, False, load_settings(environ={}))).get("/slides")
+    page = _client(create_app(store, None, False, load_settings(environ={}))).get("/slides")
     assert page.status_code == 200 and "unreadable" in page.text and "bad" in page.text
 
 
@@ -198,7 +213,7 @@ def test_patch_page_shows_the_pair_its_diff_and_the_failures(client, built):
     text = page.text
     assert "<script>alert" not in text and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
     assert "11 CLIP tokens" in text and "tiny-vlm (random weights)" in text and AGENTS in text
-    assert "<del>tumour</del>" in text and "<ins>malignant</ins>" in text  # the revise agent's changes
+    assert "<del>tumour</del> <ins>malignant</ins>" in text  # the revise agent's changes, words kept apart
     assert "empty reply" in text and "describe" in text  # the slide's failed item, stage and reason
     assert "RANDOM WEIGHTS" in text
     image = client.get(f"/api/patches/{patch_id}/image.jpg", params={"slide": SLIDE})
@@ -234,11 +249,15 @@ def _review_rows(store_root: Path) -> list[dict]:
     return pq.read_table(store_root / review_key(AGENTS, SLIDE)).to_pylist()
 
 
-def test_reviews_are_validated_saved_and_filterable(client, built):
-    root, ids = built
-    accept = client.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"})
-    assert accept.status_code == 201, accept.text
-    by_proxy = client.post(
+def test_reviews_are_validated_saved_and_filterable(fresh):
+    root, ids = fresh
+    client = _client(create_app(Store(str(root)), "dr-test", False, load_settings(environ={})))
+    spoofed = client.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"},
+                          headers={"X-Forwarded-User": "dr-spoofed"})  # fmt: skip
+    assert spoofed.status_code == 201 and spoofed.json()["review"]["reviewer"] == "dr-test"  # no proxy: ignored
+    proxy = load_settings(overrides={"serve.trust_reviewer_header": True}, environ={})
+    behind = _client(create_app(Store(str(root)), "dr-test", False, proxy))
+    by_proxy = behind.post(
         "/api/reviews",
         json={"patch_id": ids[2], "verdict": "reject", "reason": "hallucinated finding: no mitoses are visible"},
         headers={"X-Forwarded-User": "dr-proxy"},
@@ -246,6 +265,9 @@ def test_reviews_are_validated_saved_and_filterable(client, built):
     assert by_proxy.status_code == 201, by_proxy.text
     corrected = client.post("/api/reviews", json={"patch_id": ids[3], "verdict": "correct", "caption": "Better."})
     assert corrected.status_code == 201
+    plain = client.post("/api/reviews", content=json.dumps({"patch_id": ids[4], "verdict": "accept"}),
+                        headers={"content-type": "text/plain"})  # fmt: skip
+    assert plain.status_code == 422  # what a cross-site form could send: not JSON, never saved
     for body, words in (
         ({"patch_id": ids[4], "verdict": "reject"}, "needs a reason"),
         ({"patch_id": ids[4], "verdict": "correct"}, "corrected caption"),
@@ -263,11 +285,14 @@ def test_reviews_are_validated_saved_and_filterable(client, built):
     assert len(client.get("/api/pairs", params={"review": "unreviewed"}).json()["rows"]) == 8
     page = client.get(f"/patches/{ids[2]}", params={"slide": SLIDE, "agents_hash": AGENTS}).text
     assert "hallucinated finding: no mitoses are visible" in page and "dr-proxy" in page
-    nobody = TestClient(create_app(Store(str(root)), None, False, load_settings(environ={})))
-    refused = nobody.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"})
-    assert refused.status_code == 403 and "X-Forwarded-User" in refused.json()["error"]
-    remote = load_settings(overrides={"serve.reviewer_header": "X-Remote-User"}, environ={})
-    proxied = TestClient(create_app(Store(str(root)), None, False, remote))
+    nobody = _client(create_app(Store(str(root)), None, False, load_settings(environ={})))
+    refused = nobody.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"},
+                          headers={"X-Forwarded-User": "dr-spoofed"})  # fmt: skip
+    assert refused.status_code == 403 and "--behind-proxy" in refused.json()["error"]
+    remote = load_settings(
+        overrides={"serve.reviewer_header": "X-Remote-User", "serve.trust_reviewer_header": True}, environ={}
+    )
+    proxied = _client(create_app(Store(str(root)), None, False, remote))
     body = {"patch_id": ids[5], "verdict": "accept"}
     assert proxied.post("/api/reviews", json=body, headers={"X-Forwarded-User": "spoofed"}).status_code == 403
     assert proxied.post("/api/reviews", json=body, headers={"X-Remote-User": "dr-remote"}).status_code == 201
@@ -277,7 +302,7 @@ def test_reviews_are_validated_saved_and_filterable(client, built):
 def test_read_only_disables_reviews(built):
     root, ids = built
     before = (root / review_key(AGENTS, SLIDE)).stat().st_mtime if (root / review_key(AGENTS, SLIDE)).exists() else 0
-    client = TestClient(create_app(Store(str(root)), "dr-test", True, load_settings(environ={})))
+    client = _client(create_app(Store(str(root)), "dr-test", True, load_settings(environ={})))
     page = client.get(f"/patches/{ids[0]}", params={"slide": SLIDE}).text
     assert "<fieldset disabled>" in page and "Reviews are disabled" in page and "READ-ONLY" in page
     refused = client.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"})
@@ -294,10 +319,73 @@ def test_a_store_that_refuses_a_review_turns_the_browser_read_only(built, monkey
         raise PermissionError(13, "Access Denied")
 
     monkeypatch.setattr("pathgen.serve.api.save_review", refuse)
-    client = TestClient(create_app(Store(str(root)), "dr-test", False, load_settings(environ={})))
+    client = _client(create_app(Store(str(root)), "dr-test", False, load_settings(environ={})))
     refused = client.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"})
     assert refused.status_code == 403 and "read-only" in refused.json()["error"]
     assert "<fieldset disabled>" in client.get(f"/patches/{ids[0]}", params={"slide": SLIDE}).text
+
+
+def test_a_store_folder_this_process_cannot_write_is_read_only(built, monkeypatch):
+    root, ids = built
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
+    client = _client(create_app(Store(str(root)), "dr-test", False, load_settings(environ={})))
+    page = client.get(f"/patches/{ids[0]}", params={"slide": SLIDE}).text
+    assert "<fieldset disabled>" in page and "is not writable by this process" in page
+    refused = client.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"})
+    assert refused.status_code == 403 and "not writable" in refused.json()["error"]
+
+
+def test_a_corrupt_review_file_is_named_and_overwritten_by_nothing(fresh):
+    root, ids = fresh
+    (root / review_key(AGENTS, SLIDE)).parent.mkdir(parents=True)
+    (root / review_key(AGENTS, SLIDE)).write_bytes(b"not parquet")
+    client = _client(create_app(Store(str(root)), "dr-test", False, load_settings(environ={})))
+    refused = client.post("/api/reviews", json={"patch_id": ids[0], "verdict": "accept"})
+    assert refused.status_code == 409 and review_key(AGENTS, SLIDE) in refused.json()["error"], refused.text
+    page = client.get(f"/patches/{ids[0]}", params={"slide": SLIDE})
+    assert page.status_code == 200 and "review file cannot be read" in page.text and "<fieldset disabled>" in page.text
+    assert (root / review_key(AGENTS, SLIDE)).read_bytes() == b"not parquet"
+
+
+def test_the_latest_review_is_the_latest_in_time_as_exports_apply(fresh):
+    root, ids = fresh
+    store, now = Store(str(root)), time.time()
+    import datetime as dt
+
+    newer = Review(patch_id=ids[0], verdict="accept", reviewer="dr-new", time=dt.datetime.fromtimestamp(now, dt.UTC))
+    older = Review(patch_id=ids[0], verdict="correct", caption="Old.", reviewer="dr-old",
+                   time=dt.datetime.fromtimestamp(now - 3600, dt.UTC))  # fmt: skip
+    save_review(store, AGENTS, SLIDE, newer)
+    save_review(store, AGENTS, SLIDE, older)  # committed last, but an hour older
+    client = _client(create_app(store, "dr-test", False, load_settings(environ={})))
+    view = client.get(f"/api/patches/{ids[0]}", params={"slide": SLIDE}).json()
+    assert view["review"]["reviewer"] == "dr-new" and len(view["reviews"]) == 2
+
+
+def test_a_rewritten_shard_never_shows_an_image_of_its_old_rows(fresh):
+    root, ids = fresh
+    client = _client(create_app(Store(str(root)), "dr-test", False, load_settings(environ={})))
+    ctx = client.app.state.ctx
+    first = client.get(f"/api/patches/{ids[0]}/image.jpg", params={"slide": SLIDE}).content
+    table = pq.read_table(root / pair_key(AGENTS, SLIDE))
+    with Store(str(root)).staged_file(pair_key(AGENTS, SLIDE)) as local:  # the same rows, in reverse order
+        pq.write_table(table.take(list(range(table.num_rows - 1, -1, -1))), local)
+    ctx.index._listed_at = float("-inf")  # list again now, not after the listing's few seconds
+    assert client.get(f"/api/patches/{ids[0]}/image.jpg", params={"slide": SLIDE}).content == first
+    other = client.get(f"/api/patches/{ids[10]}/image.jpg", params={"slide": SLIDE}).content
+    assert other != first
+
+
+def test_only_loopback_and_allowed_hosts_are_answered_and_no_cdn_docs(built):
+    client = _client(create_app(Store(str(built[0])), "dr-test", False, load_settings(environ={})))
+    assert client.get("/slides", headers={"host": "evil.example:8765"}).status_code == 400  # DNS rebinding
+    assert client.get("/slides", headers={"host": "localhost:8765"}).status_code == 200
+    assert client.get("/api/docs").status_code == 404 and client.get("/api/openapi.json").status_code == 200
+    named = load_settings(overrides={"serve.allowed_hosts": ["review.example.org"]}, environ={})
+    proxied = _client(create_app(Store(str(built[0])), "dr-test", False, named, host="10.0.0.5"))
+    for host in ("review.example.org", "10.0.0.5:8765"):
+        assert proxied.get("/slides", headers={"host": host}).status_code == 200, host
 
 
 @pytest.fixture
@@ -307,7 +395,8 @@ def server(tmp_path):
 
     root = tmp_path / "store"
     ids = build_store(Store(str(root)), str(CMU))
-    app = create_app(Store(str(root)), "dr-a", False, load_settings(environ={}))
+    behind_proxy = load_settings(overrides={"serve.trust_reviewer_header": True}, environ={})
+    app = create_app(Store(str(root)), "dr-a", False, behind_proxy)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -357,7 +446,8 @@ def test_hostile_ids_and_page_numbers(client, built):
         assert client.get(path).status_code == 404  # a '/' in an id matches no route
     assert client.get("/api/patches/abc/image.jpg", params={"slide": "../../etc"}).status_code == 400
     assert client.get("/api/pairs", params={"agents_hash": "../x"}).status_code == 400
-    assert client.get("/slides/nope").status_code == 404 and "no slide" in client.get("/slides/nope").text
+    missing = client.get("/slides/nope")
+    assert missing.status_code == 404 and "no slide" in missing.text and "reviewing as dr-test" in missing.text
     huge = client.get("/api/pairs", params={"page": 10**15}).json()
     assert huge["rows"] == [] and huge["rows_read"] == 0 and huge["total"] == 11
     huge_filtered = client.get("/api/pairs", params={"page": 10**15, "text": "tumour"}).json()
@@ -365,7 +455,9 @@ def test_hostile_ids_and_page_numbers(client, built):
     assert "past the last pair" in client.get("/pairs", params={"page": 10**15}).text
     assert client.get("/api/pairs", params={"page": 0}).status_code == 422
     assert client.get("/api/pairs", params={"page": "x"}).status_code == 422
-    assert not (root.parent / "etc").exists()
+    text_page = client.get("/api/pairs", params={"text": "SCRIPT", "size": 4, "page": 2}).json()
+    assert text_page["rows"] == [] and text_page["total"] == 1 and not text_page["has_next"]  # 1 match of 11 pairs
+    assert "past the last pair" in client.get("/pairs", params={"text": "SCRIPT", "size": 4, "page": 2}).text
 
 
 # -- paging at scale ---------------------------------------------------------------------------------------
@@ -444,7 +536,7 @@ def test_serve_a_store_on_seaweedfs(bucket, tmp_path):
     store.check()
     store.put_file(CMU, "sources/CMU-1-Small-Region.svs")
     ids = build_store(store, store.uri("sources/CMU-1-Small-Region.svs"))
-    client = TestClient(create_app(Store(bucket), "dr-s3", False, load_settings(environ={})))
+    client = _client(create_app(Store(bucket), "dr-s3", False, load_settings(environ={})))
     assert SLIDE in client.get("/slides").text
     assert client.get("/api/pairs").json()["total"] == 11
     assert "Caption 0 tumour." in client.get(f"/patches/{ids[0]}", params={"slide": SLIDE}).text
@@ -457,7 +549,7 @@ def test_serve_a_store_on_seaweedfs(bucket, tmp_path):
 
 def test_slide_page_says_how_to_fetch_a_missing_viewer(built, tmp_path):
     settings = load_settings(overrides={"serve.openseadragon_dir": str(tmp_path / "empty")}, environ={})
-    client = TestClient(create_app(Store(str(built[0])), "dr-test", False, settings))
+    client = _client(create_app(Store(str(built[0])), "dr-test", False, settings))
     page = client.get(f"/slides/{SLIDE}").text
     assert 'id="viewer-missing"' in page and "npm install" in page and "openseadragon.min.js" not in page
     assert client.get("/vendor/openseadragon/openseadragon.min.js").status_code == 404

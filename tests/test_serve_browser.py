@@ -108,6 +108,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Ask a process this test started to end; kill it when it does not within 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def _serve(store: Path, log: Path) -> Iterator[str]:
     port = _free_port()
@@ -126,12 +136,7 @@ def _serve(store: Path, log: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield base
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
 
 
 # -- the browser, through the DevTools protocol ----------------------------------------------------------------------
@@ -231,12 +236,7 @@ def _chromium(profile: Path) -> Iterator[Chromium]:
     finally:
         if tab is not None:
             tab.close()
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
+        _stop(browser)
 
 
 # -- the test --------------------------------------------------------------------------------------------------------

@@ -14,8 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pathgen.serve import data, views
 from pathgen.serve.app import PROXY_HELP, ServeContext
 from pathgen.serve.queries import REVIEW_STATES, PairFilter
-from tasks.errors import SlideError
-from tasks.reviews.store import Review, ReviewConflictError, review_key, save_review
+from tasks.errors import SlideError, short_error
+from tasks.reviews.store import (
+    MAX_CAPTION_CHARS,
+    MAX_REASON_CHARS,
+    Review,
+    ReviewConflictError,
+    review_key,
+    save_review,
+)
 
 router = APIRouter(prefix="/api")
 MAX_PAGE_SIZE = 500
@@ -32,21 +39,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 @router.get("/slides")
-def slides(
-    request: Request,
-    status: str | None = None,
-    project: str | None = None,
-    reason: str | None = None,
-    q: str | None = None,
-    sort: str = "slide_id",
-    order: str = "asc",
-) -> Any:
-    try:
-        return views.slides_view(
-            _ctx(request), status=status, project=project, reason=reason, q=q, sort=sort, order=order
-        )
-    except ValueError as exc:
-        return _error(400, str(exc))
+def slides(request: Request, query: Annotated[data.SlideQuery, Depends()]) -> Any:
+    return views.slides_view(_ctx(request), query)
 
 
 @router.get("/slides/{slide_id}")
@@ -62,7 +56,7 @@ def _slide_uri(ctx: ServeContext, slide_id: str) -> str:
 
 
 def _unreachable(slide_id: str, exc: Exception) -> JSONResponse:
-    return _error(404, f"slide {slide_id!r} cannot be read from this server: {exc}")
+    return _error(404, f"slide {slide_id!r} cannot be read from this server: {short_error(exc)}")
 
 
 @router.get("/slides/{slide_id}/slide.dzi")
@@ -190,8 +184,8 @@ class ReviewRequest(BaseModel):
 
     patch_id: str = Field(min_length=1, max_length=200)
     verdict: Literal["accept", "reject", "correct"]
-    reason: str | None = Field(None, max_length=1000)
-    caption: str | None = Field(None, max_length=2000)
+    reason: str | None = Field(None, max_length=MAX_REASON_CHARS)
+    caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS)
     agents_hash: str | None = Field(None, max_length=64)
     slide_id: str | None = Field(None, max_length=300)
 
@@ -215,11 +209,7 @@ async def post_review(request: Request, body: ReviewRequest) -> Any:
         return _error(403, f"this browser is read-only ({ctx.read_only_reason}): reviews cannot be saved")
     reviewer = ctx.reviewer_of(request)
     if not reviewer:
-        return _error(
-            403,
-            f"no reviewer: the request has no {ctx.reviewer_header} header and the app was started without "
-            f"--reviewer NAME. " + PROXY_HELP.format(header=ctx.reviewer_header),
-        )
+        return _error(403, f"no reviewer: {ctx.no_reviewer()} " + PROXY_HELP.format(header=ctx.reviewer_header))
     return await run_in_threadpool(_save, ctx, body, reviewer)
 
 
@@ -243,6 +233,8 @@ def _save(ctx: ServeContext, body: ReviewRequest, reviewer: str) -> Any:
         save_review(ctx.store, pair.agents_hash, pair.slide_id, review)
     except ReviewConflictError as exc:
         return _error(409, str(exc))
+    except ValueError as exc:  # the slide's review file is not one (corrupt, foreign): nothing is overwritten
+        return _error(409, str(exc))
     except PermissionError as exc:
         return _refused(ctx, exc)
     except OSError as exc:
@@ -257,4 +249,5 @@ def _save(ctx: ServeContext, body: ReviewRequest, reviewer: str) -> Any:
 def _refused(ctx: ServeContext, exc: OSError) -> JSONResponse:
     """The store refused the write: the browser turns read-only (buttons disabled) and says why."""
     ctx.read_only, ctx.read_only_reason = True, f"the store refused a review ({type(exc).__name__})"
-    return _error(403, f"the store {ctx.store.url} is read-only: the review was not saved ({exc.strerror or exc})")
+    why = exc.strerror or short_error(exc)
+    return _error(403, f"the store {ctx.store.url} is read-only: the review was not saved ({why})")

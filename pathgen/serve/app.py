@@ -1,14 +1,18 @@
 """The review browser: a FastAPI app over one store (``create_app``), its pages (pages.py) and JSON API (api.py).
 
 It reads the store through ``Store`` (file:// or s3://) and writes nothing but reviews (``reviews/``, through
-tasks/reviews/store.py). Reviewer identity comes from a request header that an authenticating proxy in front of
-the app sets (``serve.reviewer_header``, ``X-Forwarded-User`` by default; the proxy must overwrite any value a client
-sends), else from ``--reviewer``. The app binds to 127.0.0.1 unless told otherwise: anyone who can reach it can
+tasks/reviews/store.py). Reviewer identity: ``--reviewer NAME``; or, only when the app runs behind an authenticating
+proxy (``--behind-proxy``, ``serve.trust_reviewer_header``), the request header the proxy sets
+(``serve.reviewer_header``, ``X-Forwarded-User`` by default; the proxy must overwrite any value a client sends), which
+then wins over ``--reviewer``. Without it the header is ignored: any client can send it. The app binds to 127.0.0.1
+unless told otherwise, answers only requests whose Host is this machine's loopback name or one of
+``serve.allowed_hosts`` (a page of another site cannot reach it by DNS rebinding), and anyone who can reach it can
 review under the ``--reviewer`` name.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pathgen.serve.data import BadRequest, ImageColumns, NotFound, ReviewCache, ShardLocations, SlideRecords
 from pathgen.serve.queries import MatchCounts, PairIndex
@@ -25,13 +30,17 @@ from pathgen.serve.tiles import SlideTiles
 from pathgen.settings import Settings, load_settings
 from tasks.store.objects import Store
 
+log = logging.getLogger("pathgen.serve")
 HERE = Path(__file__).resolve().parent
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
 REPO_OPENSEADRAGON = HERE.parents[1] / ".vendor" / "node_modules" / "openseadragon" / "build" / "openseadragon"
 OPENSEADRAGON_FETCH = "make setup (or: npm install --prefix .vendor --no-save openseadragon@6.1.1)"
 PROXY_HELP = (
     "To let a team review, keep the app on 127.0.0.1 and put an authenticating reverse proxy in front of it (e.g. "
     "nginx with auth_request, oauth2-proxy, Apache mod_auth_openidc) that sets {header} to the signed-in user and "
-    "overwrites any {header} a client sends; reviews are then stored under that name."
+    "overwrites any {header} a client sends, and start pathgen serve with --behind-proxy; reviews are then stored "
+    "under that name."
 )
 
 
@@ -58,10 +67,21 @@ class ServeContext:
     def reviewer_header(self) -> str:
         return self.settings.serve.reviewer_header
 
+    @property
+    def trusts_header(self) -> bool:
+        return self.settings.serve.trust_reviewer_header
+
     def reviewer_of(self, request: Request) -> str | None:
-        """The proxy's header wins; else ``--reviewer``; else nobody (a review is refused, saying how to name one)."""
-        named = (request.headers.get(self.reviewer_header) or "").strip()
+        """Behind a proxy (``--behind-proxy``) its header wins; else ``--reviewer``; else nobody (a review is refused,
+        saying how to name one). Without ``--behind-proxy`` the header is ignored: a client could send any name."""
+        named = (request.headers.get(self.reviewer_header) or "").strip() if self.trusts_header else ""
         return named or self.reviewer
+
+    def no_reviewer(self) -> str:
+        """Why a request has no reviewer."""
+        if self.trusts_header:
+            return f"the request has no {self.reviewer_header} header and the app was started without --reviewer NAME."
+        return "the app was started without --reviewer NAME (and without --behind-proxy, so no header names one)."
 
 
 def store_read_only(store: Store) -> str | None:
@@ -90,8 +110,18 @@ def _templates() -> jinja2.Environment:
     return env
 
 
-def create_app(store: Store, reviewer: str | None, read_only: bool, settings: Settings | None = None) -> FastAPI:
-    """The app over ``store``; ``read_only`` (or a store this process cannot write) disables reviews."""
+def allowed_hosts(settings: Settings, host: str | None = None) -> list[str]:
+    """The Host names the app answers: loopback, ``serve.allowed_hosts``, and the address it binds to (unless that is
+    a wildcard, which no client sends)."""
+    named = [host] if host and host not in WILDCARD_BINDS and host not in LOOPBACK_HOSTS else []
+    return [*LOOPBACK_HOSTS, *settings.serve.allowed_hosts, *named]
+
+
+def create_app(
+    store: Store, reviewer: str | None, read_only: bool, settings: Settings | None = None, host: str | None = None
+) -> FastAPI:
+    """The app over ``store``; ``read_only`` (or a store this process cannot write) disables reviews. ``host``: the
+    address it is bound to, a Host the app answers besides loopback and ``serve.allowed_hosts``."""
     from pathgen.serve import api, pages
 
     settings = settings or load_settings(environ={})
@@ -109,8 +139,16 @@ def create_app(store: Store, reviewer: str | None, read_only: bool, settings: Se
         templates=_templates(),
         openseadragon=_openseadragon(settings),
     )
-    app = FastAPI(title="PathGen review browser", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    # No Swagger/ReDoc pages: they load their scripts from a CDN. The schema itself is at /api/openapi.json.
+    app = FastAPI(title="PathGen review browser", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings, host))
     app.state.ctx = ctx
+    if not settings.serve.trust_reviewer_header:
+        log.info(
+            "the %s header is ignored (no --behind-proxy): reviews are by --reviewer %s",
+            settings.serve.reviewer_header,
+            reviewer or "(none: reviews are refused)",
+        )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     if ctx.openseadragon is not None:
         app.mount("/vendor/openseadragon", StaticFiles(directory=str(ctx.openseadragon)), name="openseadragon")
@@ -128,7 +166,9 @@ def _errors(app: FastAPI, ctx: ServeContext) -> None:
     def respond(request: Request, status: int, message: str) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": message}, status_code=status)
-        page = ctx.templates.get_template("error.html").render(status=status, message=message, ctx=ctx)
+        page = ctx.templates.get_template("error.html").render(
+            status=status, message=message, ctx=ctx, reviewer=ctx.reviewer_of(request)
+        )
         return HTMLResponse(page, status_code=status)
 
     @app.exception_handler(BadRequest)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +24,13 @@ from PIL import Image
 
 from pathgen.serve.queries import PairIndex, ShardFooter
 from tasks.captions.records import failed_key, patches_key
-from tasks.reviews.store import REVIEWS, Review, load_slide_reviews
+from tasks.errors import short_error
+from tasks.reviews.store import AGENTS_HASH, PATCH_ID, REVIEWS, Review, load_slide_reviews
 from tasks.slides.pictures import cluster_colour
 from tasks.slides.sources import slide_id_problem
-from tasks.store.listing import list_mtimes
+from tasks.store.listing import ObjectVersion, list_versions, object_version
 from tasks.store.objects import Store
 
-PATCH_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")  # as tasks/reviews/store.py accepts
-AGENTS_HASH = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 OVERLAY_COLUMNS = ["patch_id", "x", "y", "w0", "h0", "cluster", "selected_by"]
 PAIR_SKIPPED = ("image", "embedding")
 IMAGE_CACHE_BYTES = 256 * 2**20  # image columns of recently shown row groups
@@ -62,7 +60,7 @@ def check_slide_id(slide_id: str) -> str:
 
 
 def check_patch_id(patch_id: str) -> str:
-    if not PATCH_ID.match(patch_id or ""):
+    if not PATCH_ID.fullmatch(patch_id or ""):
         raise BadRequest(
             f"patch id {patch_id[:80]!r} is not one (letters, digits, '.', '_', '-'; not starting with '.')"
         )
@@ -70,7 +68,7 @@ def check_patch_id(patch_id: str) -> str:
 
 
 def check_agents_hash(agents_hash: str) -> str:
-    if not AGENTS_HASH.match(agents_hash or ""):
+    if not AGENTS_HASH.fullmatch(agents_hash or ""):
         raise BadRequest(f"agents_hash {agents_hash[:80]!r} is not one (letters, digits, '_', '-')")
     return agents_hash
 
@@ -92,12 +90,12 @@ class SlideRecords:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._records: dict[str, tuple[float, dict[str, Any] | str]] = {}
+        self._records: dict[str, tuple[ObjectVersion, dict[str, Any] | str]] = {}
         self._lock = threading.Lock()
 
     def all(self) -> dict[str, dict[str, Any] | str]:
         """key -> the record, or why it cannot be read."""
-        listed = list_mtimes(self.store, "slides", "/slide.json")
+        listed = list_versions(self.store, "slides", "/slide.json")
         with self._lock:
             known = dict(self._records)
         stale = [key for key, version in listed.items() if known.get(key, (None,))[0] != version]
@@ -113,7 +111,7 @@ class SlideRecords:
         try:
             return self.store.read_json(key)
         except (OSError, ValueError) as exc:
-            return f"{key} cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+            return f"{key} cannot be read ({short_error(exc)})"
 
 
 def slide_rows(records: SlideRecords, index: PairIndex) -> list[dict[str, Any]]:
@@ -154,34 +152,62 @@ def slide_rows(records: SlideRecords, index: PairIndex) -> list[dict[str, Any]]:
     return rows
 
 
-def filter_slides(
-    rows: list[dict[str, Any]],
-    status: str | None = None,
-    project: str | None = None,
-    reason: str | None = None,
-    q: str | None = None,
-    sort: str = "slide_id",
-    order: str = "asc",
-) -> list[dict[str, Any]]:
-    if sort not in SLIDE_SORTS:
-        raise ValueError(f"sort {sort[:40]!r} is not one of {', '.join(SLIDE_SORTS)}")
-    if order not in ("asc", "desc"):
-        raise ValueError(f"order {order[:40]!r} is not asc or desc")
+@dataclass(frozen=True)
+class SlideQuery:
+    """The slides table's filter and sort: the query parameters of ``/slides`` and ``/api/slides`` (a FastAPI
+    dependency: a blank field of the form is unset); a bad sort or order is a ``BadRequest``."""
+
+    status: str | None = None
+    project: str | None = None
+    reason: str | None = None
+    q: str | None = None
+    sort: str = "slide_id"
+    order: str = "asc"
+
+    def __post_init__(self) -> None:
+        if self.sort not in SLIDE_SORTS:
+            raise BadRequest(f"sort {self.sort[:40]!r} is not one of {', '.join(SLIDE_SORTS)}")
+        if self.order not in ("asc", "desc"):
+            raise BadRequest(f"order {self.order[:40]!r} is not asc or desc")
+        for name in ("status", "project", "reason", "q"):
+            object.__setattr__(self, name, getattr(self, name) or None)
+
+    def as_query(self) -> dict[str, str]:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+def filter_slides(rows: list[dict[str, Any]], query: SlideQuery) -> list[dict[str, Any]]:
     kept = [
         r
         for r in rows
-        if (not status or r.get("status") == status)
-        and (not project or r.get("project") == project)
-        and (not reason or r.get("reason") == reason)
-        and (not q or q.lower() in r["slide_id"].lower())
+        if (not query.status or r.get("status") == query.status)
+        and (not query.project or r.get("project") == query.project)
+        and (not query.reason or r.get("reason") == query.reason)
+        and (not query.q or query.q.lower() in r["slide_id"].lower())
     ]
 
     def key(row: dict[str, Any]) -> tuple:
-        value = row.get(sort)
+        value = row.get(query.sort)
         missing = value in (None, "")
         return (missing, 0 if missing else value, row["slide_id"])  # a missing value sorts last, never against a str
 
-    return sorted(kept, key=key, reverse=order == "desc")
+    return sorted(kept, key=key, reverse=query.order == "desc")
+
+
+def random_selection(store: Store, slide_ids: set[str]) -> bool:
+    """Whether any of these slides' patches were picked with random-weight embeddings (their slide records say so),
+    read in parallel; a slide without a readable record says nothing."""
+
+    def flagged(slide_id: str) -> bool:
+        try:
+            return bool(slide_record(store, slide_id).get("random_weights"))
+        except (NotFound, OSError, ValueError):
+            return False
+
+    if not slide_ids:
+        return False
+    with ThreadPoolExecutor(min(READ_THREADS, len(slide_ids))) as pool:
+        return any(pool.map(flagged, sorted(slide_ids)))
 
 
 def slide_overlay(store: Store, slide_id: str, index: PairIndex) -> dict[str, Any]:
@@ -219,6 +245,7 @@ class Location:
     offset: int  # row within the row group
     agents_hash: str | None  # None: a patch shard (no caption)
     slide_id: str
+    version: ObjectVersion  # of the shard the group and offset were found in: cached rows are keyed by it
 
 
 class ShardLocations:
@@ -249,9 +276,8 @@ class ShardLocations:
         return found
 
 
-def _version(store: Store, key: str) -> Any:
-    info = store.fs.info(store.path(key))
-    return info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("size")
+def _version(store: Store, key: str) -> ObjectVersion:
+    return object_version(store.fs.info(store.path(key)))
 
 
 def locate_patch(
@@ -279,16 +305,17 @@ def locate_patch(
     for shard in shards:
         hit = locations.rows(store, shard.key, shard.version).get(patch_id)
         if hit:
-            found.append(Location(shard.key, hit[0], hit[1], shard.agents_hash, shard.slide_id))
+            found.append(Location(shard.key, hit[0], hit[1], shard.agents_hash, shard.slide_id, shard.version))
     if found:
         return found
     keys = [patches_key(slide_id)] if slide_id else store.list("patches", ".parquet")
     for key in keys:
         if not store.exists(key):
             continue
-        hit = locations.rows(store, key, _version(store, key)).get(patch_id)
+        version = _version(store, key)
+        hit = locations.rows(store, key, version).get(patch_id)
         if hit:
-            return [Location(key, hit[0], hit[1], None, key.rsplit("/", 1)[-1][: -len(".parquet")])]
+            return [Location(key, hit[0], hit[1], None, key.rsplit("/", 1)[-1][: -len(".parquet")], version)]
     where = f" of slide {slide_id!r}" if slide_id else ""
     raise NotFound(f"no patch {patch_id!r}{where} in {store.url}")
 
@@ -304,16 +331,16 @@ def read_row(store: Store, location: Location) -> dict[str, Any]:
 
 class ImageColumns:
     """The image column of recently shown row groups (a grid page shows consecutive rows of one or two shards),
-    bounded in bytes."""
+    bounded in bytes; kept per shard version, as the offsets that index them are."""
 
     def __init__(self, capacity_bytes: int = IMAGE_CACHE_BYTES) -> None:
-        self._groups: OrderedDict[tuple[str, int], pa.ChunkedArray] = OrderedDict()
+        self._groups: OrderedDict[tuple[str, ObjectVersion, int], pa.ChunkedArray] = OrderedDict()
         self._capacity = capacity_bytes
         self._bytes = 0
         self._lock = threading.Lock()
 
     def image(self, store: Store, location: Location) -> bytes:
-        cache_key = (store.uri(location.key), location.group)
+        cache_key = (store.uri(location.key), location.version, location.group)
         with self._lock:
             column = self._groups.get(cache_key)
             if column is not None:
@@ -366,16 +393,16 @@ class ReviewCache:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._versions: dict[str, float] = {}
-        self._loaded: dict[str, tuple[float, dict[str, Review]]] = {}
+        self._versions: dict[str, ObjectVersion] = {}
+        self._loaded: dict[str, tuple[ObjectVersion, dict[str, Review]]] = {}
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
-        versions = list_mtimes(self.store, REVIEWS, ".parquet")
+        versions = list_versions(self.store, REVIEWS, ".parquet")
         with self._lock:
             self._versions = versions
 
-    def version(self, agents_hash: str, slide_id: str) -> float | None:
+    def version(self, agents_hash: str, slide_id: str) -> ObjectVersion | None:
         return self._versions.get(f"{REVIEWS}/{agents_hash}/{slide_id}.parquet")
 
     def slide(self, agents_hash: str, slide_id: str) -> dict[str, Review]:

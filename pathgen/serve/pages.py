@@ -30,28 +30,16 @@ def _render(request: Request, template: str, title: str, **values: Any) -> HTMLR
 
 
 @router.get("/slides", response_class=HTMLResponse)
-def slides_page(
-    request: Request,
-    status: str | None = None,
-    project: str | None = None,
-    reason: str | None = None,
-    q: str | None = None,
-    sort: str = "slide_id",
-    order: str = "asc",
-) -> HTMLResponse:
-    params = {"status": status or None, "project": project or None, "reason": reason or None, "q": q or None}
-    try:
-        view = views.slides_view(request.app.state.ctx, **params, sort=sort, order=order)
-    except ValueError as exc:
-        raise data.BadRequest(str(exc)) from None
+def slides_page(request: Request, query: Annotated[data.SlideQuery, Depends()]) -> HTMLResponse:
+    view = views.slides_view(request.app.state.ctx, query)
 
     def sort_link(column: str) -> str:
-        flip = "desc" if sort == column and order == "asc" else "asc"
-        query = {k: v for k, v in params.items() if v} | {"sort": column, "order": flip}
-        return "/slides?" + urlencode(query)
+        flip = "desc" if query.sort == column and query.order == "asc" else "asc"
+        filters = {k: v for k, v in query.as_query().items() if k not in ("sort", "order")}
+        return "/slides?" + urlencode(filters | {"sort": column, "order": flip})
 
-    return _render(request, "slides.html", "Slides", view=view, sort=sort, order=order, sort_link=sort_link,
-                   random_weights=view["random_weights"])  # fmt: skip
+    return _render(request, "slides.html", "Slides", view=view, sort=query.sort, order=query.order,
+                   sort_link=sort_link, random_weights=view["random_weights"])  # fmt: skip
 
 
 @router.get("/slides/{slide_id}", response_class=HTMLResponse)

@@ -24,13 +24,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.store.listing import list_mtimes
+from tasks.store.listing import ObjectVersion, list_versions
 from tasks.store.objects import Store
 
 PAIRS_FOLDER = "pairs"
@@ -49,7 +49,7 @@ STATISTIC_COLUMNS = ("project", "caption_tokens", "caption_trimmed", "revise_cha
 LISTING_SECONDS = 2.0  # one listing of pairs/ serves the requests of a page view (its 48 thumbnails)
 MATCH_CACHE_ENTRIES = 200_000  # (filter, shard version) -> matches per row group; a few hundred bytes each
 ReviewState = Literal["unreviewed", "reviewed", "accept", "reject", "correct"]
-REVIEW_STATES: tuple[str, ...] = ("unreviewed", "reviewed", "accept", "reject", "correct")
+REVIEW_STATES: tuple[str, ...] = get_args(ReviewState)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ShardFooter:
     key: str
     agents_hash: str
     slide_id: str
-    version: float  # the object's modification time: a new commit is a new version
+    version: ObjectVersion  # (mtime, size, ETag): a new commit is a new version
     row_groups: tuple[int, ...]  # rows per row group
     stats: tuple[dict[str, tuple[Any, Any]], ...]  # per row group: column -> (min, max), where written
     random_weights: bool
@@ -132,7 +132,7 @@ def _statistics(row_group: pq.RowGroupMetaData, names: list[str]) -> dict[str, t
     return found
 
 
-def read_footer(store: Store, key: str, version: float) -> ShardFooter:
+def read_footer(store: Store, key: str, version: ObjectVersion) -> ShardFooter:
     """A pair shard's footer alone (one ranged read on S3)."""
     agents_hash, slide_id = _shard_parts(key) or ("", "")
     with store.open(key) as handle:
@@ -169,7 +169,7 @@ class PairIndex:
         with self._lock:
             if time.monotonic() - self._listed_at < self._listing_seconds:
                 return [self._footers[k] for k in sorted(self._footers)]
-        listed = {k: v for k, v in list_mtimes(self.store, PAIRS_FOLDER, ".parquet").items() if _shard_parts(k)}
+        listed = {k: v for k, v in list_versions(self.store, PAIRS_FOLDER, ".parquet").items() if _shard_parts(k)}
         with self._lock:
             known = dict(self._footers)
         fresh = {}

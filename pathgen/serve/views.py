@@ -10,7 +10,7 @@ from urllib.parse import quote, urlencode
 from pathgen.serve import data
 from pathgen.serve.app import OPENSEADRAGON_FETCH, ServeContext
 from pathgen.serve.queries import PairFilter, page_pairs
-from tasks.reviews.store import REJECT_REASONS, review_history
+from tasks.reviews.store import REJECT_REASONS, latest, review_history
 
 RANDOM_CAPTIONS = "captions from random-weight models: they are noise"
 RANDOM_SELECTION = "patches picked with random-weight embeddings: the picks are noise"
@@ -23,9 +23,9 @@ PATCH_FIELDS = ("tissue_fraction", "sharpness", "pen_fraction", "cluster", "sele
                 "findings_score", "project")  # fmt: skip
 
 
-def slides_view(ctx: ServeContext, **params: Any) -> dict[str, Any]:
+def slides_view(ctx: ServeContext, query: data.SlideQuery) -> dict[str, Any]:
     rows = data.slide_rows(ctx.records, ctx.index)
-    shown = data.filter_slides(rows, **params)
+    shown = data.filter_slides(rows, query)
     return {
         "slides": shown,
         "total": len(rows),
@@ -36,7 +36,7 @@ def slides_view(ctx: ServeContext, **params: Any) -> dict[str, Any]:
         "random_weights": _random_note(
             any(r.get("random_selection") for r in rows), any(r.get("random_captions") for r in rows)
         ),
-        "params": params,
+        "params": dict(vars(query)),
     }
 
 
@@ -108,15 +108,21 @@ def patch_view(
         "failed": [],
         "reviews": [],
         "review": None,
+        "review_error": None,  # the slide's review file cannot be read: shown, and reviewing is off
         "reject_reasons": list(REJECT_REASONS),
         "random_weights": _random_note(bool(record.get("random_weights")), bool(row.get("random_weights"))),
     }
     if chosen.agents_hash:
         view["pair"] = _pair(row)
         view["failed"] = data.failed_items(ctx.store, chosen.agents_hash, slide_id)
-        history = review_history(ctx.store, chosen.agents_hash, slide_id, problems=[])
+        try:
+            history = review_history(ctx.store, chosen.agents_hash, slide_id, problems=[])
+        except ValueError as exc:
+            view["review_error"] = str(exc)
+            return view
         view["reviews"] = [r.model_dump(mode="json") for r in history if r.patch_id == patch_id]
-        view["review"] = view["reviews"][-1] if view["reviews"] else None
+        current = latest(history).get(patch_id)  # by time, as the exports apply it
+        view["review"] = current.model_dump(mode="json") if current else None
     return view
 
 
@@ -151,6 +157,8 @@ def pairs_view(ctx: ServeContext, flt: PairFilter, page: int, size: int) -> dict
         row["image_url"] = f"/api/patches/{quote(row['patch_id'], safe='')}/image.jpg?{query}&size=thumb"
     shards = [s for s in ctx.index.shards() if not flt.agents_hash or s.agents_hash == flt.agents_hash]
     last = -(-result.total // size) if result.total is not None else None
+    # captions: any shard of the listing; patch picks: the slide records of the pairs on this page
+    selection = data.random_selection(ctx.store, {row["slide_id"] for row in result.rows})
     return {
         "rows": result.rows,
         "page": page,
@@ -162,5 +170,5 @@ def pairs_view(ctx: ServeContext, flt: PairFilter, page: int, size: int) -> dict
         "rows_read": result.rows_read,
         "filter": flt.as_query(),
         "agents_hashes": ctx.index.agents_hashes(),
-        "random_weights": _random_note(False, any(s.random_weights for s in shards)),
+        "random_weights": _random_note(selection, any(s.random_weights for s in shards)),
     }

@@ -17,6 +17,7 @@ from typing import Any
 
 from tasks.benchmark.run import BenchmarkPlan
 from tasks.store.objects import Store
+from tasks.tables import md_table
 
 BENCHMARKS = "eval/benchmark"
 METRICS = ("balanced_accuracy", "weighted_f1")
@@ -244,22 +245,6 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## Not evaluated (a second folder of a format already evaluated)", ""]
         lines += [f"- {i['format']}: {i['folder']}" for i in summary["ignored"]]
     return "\n".join(lines) + "\n"
-
-
-def md_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    def line(cells) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows)]
-
-
-def text_table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-
-    def render(cells) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    return [render(header), render(["-" * w for w in widths]), *(render(r) for r in rows)]
 
 
 # -- the store ---------------------------------------------------------------------------------------------------

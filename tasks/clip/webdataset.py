@@ -34,7 +34,15 @@ import pyarrow.parquet as pq
 
 from pathgen.settings import PairSetSettings
 from tasks.captions.records import pairs_prefix, slide_of
-from tasks.reviews.store import COUNTS, ExportReviews, Review, add_counts, apply_reviews, reviews_digest
+from tasks.reviews.store import (
+    COUNTS,
+    ExportReviews,
+    Review,
+    add_counts,
+    apply_reviews,
+    review_provenance,
+    reviews_digest,
+)
 from tasks.store.objects import Store
 
 HOLDOUT = "holdout"
@@ -177,8 +185,8 @@ def export_pairs(
         entries[slide_id] = entry
     _remove_unlisted(out, entries.values(), previous)
     manifest["slides"] = entries
-    manifest["reviews"] = {"mode": reviews, **_review_totals(entries.values())}
-    manifest["reviews"] |= {"problems": reviewed.problems} if reviewed.problems else {}
+    totals = _review_totals(entries.values())
+    manifest["reviews"] = review_provenance(reviews, totals["pairs_read"], totals, reviewed.problems)
     summary = _finish_export(out, manifest, summary, started)
     if logger and holdout_fraction > 0 and not summary.holdout_pairs:
         logger.warning(

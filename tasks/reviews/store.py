@@ -49,7 +49,6 @@ from tasks.store.objects import Store, describe_endpoint, s3_endpoint
 log = logging.getLogger("pathgen.reviews")
 
 REVIEWS = "reviews"
-VERDICTS = ("accept", "reject", "correct")
 REJECT_REASONS = ("wrong tissue", "hallucinated finding", "wrong stain/artefact", "not informative", "other")
 OTHER = "other"  # the one listed reason that needs free text after it
 REVIEW_MODES = ("apply", "ignore")
@@ -58,8 +57,9 @@ _COUNT_OF = {"accept": "accepted", "reject": "rejected", "correct": "corrected"}
 MAX_CAPTION_CHARS = 2000
 MAX_REASON_CHARS = 1000
 WRITE_ATTEMPTS = 40  # compare-and-swap rounds before a review is refused as conflicting (reviewers of one slide)
-_AGENTS_HASH = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PATCH_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+# The ids a review file may name (fullmatch); the review browser checks request ids against the same patterns.
+AGENTS_HASH = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PATCH_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 _LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 REVIEW_SCHEMA = pa.schema(
@@ -101,7 +101,7 @@ class Review(BaseModel):
     @field_validator("patch_id")
     @classmethod
     def _plain_patch_id(cls, value: str) -> str:
-        if not _PATCH_ID.fullmatch(value):
+        if not PATCH_ID.fullmatch(value):
             raise ValueError(f"patch_id {value[:80]!r} is not a patch id (letters, digits, '.', '_', '-')")
         return value
 
@@ -158,7 +158,7 @@ def reject_reason(reason: str | None) -> str:
 
 
 def reviews_prefix(agents_hash: str) -> str:
-    if not isinstance(agents_hash, str) or not _AGENTS_HASH.fullmatch(agents_hash):
+    if not isinstance(agents_hash, str) or not AGENTS_HASH.fullmatch(agents_hash):
         raise ValueError(f"agents_hash {str(agents_hash)[:80]!r} is not one (letters, digits, '_', '-'; at most 64)")
     return f"{REVIEWS}/{agents_hash}"
 
@@ -359,11 +359,19 @@ class ExportReviews:
 
     def provenance(self) -> dict[str, Any]:
         """What an export's provenance says of the reviews."""
-        applied = self.mode == "apply"
-        left_out = self.counts["rejected"] if applied else 0
-        found = {"mode": self.mode, "pairs_read": self.pairs, **self.counts, "left_out": left_out}
-        found["captions_corrected"] = self.counts["corrected"] if applied else 0
-        return found | ({"problems": self.problems} if self.problems else {})
+        return review_provenance(self.mode, self.pairs, self.counts, self.problems)
+
+
+def review_provenance(
+    mode: Literal["apply", "ignore"], pairs_read: int, counts: Mapping[str, int], problems: list[str]
+) -> dict[str, Any]:
+    """The reviews block of every export's provenance (PathGen JSON, WebDataset manifest, LLaVA): the mode, the pairs
+    read, the counts, and what applying them did (pairs left out, captions corrected; none when ignored)."""
+    applied = mode == "apply"
+    found = {"mode": mode, "pairs_read": pairs_read, **{name: int(counts.get(name, 0)) for name in COUNTS}}
+    found["left_out"] = found["rejected"] if applied else 0
+    found["captions_corrected"] = found["corrected"] if applied else 0
+    return found | ({"problems": list(problems)} if problems else {})
 
 
 # -- writing -------------------------------------------------------------------------------------------------------

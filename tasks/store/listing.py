@@ -1,4 +1,5 @@
-"""Object listings with modification times: planning works from these, never by reading every shard."""
+"""Object listings with modification times (planning works from these, never by reading every shard) or with
+versions (what tells a changed object from the one last read)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,18 @@ def _mtime(info: dict[str, Any]) -> float:
     return 0.0
 
 
-def list_mtimes(store: Store, prefix: str, suffix: str = "") -> dict[str, float]:
-    """{committed key: modification time} below a prefix; temporary objects are never listed."""
+ObjectVersion = tuple[float, int | None, str | None]
+
+
+def object_version(info: dict[str, Any]) -> ObjectVersion:
+    """(modification time, size, ETag) of a listed object. S3 and SeaweedFS give times to the second, so two commits
+    within one second are told apart by their size or their ETag (a digest of the content on S3)."""
+    etag = info.get("ETag") or info.get("etag")
+    size = info.get("size")
+    return _mtime(info), int(size) if isinstance(size, int | float) else None, str(etag) if etag else None
+
+
+def _listed(store: Store, prefix: str, suffix: str) -> dict[str, dict[str, Any]]:
     base = store.path(prefix)
     store.fs.invalidate_cache(base)  # another process may have committed since this client last listed
     if not store.fs.exists(base):
@@ -30,5 +41,15 @@ def list_mtimes(store: Store, prefix: str, suffix: str = "") -> dict[str, float]
     for path, info in found.items():
         key = posixpath.relpath(path, store.root)
         if key.endswith(suffix) and not is_temporary(key):
-            listed[key] = _mtime(info)
+            listed[key] = info
     return listed
+
+
+def list_mtimes(store: Store, prefix: str, suffix: str = "") -> dict[str, float]:
+    """{committed key: modification time} below a prefix; temporary objects are never listed."""
+    return {key: _mtime(info) for key, info in _listed(store, prefix, suffix).items()}
+
+
+def list_versions(store: Store, prefix: str, suffix: str = "") -> dict[str, ObjectVersion]:
+    """{committed key: ``object_version``} below a prefix; temporary objects are never listed."""
+    return {key: object_version(info) for key, info in _listed(store, prefix, suffix).items()}

@@ -215,7 +215,7 @@ def test_unfetchable_embedding_weights_leave_the_slide_pending_and_its_shard(tmp
     )
     outcome = _extract(CMU, production_like)  # a worker that skipped the preflight: the load fails per slide
     assert outcome.status == "pending", (outcome.status, outcome.error)
-    assert "ViT-B-32:openai" in outcome.error and "pending" in outcome.error
+    assert "ViT-B-32-quickgelu:openai" in outcome.error and "pending" in outcome.error  # the -quickgelu twin
     assert _record(store, "CMU-1-Small-Region") == committed  # not "failed"
     assert store.read_bytes(shard_key("CMU-1-Small-Region")) == shard  # the good shard was not deleted
 

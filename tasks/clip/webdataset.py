@@ -274,7 +274,7 @@ def _finish_export(out: Path, manifest: dict[str, Any], summary: ExportSummary, 
     write_json_atomic(out / "manifest.json", manifest)
     summary.pairs, summary.holdout_pairs, summary.tars = sum(sizes.values()), sum(held.values()), len(sizes)
     summary.random_weights = any(e.get("random_weights") for e in entries)
-    summary.reviews = manifest["reviews"]
+    summary.reviews = manifest.get("reviews", {})  # an external set has no reviews
     summary.seconds = time.perf_counter() - started
     return summary
 

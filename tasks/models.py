@@ -243,12 +243,8 @@ def _resolve_open_clip(spec, settings: Settings) -> None:
     """An open_clip model's weights: a tag's file fetched into open_clip's cache, a checkpoint that exists."""
     from pathlib import Path
 
-    import open_clip
-
     from tasks.clip.spec import local_checkpoint
-    from tasks.selection.embedding import _register_configs
 
-    _register_configs()
     if spec.name.startswith(("local-dir:", "hf-hub:")):
         if spec.name.startswith("local-dir:") and not Path(spec.name.removeprefix("local-dir:")).is_dir():
             raise FileNotFoundError(f"the open_clip folder {spec.name.removeprefix('local-dir:')} does not exist")
@@ -257,6 +253,13 @@ def _resolve_open_clip(spec, settings: Settings) -> None:
         return
     if spec.random_weights or not spec.pretrained:
         return
+    # Only here: importing open_clip (and torch, torchvision) takes seconds, which a run with nothing to fetch (the
+    # tiny random-weight model, or every slide already done) should not pay before it starts.
+    import open_clip
+
+    from tasks.selection.embedding import _register_configs
+
+    _register_configs()
     if "://" in spec.pretrained and not spec.pretrained.startswith("file://"):
         local_checkpoint(spec.pretrained)  # fetched once into the local cache, as loading does
         return

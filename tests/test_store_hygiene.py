@@ -292,3 +292,23 @@ def test_credentials_in_the_endpoint_url_stay_out_of_errors(monkeypatch):
     with pytest.raises(StoreError) as err:
         Store("s3://factory/run", s3).check()
     assert f"127.0.0.1:{port}" in str(err.value) and "very-secret-value" not in str(err.value)
+
+
+def test_a_killed_writer_not_yet_reaped_counts_as_dead_so_its_temporaries_are_swept():
+    """A SIGKILLed process answers signal 0 until its parent reaps it; its temporaries must not outlive it."""
+    import signal
+
+    from tasks.store.objects import pid_alive
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert pid_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pid_alive(child.pid) and time.monotonic() < deadline:  # a zombie now, not yet waited for
+            time.sleep(0.02)
+        assert not pid_alive(child.pid)
+        assert child.poll() == -signal.SIGKILL  # reaped only now: it was a zombie when judged dead
+    finally:
+        child.kill()
+        child.wait()

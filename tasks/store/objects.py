@@ -148,7 +148,16 @@ def pid_alive(pid: int) -> bool:
         return False
     except OSError:
         return True  # EPERM: it exists but belongs to someone else
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process its parent has not reaped yet still answers signal 0, but it writes nothing more."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # the state follows the (command name)
+    except (OSError, IndexError):
+        return False  # no /proc (macOS): signal 0 decides alone
 
 
 def _temporary_owner_dead(key: str) -> bool:

@@ -287,8 +287,8 @@ class CleanupSettings(_Section):
         3600.0,
         ge=0.0,
         le=365 * 86400.0,
-        description="temporary objects and staged files untouched this long are removed; those of a dead process "
-        "on this host are removed at once",
+        description="local temporary files and staged files untouched this long are removed; those of a dead "
+        "process on this host are removed at once (S3 writes leave no temporary objects)",
     )
 
 

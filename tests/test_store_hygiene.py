@@ -1,4 +1,5 @@
-"""Store hygiene: temporary objects no reader sees, cleanup of what killed writers left (local disk and S3),
+"""Store hygiene: temporary files no reader sees, cleanup of what killed writers left on local disk, S3 writes
+that go straight to the final key and leave nothing behind when they fail,
 staged files in one folder, and S3 calls that end in bounded time when the endpoint never answers."""
 
 from __future__ import annotations
@@ -160,26 +161,62 @@ def test_staging_defaults_to_one_folder_under_the_temp_dir(monkeypatch):
 
 
 @pytest.mark.s3
-def test_s3_stale_temporaries_are_removed_and_live_ones_kept(bucket):
+def test_s3_writes_go_to_the_final_key_and_older_temporaries_are_left_to_listings(bucket):
     store = Store(f"{bucket}/run")
     store.check()
-    store.write_bytes("pairs/a/committed.parquet", b"PAR1")
-    dead = f"pairs/a/{temp_name('dead.parquet', dead_pid())}"
-    live = f"pairs/a/{temporary_name('live.parquet')}"
-    other = f"pairs/b/{temp_name('other.parquet', dead_pid(), host='elsewhere')}"
-    for key in (dead, live, other):
-        store.fs.pipe_file(store.path(key), b"half")
+    calls: list[str] = []
+    original = store.fs._call_s3
 
-    assert store.remove_stale_temporaries(["pairs", "nothing/here"], grace_seconds=HOUR) == 1
-    store.fs.invalidate_cache()
-    assert not store.fs.exists(store.path(dead))
-    assert store.fs.exists(store.path(live)) and store.fs.exists(store.path(other))
+    async def recording(method, *args, **kwargs):
+        calls.append(method)
+        return await original(method, *args, **kwargs)
 
-    # With no grace every temporary object is old: the other host's goes (and so does this process's).
-    assert store.remove_stale_temporaries(["pairs"], grace_seconds=0) == 2
+    store.fs._call_s3 = recording
+    try:
+        store.write_bytes("pairs/a/committed.parquet", b"PAR1")
+    finally:
+        del store.fs._call_s3
+    assert calls == ["put_object"]  # no temporary key, no copy, no delete
+    # A temporary object an older version left is never swept by listing the bucket (remote writes leave none),
+    # and listings still skip it.
+    old = f"pairs/a/{temp_name('dead.parquet', dead_pid())}"
+    store.fs.pipe_file(store.path(old), b"half")
+    assert store.remove_stale_temporaries(["pairs"], grace_seconds=0) == 0
     store.fs.invalidate_cache()
-    assert not store.fs.exists(store.path(other))
     assert store.list("pairs") == ["pairs/a/committed.parquet"]
+
+
+@pytest.mark.s3
+def test_s3_a_failed_multipart_upload_leaves_no_object_and_no_upload(bucket, tmp_path, monkeypatch):
+    import s3fs.core
+
+    monkeypatch.setattr(s3fs.core, "calculate_chunksize", lambda size, chunksize=None: 5 * 2**20)
+    store = Store(f"{bucket}/run")
+    store.check()
+    big = tmp_path / "big.parquet"
+    big.write_bytes(os.urandom(10 * 2**20 + 1))  # three parts of 5 MiB at most
+    original = store.fs._call_s3
+    parts = []
+
+    async def second_part_fails(method, *args, **kwargs):
+        if method == "upload_part":
+            parts.append(kwargs["PartNumber"])
+            if len(parts) == 2:
+                raise OSError("connection reset while sending part 2")
+        return await original(method, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "_call_s3", second_part_fails)
+    with pytest.raises(OSError, match="part 2"):
+        store.put_file(big, "pairs/a/big.parquet")
+    monkeypatch.undo()
+    store.fs.invalidate_cache()
+    assert parts and not store.exists("pairs/a/big.parquet")
+    assert not any(is_temporary(p) for p in store.fs.find(store.root))
+    uploads = store.fs.call_s3("list_multipart_uploads", Bucket=store.root.split("/")[0]).get("Uploads", [])
+    assert [u for u in uploads if u["Key"].endswith("big.parquet")] == []  # s3fs aborted it
+
+    store.put_file(big, "pairs/a/big.parquet")  # the same upload completes when nothing fails
+    assert store.read_bytes("pairs/a/big.parquet") == big.read_bytes()
 
 
 @pytest.mark.s3

@@ -1,16 +1,19 @@
 """One store addressed by an fsspec URL: ``file://./store`` on a laptop, ``s3://bucket/prefix`` in production.
 
-Writers never expose half an object: bytes go to a temporary key beside the final one and are then moved onto
-the final key (a rename on a local disk, a server-side copy on S3), so a reader sees the old object or the whole
-new one. A temporary key is ``<dir>/.<name>.<host>~<pid>~<random>.tmp``: the leading dot hides it from
+Writers never expose half an object, so a reader sees the old object or the whole new one. On S3 the final key
+is written directly: a single PUT, or a multipart upload that becomes visible only when completed (s3fs aborts it
+when a part fails), is already atomic, so no copy and delete doubles the traffic and no temporary object is left
+behind. s3fs's ``open(key, "wb")`` is NOT used for this: fsspec's file ``__exit__`` closes, and so commits, even when
+the block raised. On a local disk bytes go to a temporary file beside the final one and ``os.replace`` moves it
+onto the final path. A temporary name is ``<dir>/.<name>.<host>~<pid>~<random>.tmp``: the leading dot hides it from
 pyarrow.dataset, the ``.tmp`` suffix from ``*.parquet`` globs (DuckDB), and the owner lets a later run remove what a
-killed writer left. S3 endpoint and credentials come from the environment only; nothing here logs or stores them.
+killed writer left. Listings still skip temporary keys, so ones that older versions left on S3 stay invisible. S3
+endpoint and credentials come from the environment only; nothing here logs or stores them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import posixpath
@@ -165,17 +168,6 @@ def _temporary_owner_dead(key: str) -> bool:
     return bool(match) and match["host"] == _host_tag() and not pid_alive(int(match["pid"]))
 
 
-def _modified(info: Mapping[str, Any]) -> float | None:
-    """Last-modified time of a listing entry as a POSIX timestamp: st_mtime locally, LastModified on S3."""
-    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(field)
-        if isinstance(value, datetime.datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
-
-
 def _older_than(modified: float | None, grace_seconds: float) -> bool:
     # An entry without a time is never taken as old: only a dead owner makes it stale.
     return modified is not None and time.time() - modified >= grace_seconds
@@ -288,12 +280,15 @@ class Store:
         return sorted(k for k in keys if k.endswith(suffix) and not is_temporary(k))
 
     def remove_stale_temporaries(self, prefixes: list[str], grace_seconds: float) -> int:
-        """Delete temporary objects below the prefixes that a dead process on this host left, or that are untouched
-        for ``grace_seconds``; a live writer's fresh temporary object is kept. Returns how many were deleted."""
+        """Delete temporary files below the prefixes of a local store that a dead process on this host left, or that
+        are untouched for ``grace_seconds``; a live writer's fresh temporary file is kept. Returns how many were
+        deleted. A remote store has none to sweep: its writes go to the final key (see the module docstring)."""
+        if self.remote:
+            return 0
         removed = 0
         for prefix in prefixes:
             for path, info in self._temporaries(prefix).items():
-                if _temporary_owner_dead(path) or _older_than(_modified(info), grace_seconds):
+                if _temporary_owner_dead(path) or _older_than(info.get("mtime"), grace_seconds):
                     removed += self._delete_path(path)
         return removed
 
@@ -318,17 +313,16 @@ class Store:
         return posixpath.join(head, temporary_name(tail))
 
     def _commit(self, tmp: str, key: str) -> None:
-        if self.remote:
-            self.fs.mv(self.path(tmp), self.path(key))
-        else:
-            os.replace(self.path(tmp), self.path(key))
+        os.replace(self.path(tmp), self.path(key))
 
     def _parent(self, key: str) -> None:
-        if not self.remote:
-            os.makedirs(posixpath.dirname(self.path(key)), exist_ok=True)
+        os.makedirs(posixpath.dirname(self.path(key)), exist_ok=True)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        """Atomically write a whole object: temporary key, then the final key."""
+        """Atomically write a whole object: on S3 straight to the key, on disk a temporary file then a rename."""
+        if self.remote:
+            self.fs.pipe_file(self.path(key), data)
+            return
         self._parent(key)
         tmp = self._tmp_key(key)
         try:
@@ -340,6 +334,9 @@ class Store:
 
     def put_file(self, local_file: str | os.PathLike, key: str) -> None:
         """Atomically upload a finished local file to a key."""
+        if self.remote:
+            self.fs.put_file(str(local_file), self.path(key))
+            return
         self._parent(key)
         tmp = self._tmp_key(key)
         try:
@@ -378,8 +375,5 @@ class Store:
             self.fs.rm(self.path(key))
 
     def _discard(self, tmp: str) -> None:
-        try:
-            if self.fs.exists(self.path(tmp)):
-                self.fs.rm(self.path(tmp))
-        except Exception:  # noqa: BLE001 - best effort; the temporary key is never listed as committed
-            pass
+        with contextlib.suppress(OSError):  # best effort; a temporary file is never listed as committed
+            os.remove(self.path(tmp))

@@ -14,7 +14,6 @@ unset, ``eval.baselines`` and then the newest PathGen-CLIP checkpoint in the sto
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.evaluate import eval_run_of, newest_checkpoint
 from pathgen.settings import Settings, run_settings
-from tasks.benchmark.run import BenchmarkPlan, cell_of, default_run_name, plan_benchmark, result_key, row_of
+from tasks.benchmark.run import BenchmarkPlan, cell_of, default_run_name, plan_benchmark, row_of
 from tasks.benchmark.summary import ModelResults, build_summary, markdown, publish_summary, result_copy_key
 from tasks.clip.evaluate import random_weights_why
 from tasks.clip.spec import ModelSpec, has_random_weights, parse_model_spec
@@ -102,7 +101,7 @@ def _benchmark_model(
         evaluate_task,
         unit_id=lambda unit: unit["name"],
         tags=["gpu"],
-        extra={"model": spec.label, "eval_run": eval_run},
+        extra={"model": spec.label, "eval_run": eval_run, "benchmark": run},
         table_description=f"benchmark {run}: {spec.label}",
         units="datasets",
         unit_column="dataset",
@@ -111,11 +110,8 @@ def _benchmark_model(
     outcomes = run_units(stage, [plan.units()], settings, logger)
     for outcome in outcomes:
         found = outcome.row("dataset")
-        result = store.read_json(result_key(eval_run, outcome.unit)) if outcome.status == "ok" else None
-        if result is not None:  # the run's own copy: a later evaluation of this model rewrites eval/<eval_run>/
-            copy = result_copy_key(run, eval_run, outcome.unit)
-            store.write_bytes(copy, (json.dumps(result | {"benchmark": run}, indent=1) + "\n").encode())
-            found["json"] = store.uri(copy)
+        # the run's own copy the task wrote: a later evaluation of this model rewrites eval/<eval_run>/
+        result = store.read_json(result_copy_key(run, eval_run, outcome.unit)) if outcome.status == "ok" else None
         cells[outcome.unit] = cell_of(found, result)
         rows[outcome.unit] = row_of(outcome.unit, found, result)
     random_weights = has_random_weights(spec) or any(o.random_weights for o in outcomes)

@@ -50,11 +50,6 @@ def default_run_name(suite: str, now: datetime | None = None) -> str:
     return f"{suite}-{now.astimezone(UTC):%Y%m%d-%H%M%S}"
 
 
-def result_key(eval_run: str, task: str) -> str:
-    """Where ``tasks.clip.evaluate.publish`` wrote a task's result."""
-    return f"eval/{eval_run}/{task}.json"
-
-
 def cell_of(outcome: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:
     """One (task, model) cell: the zero-shot headline and probe of an ok outcome's result, else its status and
     reason."""

@@ -283,8 +283,12 @@ def evaluate(
     return result
 
 
-def publish(store: Store, run: str, result: dict[str, Any], logger: logging.Logger | None = None) -> str:
-    """``eval/<run>/<dataset>.json`` and ``<dataset>-confusion.png``; returns the JSON's URI."""
+def publish(
+    store: Store, run: str, result: dict[str, Any], logger: logging.Logger | None = None, copy: str | None = None
+) -> str:
+    """``eval/<run>/<dataset>.json`` and ``<dataset>-confusion.png``; returns the JSON's URI. With ``copy`` (a
+    benchmark run's key for it) the same JSON is also written there, and that URI is returned: eval/<run>/ holds
+    the newest evaluation, while a benchmark summary must keep linking the numbers it shows."""
     name = result.get("dataset") or "holdout"
     prefix = f"eval/{run}"
     if "zero_shot" in result:
@@ -300,6 +304,9 @@ def publish(store: Store, run: str, result: dict[str, Any], logger: logging.Logg
     store.write_bytes(f"{prefix}/{name}.json", (json.dumps(result, indent=1, default=str) + "\n").encode())
     if logger:
         logger.info("evaluation of %s on %s: %s", run, name, store.uri(f"{prefix}/{name}.json"))
+    if copy:
+        store.write_bytes(copy, (json.dumps(result, indent=1, default=str) + "\n").encode())
+        return store.uri(copy)
     return store.uri(f"{prefix}/{name}.json")
 
 

@@ -117,11 +117,12 @@ def train_task(
 
 
 def evaluate_units(
-    units: list[dict[str, Any]], settings: Settings, model: str, eval_run: str, logger
+    units: list[dict[str, Any]], settings: Settings, model: str, eval_run: str, logger, benchmark: str | None = None
 ) -> list[UnitOutcome]:
     """Each unit: {dataset, classes | format[, name][, holdout]}, or {holdout} alone (retrieval on held-out pairs
     only). One outcome per task a dataset holds (LC25000 holds two); a dataset that cannot be read is one failed
-    outcome named by the unit's ``name`` (its format in a benchmark), else its folder's name."""
+    outcome named by the unit's ``name`` (its format in a benchmark), else its folder's name. In a ``benchmark``
+    run each result is also kept as that run's own copy, which the outcome's ``json`` names."""
     store = Store(settings.store, settings.s3)
     loaded = load_clip_model(parse_model_spec(model), settings.eval.device, logger)
     outcomes = []
@@ -140,7 +141,8 @@ def evaluate_units(
             holdout = _path(unit.get("holdout")) if index == 0 else None  # retrieval does not depend on the dataset
             evaluate = partial(_evaluate_task, loaded, benchmark_task, settings.eval, holdout)
             columns = {"format": benchmark_task.format, "folder": str(benchmark_task.folder)}
-            outcomes.append(_evaluated(store, eval_run, benchmark_task.name, evaluate, logger, columns))
+            published = _evaluated(store, eval_run, benchmark_task.name, evaluate, logger, columns, benchmark)
+            outcomes.append(published)
     release_clip_models()  # the next stage's training wants the GPU memory back
     return outcomes
 
@@ -161,7 +163,9 @@ def _unit_columns(unit: dict[str, Any]) -> dict[str, Any]:
     return {"format": unit.get("format") or (CLASS_FOLDERS if unit.get("classes") else None), "folder": unit["dataset"]}
 
 
-def _evaluated(store: Store, eval_run: str, name: str, evaluate, logger, columns=None) -> UnitOutcome:
+def _evaluated(
+    store: Store, eval_run: str, name: str, evaluate, logger, columns=None, benchmark: str | None = None
+) -> UnitOutcome:
     """Run one evaluation, publish its result and table artifact; a ValueError (the data's fault) fails it."""
     from prefect.artifacts import create_table_artifact
 
@@ -173,7 +177,12 @@ def _evaluated(store: Store, eval_run: str, name: str, evaluate, logger, columns
     unseen = (result.get("linear_probe") or {}).get("untrained_classes")
     if unseen:  # a derived split put every image of these classes on the scored side
         logger.warning("%s: the linear probe is scored on classes its training side lacks: %s", name, ", ".join(unseen))
-    uri = publish(store, eval_run, result, logger)
+    copy = None
+    if benchmark:
+        from tasks.benchmark.summary import result_copy_key
+
+        copy, result = result_copy_key(benchmark, eval_run, name), result | {"benchmark": benchmark}
+    uri = publish(store, eval_run, result, logger, copy)
     rows = table_rows(eval_run, result)
     create_table_artifact(rows, key=_artifact_key(f"eval-{eval_run}-{name}"), description=f"{eval_run} on {name}")
     headline = rows[0] if rows else {}
@@ -199,5 +208,7 @@ def _artifact_key(text: str) -> str:
 
 
 @task(name="clip-evaluate", retry_condition_fn=retry_infrastructure, tags=["clip", "gpu"])
-def evaluate_task(units: list[dict[str, Any]], settings: Settings, model: str, eval_run: str) -> list[UnitOutcome]:
-    return evaluate_units(units, settings, model, eval_run, get_run_logger())
+def evaluate_task(
+    units: list[dict[str, Any]], settings: Settings, model: str, eval_run: str, benchmark: str | None = None
+) -> list[UnitOutcome]:
+    return evaluate_units(units, settings, model, eval_run, get_run_logger(), benchmark)

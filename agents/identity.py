@@ -16,8 +16,8 @@ from typing import Any
 
 from agents.prompts import load_prompt
 from pathgen.digest import folder_digest
+from pathgen.errors import BackendError, without_userinfo
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
-from tasks.errors import BackendError, without_userinfo
 
 ROLES = ("describe", "revise", "summarize")
 # How a request's sampling seed is chosen (part of every role's inputs: another scheme draws other replies).

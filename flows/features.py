@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from pathgen.errors import redact_urls
 from pathgen.settings import Settings, run_settings
-from tasks.errors import redact_urls
 from tasks.features.encoder import RANDOM_WEIGHTS_WARNING, encoder_identity, resolve_encoder_spec
 from tasks.features.extract import feature_slides_task
 from tasks.features.hashing import features_hash, hash_inputs

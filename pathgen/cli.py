@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if lost:
             print(lost, file=sys.stderr)
             return EXIT_ERROR
-        from tasks.errors import cut
+        from pathgen.errors import cut
 
         reason = cut(" ".join(str(exc).split()), 300)
         print(
@@ -307,7 +307,7 @@ def overrides_of(args: argparse.Namespace) -> dict:
 def credentials_to_environment(overrides: dict) -> dict:
     """A URL with credentials in it (``https://user:secret@host``) goes to this process's environment, where the
     settings read it, instead of into the flow run's parameters, which Prefect stores and shows in its UI."""
-    from tasks.errors import without_userinfo
+    from pathgen.errors import without_userinfo
 
     kept = {}
     for key, value in overrides.items():

@@ -102,7 +102,7 @@ COMMANDS = {COMMAND: features}
 def _encoder_argument(spec: str | None) -> str | None:
     """``--encoder`` as the flow's parameter; one with credentials in a URL goes to this process's environment
     (``features.encoder``, where the settings read it) instead, since Prefect stores and shows flow parameters."""
-    from tasks.errors import redact_urls
+    from pathgen.errors import redact_urls
 
     if spec and redact_urls(spec) != spec:
         os.environ["PATHGEN_FEATURES__ENCODER"] = spec

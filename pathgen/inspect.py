@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from tasks.errors import cut
+from pathgen.errors import cut
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store, StoreError, is_remote, local_path
 

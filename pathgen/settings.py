@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import cut, short_repr
+from pathgen.errors import cut, short_repr
 
 ENV_PREFIX = "PATHGEN_"
 # PATHGEN_* variables that are not settings but are read elsewhere; every other PATHGEN_* variable must name a

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pathgen.errors import ModelUnavailable, redact_urls, short_error
 from pathgen.settings import Settings, SettingsError
-from tasks.errors import ModelUnavailable, redact_urls, short_error
 
 # The factory's stages in their order; DEFAULT_STAGES run unless others are chosen (PathGen-LLaVA's data and
 # training, and the whole-slide path, are asked for by name: --stages ...,instruct,train-llava or

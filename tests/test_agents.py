@@ -17,8 +17,8 @@ from agents.prompts import load_prompt
 from agents.protocol import ChatReply, ChatRequest, Sampling
 from agents.tiny import TINY_LM, TINY_VLM
 from agents.validation import problem, repetitive, tidy
+from pathgen.errors import BackendError
 from pathgen.settings import AgentsSettings, load_settings
-from tasks.errors import BackendError
 
 
 def _jpeg(seed: int, size: int = 224) -> bytes:

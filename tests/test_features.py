@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from pathgen.errors import ModelUnavailable
 from pathgen.settings import load_settings
-from tasks.errors import ModelUnavailable
 from tasks.features import encoder as encoder_module
 from tasks.features import extract as features_module
 from tasks.features.encoder import encoder_identity, load_encoder, resolve_encoder_spec

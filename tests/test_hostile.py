@@ -161,7 +161,7 @@ def test_url_credentials_never_appear_in_backend_errors_or_replies(refusing_serv
     from agents.backends.openai_compat import OpenAIBackend
     from agents.identity import served_model
     from agents.protocol import ChatRequest, Sampling
-    from tasks.errors import BackendError
+    from pathgen.errors import BackendError
 
     sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)
     request = ChatRequest(system="s", before_image="hello")
@@ -180,7 +180,7 @@ def test_url_credentials_never_appear_in_backend_errors_or_replies(refusing_serv
 
 
 def test_redaction_helpers():
-    from tasks.errors import redact_urls, short_error, without_userinfo
+    from pathgen.errors import redact_urls, short_error, without_userinfo
 
     assert without_userinfo("https://user:pass@host:8000/v1") == "https://***@host:8000/v1"
     assert without_userinfo("http://gpu-node:8000/v1") == "http://gpu-node:8000/v1"
@@ -228,7 +228,7 @@ def test_a_huge_single_strip_tiff_is_read_in_bands_within_the_memory_budget(tmp_
 
 
 def test_a_stripped_tiff_whose_strip_is_over_budget_is_refused_with_the_fix(tmp_path, monkeypatch):
-    from tasks.errors import SlideError
+    from pathgen.errors import SlideError
     from tasks.slides import reader
 
     path = tmp_path / "one-strip.tif"

@@ -488,7 +488,7 @@ def test_the_tiny_random_model_runs_and_its_noise_is_recorded_as_failures(
 
 
 def test_a_backend_failure_leaves_slides_pending_and_a_recaptioned_slide_is_done_again(source_store, tmp_path):
-    from tasks.errors import BackendError
+    from pathgen.errors import BackendError
     from tasks.instruct.generate import instruct_slides
     from tasks.instruct.plan import plan_instruct
     from tasks.store.objects import Store

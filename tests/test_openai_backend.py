@@ -16,8 +16,8 @@ from agents.prompts import load_prompt
 from agents.protocol import ChatRequest, Sampling
 from agents.tiny import TINY_LM, TINY_VLM
 from agents.validation import problem
+from pathgen.errors import BackendError
 from pathgen.settings import RetrySettings, load_settings
-from tasks.errors import BackendError
 
 from .test_agents import _jpeg
 

@@ -2,7 +2,7 @@ import numpy as np
 import openslide
 import pytest
 
-from tasks.errors import SlideError
+from pathgen.errors import SlideError
 from tasks.slides.reader import SlideReader
 
 from .conftest import CMU, DAPI

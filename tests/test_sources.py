@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import fsspec
 import pytest
 
+from pathgen.errors import SlideError
 from pathgen.settings import load_settings
-from tasks.errors import SlideError
 from tasks.slides.extract import extract_slide, shard_key, slide_json_key
 from tasks.slides.sources import SlideRef, SourceError, resolve_sources
 from tasks.store.objects import Store

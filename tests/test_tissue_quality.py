@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
+from pathgen.errors import SlideError
 from pathgen.settings import QualitySettings, TissueSettings
-from tasks.errors import SlideError
 from tasks.slides.quality import rejection_reason, score_patch
 from tasks.slides.reader import SlideReader
 from tasks.slides.tissue import grid_cells, stained_share, tissue_mask

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pathgen.errors import ModelUnavailable, is_infrastructure
 from pathgen.settings import load_settings
-from tasks.errors import ModelUnavailable, is_infrastructure
 from tasks.slides import extract as extract_module
 from tasks.slides.extract import extract_slide, extract_slides, shard_key, slide_json_key, thumbnail_key
 from tasks.slides.hashing import legacy_extraction_hash, slide_extraction_hash

@@ -19,8 +19,8 @@ import threading
 from pathlib import Path
 
 from agents.protocol import ChatBackend, ChatRequest
+from pathgen.devices import empty_cuda_cache
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
-from tasks.devices import empty_cuda_cache
 
 log = logging.getLogger("pathgen.agents")
 _backends: dict[str, ChatBackend] = {}

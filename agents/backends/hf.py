@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from agents.protocol import ChatReply, ChatRequest, Sampling
-from tasks.errors import BackendError
+from pathgen.errors import BackendError
 
 log = logging.getLogger("pathgen.agents")
 MOSTLY_MISSING = 0.5  # above this share of parameters (by count) left uninitialised, the model is random weights

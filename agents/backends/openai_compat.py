@@ -17,7 +17,7 @@ import httpx
 
 from agents.backends import openai_messages
 from agents.protocol import ChatReply, ChatRequest, Sampling
-from tasks.errors import BackendError, redact_urls, without_userinfo
+from pathgen.errors import BackendError, redact_urls, without_userinfo
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 CONTENT_STATUS = {400, 413, 422}  # the server refuses this request's content; other requests may pass

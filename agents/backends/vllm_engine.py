@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from agents.backends import folder_random_weights, openai_messages
 from agents.protocol import ChatReply, ChatRequest, Sampling
+from pathgen.errors import BackendError
 from pathgen.settings import AgentsSettings
-from tasks.errors import BackendError
 
 
 def engine_arguments(model_id: str, agents: AgentsSettings, revision: str | None = None) -> dict:

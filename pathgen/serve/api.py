@@ -11,10 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pathgen.errors import SlideError, short_error
 from pathgen.serve import data, views
 from pathgen.serve.app import PROXY_HELP, ServeContext
 from pathgen.serve.queries import REVIEW_STATES, PairFilter
-from tasks.errors import SlideError, short_error
 from tasks.reviews.store import (
     MAX_CAPTION_CHARS,
     MAX_REASON_CHARS,

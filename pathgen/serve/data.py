@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pathgen.errors import short_error
 from pathgen.serve.queries import PairIndex, ShardFooter
 from tasks.captions.records import failed_key, patches_key
-from tasks.errors import short_error
 from tasks.reviews.store import AGENTS_HASH, PATCH_ID, REVIEWS, Review, load_slide_reviews
 from tasks.slides.pictures import cluster_colour
 from tasks.slides.sources import slide_id_problem

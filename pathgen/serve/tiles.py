@@ -24,8 +24,8 @@ import numpy as np
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
+from pathgen.errors import SlideError
 from pathgen.settings import S3Settings, TissueSettings
-from tasks.errors import SlideError
 from tasks.slides.reader import SlideReader
 from tasks.slides.tissue import tissue_mask
 from tasks.store.objects import storage_options

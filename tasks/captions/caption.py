@@ -23,9 +23,9 @@ from prefect import get_run_logger, task
 
 from agents.pipeline import BatchResult, CaptionAgents
 from pathgen import __version__
+from pathgen.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure
 from pathgen.settings import Settings
 from tasks.captions.records import PAIRS, PATCH_FIELDS, pair_key, patches_key
-from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure
 from tasks.slides.shard import read_shard
 from tasks.store.objects import Store
 from tasks.work.commit import commit_each, commit_tables, failed_rows, outcome_columns, still_pending

@@ -14,13 +14,13 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from pathgen.errors import retry_infrastructure, short_error
 from pathgen.settings import PairSetSettings, Settings
 from tasks.clip.evaluate import CLASS_FOLDERS, evaluate_dataset, holdout_retrieval, publish, read_tasks, table_rows
 from tasks.clip.lease import RunBusy
 from tasks.clip.spec import ModelSpec, parse_model_spec
 from tasks.clip.stages import data_digest, export_set, stage_plan, train_stage
 from tasks.clip.webdataset import ExportSummary
-from tasks.errors import retry_infrastructure, short_error
 from tasks.selection.embedding import load_clip_model, release_clip_models
 from tasks.store.objects import Store
 from tasks.work.units import UnitOutcome

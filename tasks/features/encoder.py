@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pathgen.digest import file_digest, folder_digest
+from pathgen.errors import ModelUnavailable, redact_urls, short_error
 from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, parse_model_spec
 from tasks.clip.stages import RUNS, newest_checkpoint
-from tasks.errors import ModelUnavailable, redact_urls, short_error
 from tasks.selection.embedding import EmbeddingModel, load_clip_model
 from tasks.store.objects import Store
 

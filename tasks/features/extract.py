@@ -28,9 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 from prefect import get_run_logger, task
 
-from pathgen.processes import worker_process_setup
-from pathgen.settings import Settings
-from tasks.errors import (
+from pathgen.errors import (
     InfrastructureError,
     SlideError,
     StorageError,
@@ -42,6 +40,8 @@ from tasks.errors import (
     short_error,
     without_userinfo,
 )
+from pathgen.processes import worker_process_setup
+from pathgen.settings import Settings
 from tasks.features.encoder import FeatureEncoder, load_encoder
 from tasks.features.hashing import L2_NORMALISED
 from tasks.features.store import FeatureTable, failed_key, features_key, read_meta, write_features

@@ -19,9 +19,9 @@ from prefect import get_run_logger, task
 from agents.instruct import InstructAgent, InstructResult, Source
 from agents.protocol import ChatBackend
 from pathgen import __version__
+from pathgen.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure
 from pathgen.settings import Settings
 from tasks.captions.records import pair_key
-from tasks.errors import BackendError, InfrastructureError, redact_urls, retry_infrastructure
 from tasks.instruct.commit import commit_slide, is_current, metadata, sync_failed_table
 from tasks.instruct.records import PAIR_COLUMNS, conversation_id
 from tasks.slides.shard import read_shard

@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from pathgen.errors import retry_infrastructure, short_error
 from pathgen.settings import Settings
-from tasks.errors import retry_infrastructure, short_error
 from tasks.llava.spec import random_llava_models
 from tasks.llava.stages import build_base, fetch_model, stage_plan, train_stage, work_root
 from tasks.llava.train import RUNS

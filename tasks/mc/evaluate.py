@@ -18,7 +18,7 @@ from typing import Any
 
 from agents.prompts import Prompt
 from agents.protocol import ChatBackend, ChatReply, Sampling
-from tasks.errors import BackendError
+from pathgen.errors import BackendError
 from tasks.mc.answers import NO_REPLY, parse_reply, request_for
 from tasks.mc.dataset import Question, jpeg_bytes
 from tasks.store.objects import Store

@@ -41,10 +41,10 @@ import torch
 from PIL import Image
 from prefect import get_run_logger, task
 
+from pathgen.errors import is_infrastructure, retry_infrastructure, short_error
 from pathgen.settings import MilSettings, Settings
 from tasks.clip.lease import RunBusy, RunLease
 from tasks.clip.spec import TINY_RANDOM
-from tasks.errors import is_infrastructure, retry_infrastructure, short_error
 from tasks.features.store import (
     failed_key,
     featured_slides,

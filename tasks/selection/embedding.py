@@ -18,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pathgen.devices import empty_cuda_cache
+from pathgen.errors import ModelUnavailable, short_error
 from pathgen.settings import EmbeddingSettings
 from tasks.clip.spec import (
     TINY_RANDOM,
@@ -27,8 +29,6 @@ from tasks.clip.spec import (
     parse_model_spec,
     quick_gelu_name,
 )
-from tasks.devices import empty_cuda_cache
-from tasks.errors import ModelUnavailable, short_error
 
 MODEL_CONFIGS = Path(__file__).parent / "data" / "open_clip"
 RANDOM_WEIGHTS_WARNING = (

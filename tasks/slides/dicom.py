@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tasks.errors import SlideError, cut
+from pathgen.errors import SlideError, cut
 
 DICOM_SUFFIX = ".dcm"
 

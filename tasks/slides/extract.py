@@ -27,9 +27,7 @@ import cv2
 from prefect import get_run_logger, task
 
 from pathgen import __version__
-from pathgen.processes import worker_process_setup
-from pathgen.settings import Settings
-from tasks.errors import (
+from pathgen.errors import (
     InfrastructureError,
     SlideError,
     StorageError,
@@ -41,6 +39,8 @@ from tasks.errors import (
     retry_io,
     short_error,
 )
+from pathgen.processes import worker_process_setup
+from pathgen.settings import Settings
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
 from tasks.slides.hashing import legacy_extraction_hash, mpp_override, slide_extraction_hash, slide_project
 from tasks.slides.passes import (

@@ -27,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.errors import SlideError, is_transient
+from pathgen.errors import SlideError, is_transient
 from tasks.slides.dicom import DicomSlide, is_dicom_series
 from tasks.store.objects import is_remote, local_path, storage_options
 

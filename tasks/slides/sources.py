@@ -33,8 +33,8 @@ from typing import Any
 
 import fsspec
 
+from pathgen.errors import cut, short_repr
 from pathgen.settings import Settings
-from tasks.errors import cut, short_repr
 from tasks.slides.dicom import DICOM_SUFFIX
 from tasks.slides.record import SourceIdentity
 from tasks.store.objects import is_remote, local_path, storage_options, url_to_fs

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pathgen.errors import SlideError
 from pathgen.settings import TissueSettings
-from tasks.errors import SlideError
 
 # Bright-field without glass. Transmitted light through H&E or IHC keeps every channel lit: a stain absorbs some
 # wavelengths more than others (haematoxylin B > R ~ G, eosin R > B > G, DAB R > G > B), so a stained pixel is a

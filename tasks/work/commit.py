@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import redact_urls, short_error
+from pathgen.errors import redact_urls, short_error
 from tasks.slides.shard import shard_metadata
 from tasks.store.objects import Store
 from tasks.work.shards import SlideShards

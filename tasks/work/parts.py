@@ -24,7 +24,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-from tasks.errors import short_error
+from pathgen.errors import short_error
 from tasks.work.units import worker_identity
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

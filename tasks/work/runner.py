@@ -20,9 +20,9 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pathgen.errors import short_error
 from pathgen.processes import bound_threads, worker_process_setup
 from pathgen.settings import Settings
-from tasks.errors import short_error
 from tasks.store.objects import Store, remove_stale_staging
 from tasks.work.shards import SlidePlan
 from tasks.work.units import PendingWork, UnitOutcome, groups_of, summarize

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from agents.openai_http import auth_headers, failure_name, worth_retrying
 from agents.prompts import load_prompt
 from pathgen.digest import folder_digest
-from pathgen.errors import BackendError, without_userinfo
+from pathgen.errors import BackendError, RetryableStatus, retrying, without_userinfo
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
 
 ROLES = ("describe", "revise", "summarize")
@@ -26,56 +28,48 @@ SEEDING = "item-v1"
 
 
 def _hub_revision(model: str, revision: str | None) -> str:
-    """The commit a hub id resolves to in the local cache (what transformers and vLLM would load offline)."""
+    """The commit a hub id resolves to in the local cache (what transformers and vLLM would load offline):
+    huggingface_hub's own look-up of the revision's snapshot."""
     if len(revision or "") == 40:
         return revision
-    cache = (
-        os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
-    )
-    ref = Path(cache) / f"models--{model.replace('/', '--')}" / "refs" / (revision or "main")
+    from huggingface_hub import snapshot_download  # only here: its import costs a CLI start ~0.4 s
+
     try:
-        return ref.read_text().strip()
-    except OSError:
+        snapshot = snapshot_download(model, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or not completely), whatever the library calls it
         return f"{revision or 'main'} (not in the local cache)"
+    return Path(snapshot).name
 
 
 def served_model(base_url: str, model: str, timeout: float, retries: RetrySettings) -> dict[str, Any]:
     """The entry an OpenAI-compatible server lists for ``model`` under /models; BackendError naming the endpoint
-    when the server cannot be reached or does not serve that model."""
-    import time
-
-    import httpx
-
-    from agents.backends.openai_compat import api_key
-
-    headers = {"Authorization": f"Bearer {api_key()}"} if api_key() else {}
+    when the server cannot be reached (after the retries of the one policy) or does not serve that model."""
     url = f"{base_url.rstrip('/')}/models"
     endpoint = without_userinfo(base_url)  # messages never show credentials written into the URL
-    problem = ""
-    for attempt in range(retries.io_retries + 1):
-        if attempt:
-            time.sleep(retries.backoff_seconds * 2 ** (attempt - 1))
-        try:
-            response = httpx.get(url, headers=headers, timeout=timeout)
-        except (httpx.TransportError, httpx.TimeoutException) as exc:
-            problem = f"{type(exc).__name__}"
-            continue
+
+    def listing() -> httpx.Response:
+        response = httpx.get(url, headers=auth_headers(), timeout=timeout)
         if response.status_code >= 500 or response.status_code == 429:
-            problem = f"HTTP {response.status_code}"
-            continue
-        if response.status_code != 200:
-            raise BackendError(f"the model server at {endpoint} answered HTTP {response.status_code} to GET /models")
-        served = {entry.get("id"): entry for entry in response.json().get("data", [])}
-        if model not in served:
-            raise BackendError(
-                f"the model server at {endpoint} does not serve {model!r} (it serves {sorted(served)}); "
-                "set agents.<role>.model to one of these or start the server with that model"
-            )
-        return served[model]
-    raise BackendError(
-        f"the model server at {endpoint} cannot be reached ({problem}, after {retries.io_retries + 1} attempts); "
-        "start it or fix agents.openai_base_url, then run again: the slides stay pending"
-    )
+            raise RetryableStatus.of(response.status_code, response.headers)
+        return response
+
+    policy = retrying(retries=retries.io_retries, backoff_seconds=retries.backoff_seconds, retry_on=worth_retrying)
+    try:
+        response = policy(listing)
+    except (httpx.TransportError, RetryableStatus) as exc:
+        raise BackendError(
+            f"the model server at {endpoint} cannot be reached ({failure_name(exc)}, after {retries.io_retries + 1} "
+            "attempts); start it or fix agents.openai_base_url, then run again: the slides stay pending"
+        ) from exc
+    if response.status_code != 200:
+        raise BackendError(f"the model server at {endpoint} answered HTTP {response.status_code} to GET /models")
+    served = {entry.get("id"): entry for entry in response.json().get("data", [])}
+    if model not in served:
+        raise BackendError(
+            f"the model server at {endpoint} does not serve {model!r} (it serves {sorted(served)}); "
+            "set agents.<role>.model to one of these or start the server with that model"
+        )
+    return served[model]
 
 
 def model_identity(role: RoleSettings, agents: AgentsSettings, retries: RetrySettings, needs_image: bool) -> str:

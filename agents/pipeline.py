@@ -12,6 +12,8 @@ import difflib
 import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -185,31 +187,45 @@ class CaptionAgents:
         return texts
 
     def run(self, images: dict[str, bytes]) -> BatchResult:
+        """Describe, revise and summarize a batch of patch images (JPEG bytes by patch id); ``seconds`` is each
+        stage's wall time, and a caption over the budget is shortened, then trimmed."""
         failures: list[Failure] = []
         seconds: dict[str, float] = {}
-        limit = self.settings.max_caption_tokens
+        with _timed(seconds, "describe"):
+            descriptions = self._describe(images, failures)
+        with _timed(seconds, "revise"):
+            revised = self._revise(images, descriptions, failures)
+        with _timed(seconds, "summarize"):
+            captions, rounds = self._shorten(self._summarize(revised, failures))
+        results = self._captions(descriptions, revised, captions, rounds, failures)
+        return BatchResult(results, failures, seconds)
 
-        tick = time.perf_counter()
+    def _describe(self, images: dict[str, bytes], failures: list[Failure]) -> dict[str, str]:
         describe = self.roles["describe"].prompt
-        descriptions = self._ask("describe", {k: describe.request(img) for k, img in images.items()}, failures)
-        seconds["describe"] = time.perf_counter() - tick
+        return self._ask("describe", {k: describe.request(img) for k, img in images.items()}, failures)
 
-        tick = time.perf_counter()
+    def _revise(
+        self, images: dict[str, bytes], descriptions: dict[str, str], failures: list[Failure]
+    ) -> dict[str, str]:
+        """The revised descriptions; a reply of "unchanged" keeps the description as it was."""
         revise = self.roles["revise"].prompt
-        revised_raw = self._ask(
+        revised = self._ask(
             "revise", {k: revise.request(images[k], description=d) for k, d in descriptions.items()}, failures
         )
-        revised = {k: (descriptions[k] if UNCHANGED.match(text) else text) for k, text in revised_raw.items()}
-        seconds["revise"] = time.perf_counter() - tick
+        return {k: (descriptions[k] if UNCHANGED.match(text) else text) for k, text in revised.items()}
 
-        tick = time.perf_counter()
+    def _summarize(self, revised: dict[str, str], failures: list[Failure]) -> dict[str, str]:
+        limit = self.settings.max_caption_tokens
         summarize = self.roles["summarize"].prompt
         words = int(limit * 0.6)
-        captions = self._ask(
-            "summarize",
-            {k: summarize.request(None, description=d, limit=limit, words=words) for k, d in revised.items()},
-            failures,
-        )
+        requests = {k: summarize.request(None, description=d, limit=limit, words=words) for k, d in revised.items()}
+        return self._ask("summarize", requests, failures)
+
+    def _shorten(self, captions: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
+        """Re-ask captions over the CLIP budget with their measured token count, up to ``shorten_attempts`` rounds;
+        a shorter reply replaces its caption. The captions and each one's number of rounds."""
+        limit = self.settings.max_caption_tokens
+        captions = dict(captions)
         rounds = dict.fromkeys(captions, 0)
         for shorten_round in range(self.settings.shorten_attempts):
             over = {k: c for k, c in captions.items() if clip_token_count(c) > limit}
@@ -228,8 +244,19 @@ class CaptionAgents:
                 rounds[key] += 1
                 if clip_token_count(text) < clip_token_count(captions[key]):
                     captions[key] = text
-        seconds["summarize"] = time.perf_counter() - tick
+        return captions, rounds
 
+    def _captions(
+        self,
+        descriptions: dict[str, str],
+        revised: dict[str, str],
+        captions: dict[str, str],
+        rounds: dict[str, int],
+        failures: list[Failure],
+    ) -> dict[str, Caption]:
+        """Each item's Caption, its caption trimmed at a sentence boundary when still over the budget; an item
+        with no prefix that fits is a failure (over-long)."""
+        limit = self.settings.max_caption_tokens
         results: dict[str, Caption] = {}
         for key, caption in captions.items():
             trimmed = clip_token_count(caption) > limit
@@ -248,4 +275,12 @@ class CaptionAgents:
                 caption_trimmed=trimmed,
                 shorten_rounds=rounds[key],
             )
-        return BatchResult(results, failures, seconds)
+        return results
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Records the block's wall time as ``seconds[stage]``."""
+    tick = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - tick

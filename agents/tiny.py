@@ -9,6 +9,7 @@ weights by the backends that load it.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 TINY_VERSION = "4"  # 3: config.json carries RANDOM_MARKER; 4: 2048 positions (the instruct prompt and reply fit)
@@ -85,57 +86,69 @@ def build_tiny_models(cache: Path | None = None) -> dict[str, Path]:
     paths = {TINY_VLM: root / TINY_VLM, TINY_LM: root / TINY_LM}
     if all((p / "config.json").exists() for p in paths.values()):
         return paths
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaForCausalLM,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     tokenizer = _tokenizer()
     staging = root.with_name(root.name + f".partial-{os.getpid()}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        lm = LlamaForCausalLM(_text_config(tokenizer))
-        setattr(lm.config, RANDOM_MARKER, True)
-        lm.generation_config.pad_token_id = tokenizer.pad_token_id
-        lm.save_pretrained(staging / TINY_LM)
-        tokenizer.save_pretrained(staging / TINY_LM)
+        torch.manual_seed(0)  # the LM's weights are drawn first, then the VLM's: their order is part of the version
+        _save_tiny_lm(tokenizer, staging / TINY_LM)
+        _save_tiny_vlm(tokenizer, staging / TINY_VLM)
+    _publish(staging, root)
+    return paths
 
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=224,
-                patch_size=32,
-            ),
-            text_config=_text_config(tokenizer),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            vision_feature_select_strategy="default",
-            image_seq_length=49,
-        )
-        setattr(config, RANDOM_MARKER, True)
-        vlm = LlavaForConditionalGeneration(config)
-        vlm.generation_config.pad_token_id = tokenizer.pad_token_id
-        vlm.save_pretrained(staging / TINY_VLM)
-        processor = LlavaProcessor(
-            image_processor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
-            tokenizer=tokenizer,
+
+def _save_tiny_lm(tokenizer, folder: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    lm = LlamaForCausalLM(_text_config(tokenizer))
+    setattr(lm.config, RANDOM_MARKER, True)
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _vlm_config(tokenizer):
+    """LLaVA: a small CLIP vision tower (224 px, 32 px patches: 49 image tokens) on the tiny LM's text config."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
             patch_size=32,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
-        processor.save_pretrained(staging / TINY_VLM)
+        ),
+        text_config=_text_config(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        image_seq_length=49,
+    )
+    setattr(config, RANDOM_MARKER, True)
+    return config
+
+
+def _save_tiny_vlm(tokenizer, folder: Path) -> None:
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+
+    vlm = LlavaForConditionalGeneration(_vlm_config(tokenizer))
+    vlm.generation_config.pad_token_id = tokenizer.pad_token_id
+    vlm.save_pretrained(folder)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        tokenizer=tokenizer,
+        patch_size=32,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+
+
+def _publish(staging: Path, root: Path) -> None:
+    """Rename the built models into place: atomic, and another process may have won the race, which is fine."""
     root.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(staging, root)  # atomic: another process may have won the race, which is fine
+        os.replace(staging, root)
     except OSError:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
-    return paths

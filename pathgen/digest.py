@@ -20,7 +20,6 @@ MEMORY_ENTRIES = 4096
 DISK_ENTRIES = 20_000
 _memory: OrderedDict[tuple[str, int, int], str] = OrderedDict()
 _lock = threading.Lock()
-CHUNK = 8 * 2**20
 
 
 def _cache_file() -> Path:
@@ -75,11 +74,8 @@ def file_digest(path: str | os.PathLike) -> str:
         if disk_key in disk:
             _remember(stamp, disk[disk_key])
             return disk[disk_key]
-    digest = hashlib.sha256()
     with open(file, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    value = digest.hexdigest()
+        value = hashlib.file_digest(handle, "sha256").hexdigest()
     with _lock:
         _remember(stamp, value)
         disk = _load_disk()

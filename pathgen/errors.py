@@ -4,19 +4,25 @@ A ``SlideError`` is about the input (corrupt, unsupported, no MPP, no tissue): r
 recorded at once with a message that names the cause and the fix. Infrastructure failures (a dropped connection,
 a timeout, an endpoint that does not answer, a model server or engine that fails, a full disk or any other storage
 error, model weights that cannot be fetched, a CUDA fault or out-of-memory) are never final: a call is
-retried with backoff (``retry_io``, settings ``retries.io_retries``), then the task raises and Prefect retries it
+retried by the one policy (``retrying``: tenacity, exponential backoff with jitter, a server's ``Retry-After``
+honoured; ``retry_io`` for storage; settings ``retries.io_retries``), then the task raises and Prefect retries it
 (``retries.task_retries``); if that fails too, its units stay pending and the run names the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import email.utils
 import errno
 import re
 import reprlib
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+
+import tenacity
 
 T = TypeVar("T")
 
@@ -62,6 +68,11 @@ class ModelUnavailable(InfrastructureError):
     its device failed (CUDA fault, out of memory at the smallest batch): the work stays pending, never failed."""
 
 
+class WorkPending(InfrastructureError):
+    """Infrastructure failed for some of a task's units: they stay pending and Prefect retries the task (the base of
+    ``tasks.work.units.PendingWork``, which carries the outcomes of the units that did finish)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for network and storage hiccups worth retrying; False for bad input."""
     seen = 0
@@ -80,6 +91,113 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# HTTP answers whose ``Retry-After`` is honoured (rate limited, unavailable), and the longest wait taken from it: a
+# server asking for an hour is asked again sooner; if it still refuses, the work stays pending for Prefect's retries.
+RETRY_AFTER_STATUS = frozenset({429, 503})
+MAX_RETRY_AFTER_SECONDS = 120.0
+
+
+class RetryableStatus(Exception):
+    """A server's answer worth asking again (a 429 or a 5xx); ``retry_after``: the seconds it asked us to wait."""
+
+    def __init__(self, status: int, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+    @classmethod
+    def of(cls, status: int, headers: Mapping[str, str]) -> RetryableStatus:
+        """The answer with its ``Retry-After`` header read (only for 429 and 503, where HTTP defines it)."""
+        asked = parse_retry_after(headers.get("retry-after")) if status in RETRY_AFTER_STATUS else None
+        return cls(status, asked)
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """A ``Retry-After`` header in seconds (delta-seconds or an HTTP date), at most ``MAX_RETRY_AFTER_SECONDS``;
+    None when absent or unreadable (the backoff then decides)."""
+    if not value or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def pause(seconds: float) -> None:
+    """How the retry policy waits between attempts (tests replace it: no real waiting)."""
+    time.sleep(seconds)
+
+
+async def async_pause(seconds: float) -> None:
+    """How the retry policy waits between attempts of a coroutine (tests replace it)."""
+    await asyncio.sleep(seconds)
+
+
+def backoff_wait(backoff_seconds: float) -> Callable[[tenacity.RetryCallState], float]:
+    """The wait before the next attempt: what the server asked for (``Retry-After``), else exponential backoff with
+    jitter: ``backoff_seconds`` x 1, 2, 4 ... plus up to one ``backoff_seconds`` at random, so that many workers
+    refused at once do not come back at once."""
+    exponential = tenacity.wait_exponential_jitter(multiplier=backoff_seconds, jitter=backoff_seconds)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome else None
+        asked = getattr(failure, "retry_after", None)
+        return float(asked) if asked is not None else exponential(state)
+
+    return wait
+
+
+def _policy(
+    retries: int,
+    backoff_seconds: float,
+    retry_on: Callable[[BaseException], bool],
+    on_retry: Callable[[int, BaseException], None] | None,
+) -> dict[str, Any]:
+    def notify(state: tenacity.RetryCallState) -> None:
+        if on_retry and state.outcome:
+            on_retry(state.attempt_number, state.outcome.exception())
+
+    return {
+        "stop": tenacity.stop_after_attempt(retries + 1),
+        "wait": backoff_wait(backoff_seconds),
+        "retry": tenacity.retry_if_exception(retry_on),
+        "before_sleep": notify,
+        "reraise": True,  # the last failure itself, with its traceback, for the caller to name and chain
+    }
+
+
+def retrying(
+    *,
+    retries: int,
+    backoff_seconds: float,
+    retry_on: Callable[[BaseException], bool] = is_transient,
+    on_retry: Callable[[int, BaseException], None] | None = None,
+) -> tenacity.Retrying:
+    """The factory's one retry policy (settings ``retries.io_retries``, ``retries.backoff_seconds``): up to
+    ``retries`` more attempts while ``retry_on`` says the failure is worth it, waiting as :func:`backoff_wait`
+    says; then the last failure is raised as it was. ``on_retry(attempt, failure)`` runs before each wait."""
+    return tenacity.Retrying(sleep=pause, **_policy(retries, backoff_seconds, retry_on, on_retry))
+
+
+def async_retrying(
+    *,
+    retries: int,
+    backoff_seconds: float,
+    retry_on: Callable[[BaseException], bool] = is_transient,
+    on_retry: Callable[[int, BaseException], None] | None = None,
+) -> tenacity.AsyncRetrying:
+    """:func:`retrying` for coroutines: ``await async_retrying(...)(coroutine_function, *args)``."""
+    return tenacity.AsyncRetrying(sleep=async_pause, **_policy(retries, backoff_seconds, retry_on, on_retry))
+
+
 def retry_io(
     fn: Callable[[], T],
     *,
@@ -88,23 +206,17 @@ def retry_io(
     what: str,
     on_retry: Callable[[int, BaseException], None] | None = None,
 ) -> T:
-    """Call ``fn``; retry transient I/O errors with exponential backoff; bad-input errors pass straight through."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            if attempt >= retries:
-                raise TransientIOError(
-                    f"{what} failed after {attempt + 1} attempts ({type(exc).__name__}: {_short(exc)}); "
-                    "check that the storage endpoint is up and reachable, then run again"
-                ) from None
-            attempt += 1
-            if on_retry:
-                on_retry(attempt, exc)
-            time.sleep(backoff_seconds * 2 ** (attempt - 1))
+    """Call ``fn``; retry transient I/O errors by the one policy; bad-input errors pass straight through. When the
+    retries are spent: TransientIOError naming ``what``, caused by the last failure."""
+    try:
+        return retrying(retries=retries, backoff_seconds=backoff_seconds, on_retry=on_retry)(fn)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        raise TransientIOError(
+            f"{what} failed after {retries + 1} attempts ({type(exc).__name__}: {_short(exc)}); "
+            "check that the storage endpoint is up and reachable, then run again"
+        ) from exc
 
 
 def _short(exc: BaseException) -> str:
@@ -208,9 +320,7 @@ def is_model_fault(exc: BaseException) -> bool:
 
 def is_infrastructure(exc: BaseException) -> bool:
     """Work that failed for this stays pending: storage, network, hub, device, model server, engine."""
-    from tasks.work.units import PendingWork
-
-    if isinstance(exc, InfrastructureError | PendingWork) or is_transient(exc):
+    if isinstance(exc, InfrastructureError) or is_transient(exc):
         return True
     return not isinstance(exc, SlideError) and (is_storage_fault(exc) or is_model_fault(exc))
 

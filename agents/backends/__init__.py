@@ -11,79 +11,21 @@ backend built for other settings is never handed out. release_backends() ends th
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import threading
-from pathlib import Path
 
-from agents.protocol import ChatBackend, ChatRequest
+from agents.backends.weights import folder_random_weights
+from agents.protocol import ChatBackend
 from pathgen.devices import empty_cuda_cache
 from pathgen.settings import AgentsSettings, RetrySettings, RoleSettings
 
+# folder_random_weights is re-exported for the model checks; what the backends share lives in
+# agents.backends.messages and agents.backends.weights, which they import without importing this factory back.
+__all__ = ["backend_for", "folder_random_weights", "release_backends"]
 log = logging.getLogger("pathgen.agents")
 _backends: dict[str, ChatBackend] = {}
 _lock = threading.Lock()
-
-# What transformers and vLLM load weights from; a folder with none of these has nothing but a config to build from.
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf")
-NOT_WEIGHTS = {"training_args.bin"}
-
-
-def has_weight_files(folder: str | Path) -> bool:
-    """Whether a model folder holds any weight file (top level, where from_pretrained looks)."""
-    folder = Path(folder).expanduser()
-    return any(f.name not in NOT_WEIGHTS for pattern in WEIGHT_FILES for f in folder.glob(pattern))
-
-
-def folder_random_weights(model_id: str) -> str | None:
-    """Why a local model folder is random weights (None: it is not, or it is not a local folder)."""
-    from agents.tiny import RANDOM_MARKER
-
-    folder = Path(model_id).expanduser()
-    if not folder.is_dir():
-        return None
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            if json.loads(config.read_text()).get(RANDOM_MARKER):
-                return f"its config.json says it was built with random weights ({RANDOM_MARKER})"
-        except (ValueError, OSError):
-            pass
-    if not has_weight_files(folder):
-        return "its folder has no weight files (" + ", ".join(WEIGHT_FILES) + "): nothing but a config to build from"
-    return None
-
-
-def shrink_jpeg(image: bytes, max_pixels: int) -> bytes:
-    """Cap an image's pixel count (vision encoders' memory grows with it); small images pass through untouched."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(image)) as picture:
-        width, height = picture.size
-        if width * height <= max_pixels:
-            return image
-        scale = (max_pixels / (width * height)) ** 0.5
-        smaller = picture.convert("RGB").resize((max(1, int(width * scale)), max(1, int(height * scale))))
-        out = io.BytesIO()
-        smaller.save(out, format="JPEG", quality=90)
-        return out.getvalue()
-
-
-def openai_messages(request: ChatRequest, max_pixels: int) -> list[dict]:
-    """OpenAI chat format, as served by vLLM, SGLang and hosted APIs; the image is a base64 data URL."""
-    parts: list[dict] = []
-    if request.before_image:
-        parts.append({"type": "text", "text": request.before_image})
-    if request.image is not None:
-        data = base64.b64encode(shrink_jpeg(request.image, max_pixels)).decode()
-        parts.append({"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}})
-    if request.after_image:
-        parts.append({"type": "text", "text": request.after_image})
-    messages = [{"role": "system", "content": request.system}] if request.system else []
-    messages.append({"role": "user", "content": parts})
-    return messages
 
 
 def backend_for(

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from agents.protocol import ChatReply, ChatRequest, Sampling
+from pathgen.devices import empty_cuda_cache
 from pathgen.errors import BackendError
 
 log = logging.getLogger("pathgen.agents")
@@ -31,7 +32,7 @@ def load_model(cls, model_id: str, config, dtype, revision: str | None) -> tuple
     """The model and, when its weights were not (mostly) loaded, why it is random weights."""
     import torch
 
-    from agents.backends import has_weight_files
+    from agents.backends.weights import has_weight_files
 
     if Path(model_id).expanduser().is_dir() and not has_weight_files(model_id):
         with torch.random.fork_rng(devices=[]):
@@ -153,8 +154,6 @@ class TransformersBackend:
 
     def close(self) -> None:
         """Drop the model and its processor, and give the GPU memory back: the next stage needs it."""
-        from agents.backends import empty_cuda_cache
-
         self.model = self.processor = self.tokenizer = None
         gc.collect()
         empty_cuda_cache()

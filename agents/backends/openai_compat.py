@@ -1,30 +1,26 @@
 """Any OpenAI-compatible ``/chat/completions`` server (vLLM's, SGLang, a hosted API): async requests with bounded
-concurrency, a timeout, and retries with exponential backoff on 429, 5xx and dropped connections. When those
-retries are spent, or the server answers in a way no retry can fix (401, 403, 404, a malformed body), the batch
-raises BackendError naming the endpoint: infrastructure, never a caption failure. A request the server rejects for
-its content (400, 413, 422) is that request's error reply. The API key comes from the environment
+concurrency, a timeout, and the factory's one retry policy (pathgen.errors.async_retrying: exponential backoff with
+jitter, the server's Retry-After honoured) on 408, 409, 429, 5xx and dropped connections. When those retries are
+spent, or the server answers in a way no retry can fix (401, 403, 404, a malformed body), the batch raises
+BackendError naming the endpoint, caused by the last failure: infrastructure, never a caption failure. A request the
+server rejects for its content (400, 413, 422) is that request's error reply. The API key comes from the environment
 (PATHGEN_OPENAI_API_KEY or OPENAI_API_KEY) and never appears in an error; nor do credentials written into the
 URL (``https://user:secret@host/v1``): messages name the endpoint as ``https://***@host/v1``."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import threading
 
 import httpx
 
-from agents.backends import openai_messages
+from agents.backends.messages import openai_messages
+from agents.openai_http import auth_headers, failure_name, worth_retrying
 from agents.protocol import ChatReply, ChatRequest, Sampling
-from pathgen.errors import BackendError, redact_urls, without_userinfo
+from pathgen.errors import BackendError, RetryableStatus, async_retrying, redact_urls, without_userinfo
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 CONTENT_STATUS = {400, 413, 422}  # the server refuses this request's content; other requests may pass
-
-
-def api_key() -> str | None:
-    return os.environ.get("PATHGEN_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
 class OpenAIBackend:
@@ -64,7 +60,7 @@ class OpenAIBackend:
         return result[0]
 
     async def _generate_all(self, requests: list[ChatRequest], sampling: Sampling) -> list[ChatReply]:
-        headers = {"Authorization": f"Bearer {api_key()}"} if api_key() else {}
+        headers = auth_headers()
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         gate = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout, headers=headers, limits=limits) as client:
@@ -84,35 +80,38 @@ class OpenAIBackend:
             "max_tokens": sampling.max_new_tokens,
             "seed": request.seed_or(sampling),  # the item's own seed: its reply never depends on its batch
         }
-        problem = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random()))
-            try:
-                response = await client.post(f"{self.base_url}/chat/completions", json=body)
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                problem = type(exc).__name__
-                continue
-            if response.status_code in RETRY_STATUS:
-                problem = f"HTTP {response.status_code}"
-                continue
-            if response.status_code in CONTENT_STATUS:
-                return ChatReply(
-                    None, f"HTTP {response.status_code} from {self.endpoint}: {redact_urls(response.text[:200])}"
-                )
-            if response.status_code != 200:
-                raise BackendError(
-                    f"the model server at {self.endpoint} answered HTTP {response.status_code} for model "
-                    f"{self.model_id!r}; check the model name and the API key"
-                )
-            try:
-                choice = response.json()["choices"][0]
-                return ChatReply(choice["message"].get("content") or "", None, choice.get("finish_reason"))
-            except (ValueError, KeyError, IndexError) as exc:
-                raise BackendError(
-                    f"malformed reply from the model server at {self.endpoint} ({type(exc).__name__})"
-                ) from None
-        raise BackendError(
-            f"the model server at {self.endpoint} failed: {problem}, after {self.retries + 1} attempts; "
-            "the slides stay pending"
-        )
+        policy = async_retrying(retries=self.retries, backoff_seconds=self.backoff_seconds, retry_on=worth_retrying)
+        try:
+            response = await policy(self._post, client, body)
+        except (httpx.TransportError, RetryableStatus) as exc:
+            raise BackendError(
+                f"the model server at {self.endpoint} failed: {failure_name(exc)}, after {self.retries + 1} "
+                "attempts; the slides stay pending"
+            ) from exc
+        return self._reply(response)
+
+    async def _post(self, client: httpx.AsyncClient, body: dict) -> httpx.Response:
+        """One attempt; an answer worth asking again (RETRY_STATUS) is raised for the retry policy."""
+        response = await client.post(f"{self.base_url}/chat/completions", json=body)
+        if response.status_code in RETRY_STATUS:
+            raise RetryableStatus.of(response.status_code, response.headers)
+        return response
+
+    def _reply(self, response: httpx.Response) -> ChatReply:
+        """The reply of a final answer: the text, the request's error reply (CONTENT_STATUS), or BackendError."""
+        if response.status_code in CONTENT_STATUS:
+            return ChatReply(
+                None, f"HTTP {response.status_code} from {self.endpoint}: {redact_urls(response.text[:200])}"
+            )
+        if response.status_code != 200:
+            raise BackendError(
+                f"the model server at {self.endpoint} answered HTTP {response.status_code} for model "
+                f"{self.model_id!r}; check the model name and the API key"
+            )
+        try:
+            choice = response.json()["choices"][0]
+            return ChatReply(choice["message"].get("content") or "", None, choice.get("finish_reason"))
+        except (ValueError, KeyError, IndexError) as exc:
+            raise BackendError(
+                f"malformed reply from the model server at {self.endpoint} ({type(exc).__name__})"
+            ) from None

@@ -4,7 +4,8 @@ and context length. vllm lives in the ``gpu`` extra and is imported only when th
 
 from __future__ import annotations
 
-from agents.backends import folder_random_weights, openai_messages
+from agents.backends.messages import openai_messages
+from agents.backends.weights import folder_random_weights
 from agents.protocol import ChatReply, ChatRequest, Sampling
 from pathgen.errors import BackendError
 from pathgen.settings import AgentsSettings

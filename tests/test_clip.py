@@ -79,6 +79,34 @@ def test_export_puts_every_pair_in_exactly_one_tar_and_open_clip_train_reads_the
     assert gone.pairs == 0 and not list(out.glob("*.tar")) and not list((out / "holdout").glob("*.tar"))
 
 
+def test_tars_come_from_webdatasets_writer_byte_for_byte_reproducible_and_read_back_by_its_reader(tmp_path):
+    import tarfile
+
+    import webdataset as wds
+
+    from tasks.clip.webdataset import Sample, write_tar
+
+    samples = [Sample(f"p{i}", b"image %d" % i, "jpg", f"caption {i}", {"patch_id": f"p{i}", "x": i}) for i in range(3)]
+    assert write_tar(tmp_path / "a.tar", samples) == 3
+    assert write_tar(tmp_path / "b.tar", iter(samples)) == 3
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()  # no time, owner or order in them
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+    assert {(m.mtime, m.uname, m.gname, m.uid, m.gid, m.mode) for m in members} == {(0, "", "", 0, 0, 0o644)}
+    assert len(members) == 9 and not any(m.pax_headers for m in members)  # plain ustar members, none extended
+    read = [(r["__key__"], r["jpg"], r["txt"].decode(), json.loads(r["json"]))
+            for r in wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False)]  # fmt: skip
+    assert read == [(s.key, s.image, s.caption, s.meta) for s in samples]
+
+    def failing():
+        yield samples[0]
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_tar(tmp_path / "c.tar", failing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]  # nothing half there
+
+
 def test_model_specs_name_their_weights():
     assert parse_model_spec("ViT-B-16:laion2b_s34b_b88k") == ModelSpec("ViT-B-16", "laion2b_s34b_b88k")
     assert parse_model_spec("ViT-B-16").random_weights and parse_model_spec("tiny-random").random_weights
@@ -464,18 +492,30 @@ def _plan(tmp_path: Path, run: str = "r1"):
                      precision="fp32", grad_checkpointing=False, devices=1, seed=0)  # fmt: skip
 
 
+def _record_steps(stage_dir: Path, steps: range) -> None:
+    """Scalar records as open_clip_train writes them through ``scalars.ScalarLog``, appended."""
+    from tasks.clip.scalars import SCALARS
+
+    (stage_dir / SCALARS).parent.mkdir(parents=True, exist_ok=True)
+    with (stage_dir / SCALARS).open("a") as handle:
+        for step in steps:
+            handle.write(json.dumps({"step": step, "tag": "train/loss", "value": 1.0}) + "\n")
+
+
 def test_the_mirror_copies_only_checkpoints_this_trainer_finished(tmp_path):
-    """An earlier run's 'Start epoch 1' proves nothing about the epoch_1.pt being rewritten now; a truncated
+    """An earlier run's records of epoch 1 prove nothing about the epoch_1.pt being rewritten now; a truncated
     file is never copied, even at the end."""
     import torch
 
     from tasks.clip.train import CheckpointMirror
 
     plan = _plan(tmp_path)
+    assert plan.steps_per_epoch == 2
     folder = plan.stage_dir / "checkpoints"
     folder.mkdir(parents=True)
     log = plan.stage_dir / "out.log"
-    log.write_text("Start epoch 0\nStart epoch 1\n")  # a run that was cut short while saving epoch_1.pt
+    log.write_text("Start epoch 0\nStart epoch 1\n")
+    _record_steps(plan.stage_dir, range(4))  # epochs 0 and 1: a run that was cut short while saving epoch_2.pt
     store = Store(str(tmp_path / "store"))
     store.check()
     remote = tmp_path / "store" / "models" / "clip" / "r1" / "stage1" / "checkpoints"
@@ -484,8 +524,9 @@ def test_the_mirror_copies_only_checkpoints_this_trainer_finished(tmp_path):
         mirror.sync(final=False)
         assert not remote.exists()
         torch.save({"epoch": 1, "state_dict": {}}, folder / "epoch_1.pt")
-        with log.open("a") as handle:
-            handle.write("Start epoch 1\n")
+        mirror.sync(final=False)
+        assert not remote.exists()  # complete, but this trainer has not moved past it yet
+        _record_steps(plan.stage_dir, range(2, 3))  # the first step of epoch 1: epoch_1.pt is done
         (folder / "epoch_2.pt").write_bytes(b"half")  # killed while saving: never copied
         mirror.sync(final=False)
         assert sorted(p.name for p in remote.iterdir()) == ["epoch_1.pt"]

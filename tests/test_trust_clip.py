@@ -368,13 +368,15 @@ def test_a_finished_stages_metrics_in_the_store_may_have_an_integer_loss(tmp_pat
 
 
 def _interrupted_get(fs_class, monkeypatch):
-    """fs.get that writes half the file, then loses the connection (as a dropped download does)."""
+    """fs.get and fs.get_file (fsspec's caches fetch through it) that write half the file, then lose the connection
+    (as a dropped download does)."""
 
     def get(self, remote, local, **kwargs):
         Path(local).write_bytes(b"half a checkpoint")
         raise ConnectionResetError("connection reset by peer")
 
     monkeypatch.setattr(fs_class, "get", get)
+    monkeypatch.setattr(fs_class, "get_file", get)
 
 
 def test_an_interrupted_checkpoint_fetch_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -429,6 +431,51 @@ def test_the_checkpoint_cache_keeps_the_most_recently_used_within_its_bound(tmp_
         time.sleep(0.02)  # distinct use times
     assert [path.exists() for path in fetched] == [False, True, True]
     assert fetched[-1].read_bytes() == b"c" * 1000
+
+
+def test_a_fetched_checkpoint_is_reused_until_it_is_written_again(tmp_path, monkeypatch):
+    """fsspec's whole-file cache serves the copy it has; a checkpoint written again is another version, fetched
+    again into its own folder; no staging folder is left beside a copy."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from tasks.clip.spec import local_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = "memory://reused-runs/a/epoch_1.pt"
+    fsspec.filesystem("memory").pipe(url, b"first" * 100)
+    first = Path(local_checkpoint(url))
+    assert first.name == "epoch_1.pt" and first.read_bytes() == b"first" * 100
+    fetched = []
+    get_file = MemoryFileSystem.get_file
+    monkeypatch.setattr(MemoryFileSystem, "get_file", lambda fs, *a, **kw: fetched.append(a) or get_file(fs, *a, **kw))
+    assert Path(local_checkpoint(url)) == first and not fetched  # from the cache
+    fsspec.filesystem("memory").pipe(url, b"second" * 100)
+    second = Path(local_checkpoint(url))
+    assert second != first and second.read_bytes() == b"second" * 100 and len(fetched) == 1
+    assert [p.name for p in second.parent.iterdir()] == ["epoch_1.pt"]
+
+
+@pytest.mark.s3
+def test_a_checkpoint_on_s3_is_fetched_once_per_version(bucket, tmp_path, monkeypatch):
+    """On S3 a checkpoint's version is its ETag: the same bytes rewritten keep their copy, other bytes of the same
+    size are fetched again."""
+    import fsspec
+
+    from tasks.clip.spec import local_checkpoint
+    from tasks.store.objects import storage_options
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = f"{bucket}/runs/a/stage1/checkpoints/epoch_1.pt"
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    fs.pipe_file(path, b"a" * 1000)
+    first = Path(local_checkpoint(url))
+    assert first.read_bytes() == b"a" * 1000 and Path(local_checkpoint(url)) == first
+    fs.pipe_file(path, b"a" * 1000)
+    assert Path(local_checkpoint(url)) == first
+    fs.pipe_file(path, b"b" * 1000)
+    second = Path(local_checkpoint(url))
+    assert second != first and second.read_bytes() == b"b" * 1000
 
 
 def test_the_digest_memories_are_bounded(tmp_path, monkeypatch):

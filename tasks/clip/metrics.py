@@ -166,30 +166,29 @@ def _labels(y: np.ndarray | Sequence[int], n_classes: int, what: str) -> np.ndar
 def classification_metrics(
     y_true: np.ndarray | Sequence[int], y_pred: np.ndarray | Sequence[int], classes: list[str]
 ) -> dict:
-    """Accuracy, balanced accuracy, support-weighted F1, per-class recall and the confusion matrix, as JSON types."""
+    """Accuracy, balanced accuracy, support-weighted F1, per-class recall and the confusion matrix (rows true,
+    columns predicted), by scikit-learn's metrics over every class of ``classes``, as JSON types."""
+    from sklearn import metrics as skm  # imported here: the benchmark readers import this module for its specs
+
     c = len(classes)
     t, p = _labels(y_true, c, "y_true"), _labels(y_pred, c, "y_pred")
     if t.size != p.size:
         raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}")
     if t.size == 0:
         raise ValueError("no samples to score: y_true is empty")
-    confusion = np.bincount(t * c + p, minlength=c * c).reshape(c, c)  # rows true, columns predicted
-    tp = np.diag(confusion).astype(np.float64)
-    support = confusion.sum(axis=1).astype(np.float64)
-    predicted = confusion.sum(axis=0).astype(np.float64)
-    present = support > 0
-    recall = np.divide(tp, support, out=np.zeros(c), where=present)
-    # F1 = 2TP / (2TP + FP + FN); a class never true nor predicted has weight 0 anyway
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros(c), where=denom > 0)
+    labels = np.arange(c)
+    present = np.bincount(t, minlength=c) > 0
+    recall = skm.recall_score(t, p, labels=labels, average=None, zero_division=0.0)
     return {
         "n": int(t.size),
-        "accuracy": float(tp.sum() / t.size),
-        # classes absent from y_true have no recall and are left out, as in sklearn's balanced_accuracy_score
+        "accuracy": float(skm.accuracy_score(t, p)),
+        # sklearn's balanced_accuracy_score, the mean recall over the classes present in y_true, without the
+        # warnings it gives for a class only predicted or a single class (expected here, not worth a warning)
         "balanced_accuracy": float(recall[present].mean()),
-        "weighted_f1": float((f1 * support).sum() / support.sum()),
+        # F1 = 2TP / (2TP + FP + FN) per class, weighted by true support: a class never true has weight 0
+        "weighted_f1": float(skm.f1_score(t, p, labels=labels, average="weighted", zero_division=0.0)),
         "per_class_recall": {name: float(recall[i]) if present[i] else None for i, name in enumerate(classes)},
-        "confusion": confusion.tolist(),
+        "confusion": skm.confusion_matrix(t, p, labels=labels).tolist(),
     }
 
 
@@ -262,7 +261,8 @@ def _recall_at(similarity: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     n = similarity.shape[0]
     true_score = np.diag(similarity)[:, None]
     # pessimistic ties: the rank of the true match counts every other item scoring at least as high as it, so a
-    # tie never helps (a model that scores everything equal gets no credit)
+    # tie never helps (a model that scores everything equal gets no credit); sklearn's top_k_accuracy_score breaks
+    # ties by index instead, which would give such a model credit, so recall@k stays written out here
     others = similarity >= true_score
     np.fill_diagonal(others, False)
     rank = others.sum(axis=1)  # 0 = the true match is strictly first

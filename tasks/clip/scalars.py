@@ -79,6 +79,30 @@ def _records(path: Path) -> list[tuple[int, dict[str, float]]]:
     return steps
 
 
+def epochs_started(stage_dir: Path, offset: int, per_epoch: int) -> set[int]:
+    """The epochs of the steps recorded past ``offset`` (a byte position in the records: where this trainer's
+    begin), numbered as open_clip numbers them: it records the first step of every epoch."""
+    try:
+        with (stage_dir / SCALARS).open("rb") as handle:
+            handle.seek(offset)
+            lines = handle.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return set()
+    started = set()
+    for line in lines:
+        try:
+            started.add(int(json.loads(line)["step"]) // per_epoch)
+        except (ValueError, KeyError, TypeError):
+            continue  # the line the trainer is writing
+    return started
+
+
+def records_size(stage_dir: Path) -> int:
+    """Where the next trainer's records will begin (they are appended)."""
+    path = stage_dir / SCALARS
+    return path.stat().st_size if path.exists() else 0
+
+
 def read_metrics(stage_dir: Path, per_epoch: int, stage: str) -> list[dict[str, Any]]:
     """One row per logged step; ``step`` counts optimizer steps from the start of the stage."""
     path = stage_dir / SCALARS

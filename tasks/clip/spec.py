@@ -25,6 +25,7 @@ TINY_RANDOM = "tiny-random"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _SELF_CONTAINED = ("local-dir:", "hf-hub:")  # open_clip loads config and weights from these by themselves
 QUICK_GELU_SUFFIX = "-quickgelu"
+MODEL_CONFIGS = Path(__file__).parents[1] / "selection" / "data" / "open_clip"  # tiny-random.json
 
 log = logging.getLogger("pathgen.clip")
 _switched: set[tuple[str, str]] = set()  # (name, tag) pairs already logged as switched to their -quickgelu twin
@@ -110,12 +111,18 @@ def checkpoint_model_name(checkpoint: str) -> str:
     )
 
 
+def register_model_configs() -> None:
+    """Add our own open_clip configs (``tiny-random``) to open_clip's registry, once, before a name is looked up."""
+    import open_clip
+
+    if TINY_RANDOM not in open_clip.list_models():
+        open_clip.add_model_config(MODEL_CONFIGS)
+
+
 def _quick_gelu_twin(name: str, checkpoint: str) -> str:
     import open_clip
 
-    from tasks.selection.embedding import _register_configs
-
-    _register_configs()
+    register_model_configs()
     if (open_clip.get_model_config(name) or {}).get("quick_gelu", False) or name.endswith(QUICK_GELU_SUFFIX):
         return name
     if name + QUICK_GELU_SUFFIX not in open_clip.list_models():
@@ -171,8 +178,10 @@ def checkpoint_cache() -> Path:
 
 
 def local_checkpoint(pretrained: str | None) -> str | None:
-    """A checkpoint in object storage is fetched once into the local cache (open_clip loads local files only);
-    tags and local paths pass through. The cache keeps the most recently used checkpoints within its bound."""
+    """A checkpoint in object storage as a local file (open_clip loads local files only), fetched once through
+    fsspec's whole-file cache (:func:`cached_copy`) into a folder of its version (its size and ETag or mtime), so a
+    checkpoint written again is fetched again; tags and local paths pass through. The cache keeps the most recently
+    used checkpoints within its bound."""
     if not pretrained or "://" not in pretrained or pretrained.startswith("file://"):
         return pretrained.removeprefix("file://") if pretrained else pretrained
     import hashlib
@@ -185,13 +194,32 @@ def local_checkpoint(pretrained: str | None) -> str | None:
     info = fs.info(path)
     version = f"{pretrained}|{info.get('size')}|{info.get('ETag') or info.get('mtime') or info.get('LastModified')}"
     folder = checkpoint_cache() / hashlib.sha256(version.encode()).hexdigest()[:16]
-    target = folder / Path(path).name
-    if target.exists():
-        os.utime(target)  # recently used: evicted last
-    else:
-        fetch_whole(fs, path, target)
+    target = cached_copy(fs, path, folder)
+    os.utime(target)  # recently used: evicted last
     evict_checkpoints(checkpoint_cache(), keep=folder)
     return str(target)
+
+
+def cached_copy(fs, path: str, folder: Path) -> Path:
+    """``path`` of ``fs`` through fsspec's whole-file cache (``simplecache``, named as the remote file) kept in
+    ``folder``: the copy there, else one fetched into a staging folder of this process (the cache's writable layer)
+    and renamed into ``folder`` when complete. simplecache writes its copy in place, so a fetch cut short there would
+    later pass for the checkpoint; the staging folder never outlives this call, nor a killed process's the next."""
+    from fsspec.implementations.cached import SimpleCacheFileSystem
+
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_partials(folder)
+    staging = folder / f".fetch.{os.getpid()}.part"
+    layers = [str(folder), str(staging)]  # looked up in order; only the last is written
+    cache = SimpleCacheFileSystem(fs=fs, cache_storage=layers, same_names=True, skip_instance_cache=True)
+    try:
+        with cache.open(path, "rb") as handle:
+            copy = Path(handle.name)
+        if copy.parent == staging:
+            os.replace(copy, folder / copy.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / copy.name
 
 
 def fetch_whole(fs, remote: str, target: Path) -> None:
@@ -208,13 +236,17 @@ def fetch_whole(fs, remote: str, target: Path) -> None:
 
 
 def remove_dead_partials(folder: Path) -> None:
-    """Partial files whose process is gone (killed mid-fetch), or that name no process (an older version's)."""
+    """Partial files and staging folders whose process is gone (killed mid-fetch), or that name no process (an
+    older version's)."""
     from tasks.store.objects import pid_alive
 
     for path in folder.glob(".*.part"):
         match = PARTIAL.match(path.name)
         if match and not (match["pid"] and pid_alive(int(match["pid"]))):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def evict_checkpoints(root: Path, keep: Path) -> None:
@@ -229,7 +261,7 @@ def evict_checkpoints(root: Path, keep: Path) -> None:
     for _, size, folder in sorted(entries, key=lambda entry: entry[0]):
         if total <= limit:
             break
-        if folder != keep:
+        if folder != keep and size:  # a folder of no checkpoint yet may be another process's fetch in progress
             shutil.rmtree(folder, ignore_errors=True)
             total -= size
 

@@ -263,9 +263,9 @@ def write_metrics(plan: StagePlan) -> list[dict[str, Any]]:
 class CheckpointMirror:
     """Copies a stage's finished files to the store: at start (fetching), every ``interval`` seconds, at the end.
 
-    A checkpoint is finished once this trainer has logged ``Start epoch N`` after it (open_clip saves epoch_N.pt in
-    place, then starts epoch N) and the file is a complete zip; lines from earlier runs in the same log prove
-    nothing about a file this run is writing again."""
+    A checkpoint is finished once this trainer has recorded a step of epoch N after it (open_clip saves epoch_N.pt
+    in place, then trains epoch N; :func:`scalars.epochs_started`) and the file is a complete zip; records of earlier
+    runs in the same file prove nothing about a file this run is writing again."""
 
     def __init__(
         self,
@@ -280,7 +280,7 @@ class CheckpointMirror:
         self.logger = logger or logging.getLogger("pathgen.clip")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="clip-mirror", daemon=True)
-        self._log_start = 0
+        self._records_start = 0  # where this trainer's scalar records begin in the stage's records file
 
     def _key(self, name: str) -> str:
         return f"{self.plan.store_prefix()}/{name}"
@@ -305,8 +305,7 @@ class CheckpointMirror:
         fetch_whole(self.store.fs, self.store.path(key), target)
 
     def __enter__(self) -> CheckpointMirror:
-        log = self.plan.stage_dir / "out.log"
-        self._log_start = log.stat().st_size if log.exists() else 0
+        self._records_start = scalars.records_size(self.plan.stage_dir)
         self._thread.start()
         return self
 
@@ -332,7 +331,7 @@ class CheckpointMirror:
         if not self.still_held():
             return
         stage_dir = self.plan.stage_dir
-        started = self._epochs_started()
+        started = scalars.epochs_started(stage_dir, self._records_start, self.plan.steps_per_epoch)
         for path in checkpoints(stage_dir / "checkpoints"):
             if (final or epoch_of(path) in started) and complete_checkpoint(path):
                 key = self._key(f"checkpoints/{path.name}")
@@ -343,12 +342,3 @@ class CheckpointMirror:
         for name in ("params.txt", "out.log", scalars.SCALARS, "metrics.jsonl"):
             if (stage_dir / name).exists():
                 self.store.put_file(stage_dir / name, self._key(name))
-
-    def _epochs_started(self) -> set[int]:
-        log = self.plan.stage_dir / "out.log"
-        if not log.exists():
-            return set()
-        with log.open("rb") as handle:
-            handle.seek(self._log_start)
-            text = handle.read().decode(errors="replace")
-        return {int(n) for n in re.findall(r"Start epoch (\d+)\n", text)}

@@ -5,13 +5,14 @@ Generated pairs: one tar per pair shard (slide), ``<slide>.tar``; slides held ou
 optimistic. The choice is a hash of the slide's case (the first 12 characters of a TCGA barcode, so that every slide
 of a patient falls on one side) or of the slide id, and never changes between exports. An external set is split by
 its rows' ``case_id`` or ``slide_id`` column when it has one, else pair by pair.
-An external set (a folder of images and a CSV/JSONL of captions) becomes ``ext-NNNNNN.tar`` of ``pairs_per_tar``
-pairs. A sample is ``<patch_id>.jpg`` + ``.txt`` (the caption) + ``.json`` (its provenance). ``sizes.json`` beside
-the tars gives open_clip_train the sample counts; ``manifest.json`` records which pair shard (by commit id) each
-tar came from, so a re-export rewrites only slides whose pairs changed. Every file is written to a temporary name
-and renamed: a tar is never half there. Reviews (``export.reviews``, ``tasks.reviews.store``) are applied by default:
-a rejected pair is left out, a corrected caption replaces the generated one (its sample's ``.json`` says ``"review":
-"correct"``); the manifest counts them per slide and in all, and a slide whose reviews changed is written again.
+An external set (a folder of images and a CSV/JSONL of captions) becomes ``ext-NNNNNN.tar`` of ``pairs_per_tar`` pairs.
+A sample is ``<patch_id>.jpg`` + ``.txt`` (the caption) + ``.json`` (its provenance), written by WebDataset's own
+``TarWriter``. ``sizes.json`` beside the tars gives open_clip_train the sample counts; ``manifest.json`` records which
+pair shard (by commit id) each tar came from, so a re-export rewrites only slides whose pairs changed. Every file is
+written to a temporary name and renamed: a tar is never half there. Reviews (``export.reviews``,
+``tasks.reviews.store``) are applied by default: a rejected pair is left out, a corrected caption replaces the generated
+one (its sample's ``.json`` says ``"review": "correct"``); the manifest counts them per slide and in all, and a slide
+whose reviews changed is written again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import io
 import json
 import os
 import re
-import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -107,23 +107,32 @@ def tar_name(slide_id: str) -> str:
 
 
 def write_tar(path: Path, samples: Iterable[Sample]) -> int:
-    """Samples to one tar, atomically; returns how many. Members carry no time or owner: same pairs, same bytes."""
+    """Samples to one tar with WebDataset's own writer, atomically; returns how many. Members carry no time or owner:
+    same pairs, same bytes."""
+    from webdataset import TarWriter  # imported here: webdataset imports torch, which only writing a tar needs
+
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     count = 0
     try:
-        with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with partial.open("wb") as stream, TarWriter(stream, **TAR_MEMBER) as tar:
             for sample in samples:
-                meta = json.dumps(sample.meta, sort_keys=True, default=str).encode()
-                for ext, data in ((sample.image_ext, sample.image), ("txt", sample.caption.encode()), ("json", meta)):
-                    info = tarfile.TarInfo(f"{sample.key}.{ext}")
-                    info.size, info.mode = len(data), 0o644
-                    tar.addfile(info, io.BytesIO(data))
+                tar.write(tar_record(sample))
                 count += 1
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)  # an export that failed half-way leaves no partial tar behind
     return count
+
+
+# No owner and time 0 (an int: a float time costs each member a PAX header), the bytes given written as they are
+TAR_MEMBER = {"user": "", "group": "", "mode": 0o644, "mtime": 0, "encoder": False}
+
+
+def tar_record(sample: Sample) -> dict[str, str | bytes]:
+    """A WebDataset sample: ``<key>.<image_ext>`` (the image), ``.txt`` (the caption), ``.json`` (its provenance)."""
+    meta = json.dumps(sample.meta, sort_keys=True, default=str).encode()
+    return {"__key__": sample.key, sample.image_ext: sample.image, "txt": sample.caption.encode(), "json": meta}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -197,10 +197,10 @@ READ_BUDGET_MB = 300  # what one slide's reader may add to the process, well und
 _READ_STRIPPED = """
 import resource, sys
 import numpy as np
-from tasks.slides.reader import SlideReader
+from tasks.slides.readers import open_slide
 path, side = sys.argv[1], int(sys.argv[2])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-with SlideReader(path, mpp_override=0.5) as reader:
+with open_slide(path, mpp_override=0.5) as reader:
     overview, downsample = reader.overview(32)
     boxes = [(0, 0, 672, 672), (5000, 6000, 672, 672), (side - 672, side - 672, 672, 672)]
     patches = list(reader.read_boxes(boxes, 0.5, 672))
@@ -229,25 +229,25 @@ def test_a_huge_single_strip_tiff_is_read_in_bands_within_the_memory_budget(tmp_
 
 def test_a_stripped_tiff_whose_strip_is_over_budget_is_refused_with_the_fix(tmp_path, monkeypatch):
     from pathgen.errors import SlideError
-    from tasks.slides import reader
+    from tasks.slides.readers import open_slide, tiles
 
     path = tmp_path / "one-strip.tif"
     tifffile.imwrite(path, np.zeros((512, 512, 3), np.uint8), photometric="rgb", rowsperstrip=512, compression="zlib")
-    monkeypatch.setattr(reader, "MAX_STRIP_BYTES", 256 * 1024)  # the 768 KiB strip stands for a multi-GB one
+    monkeypatch.setattr(tiles, "MAX_STRIP_BYTES", 256 * 1024)  # the 768 KiB strip stands for a multi-GB one
     with pytest.raises(SlideError) as err:
-        reader.SlideReader(str(path), mpp_override=0.5)
+        open_slide(str(path), mpp_override=0.5)
     message = str(err.value)
     assert "one-strip.tif" in message and "512 x 512" in message and "tiled pyramidal TIFF" in message
     assert "vips tiffsave" in message
 
 
 def test_small_compressed_strips_are_read_strip_by_strip(tmp_path):
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
 
     data = np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8)
     path = tmp_path / "strips.tif"
     tifffile.imwrite(path, data, photometric="rgb", rowsperstrip=64, compression="zlib")
-    with SlideReader(str(path), mpp_override=0.5) as slide:
+    with open_slide(str(path), mpp_override=0.5) as slide:
         assert slide.info.fast_tiles
         assert (slide.read_level(0, 10, 50, 150, 200) == data[50:250, 10:160]).all()
         edge = slide.read_level(0, 190, 290, 20, 20)
@@ -281,7 +281,7 @@ def test_a_malformed_pathgen_json_record_names_the_file_and_the_record(tmp_path,
 def test_credentials_in_a_url_setting_stay_out_of_flow_parameters(monkeypatch):
     """Prefect stores a flow run's parameters (and shows them in the UI): a URL with user-info goes to the
     environment of this process instead, where the settings still find it."""
-    from pathgen.cli import credentials_to_environment
+    from pathgen.cli.args import credentials_to_environment
 
     monkeypatch.delenv("PATHGEN_AGENTS__OPENAI_BASE_URL", raising=False)
     url = "http://user:s3cret@127.0.0.1:9/v1"
@@ -290,4 +290,5 @@ def test_credentials_in_a_url_setting_stay_out_of_flow_parameters(monkeypatch):
     import os
 
     assert load_settings(overrides=kept, environ=dict(os.environ)).agents.openai_base_url == url
-    monkeypatch.delenv("PATHGEN_AGENTS__OPENAI_BASE_URL")
+    # Not monkeypatch.delenv: it would restore the URL this test set once the test ends (Settings() reads it).
+    os.environ.pop("PATHGEN_AGENTS__OPENAI_BASE_URL")

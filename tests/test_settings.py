@@ -135,7 +135,7 @@ def test_an_unknown_pathgen_variable_is_an_error_with_the_likely_name():
     with pytest.raises(SettingsError, match=r"PATHGEN_S3_ENDPOINT\b.*did you mean PATHGEN_S3_ENDPOINT_URL\?"):
         load_settings(environ={"PATHGEN_S3_ENDPOINT": "http://x"})
     # Variables read elsewhere are not settings and stay accepted.
-    assert load_settings(environ=dict.fromkeys(NON_SETTING_ENV_VARS, "x")) == Settings()
+    assert load_settings(environ=dict.fromkeys(NON_SETTING_ENV_VARS, "x")) == load_settings(environ={})
 
 
 def test_every_pathgen_variable_the_repository_uses_is_a_setting_or_allowed():
@@ -162,3 +162,51 @@ def test_every_pathgen_variable_the_repository_uses_is_a_setting_or_allowed():
                 load_settings(environ={name: "1"})
             except SettingsError as err:
                 assert "unknown setting" not in str(err), f"{where} uses {name}: add it to NON_SETTING_ENV_VARS"
+
+
+def test_settings_are_pydantic_settings_with_the_layers_in_order(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydantic_settings import BaseSettings
+
+    assert issubclass(Settings, BaseSettings)
+    config = tmp_path / "pathgen.yaml"
+    config.write_text("patch: {patch_px: 512, target_mpp: 1.0, jpeg_quality: 70}\nagents: {summarize: {model: m}}\n")
+    env = {"PATHGEN_PATCH__PATCH_PX": "448", "PATHGEN_PATCH__TARGET_MPP": "2.0"}
+    s = load_settings(config, ["patch.patch_px=256"], environ=env)
+    assert (s.patch.jpeg_quality, s.patch.target_mpp, s.patch.patch_px) == (70, 2.0, 256)  # file < env < --set
+    # One field of a section, at any layer, keeps the section's other defaults.
+    summarize = s.agents.summarize
+    assert (summarize.model, summarize.prompt, summarize.max_words) == ("m", "summarize.v1", 120)
+    whole = load_settings(overrides=["agents.describe={model: d}"], environ={})
+    assert (whole.agents.describe.model, whole.agents.describe.prompt) == ("d", "describe.v1")
+    # A bare Settings() reads the process environment (and refuses an unknown PATHGEN_* variable there too).
+    monkeypatch.setenv("PATHGEN_PATCH__PATCH_PX", "300")
+    assert Settings().patch.patch_px == 300 and Settings(store="s3://b").store == "s3://b"
+    monkeypatch.setenv("PATHGEN_PATCH__PATCH_P", "300")
+    with pytest.raises(SettingsError, match="PATHGEN_PATCH__PATCH_PX"):
+        Settings()
+
+    # The inputs of one build never leak into another running at the same time.
+    def patch_px_of(px: int) -> int:
+        return load_settings(environ={"PATHGEN_PATCH__PATCH_PX": str(px)}).patch.patch_px
+
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(patch_px_of, range(64, 96)))
+    assert sizes == list(range(64, 96))
+
+
+def test_a_whole_map_replaces_the_lower_layers_map_and_an_entry_joins_it(tmp_path):
+    config = tmp_path / "pathgen.yaml"
+    config.write_text("slides:\n  mpp_overrides: {a: 1, b: 2}\n")
+    assert load_settings(config, environ={}).slides.mpp_overrides == {"a": 1.0, "b": 2.0}
+    entry = load_settings(config, environ={"PATHGEN_SLIDES__MPP_OVERRIDES__C": "3"})
+    assert entry.slides.mpp_overrides == {"a": 1.0, "b": 2.0, "c": 3.0}
+    whole = load_settings(config, ["slides.mpp_overrides={c: 3}", "slides.mpp_overrides.d=4"], environ={})
+    assert whole.slides.mpp_overrides == {"c": 3.0, "d": 4.0}
+    assert load_settings(config, ["slides.mpp_overrides={}"], environ={}).slides.mpp_overrides == {}
+    # The same between the environment and the file, and between the command line and the environment.
+    env = {"PATHGEN_SLIDES__MPP_OVERRIDES": "{z: 3}"}
+    assert load_settings(config, environ=env).slides.mpp_overrides == {"z": 3.0}
+    both = load_settings(config, ["slides.mpp_overrides.d=4"], environ=env)
+    assert both.slides.mpp_overrides == {"z": 3.0, "d": 4.0}

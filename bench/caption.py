@@ -28,7 +28,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,93 +85,135 @@ def direct_generate(backend, requests, sampling, batch_size) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+@dataclass
+class CaptionBench:
+    """One slide extracted into a fresh store, ready to caption: what every round captions again."""
+
+    settings: Any
+    store: Any
+    agents_hash: str
+    units: list
+    items: int  # patches the units hold
+
+    def uncommit(self) -> None:
+        """Remove the committed pair shards and failed tables, so the next run captions the slides again."""
+        from tasks.captions.records import failed_prefix, pairs_prefix
+
+        for prefix in (pairs_prefix(self.agents_hash), failed_prefix(self.agents_hash)):
+            shutil.rmtree(self.store.path(prefix), ignore_errors=True)
+
+
+@dataclass
+class Round:
+    factory_s: float
+    direct_s: float
+    outcomes: list
+    calls: int  # model calls the factory made
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="factory/direct rounds (the median ratio is reported)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    return args
 
+
+def _prepare(tmp: str, patches: int) -> CaptionBench:
+    """CMU-1-Small-Region extracted into a store under ``tmp`` (``patches`` random patches), captions planned."""
     import pyarrow.parquet as pq
 
     from agents import pipeline
     from pathgen.settings import load_settings
-    from tasks.captions.caption import caption_slides
     from tasks.captions.plan import plan_captions
-    from tasks.captions.records import failed_prefix, pairs_prefix, patches_key
+    from tasks.captions.records import patches_key
     from tasks.slides.extract import extract_slide
     from tasks.slides.sources import resolve_sources
     from tasks.store.objects import Store
 
-    with tempfile.TemporaryDirectory(prefix="pathgen-bench-caption-") as tmp:
-        overrides = {
-            "store": f"{tmp}/store",
-            "patch.patch_px": 224,
-            "selection.method": "random",
-            "selection.max_per_slide": args.patches,
-            "agents.model_cache": str(WORK / "models"),
-        }
-        settings = load_settings(overrides=overrides)
-        store = Store(settings.store)
-        extract_slide(resolve_sources([str(CMU)], settings)[0], settings, store)
-        agents_hash = pipeline.CaptionAgents(settings.agents, settings.retries).agents_hash()
-        units = plan_captions(store, agents_hash).pending
-        items = 0
-        for unit in units:
-            with store.open(patches_key(unit)) as handle:
-                items += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
+    overrides = {
+        "store": f"{tmp}/store",
+        "patch.patch_px": 224,
+        "selection.method": "random",
+        "selection.max_per_slide": patches,
+        "agents.model_cache": str(WORK / "models"),
+    }
+    settings = load_settings(overrides=overrides)
+    store = Store(settings.store)
+    extract_slide(resolve_sources([str(CMU)], settings)[0], settings, store)
+    agents_hash = pipeline.CaptionAgents(settings.agents, settings.retries).agents_hash()
+    units = plan_captions(store, agents_hash).pending
+    items = 0
+    for unit in units:
+        with store.open(patches_key(unit)) as handle:
+            items += pq.ParquetFile(handle, pre_buffer=False).metadata.num_rows
+    return CaptionBench(settings, store, agents_hash, units, items)
 
-        def uncommit() -> None:
-            """Remove the committed pair shards and failed tables, so the next run captions the slides again."""
-            for prefix in (pairs_prefix(agents_hash), failed_prefix(agents_hash)):
-                shutil.rmtree(store.path(prefix), ignore_errors=True)
 
-        caption_slides(units, settings, agents_hash)  # warm-up: models loaded, first-call costs paid
-        batch = settings.agents.batch_size
-        real_backend_for = pipeline.backend_for
-        rounds = []  # (factory seconds, direct seconds, outcomes, model calls)
-        first_log: list = []
-        for index in range(args.rounds):
-            uncommit()
-            log: list = []
-            pipeline.backend_for = lambda *a, log=log, **k: Recorder(real_backend_for(*a, **k), log)
-            try:
-                start = time.perf_counter()
-                outcomes = caption_slides(units, settings, agents_hash)
-                factory_s = time.perf_counter() - start
-            finally:
-                pipeline.backend_for = real_backend_for
-            if any(o.status != "ok" for o in outcomes):
-                raise SystemExit(f"round {index + 1}: the factory did not commit every slide: {outcomes}")
-            direct_s = sum(direct_generate(b, reqs, s, batch) for b, reqs, s in log)
-            rounds.append((factory_s, direct_s, outcomes, len(log)))
-            first_log = first_log or log
-        describe_backend, describe_requests, describe_sampling = first_log[0]
-        batched_s = direct_generate(describe_backend, describe_requests, describe_sampling, batch)
-        single_s = direct_generate(describe_backend, describe_requests, describe_sampling, 1)
+def _factory_round(bench: CaptionBench, index: int) -> tuple[Round, list]:
+    """The factory captions the slide again with every backend recorded, then the direct replay of its batches."""
+    from agents import pipeline
+    from tasks.captions.caption import caption_slides
 
-    outcomes = rounds[0][2]
+    bench.uncommit()
+    log: list = []
+    real_backend_for = pipeline.backend_for
+    pipeline.backend_for = lambda *a, **k: Recorder(real_backend_for(*a, **k), log)
+    try:
+        start = time.perf_counter()
+        outcomes = caption_slides(bench.units, bench.settings, bench.agents_hash)
+        factory_s = time.perf_counter() - start
+    finally:
+        pipeline.backend_for = real_backend_for
+    if any(o.status != "ok" for o in outcomes):
+        raise SystemExit(f"round {index + 1}: the factory did not commit every slide: {outcomes}")
+    batch = bench.settings.agents.batch_size
+    direct_s = sum(direct_generate(b, reqs, s, batch) for b, reqs, s in log)
+    return Round(factory_s, direct_s, outcomes, len(log)), log
+
+
+def _report(bench: CaptionBench, rounds: list[Round], batched_s: float, single_s: float) -> None:
+    items, outcomes = bench.items, rounds[0].outcomes
     pairs = sum(o.items for o in outcomes)
     failures = ", ".join(o.columns.get("failures", "") for o in outcomes if o.columns.get("failures"))
     print(
-        f"{len(units)} slide(s), {items} patches; {pairs} pairs, failures {failures or 'none'}; "
-        f"{rounds[0][3]} model calls per run (tiny RANDOM-WEIGHT models on CPU: the captions are noise)"
+        f"{len(bench.units)} slide(s), {items} patches; {pairs} pairs, failures {failures or 'none'}; "
+        f"{rounds[0].calls} model calls per run (tiny RANDOM-WEIGHT models on CPU: the captions are noise)"
     )
     print("round  factory s  patches/s   direct s  patches/s  efficiency")
-    ratios = []
-    for index, (factory_s, direct_s, _outcomes, _calls) in enumerate(rounds, 1):
-        ratios.append(direct_s / factory_s)
+    ratios = [r.direct_s / r.factory_s for r in rounds]
+    for index, (r, ratio) in enumerate(zip(rounds, ratios, strict=True), 1):
         print(
-            f"{index:>5}  {factory_s:9.2f}  {items / factory_s:9.1f}  {direct_s:9.2f}  {items / direct_s:9.1f}"
-            f"  {ratios[-1]:10.2f}"
+            f"{index:>5}  {r.factory_s:9.2f}  {items / r.factory_s:9.1f}  {r.direct_s:9.2f}  {items / r.direct_s:9.1f}"
+            f"  {ratio:10.2f}"
         )
     print(
         "factory: caption_slides (read + 3 roles + validation + commit); direct: model.generate on the same "
         f"batches; median efficiency over {len(ratios)} rounds: {statistics.median(ratios):.2f}"
     )
-    print(f"describe, batches of {batch}: {batched_s:.2f} s; one by one: {single_s:.2f} s")
+    print(f"describe, batches of {bench.settings.agents.batch_size}: {batched_s:.2f} s; one by one: {single_s:.2f} s")
     print(f"caption_efficiency={statistics.median(ratios):.2f} batch_speedup={single_s / batched_s:.2f}")
+
+
+def main() -> None:
+    args = _arguments()
+    from tasks.captions.caption import caption_slides
+
+    with tempfile.TemporaryDirectory(prefix="pathgen-bench-caption-") as tmp:
+        bench = _prepare(tmp, args.patches)
+        caption_slides(bench.units, bench.settings, bench.agents_hash)  # warm-up: models loaded, first-call costs paid
+        rounds, logs = [], []
+        for index in range(args.rounds):
+            result, log = _factory_round(bench, index)
+            rounds.append(result)
+            logs.append(log)
+        describe_backend, describe_requests, describe_sampling = next(log for log in logs if log)[0]
+        batch = bench.settings.agents.batch_size
+        batched_s = direct_generate(describe_backend, describe_requests, describe_sampling, batch)
+        single_s = direct_generate(describe_backend, describe_requests, describe_sampling, 1)
+    _report(bench, rounds, batched_s, single_s)
 
 
 if __name__ == "__main__":

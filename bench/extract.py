@@ -31,6 +31,7 @@ import os
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def run_ours(slide: str, store: str, repeats: int = 2, overrides: dict | None = 
     from pathgen.processes import bound_threads
     from pathgen.settings import load_settings
     from tasks.slides.extract import extract_slide, shard_key
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
     from tasks.slides.shard import read_shard
     from tasks.slides.sources import resolve_sources
     from tasks.store.objects import Store
@@ -56,7 +57,7 @@ def run_ours(slide: str, store: str, repeats: int = 2, overrides: dict | None = 
     # As a pool worker does (worker_process_setup): OpenCV's own thread pool, left at one thread per CPU, would wake
     # threads for every small scoring call and compete with the reader thread.
     bound_threads()
-    with SlideReader(slide) as reader:
+    with open_slide(slide) as reader:
         mpp = reader.info.mpp
     settings = load_settings(overrides={**OVERRIDES, "store": store, "patch.target_mpp": mpp, **(overrides or {})})
     ref = resolve_sources([slide], settings)[0]
@@ -155,51 +156,62 @@ def worker_result(slide: str, store: str, overrides: dict | None = None) -> dict
     return json.loads(worker(slide, store, overrides).communicate()[0])
 
 
-def main() -> None:
+@dataclass
+class Measurements:
+    """Every run's result: ours in one process (with and without its reader thread) and the limit per round, ours
+    in two processes at once, and openslide's best."""
+
+    boxes: list
+    ones: list[dict]
+    serials: list[dict]
+    limits: list[tuple[float, int, float]]  # (seconds, tiles touched, CPU seconds)
+    pair: list[dict]
+    openslide_s: float
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=40_000)
     parser.add_argument("--height", type=int, default=30_000)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of ours and the limit (best of)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from bench.synthetic_slide import build_slide
-    from pathgen.settings import ExtractSettings, PatchSettings
 
-    quality = PatchSettings().jpeg_quality
-    slide = str(build_slide(WORK / f"bench-{args.width}x{args.height}.svs", args.width, args.height))
-    print(f"slide: {slide} ({args.width}x{args.height} px, MPP 0.25, JPEG tiles 256 px)")
-    mp = PATCH_PX * PATCH_PX / 1e6
-
+def _measure(slide: str, rounds: int, quality: int) -> Measurements:
     with tempfile.TemporaryDirectory(prefix="pathgen-bench-") as tmp:
         boxes = run_ours(slide, os.path.join(tmp, "boxes"), repeats=0)["boxes"]  # also warms the page cache
         # On a shared machine the load drifts over minutes: ours and the limit are measured in alternation, round
         # after round, and each keeps its best round, so that neither is timed only while the machine was busy.
         ones, serials, limits = [], [], []
-        for r in range(args.rounds):
+        for r in range(rounds):
             ones.append(worker_result(slide, os.path.join(tmp, f"one-{r}")))
             serials.append(worker_result(slide, os.path.join(tmp, f"serial-{r}"), {"extract.read_ahead": 0}))
             limits.append(run_limit(slide, boxes, quality))
         pair = [worker(slide, os.path.join(tmp, f"two-{i}")) for i in range(2)]
         results = [json.loads(p.communicate()[0]) for p in pair]
-    one = min(ones, key=lambda r: r["seconds"])
-    serial = min(serials, key=lambda r: r["seconds"])
-    limit_s, tiles, _ = min(limits)
-    limit_cpu = min(cpu for _, _, cpu in limits)
-    kept = one["patches"]
-    ours_rate = kept / one["seconds"]
-    # Both processes time their runs while the other one runs too; the slower one bounds the pair.
-    two_rate = sum(r["patches"] for r in results) / max(r["seconds"] for r in results)
     openslide_s = min(run_openslide(slide, boxes, quality) for _ in range(2))
-    openslide_rate = len(boxes) / openslide_s
-    limit_rate = len(boxes) / limit_s
-    serial_rate = serial["patches"] / serial["seconds"]
-    rounds = " ".join(f"{lim / o['seconds']:.2f}" for o, (lim, _, _) in zip(ones, limits, strict=True))
-    serial_cpu = min(r["cpu"] for r in serials)
+    return Measurements(boxes, ones, serials, limits, results, openslide_s)
 
-    print(f"kept patches: {kept} of 672 px; level-0 tiles they touch: {tiles}")
+
+def _report(m: Measurements, read_ahead: int) -> None:
+    mp = PATCH_PX * PATCH_PX / 1e6
+    one = min(m.ones, key=lambda r: r["seconds"])
+    serial = min(m.serials, key=lambda r: r["seconds"])
+    limit_s, tiles, _ = min(m.limits)
+    limit_cpu = min(cpu for _, _, cpu in m.limits)
+    ours_rate = one["patches"] / one["seconds"]
+    # Both processes time their runs while the other one runs too; the slower one bounds the pair.
+    two_rate = sum(r["patches"] for r in m.pair) / max(r["seconds"] for r in m.pair)
+    openslide_rate = len(m.boxes) / m.openslide_s
+    limit_rate = len(m.boxes) / limit_s
+    serial_rate = serial["patches"] / serial["seconds"]
+    rounds = " ".join(f"{lim / o['seconds']:.2f}" for o, (lim, _, _) in zip(m.ones, m.limits, strict=True))
+    serial_cpu = min(r["cpu"] for r in m.serials)
+
+    print(f"kept patches: {one['patches']} of 672 px; level-0 tiles they touch: {tiles}")
     print(
         f"ours, 1 process:   {ours_rate:8.1f} patches/s {ours_rate * mp:8.1f} MP/s  peak {one['peak_mb']:.0f} MB"
-        f"  (with its reader thread decoding ahead, extract.read_ahead={ExtractSettings().read_ahead})"
+        f"  (with its reader thread decoding ahead, extract.read_ahead={read_ahead})"
     )
     print(
         f"ours, 1 process, 1 thread: {serial_rate:8.1f} patches/s {serial_rate * mp:8.1f} MP/s"
@@ -207,7 +219,7 @@ def main() -> None:
     )
     print(
         f"ours, 2 processes: {two_rate:8.1f} patches/s {two_rate * mp:8.1f} MP/s  "
-        f"peak {max(r['peak_mb'] for r in results):.0f} MB per process"
+        f"peak {max(r['peak_mb'] for r in m.pair):.0f} MB per process"
     )
     print(f"openslide per-patch read_region + JPEG: {openslide_rate:8.1f} patches/s {openslide_rate * mp:8.1f} MP/s")
     print(f"limit (decode touched tiles once + encode once): {limit_rate:8.1f} patches/s {limit_rate * mp:8.1f} MP/s")
@@ -218,6 +230,17 @@ def main() -> None:
         f"(cpu_fraction_of_limit={limit_cpu / serial_cpu:.2f})"
     )
     print(f"speedup_vs_openslide={ours_rate / openslide_rate:.2f} fraction_of_limit={ours_rate / limit_rate:.2f}")
+
+
+def main() -> None:
+    args = _arguments()
+    from bench.synthetic_slide import build_slide
+    from pathgen.settings import ExtractSettings, PatchSettings
+
+    slide = str(build_slide(WORK / f"bench-{args.width}x{args.height}.svs", args.width, args.height))
+    print(f"slide: {slide} ({args.width}x{args.height} px, MPP 0.25, JPEG tiles 256 px)")
+    measurements = _measure(slide, args.rounds, PatchSettings().jpeg_quality)
+    _report(measurements, ExtractSettings().read_ahead)
 
 
 if __name__ == "__main__":

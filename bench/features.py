@@ -86,11 +86,11 @@ def prepared_inputs(slide: str, job) -> list:
     import torch
 
     from tasks.features.store import read_features
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
 
     table = read_features(job.store, job.features_hash, Path(slide).stem)
     side, mpp = job.encoder.image_size, job.settings.features.target_mpp
-    with SlideReader(slide) as reader:
+    with open_slide(slide) as reader:
         tensors = [job.encoder.model.prepare(rgb) for rgb in reader.read_boxes(table.boxes.tolist(), mpp, side)]
     size = job.settings.features.batch_size
     return [torch.stack(tensors[i : i + size]) for i in range(0, len(tensors), size)]
@@ -105,17 +105,57 @@ def run_forward(batches: list, job) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=8000, help="level-0 px at 0.25 µm/px (three tissue islands)")
     parser.add_argument("--height", type=int, default=3800)
     parser.add_argument("--encoder", default="ViT-B-16", help="open_clip spec (default: ViT-B-16, random init)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def _describe(slide: str, args: argparse.Namespace, job, threads) -> None:
     import torch
 
+    identity = job.encoder.identity
+    print(f"slide: {slide} ({args.width}x{args.height} px at 0.25 µm/px, real CMU-1 tissue)")
+    random = " RANDOM WEIGHTS (open_clip's random init: realistic cost, noise vectors)"
+    shape = f"{identity['image_size']} px in, {identity['dim']} out"
+    print(f"encoder: {identity['spec']} ({shape}){random if identity['random_weights'] else ''}")
+    print(
+        f"features.target_mpp={job.settings.features.target_mpp} batch_size={args.batch_size} "
+        f"prefetch_batches={job.settings.features.prefetch_batches} torch threads={torch.get_num_threads()} "
+        f"(pathgen threads {threads})"
+    )
+
+
+def _rounds(slide: str, job, rounds: int) -> tuple[list[float], list[float], list[float], int]:
+    """(stage seconds, forward seconds, the encoder's share of each stage run, patches), round after round."""
+    import torch
+
+    size = job.encoder.identity["image_size"]
+    run_forward([torch.zeros(1, 3, size, size)], job)  # first-call allocations are nobody's cost
+    stage_s, forward_s, inside, patches = [], [], [], 0
+    batches = None
+    for round_ in range(rounds):
+        if round_ % 2:  # every other round the forward pass goes first: the order favours neither
+            forward_s.append(run_forward(batches, job))
+        seconds, patches, encoding = run_stage(slide, job)
+        stage_s.append(seconds)
+        inside.append(encoding / seconds)
+        batches = batches or prepared_inputs(slide, job)
+        if not round_ % 2:
+            forward_s.append(run_forward(batches, job))
+        print(
+            f"round {round_ + 1}: stage {stage_s[-1]:.2f} s (encoder {encoding:.2f} s of it), "
+            f"forward alone {forward_s[-1]:.2f} s, {patches} patches"
+        )
+    return stage_s, forward_s, inside, patches
+
+
+def main() -> None:
+    args = _arguments()
     from bench.synthetic_slide import build_slide
     from pathgen.processes import bound_threads
 
@@ -123,33 +163,8 @@ def main() -> None:
     slide = str(build_slide(WORK / f"features-{args.width}x{args.height}.svs", args.width, args.height))
     with tempfile.TemporaryDirectory(prefix="pathgen-bench-features-") as tmp:
         job = _job(str(Path(tmp) / "store"), args.encoder, args.batch_size)
-        identity = job.encoder.identity
-        print(f"slide: {slide} ({args.width}x{args.height} px at 0.25 µm/px, real CMU-1 tissue)")
-        random = " RANDOM WEIGHTS (open_clip's random init: realistic cost, noise vectors)"
-        shape = f"{identity['image_size']} px in, {identity['dim']} out"
-        print(f"encoder: {identity['spec']} ({shape}){random if identity['random_weights'] else ''}")
-        print(
-            f"features.target_mpp={job.settings.features.target_mpp} batch_size={args.batch_size} "
-            f"prefetch_batches={job.settings.features.prefetch_batches} torch threads={torch.get_num_threads()} "
-            f"(pathgen threads {threads})"
-        )
-        warm = torch.zeros(1, 3, identity["image_size"], identity["image_size"])
-        run_forward([warm], job)  # first-call allocations are nobody's cost
-        stage_s, forward_s, inside, patches = [], [], [], 0
-        batches = None
-        for round_ in range(args.rounds):
-            if round_ % 2:  # every other round the forward pass goes first: the order favours neither
-                forward_s.append(run_forward(batches, job))
-            seconds, patches, encoding = run_stage(slide, job)
-            stage_s.append(seconds)
-            inside.append(encoding / seconds)
-            batches = batches or prepared_inputs(slide, job)
-            if not round_ % 2:
-                forward_s.append(run_forward(batches, job))
-            print(
-                f"round {round_ + 1}: stage {stage_s[-1]:.2f} s (encoder {encoding:.2f} s of it), "
-                f"forward alone {forward_s[-1]:.2f} s, {patches} patches"
-            )
+        _describe(slide, args, job, threads)
+        stage_s, forward_s, inside, patches = _rounds(slide, job, args.rounds)
     stage, forward = min(stage_s), min(forward_s)
     print(f"best: stage {stage:.2f} s ({patches / stage:.2f} patches/s), forward alone {forward:.2f} s")
     print(

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,15 +51,9 @@ def with_pairs(ids: list[str]) -> list[str]:
     return ids[::2]
 
 
-def parquet_payloads() -> tuple[bytes, bytes]:
-    """(patch shard, pair shard): each one valid Parquet file of one row, built once and shared by every slide."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from tasks.captions.records import PAIR_SCHEMA
-    from tasks.slides.shard import PATCH_SCHEMA, shard_metadata
-
-    patch = {
+def _patch_row() -> dict[str, Any]:
+    """One patch row, as extraction writes it (the image a minimal JPEG)."""
+    return {
         "patch_id": "0" * 20,
         "slide_id": "bench-slide",
         "source_uri": "file:///bench/bench-slide.svs",
@@ -84,9 +79,12 @@ def parquet_payloads() -> tuple[bytes, bytes]:
         "source_caption": None,
         "image": b"\xff\xd8\xff\xd9",
     }
-    meta = {"pathgen.extraction_hash": "e" * 12, "pathgen.slide_id": "bench-slide"}
+
+
+def _pair_row(patch: dict[str, Any]) -> dict[str, Any]:
+    """The pair captioning ``patch`` makes: its fields but the embedding, and the texts and models."""
     text = {"description": "tissue.", "revised_description": "tissue.", "caption": "tissue.", "created_at": "now"}
-    pair = {
+    return {
         **{k: v for k, v in patch.items() if k != "embedding"},
         **text,
         "revise_changed": False,
@@ -104,16 +102,33 @@ def parquet_payloads() -> tuple[bytes, bytes]:
         "factory_version": "bench",
     }
 
-    def encode(row: dict, schema, kind: str, extra: dict) -> bytes:
-        buffer = io.BytesIO()
-        table = pa.Table.from_pylist([row], schema.with_metadata(shard_metadata(kind, extra)))
-        pq.write_table(table, buffer, compression="zstd")
-        data = buffer.getvalue()
-        assert pq.ParquetFile(io.BytesIO(data)).metadata.num_rows == 1
-        return data
 
+def _one_row_parquet(row: dict[str, Any], schema, kind: str, extra: dict[str, str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.slides.shard import shard_metadata
+
+    buffer = io.BytesIO()
+    table = pa.Table.from_pylist([row], schema.with_metadata(shard_metadata(kind, extra)))
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
+    assert pq.ParquetFile(io.BytesIO(data)).metadata.num_rows == 1
+    return data
+
+
+def parquet_payloads() -> tuple[bytes, bytes]:
+    """(patch shard, pair shard): each one valid Parquet file of one row, built once and shared by every slide."""
+    from tasks.captions.records import PAIR_SCHEMA
+    from tasks.slides.shard import PATCH_SCHEMA
+
+    patch = _patch_row()
+    meta = {"pathgen.extraction_hash": "e" * 12, "pathgen.slide_id": "bench-slide"}
     pair_meta = {**meta, "pathgen.agents_hash": AGENTS_HASH, "pathgen.commit_id": "0" * 32}
-    return encode(patch, PATCH_SCHEMA, "patches", meta), encode(pair, PAIR_SCHEMA, "pairs", pair_meta)
+    return (
+        _one_row_parquet(patch, PATCH_SCHEMA, "patches", meta),
+        _one_row_parquet(_pair_row(patch), PAIR_SCHEMA, "pairs", pair_meta),
+    )
 
 
 def object_sets(n: int) -> tuple[list[str], list[str]]:

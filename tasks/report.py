@@ -235,6 +235,17 @@ def _evaluations(store: Store) -> list[dict[str, Any]]:
 
 
 def _lines(report: dict[str, Any], link) -> list[str]:
+    """The report as text, section by section; ``link(text, key)`` renders a store key (plain, or a hyperlink)."""
+    return [
+        *_slide_lines(report),
+        *_pair_lines(report, link),
+        *_instruct_lines(report, link),
+        *_model_lines(report),
+        *_picture_lines(report["slides"]["pictures"], report["contact_sheets"], link),
+    ]
+
+
+def _slide_lines(report: dict[str, Any]) -> list[str]:
     slides = report["slides"]
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(slides["by_status"].items())) or "none"
     lines = [f"Store: {report['store']}", "", f"Slides: {slides['total']} ({statuses}); {slides['patches']} patches"]
@@ -248,6 +259,11 @@ def _lines(report: dict[str, Any], link) -> list[str]:
         ids = group["slides"]
         lines.append(f"  failed x{len(ids)}, {code}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
         lines.append(f"    for example {ids[0]}: {group['example']}")
+    return lines
+
+
+def _pair_lines(report: dict[str, Any], link) -> list[str]:
+    lines = []
     for pairs in report["pairs"]:
         line = f"Pairs {pairs['agents_hash']}: {pairs['pairs']} pairs from {pairs['slides']} slides, "
         line += f"{pairs['failed_items']} failed items; {link(pairs['prefix'], pairs['prefix'])}"
@@ -255,12 +271,23 @@ def _lines(report: dict[str, Any], link) -> list[str]:
         lines += stats_lines(pairs.get("captions") or {})
         lines += _item_failure_lines(pairs["failures"])
     lines += review_lines(report.get("reviews"), {p["agents_hash"]: p["pairs"] for p in report["pairs"]}, link)
+    return lines
+
+
+def _instruct_lines(report: dict[str, Any], link) -> list[str]:
+    lines = []
     for found in report.get("instruct", []):
         lines.append(
             f"Instruct {found['instruct_hash']}: {found['conversations']} conversations from {found['slides']} "
             f"slides; {link(found['prefix'], found['prefix'])}"
         )
         lines += _item_failure_lines(found["failures"])
+    return lines
+
+
+def _model_lines(report: dict[str, Any]) -> list[str]:
+    """PathGen-LLaVA and PathGen-CLIP stages, then evaluations' headline metrics."""
+    lines = []
     for run in report.get("llava_runs", []):
         for stage in run["stages"]:
             if stage["status"] == "no-data":
@@ -281,13 +308,15 @@ def _lines(report: dict[str, Any], link) -> list[str]:
     for evaluation in report["evaluations"]:
         numbers = ", ".join(f"{k} {v:.3f}" for k, v in evaluation["headline"].items() if isinstance(v, int | float))
         lines.append(f"Eval {evaluation['eval']} on {evaluation['dataset']}: {numbers or 'no headline metric'}")
-    pictures = slides["pictures"]
-    if pictures or report["contact_sheets"]:
-        lines.append("Pictures:")
+    return lines
+
+
+def _picture_lines(pictures: list[dict[str, Any]], contact_sheets: list[str], link) -> list[str]:
+    lines = ["Pictures:"] if pictures or contact_sheets else []
     for picture in pictures:
         found = [link(name, picture[name]) for name in ("thumbnail", "selection") if picture[name]]
         lines.append(f"  {picture['slide_id']}: " + ", ".join(found))
-    for sheet in report["contact_sheets"]:
+    for sheet in contact_sheets:
         lines.append(f"  contact sheet: {link(sheet.rsplit('/', 1)[1], sheet)}")
     return lines
 

@@ -27,9 +27,9 @@ def cmu_dicom(tmp_path_factory) -> Path:
 
 
 def test_a_dicom_series_reads_like_the_slide_it_came_from(cmu_dicom):
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
 
-    reader = SlideReader(str(cmu_dicom))
+    reader = open_slide(str(cmu_dicom))
     assert reader.info.backend == "wsidicom" and (reader.info.width, reader.info.height) == (2220, 2967)
     assert reader.info.mpp == pytest.approx(0.499, abs=1e-3)  # from the DICOM pixel spacing
     ours = reader.read_level(0, 600, 900, 256, 256)

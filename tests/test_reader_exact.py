@@ -13,7 +13,7 @@ import tifffile
 from pathgen.settings import load_settings
 from tasks.selection.plan import ReadBatch, SelectionPlan
 from tasks.slides.passes import SlidePass, write_planned
-from tasks.slides.reader import SlideReader
+from tasks.slides.readers import open_slide
 from tasks.slides.shard import ROWS_PER_GROUP, PatchRecord, PatchShardWriter
 from tasks.slides.sources import resolve_sources
 from tasks.slides.tissue import GridCell
@@ -41,7 +41,7 @@ def _expected(level0: np.ndarray, x: int, y: int, side: int) -> np.ndarray:
 
 @pytest.mark.parametrize("read_ahead", [0, 2])
 def test_read_boxes_equal_an_independent_decode(level0, read_ahead):
-    with SlideReader(str(CMU)) as reader:
+    with open_slide(str(CMU)) as reader:
         assert reader.info.fast_tiles
         patches = list(reader.read_boxes([(x, y, 224, 224) for x, y in BOXES], reader.info.mpp, 224, read_ahead))
     for (x, y), patch in zip(BOXES, patches, strict=True):
@@ -49,7 +49,7 @@ def test_read_boxes_equal_an_independent_decode(level0, read_ahead):
 
 
 def test_read_boxes_at_a_coarser_scale_equal_an_area_resize_of_the_exact_box(level0):
-    with SlideReader(str(CMU)) as reader:
+    with open_slide(str(CMU)) as reader:
         read = int(round(224 * 1.0 / reader.info.mpp))  # 224 px at 1.0 µm/px span this many level-0 px
         patches = list(reader.read_boxes([(x, y, read, read) for x, y in BOXES[:4]], 1.0, 224, read_ahead=2))
     for (x, y), patch in zip(BOXES[:4], patches, strict=True):
@@ -60,18 +60,18 @@ def test_read_boxes_at_a_coarser_scale_equal_an_area_resize_of_the_exact_box(lev
 def test_read_boxes_keep_only_the_tiles_that_boxes_still_to_come_share():
     # 300 px boxes on CMU's 240 px tiles: neighbours share a column of tiles, rows of boxes a row of tiles (8 across)
     boxes = [(x, y, 300, 300) for y in range(0, 2400, 300) for x in range(0, 1800, 300)]
-    with SlideReader(str(CMU)) as reader:
+    with open_slide(str(CMU)) as reader:
         held = [len(reader._cache.items) for _ in reader.read_boxes(boxes, reader.info.mpp, 300)]
         assert reader._cache.misses == 8 * 10  # every tile under the boxes decoded once
         assert max(held[:-6]) <= 8 + 2  # up to the last row of boxes: one row of tiles and the column being shared
         # the rows of tiles under the last box stay for a next call that goes on along them
         assert {ty for _, _, ty in reader._cache.items} == {2100 // 240, 2399 // 240}
-        with SlideReader(str(CMU)) as batched:  # read in two calls split mid-row, as extraction's batches are
+        with open_slide(str(CMU)) as batched:  # read in two calls split mid-row, as extraction's batches are
             for part in (boxes[:27], boxes[27:]):
                 list(batched.read_boxes(part, batched.info.mpp, 300))
             assert batched._cache.misses == 8 * 10
         order = np.random.default_rng(0).permutation(len(boxes))
-        with SlideReader(str(CMU)) as shuffled:
+        with open_slide(str(CMU)) as shuffled:
             patches = list(shuffled.read_boxes([boxes[i] for i in order], shuffled.info.mpp, 300, read_ahead=2))
             assert shuffled._cache.misses == 8 * 10  # any order: a tile stays until its last box has it
         raster = list(reader.read_boxes(boxes, reader.info.mpp, 300))
@@ -141,7 +141,7 @@ def test_all_streams_patches_to_the_shard_while_it_reads(tmp_path):
             events.append("add")
             self.records.extend(records)
 
-    with SlideReader(str(CMU)) as reader:
+    with open_slide(str(CMU)) as reader:
         slide = SlidePass(ref, settings, reader, logging.getLogger("test"))
         real_read = slide.read
 

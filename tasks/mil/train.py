@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -371,6 +371,25 @@ def _train_or_skip(run: _Run, fingerprint: dict, log, on_epoch, on_run_done) -> 
     return done, False
 
 
+def _train_seeds(
+    runs: list[_Run],
+    data_id: str,
+    skipped: list[str],
+    log: Callable[[str], None],
+    on_epoch: EpochCallback | None,
+    on_run_done: RunDoneCallback | None,
+) -> dict[str, Any]:
+    """Every seed of one lr, trained or found finished (appended to ``skipped`` as ``<lr>/<seed>``): the best
+    validation metric per seed and their mean."""
+    per_seed = {}
+    for run in runs:
+        fingerprint = run_fingerprint(data_id, run.model_name, run.recipe, run.lr, run.seed)
+        done, was_done = _train_or_skip(run, fingerprint, log, on_epoch, on_run_done)
+        skipped += [f"{lr_key(run.lr)}/{run.seed}"] if was_done else []
+        per_seed[str(run.seed)] = done["best_val"]
+    return {"per_seed": per_seed, "mean": float(np.mean(list(per_seed.values())))}
+
+
 def train_mil(
     task: Task,
     features: Mapping[str, Tensor],
@@ -396,17 +415,11 @@ def train_mil(
     data_id = data_id or data_digest(data)
     device = resolve_device(device) if isinstance(device, str) else device
     data = _on_device(data, device)
+    skipped: list[str] = []
     grid: dict[str, dict] = {}
-    skipped = []
     for lr in recipe.learning_rates:
-        per_seed = {}
-        for seed in recipe.seeds:
-            run = _Run(data, model_name, recipe, lr, seed, out / lr_key(lr) / str(seed), device)
-            fingerprint = run_fingerprint(data_id, model_name, recipe, lr, seed)
-            done, was_done = _train_or_skip(run, fingerprint, log, on_epoch, on_run_done)
-            skipped += [f"{lr_key(lr)}/{seed}"] if was_done else []
-            per_seed[str(seed)] = done["best_val"]
-        grid[lr_key(lr)] = {"per_seed": per_seed, "mean": float(np.mean(list(per_seed.values())))}
+        runs = [_Run(data, model_name, recipe, lr, seed, out / lr_key(lr) / str(seed), device) for seed in recipe.seeds]
+        grid[lr_key(lr)] = _train_seeds(runs, data_id, skipped, log, on_epoch, on_run_done)
     chosen = max(sorted(recipe.learning_rates), key=lambda lr: grid[lr_key(lr)]["mean"])
     selection = {
         "classes": data.classes,

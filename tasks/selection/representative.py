@@ -11,6 +11,7 @@ next member of its cluster is tried instead (``duplicate_threshold=None`` turns 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,16 +119,26 @@ def select_representative(
         return Selection([], {}, np.zeros(0, np.int64), 0, 0)
     labels, _ = kmeans(embeddings, k, seed)
     kept = _Kept(embeddings, max_per_slide, duplicate_threshold)
+    _offer_top_scores(kept, ((attribute_scores, ATTRIBUTES), (findings_scores, FINDINGS)), top_k)
+    _fill_clusters(kept, labels, k, math.ceil(max_per_slide / k), np.random.default_rng(seed))
+    picks = _pick_counts(kept)
+    return Selection(kept.order, kept.reasons, labels, k, kept.duplicates, picks)
 
-    for scores, reason in ((attribute_scores, ATTRIBUTES), (findings_scores, FINDINGS)):
+
+def _offer_top_scores(kept: _Kept, scored: Iterable[tuple[np.ndarray | None, str]], top_k: int) -> None:
+    """The ``top_k`` best-scoring patches of each retrieval score are offered first, under that score's reason."""
+    for scores, reason in scored:
         if scores is None or top_k == 0:
             continue
         for index in np.argsort(-scores, kind="stable")[:top_k]:
             kept.offer(int(index), reason)
 
-    rng = np.random.default_rng(seed)
-    quota = math.ceil(max_per_slide / k)
-    # Retrieval picks count toward their cluster's share; the rest of each cluster waits in a seeded order.
+
+def _fill_clusters(kept: _Kept, labels: np.ndarray, k: int, quota: int, rng: np.random.Generator) -> None:
+    """Each cluster's patches in a seeded order, one pick per cluster per round, up to ``quota`` per cluster.
+
+    Retrieval picks count toward their cluster's share; one pick per cluster per round means a cap that bites
+    still covers every cluster."""
     taken = np.bincount(labels[kept.order], minlength=k) if kept.order else np.zeros(k, np.int64)
     queues = [
         [int(i) for i in rng.permutation(np.flatnonzero(labels == c)) if int(i) not in kept.reasons] for c in range(k)
@@ -136,7 +147,7 @@ def select_representative(
     progress = True
     while progress and not kept.full():
         progress = False
-        for c in range(k):  # one pick per cluster per round, so a cap that bites still covers every cluster
+        for c in range(k):
             if taken[c] >= quota:
                 continue
             while heads[c] < len(queues[c]) and not kept.full():
@@ -145,9 +156,12 @@ def select_representative(
                     taken[c] += 1
                     progress = True
                     break
-    picks = {
+
+
+def _pick_counts(kept: _Kept) -> dict[str, int]:
+    """How many kept patches each reason picked (a patch picked for two reasons counts for both)."""
+    return {
         "cluster": sum(1 for i in kept.order if any(r.startswith("cluster:") for r in kept.reasons[i])),
         "attributes": sum(1 for i in kept.order if ATTRIBUTES in kept.reasons[i]),
         "findings": sum(1 for i in kept.order if FINDINGS in kept.reasons[i]),
     }
-    return Selection(kept.order, kept.reasons, labels, k, kept.duplicates, picks)

@@ -76,7 +76,9 @@ class SlideRecord(BaseModel):
     width: int | None = None
     height: int | None = None
     levels: list[LevelInfo] = Field(default_factory=list)
-    mpp: float | None = None
+    mpp: float | None = None  # the mean of mpp_x and mpp_y: one figure for the slide
+    mpp_x: float | None = None  # µm per level-0 pixel across; patches are read with each axis at its own scale
+    mpp_y: float | None = None  # µm per level-0 pixel down (None in records written before it was kept)
     mpp_source: str | None = None
     objective_power: float | None = None
     upsampled: bool | None = None

@@ -135,38 +135,49 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return (mask.astype(bool) | holes).astype(np.uint8)
 
 
+def grid_shape(slide_size: tuple[int, int], cell_level0: float | tuple[float, float]) -> tuple[int, int]:
+    """(columns, rows) of full cells of ``cell_level0`` level-0 px (one side, or (across, down) where the slide's
+    pixels are not square) that fit on the slide."""
+    cell_x, cell_y = _cell_axes(cell_level0)
+    return int(slide_size[0] // cell_x), int(slide_size[1] // cell_y)
+
+
+def _cell_axes(cell_level0: float | tuple[float, float]) -> tuple[float, float]:
+    return cell_level0 if isinstance(cell_level0, tuple) else (cell_level0, cell_level0)
+
+
 def grid_cells(
     mask: np.ndarray,
     mask_downsample: float,
     slide_size: tuple[int, int],
-    cell_level0: float,
+    cell_level0: float | tuple[float, float],
     threshold: float,
 ) -> list[GridCell]:
-    """Full cells of side ``cell_level0`` (level-0 px) in raster order whose tissue fraction reaches threshold."""
-    width, height = slide_size
-    cols = int(width // cell_level0)
-    rows = int(height // cell_level0)
+    """Full cells of ``cell_level0`` level-0 px (one side, or (across, down) where the slide's pixels are not
+    square) in raster order whose tissue fraction reaches threshold."""
+    cols, rows = grid_shape(slide_size, cell_level0)
     if cols == 0 or rows == 0:
         return []
+    cell_x, cell_y = _cell_axes(cell_level0)
     integral = cv2.integral(mask.astype(np.uint8))  # (h+1, w+1) running sums: any box sum in O(1)
     mh, mw = mask.shape
-    side = int(round(cell_level0))
+    side_x, side_y = int(round(cell_x)), int(round(cell_y))
     cells: list[GridCell] = []
     for row in range(rows):
-        y = int(round(row * cell_level0))
+        y = int(round(row * cell_y))
         my0 = min(mh, int(y / mask_downsample))
-        my1 = min(mh, max(my0 + 1, int(round((y + side) / mask_downsample))))
+        my1 = min(mh, max(my0 + 1, int(round((y + side_y) / mask_downsample))))
         for col in range(cols):
-            x = int(round(col * cell_level0))
+            x = int(round(col * cell_x))
             mx0 = min(mw, int(x / mask_downsample))
-            mx1 = min(mw, max(mx0 + 1, int(round((x + side) / mask_downsample))))
+            mx1 = min(mw, max(mx0 + 1, int(round((x + side_x) / mask_downsample))))
             area = (my1 - my0) * (mx1 - mx0)
             if area <= 0:
                 continue
             inside = integral[my1, mx1] - integral[my0, mx1] - integral[my1, mx0] + integral[my0, mx0]
             fraction = float(inside) / area
             if fraction >= threshold and fraction > 0:
-                cells.append(GridCell(x, y, side, side, round(fraction, 4)))
+                cells.append(GridCell(x, y, side_x, side_y, round(fraction, 4)))
     return cells
 
 

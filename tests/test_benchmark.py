@@ -90,7 +90,7 @@ def _random_checkpoint(store: Path) -> Path:
 @pytest.mark.prefect
 def test_benchmark_puts_models_side_by_side_from_their_per_task_results(prefect_api, tmp_path, capsys):
     from flows.benchmark import benchmark_flow
-    from pathgen.benchmark_cli import print_summary
+    from pathgen.cli.benchmark import print_summary
     from tasks.benchmark.datasets import formats
     from tasks.report import store_report, text
     from tasks.store.objects import Store
@@ -329,7 +329,7 @@ def test_the_paper_probe_embeds_only_the_images_its_seeds_draw(tmp_path, monkeyp
 
 def test_a_folder_that_is_no_dataset_is_refused_before_anything_runs(tmp_path, capsys):
     from pathgen.cli import main
-    from pathgen.clip_cli import dataset_entry
+    from pathgen.cli.clip import dataset_entry
 
     assert dataset_entry(str(kather.KATHER), None, None) == {"dataset": str(kather.KATHER), "format": "kather2016"}
     from tasks.clip.evaluate import dataset_entry as entry_of  # the one check of evaluate, the flows, clip.evaluate

@@ -11,8 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pathgen.cli as cli
-import pathgen.inspect as inspect_module
+import pathgen.cli.app as cli
+import pathgen.cli.inspect as inspect_module
+from pathgen.cli.export import out_problem
+from pathgen.cli.runs import source_problem
 
 from .conftest import CMU
 
@@ -71,12 +73,12 @@ def test_extract_of_a_glob_matching_no_slide_says_so_at_once(tmp_path):
 
 
 def test_sources_that_exist_or_are_remote_pass_the_check(tmp_path):
-    assert cli.source_problem(str(CMU)) is None
-    assert cli.source_problem(f"file://{CMU}") is None
-    assert cli.source_problem(str(CMU.parent)) is None
-    assert cli.source_problem(str(CMU.parent / "*.svs")) is None
-    assert cli.source_problem("s3://bucket/slides/") is None  # whether it reads is the flow's to find out
-    assert "does not exist" in cli.source_problem(str(tmp_path / "x.svs"))
+    assert source_problem(str(CMU)) is None
+    assert source_problem(f"file://{CMU}") is None
+    assert source_problem(str(CMU.parent)) is None
+    assert source_problem(str(CMU.parent / "*.svs")) is None
+    assert source_problem("s3://bucket/slides/") is None  # whether it reads is the flow's to find out
+    assert "does not exist" in source_problem(str(tmp_path / "x.svs"))
 
 
 # -- export: --out into a missing folder ------------------------------------------------------------------------
@@ -108,10 +110,10 @@ def test_export_pathgen_json_into_a_missing_folder_is_one_sentence(tmp_path):
 
 def test_export_out_checks_by_format(tmp_path):
     (tmp_path / "a-file").write_text("")
-    assert cli._out_problem("webdataset", str(tmp_path / "new" / "tars")) is None  # a folder: made when missing
-    assert "is a file" in cli._out_problem("webdataset", str(tmp_path / "a-file"))
-    assert "is a folder" in cli._out_problem("pathgen-json", str(tmp_path))
-    assert cli._out_problem("pathgen-json", str(tmp_path / "pairs.json")) is None
+    assert out_problem("webdataset", str(tmp_path / "new" / "tars")) is None  # a folder: made when missing
+    assert "is a file" in out_problem("webdataset", str(tmp_path / "a-file"))
+    assert "is a folder" in out_problem("pathgen-json", str(tmp_path))
+    assert out_problem("pathgen-json", str(tmp_path / "pairs.json")) is None
 
 
 # -- inspect: corrupt shards and files that are not stores ------------------------------------------------------
@@ -177,6 +179,6 @@ def test_debug_shows_the_traceback(failing_inspect, argv):
 
 
 def test_debug_after_the_subcommand_does_not_hide_the_global_one():
-    args = cli._parser().parse_args(["--debug", "settings"])
+    args = cli.parser().parse_args(["--debug", "settings"])
     assert args.debug is True
-    assert cli._parser().parse_args(["settings"]).debug is False
+    assert cli.parser().parse_args(["settings"]).debug is False

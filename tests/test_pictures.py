@@ -38,7 +38,8 @@ def test_the_selection_picture_has_a_legend_of_clusters_and_retrieval_picks():
 
 
 def test_a_pair_shards_contact_sheet_shows_large_patches_and_their_captions(captioned_store, tmp_path):
-    from pathgen.inspect import TILE_PX, inspect_url
+    from pathgen.cli.inspect import inspect_url
+    from tasks.contact_sheet import TILE_PX
 
     (pair_shard,) = list((captioned_store / "pairs").glob("*/*.parquet"))
     out = tmp_path / "pairs.png"

@@ -207,7 +207,8 @@ def test_thumbnail_and_selection_pictures_carry_a_random_weights_band():
 
 
 def test_contact_sheets_of_random_weight_patches_and_pairs_carry_the_band(captioned_store, tmp_path, capsys):
-    from pathgen.inspect import _contact_sheet, inspect_url
+    from pathgen.cli.inspect import inspect_url
+    from tasks.contact_sheet import draw_contact_sheet
 
     store_sheet = tmp_path / "store.png"
     assert inspect_url(str(captioned_store), out=str(store_sheet), samples=4) == 0
@@ -225,5 +226,5 @@ def test_contact_sheets_of_random_weight_patches_and_pairs_carry_the_band(captio
     tile = io.BytesIO()
     Image.new("RGB", (64, 64), (230, 200, 220)).save(tile, format="JPEG")
     plain = tmp_path / "plain.png"
-    _contact_sheet([tile.getvalue()], ["slide 0,0"], str(plain))
+    draw_contact_sheet([tile.getvalue()], ["slide 0,0"], str(plain))
     assert _is_red(np.asarray(Image.open(plain).convert("RGB"))).mean() == 0

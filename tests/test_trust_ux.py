@@ -322,7 +322,7 @@ def test_the_report_shows_the_probe_of_evaluations_written_before_the_headline(t
 def test_inspect_writes_the_contact_sheet_under_the_stores_reports_and_says_where(
     extracted_store, tmp_path, monkeypatch, capsys
 ):
-    import pathgen.cli as cli
+    import pathgen.cli.app as cli
 
     store = tmp_path / "store"
     shutil.copytree(extracted_store, store)
@@ -349,7 +349,7 @@ def test_inspect_of_a_read_only_store_says_to_pass_out(extracted_store, tmp_path
     """Everything is printed first; the sheet, which cannot go into the store, is one clear line and exit 1."""
     import errno
 
-    import pathgen.cli as cli
+    import pathgen.cli.app as cli
 
     def read_only(self, key):
         raise OSError(errno.EROFS, "Read-only file system", self.path(key))
@@ -368,7 +368,7 @@ def test_inspect_of_a_read_only_store_says_to_pass_out(extracted_store, tmp_path
 
 def test_inspect_reads_random_weights_without_a_thread_pool(tmp_path, monkeypatch):
     """Arrow's pool threads reading a Python file object can outlive the command and abort the interpreter."""
-    from pathgen import inspect as inspect_module
+    from tasks.contact_sheet import random_pairs
 
     folder = tmp_path / "store" / "pairs" / "dddd"
     folder.mkdir(parents=True)
@@ -381,7 +381,7 @@ def test_inspect_reads_random_weights_without_a_thread_pool(tmp_path, monkeypatc
         return real_read(self, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "read", read)
-    assert inspect_module._random_pairs(Store(str(tmp_path / "store")), "pairs/dddd/s.parquet") is True
+    assert random_pairs(Store(str(tmp_path / "store")), "pairs/dddd/s.parquet") is True
     assert calls == [False]
 
 

@@ -1,2 +1,2 @@
 """``pathgen serve``: a web browser over the store where pathologists look at slides, patches and pairs, and review
-(accept, reject, correct) the pairs. ``app.create_app`` builds it; pathgen/serve_cli.py runs it."""
+(accept, reject, correct) the pairs. ``app.create_app`` builds it; pathgen/cli/serve.py runs it."""

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pathgen.errors import SlideError, short_error
 from pathgen.serve import data, views
-from pathgen.serve.app import PROXY_HELP, ServeContext
+from pathgen.serve.context import PROXY_HELP, ServeContext
 from pathgen.serve.queries import REVIEW_STATES, PairFilter
 from tasks.reviews.store import (
     MAX_CAPTION_CHARS,

@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 
 from pathgen.serve import data, views
 from pathgen.serve.api import MAX_PAGE_SIZE, pair_filter
-from pathgen.serve.app import PROXY_HELP, ServeContext
+from pathgen.serve.context import PROXY_HELP, ServeContext
 from pathgen.serve.queries import REVIEW_STATES, PairFilter
 
 router = APIRouter()

@@ -1,7 +1,7 @@
 """DeepZoom tiles of a slide, for OpenSeadragon: ``openslide.deepzoom.DeepZoomGenerator`` over our slide reader.
 
 The generator asks its slide for ``level_dimensions``, ``level_downsamples``, ``get_best_level_for_downsample`` and
-``read_region``; ``ReaderSlide`` answers them from ``tasks.slides.reader.SlideReader``, the reader the extractor uses,
+``read_region``; ``ReaderSlide`` answers them from ``tasks.slides.readers.SlideReader``, the reader the extractor uses,
 so every slide the factory extracted is served the same way: files OpenSlide opens (through OpenSlide), the TIFFs it
 refuses and slides on S3 (through tiffslide's ranged reads), DICOM series (wsidicom). The DeepZoom format (a ``.dzi``
 XML descriptor, tiles at ``<name>_files/<level>/<col>_<row>.<format>``) is what OpenSeadragon's ``DziTileSource``
@@ -26,7 +26,7 @@ from PIL import Image
 
 from pathgen.errors import SlideError
 from pathgen.settings import S3Settings, TissueSettings
-from tasks.slides.reader import SlideReader
+from tasks.slides.readers import SlideReader, open_slide
 from tasks.slides.tissue import tissue_mask
 from tasks.store.objects import storage_options
 
@@ -93,7 +93,7 @@ class SlideTiles:
             if found is not None:
                 self._open.move_to_end(uri)
                 return found
-        reader = SlideReader(uri, storage_opts=storage_options(uri, self._s3), tile_cache_bytes=READER_CACHE_BYTES)
+        reader = open_slide(uri, storage_opts=storage_options(uri, self._s3), tile_cache_bytes=READER_CACHE_BYTES)
         opened = OpenSlide(reader, DeepZoomGenerator(ReaderSlide(reader), TILE_PX, OVERLAP_PX), threading.Lock())
         with self._lock:
             raced = self._open.get(uri)

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from pathgen.serve import data
-from pathgen.serve.app import OPENSEADRAGON_FETCH, ServeContext
+from pathgen.serve.context import OPENSEADRAGON_FETCH, ServeContext
 from pathgen.serve.queries import PairFilter, page_pairs
 from tasks.reviews.store import REJECT_REASONS, latest, review_history
 

@@ -28,9 +28,9 @@ from tasks.clip.spec import (
     local_checkpoint,
     parse_model_spec,
     quick_gelu_name,
+    register_model_configs,
 )
 
-MODEL_CONFIGS = Path(__file__).parent / "data" / "open_clip"
 RANDOM_WEIGHTS_WARNING = (
     "selection embeddings come from {model} with RANDOM WEIGHTS (no pretrained weights, or a checkpoint trained "
     "from random initialisation): clusters and retrieval picks are noise; set embedding.model and "
@@ -42,11 +42,7 @@ _models: dict[tuple, EmbeddingModel] = {}
 _models_lock = threading.Lock()
 
 
-def _register_configs() -> None:
-    import open_clip
-
-    if TINY_RANDOM not in open_clip.list_models():
-        open_clip.add_model_config(MODEL_CONFIGS)
+_register_configs = register_model_configs  # the name the other stages and the tests import
 
 
 @dataclass(eq=False)  # identity hash: one loaded model per process, usable as a cache key

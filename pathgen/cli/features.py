@@ -1,5 +1,5 @@
 """``pathgen features SOURCE... [--encoder SPEC]``: every tissue patch of each slide through an encoder, into
-``features/<features_hash>/`` in the store; and ``pathgen export features --format h5`` (called by pathgen/cli.py).
+``features/<features_hash>/`` in the store (``pathgen export features --format h5`` writes them as h5 files).
 
 Exit codes as ``pathgen extract``: 0 when at least one slide succeeded, 1 when none did (or the encoder cannot be
 had: the slides stay pending), 2 for bad usage or settings (a missing local SOURCE).
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-EXIT_OK, EXIT_NONE_SUCCEEDED, EXIT_USAGE = 0, 1, 2
+from pathgen.cli.args import Commands, parts_arg, settings_args, store_arg
+from pathgen.cli.runs import run_slide_flow
+from pathgen.errors import redact_urls
+
 COMMAND = "features"
 RANDOM_FEATURES = (
     "  RANDOM WEIGHTS: the encoder has no pretrained weights (or was trained from random initialisation), so these\n"
@@ -19,11 +21,9 @@ RANDOM_FEATURES = (
 )
 
 
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
-    from pathgen.cli import store_arg
-
-    features = sub.add_parser(
-        COMMAND, parents=[common], help="encode every tissue patch of each slide (slide features for MIL)"
+def register(commands: Commands) -> None:
+    features = commands.add(
+        COMMAND, encode_slides, help="encode every tissue patch of each slide (slide features for MIL)"
     )
     features.add_argument(
         "sources",
@@ -43,11 +43,8 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     settings_args(features)
 
 
-def features(args: argparse.Namespace) -> int:
-    from flows.features import features_flow
-    from pathgen.cli import run_slide_flow
-
-    return run_slide_flow(COMMAND, args, features_flow, print_summary, encoder=_encoder_argument(args.encoder))
+def encode_slides(args: argparse.Namespace) -> int:
+    return run_slide_flow(COMMAND, args, _features_flow, print_summary, encoder=_encoder_argument(args.encoder))
 
 
 def print_summary(summary: dict) -> None:
@@ -75,36 +72,16 @@ def print_summary(summary: dict) -> None:
     )
 
 
-def export_features(args: argparse.Namespace, settings) -> int:
-    """``pathgen export features --format h5 --out DIR [--features-hash HASH]``."""
-    from tasks.features.export import FeaturesNotFound, choose_features_hash, export_h5
-    from tasks.features.store import manifest_key
-    from tasks.store.objects import Store
-
-    store = Store(settings.store, settings.s3)
-    try:
-        chosen = choose_features_hash(store, args.features_hash)
-        written = export_h5(store, chosen, args.out)
-    except FeaturesNotFound as exc:
-        print(f"pathgen export: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    manifest = store.read_json(manifest_key(chosen))
-    print(f"wrote {len(written)} slides to {args.out} as <slide_id>.h5 (features N x D, coords N x 2 level-0)")
-    print(f"features_hash: {chosen}  (encoder {manifest['encoder']['spec']}, {manifest['encoder']['dim']} dimensions)")
-    if manifest.get("random_weights"):
-        print("RANDOM WEIGHTS: these features come from an encoder without pretrained weights; they are noise")
-    return EXIT_OK if written else EXIT_NONE_SUCCEEDED
-
-
-COMMANDS = {COMMAND: features}
-
-
 def _encoder_argument(spec: str | None) -> str | None:
     """``--encoder`` as the flow's parameter; one with credentials in a URL goes to this process's environment
     (``features.encoder``, where the settings read it) instead, since Prefect stores and shows flow parameters."""
-    from pathgen.errors import redact_urls
-
     if spec and redact_urls(spec) != spec:
         os.environ["PATHGEN_FEATURES__ENCODER"] = spec
         return None
     return spec
+
+
+def _features_flow():
+    from flows.features import features_flow  # Prefect with it: only once the command line has been checked
+
+    return features_flow

@@ -11,16 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
+from pathgen.local_api import api_server
+from pathgen.settings import load_settings
+
 COMMAND = "benchmark"
 
 
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
-    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
-
-    bench = sub.add_parser(
+def register(commands: Commands) -> None:
+    bench = commands.add(
         COMMAND,
-        parents=[common],
+        benchmark,
         help="evaluate models on every benchmark dataset under a folder, side by side (eval/benchmark/<run>/)",
     )
     bench.add_argument(
@@ -50,10 +51,6 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from pathgen.cli import overrides_of
-    from pathgen.local_api import api_server
-    from pathgen.settings import load_settings
-
     overrides = overrides_of(args)
     settings = load_settings(args.config, overrides)
     problem = _usage_problem(args, settings)
@@ -121,6 +118,3 @@ def print_summary(summary: dict) -> int:
     runs = ", ".join(m["eval_run"] for m in summary["models"])
     print(f"per task: eval/benchmark/{summary['run']}/<eval_run>/<task>.json ({runs}; the newest in eval/<eval_run>/)")
     return EXIT_FAILED if summary["failed"] else EXIT_OK
-
-
-COMMANDS = {COMMAND: benchmark}

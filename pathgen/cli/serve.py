@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from pathgen.cli.args import EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
+from pathgen.settings import load_settings
+
 COMMAND = "serve"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
 EPILOG = """Reviewer identity: each review is stored under --reviewer NAME. The app binds to 127.0.0.1 by default:
@@ -25,12 +27,10 @@ reviewer, over --reviewer. Requests must name 127.0.0.1, localhost, --host or on
   pathgen serve --store URL --behind-proxy"""
 
 
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
-    from pathgen.cli import store_arg
-
-    serve = sub.add_parser(
+def register(commands: Commands) -> None:
+    serve = commands.add(
         COMMAND,
-        parents=[common],
+        serve_store,
         help="browse the slides, patches and pairs of a store in a web browser, and review the pairs",
         description="A web app over the store: /slides, /slides/<slide_id>, /patches/<patch_id>, /pairs, and a JSON "
         "API under /api/. It writes nothing but reviews (reviews/<agents_hash>/<slide_id>.parquet).",
@@ -51,9 +51,7 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     settings_args(serve)
 
 
-def serve(args: argparse.Namespace) -> int:
-    from pathgen.cli import overrides_of
-    from pathgen.settings import load_settings
+def serve_store(args: argparse.Namespace) -> int:
     from tasks.store.objects import Store, StoreError
 
     overrides = overrides_of(args) | ({"serve.trust_reviewer_header": True} if args.behind_proxy else {})
@@ -92,6 +90,3 @@ def serve(args: argparse.Namespace) -> int:
         print(f"  answers only requests for the hosts {hosts}; name others in serve.allowed_hosts")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
-
-
-COMMANDS = {COMMAND: serve}

@@ -1,52 +1,44 @@
-"""``pathgen export webdataset``, ``pathgen train-clip`` and ``pathgen evaluate``: run the flows, print what they
-made and where."""
+"""``pathgen train-clip`` and ``pathgen evaluate``: run the flows, print what they made and where."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
 from pathgen.local_api import api_server
-from pathgen.settings import Settings
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def export_webdataset(args: argparse.Namespace, settings: Settings) -> int:
-    from tasks.captions.export import agents_hashes
-    from tasks.clip.webdataset import export_pairs
-    from tasks.reviews.report import review_line
-    from tasks.store.objects import Store
+def register(commands: Commands) -> None:
+    train = commands.add("train-clip", train_clip, help="train PathGen-CLIP on the pairs with open_clip's trainer")
+    store_arg(train)
+    settings_args(train)
 
-    store = Store(settings.store, settings.s3)
-    hashes = agents_hashes(store)
-    chosen = args.agents_hash or (hashes[0] if len(hashes) == 1 else None)
-    if chosen not in hashes:
-        print(
-            f"pathgen export: choose the pairs with --agents-hash (found: {', '.join(hashes) or 'none'})",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    try:
-        summary = export_pairs(
-            store, chosen, Path(args.out), settings.clip.holdout_fraction, None, settings.export.reviews
-        )
-    except ValueError as exc:  # an unreadable review file: named, with the way around it
-        print(f"pathgen export: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(
-        f"wrote {summary.pairs} training pairs in {summary.tars} tars to {summary.out} "
-        f"({summary.holdout_pairs} held out in {summary.out}/holdout; {summary.written} tars rewritten; "
-        f"{summary.pairs_per_s:.0f} pairs/s)"
+    evaluate_parser = commands.add(
+        "evaluate", evaluate, help="zero-shot, linear-probe and retrieval evaluation of a CLIP model"
     )
-    print(review_line(summary.reviews))
-    if summary.random_weights:
-        print("RANDOM WEIGHTS: these captions come from tiny random-weight models and are noise")
-    return EXIT_OK if summary.pairs else EXIT_FAILED
+    evaluate_parser.add_argument(
+        "--dataset", metavar="DIR", required=True, help="a benchmark dataset as downloaded, or one folder per class"
+    )
+    evaluate_parser.add_argument(
+        "--format",
+        dest="dataset_format",
+        metavar="NAME",
+        help="the dataset's format (pcam, crc100k, ...: tasks/benchmark/readers/); default: detected from its files",
+    )
+    evaluate_parser.add_argument(
+        "--classes", metavar="FILE", help="JSON: folder -> class names [templates], for one folder per class"
+    )
+    evaluate_parser.add_argument(
+        "--model", metavar="NAME_OR_PATH", help="ViT-B-16:openai, a checkpoint path; default: newest in the store"
+    )
+    evaluate_parser.add_argument("--holdout", metavar="DIR", help="held-out pair tars for retrieval recall")
+    store_arg(evaluate_parser, "where eval/<run>/ goes and checkpoints are looked up")
+    settings_args(evaluate_parser)
 
 
-def train_clip(args: argparse.Namespace, overrides: dict) -> int:
+def train_clip(args: argparse.Namespace) -> int:
+    overrides = overrides_of(args)
     from flows.train_clip import train_clip_flow
 
     with api_server():
@@ -55,6 +47,14 @@ def train_clip(args: argparse.Namespace, overrides: dict) -> int:
         print(f"pathgen train-clip: {state.result(raise_on_failure=False)}", file=sys.stderr)
         return EXIT_FAILED
     summary = state.result()
+    print_training(summary)
+    if summary["error"]:
+        print(f"pathgen train-clip: {summary['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def print_training(summary: dict) -> None:
     for stage in summary["stages"]:
         print(
             f"{stage['stage']}: {stage['status']}  {stage['items']} pairs  {stage.get('steps', 0)} steps  "
@@ -69,13 +69,10 @@ def train_clip(args: argparse.Namespace, overrides: dict) -> int:
             f"RANDOM WEIGHTS: {summary.get('model', 'the model')} was trained from random initialisation; set "
             "clip.pretrained (with clip.model) to start from trained weights"
         )
-    if summary["error"]:
-        print(f"pathgen train-clip: {summary['error']}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
 
 
-def evaluate(args: argparse.Namespace, overrides: dict) -> int:
+def evaluate(args: argparse.Namespace) -> int:
+    overrides = overrides_of(args)
     from flows.evaluate import evaluate_flow
 
     try:

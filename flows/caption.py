@@ -24,9 +24,8 @@ from tasks.captions.records import failed_prefix, pairs_prefix
 from tasks.models import require_real_models
 from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
-from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
-from tasks.work.runner import Stage, open_store, run_plan
-from tasks.work.units import log_pending, tally
+from tasks.work.runner import Finish, Parts, Stage, open_store, run_stage
+from tasks.work.units import UnitPlan
 
 
 class NoPatchShardsError(ValueError):
@@ -64,49 +63,37 @@ def caption_flow(
     require_patch_shards(settings)  # caption before extract: a clear error, before models load or the store is made
     # Resolved before any work: an unreachable model server fails the run here, with every slide still pending.
     agents_hash = agents_hash_of(settings.agents, identities(settings.agents, settings.retries))
-    if parts > 1 and part is None:
-        parameters = {"store": store, "config": config, "overrides": overrides}
-        summary = run_parts("caption", caption_flow, parameters, parts, logger, settings.parts.timeout_seconds)
-        return _finish(summary, settings, logger, agents_hash)
-    record_worker("caption", part, parts)
-    target = open_store(settings, [pairs_prefix(agents_hash), failed_prefix(agents_hash)], logger)
-    plan = plan_captions(target, agents_hash, part, parts)
-    name_flow_run(f"caption-{agents_hash}-{len(plan.pending)}-slides", part, parts)
-    logger.info("agents %s: %d slides done, %d pending", agents_hash, len(plan.done), len(plan.pending))
-    stage = Stage(
+    parameters = {"store": store, "config": config, "overrides": overrides}
+    stage = caption_stage(settings, agents_hash, Parts(parts, part, caption_flow, parameters))
+
+    def plan() -> UnitPlan:
+        target = open_store(settings, [pairs_prefix(agents_hash), failed_prefix(agents_hash)], logger)
+        return plan_captions(target, agents_hash, part, parts)
+
+    return run_stage(stage, plan, settings, logger)
+
+
+def caption_stage(settings: Settings, agents_hash: str, parts: Parts) -> Stage:
+    """Slide groups of ``agents.slides_per_task`` (one model batch spans a group), ``agents.concurrency`` at once;
+    its items are pairs, and its failed items patches no caption could be written for."""
+    where = f"{settings.store.rstrip('/')}/{pairs_prefix(agents_hash)}"
+    return Stage(
         "caption",
         caption_slides_task,
         unit_id=str,
         concurrency=settings.agents.concurrency,
         tags=["gpu"],
         extra={"agents_hash": agents_hash},
-        table_description=f"Captioning into {target.uri(pairs_prefix(agents_hash))}",
+        table_description=f"Captioning into {where}",
+        group_size=settings.agents.slides_per_task,
+        run_name=f"caption-{agents_hash}",
+        parts=parts,
+        finish=Finish(
+            items="pairs",
+            where=where,
+            random_warning="captions come from tiny RANDOM-WEIGHT models: they are noise, not descriptions",
+            fields={"store": settings.store, "agents_hash": agents_hash, "pairs_prefix": where},
+            tallies=("failures",),
+            maxima=("max_tokens",),
+        ),
     )
-    # Its failed count is of patches, not slides.
-    summary, outcomes = run_plan(stage, plan, settings.agents.slides_per_task, settings, logger)
-    summary["agents_hash"] = agents_hash
-    summary = _finish(summary, settings, logger, agents_hash, outcomes)
-    publish_summary(summary)
-    return summary
-
-
-def _finish(summary: dict, settings, logger, agents_hash: str, outcomes=None) -> dict[str, Any]:
-    failures = tally(outcomes or [], "failures")
-    summary.update(
-        store=settings.store,
-        agents_hash=agents_hash,
-        pairs=summary["items"],
-        pairs_prefix=f"{settings.store.rstrip('/')}/{pairs_prefix(agents_hash)}",
-        failures=failures,
-        max_tokens=max([int(o.columns.get("max_tokens", 0)) for o in outcomes or []] + [summary.get("max_tokens", 0)]),
-    )
-    log_pending(summary, logger, "captions come from tiny RANDOM-WEIGHT models: they are noise, not descriptions")
-    logger.info(
-        "%d pairs, %d failed items (%s), %d slides pending, in %s",
-        summary["pairs"],
-        summary["failed"],
-        failures,
-        summary["pending"],
-        summary["pairs_prefix"],
-    )
-    return summary

@@ -88,9 +88,10 @@ def evaluate_flow(
         extra={"model": spec.label, "eval_run": eval_run},
         units="datasets",
         unit_column="dataset",
+        unit_key="dataset",
     )
     outcomes = run_units(stage, [units], settings, logger)
-    summary = summarize("evaluate", outcomes)
+    summary = summarize("evaluate", outcomes, stage.units, stage.unit_key)
     summary.update(model=spec.label, eval_run=eval_run, results=[o.row("dataset") for o in outcomes])
     summary["eval_prefix"] = target.uri(f"eval/{eval_run}")
     summary["random_weights"] = bool(spec.random_weights or summary["random_weights"])

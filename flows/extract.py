@@ -1,4 +1,5 @@
-"""Slides to patch shards: resolve sources, take this run's part, extract slide groups with bounded concurrency.
+"""Slides to patch shards: resolve sources, take this run's part, plan from the store which slides still lack their
+current extraction, and extract the others in slide groups with bounded concurrency.
 
 A run in which some slides fail ends Completed and lists them; it fails only when no slide succeeded or the
 settings are wrong. Slides whose storage failed stay pending (nothing written) and are listed as such.
@@ -10,13 +11,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pathgen.settings import run_settings
+from pathgen.settings import Settings, run_settings
 from tasks.models import require_real_models
-from tasks.slides.extract import extract_slides_task
-from tasks.slides.sources import resolve_sources
-from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts, source_label
-from tasks.work.runner import Stage, open_store, run_units
-from tasks.work.units import NoSlideSucceeded, finish_slides, groups_of, in_part, summarize
+from tasks.slides.extract import extract_slides_task, part_refs, plan_extraction
+from tasks.store.objects import Store
+from tasks.work.parts import source_label
+from tasks.work.runner import Finish, Parts, Stage, open_store, run_stage
+from tasks.work.units import UnitPlan
+
+RANDOM_SELECTION = "selection used random-weight embeddings (tiny-random): the picks are noise, not a selection"
 
 
 @flow(name="extract", description="Whole-slide images to patch shards (slides/, patches/ in the store).")
@@ -32,42 +35,37 @@ def extract_flow(
     logger = get_run_logger()
     settings = run_settings(store, config, overrides)
     require_real_models(settings, ["extract"])  # before any work: production refuses random-weight embeddings
-    if parts > 1 and part is None:
-        parameters = {
-            "sources": sources,
-            "store": store,
-            "config": config,
-            "overrides": overrides,
-            "processes": processes,
-        }
-        summary = run_parts("extract", extract_flow, parameters, parts, logger, settings.parts.timeout_seconds)
-        return _finish(summary, settings.store, logger)
-    record_worker("extract", part, parts)
-    target = open_store(settings, ["patches", "slides"], logger)
-    refs = in_part(resolve_sources(list(sources) or settings.sources, settings), part, parts, key=lambda r: r.slide_id)
-    if not refs and part is None:
-        raise NoSlideSucceeded(f"no slides found in {list(sources) or settings.sources}; check the source paths")
-    groups = groups_of(refs, settings.extract.group_size)
-    # Representative selection embeds patches: tagged gpu, so a tag concurrency limit can match the GPUs.
-    gpu = ["gpu"] if settings.selection.method == "representative" else []
-    stage = Stage(
+    chosen = list(sources) or settings.sources
+    parameters = {"sources": sources, "store": store, "config": config, "overrides": overrides, "processes": processes}
+    stage = extract_stage(settings, processes, Parts(parts, part, extract_flow, parameters), source_label(chosen))
+
+    def plan() -> UnitPlan:
+        target = open_store(settings, ["patches", "slides"], logger)
+        return plan_extraction(part_refs(chosen, settings, part, parts), settings, target)
+
+    return run_stage(stage, plan, settings, logger)
+
+
+def extract_stage(settings: Settings, processes: bool, parts: Parts, label: str) -> Stage:
+    """Slide groups of ``extract.group_size``, ``extract.concurrency`` at once, in worker processes or threads."""
+    url = Store(settings.store, settings.s3).url
+    return Stage(
         "extract",
         extract_slides_task,
         unit_id=lambda ref: ref.slide_id,
         concurrency=settings.extract.concurrency,
         processes=processes,
-        tags=gpu,
-        table_description=f"Extraction into {target.url}",
+        # Representative selection embeds patches: tagged gpu, so a tag concurrency limit can match the GPUs.
+        tags=["gpu"] if settings.selection.method == "representative" else [],
+        table_description=f"Extraction into {url}",
+        group_size=settings.extract.group_size,
+        run_name=f"extract-{label}",
+        parts=parts,
+        finish=Finish(
+            items="patches",
+            where=url,
+            random_warning=RANDOM_SELECTION,
+            required=True,
+            fields={"store": url, "selection": settings.selection.method},
+        ),
     )
-    name_flow_run(f"extract-{source_label(list(sources) or settings.sources)}-{len(refs)}-slides", part, parts)
-    logger.info("%d slides in %d groups into %s", len(refs), len(groups), target.url)
-    summary = summarize("extract", run_units(stage, groups, settings, logger))
-    summary["selection"] = settings.selection.method
-    publish_summary(summary)
-    return _finish(summary, target.url, logger, required=part is None)
-
-
-def _finish(summary: dict[str, Any], store_url: str, logger, required: bool = True) -> dict[str, Any]:
-    summary["store"] = store_url
-    warning = "selection used random-weight embeddings (tiny-random): the picks are noise, not a selection"
-    return finish_slides(summary, store_url, logger, warning, required)

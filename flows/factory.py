@@ -14,6 +14,7 @@ artifact: each stage's state, counts and throughput, then what the store holds (
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from flows.train_clip import train_clip_flow
 from flows.train_llava import train_llava_flow
 from flows.train_mil import train_mil_flow
 from pathgen.settings import Settings, SettingsError, run_settings
+from tasks.contact_sheet import UnreadableShard, sample_patches, write_contact_sheet
 from tasks.mil.metrics import mean_std_text
 from tasks.models import DEFAULT_STAGES, STAGES, require_real_models
 from tasks.report import markdown, store_report
@@ -198,19 +200,21 @@ def _stage_row(
     return row
 
 
+UNIT_COUNTS = ("ok", "skipped", "failed", "pending")  # failed: units (slides), as in every stage's summary
+SLIDE_STAGE_COUNTS = {  # a slide stage's own entries: its items, the items that failed inside committed slides, ...
+    "extract": ("patches",),
+    "features": ("patches", "features_hash", "encoder"),
+    "caption": ("pairs", "failed_items", "agents_hash"),
+    "instruct": ("conversations", "failed_items"),
+}
+
+
 def _counts(stage: str, result: dict[str, Any]) -> dict[str, Any]:
-    if stage == "extract":
-        counts = {key: result.get(key) for key in ("ok", "skipped", "failed", "pending", "patches")}
-    elif stage == "caption":
-        counts = {key: result.get(key) for key in ("ok", "skipped", "pending", "pairs", "failed", "agents_hash")}
-    elif stage == "instruct":
-        counts = {key: result.get(key) for key in ("ok", "skipped", "pending", "conversations", "failed")}
+    if stage in SLIDE_STAGE_COUNTS:
+        counts = {key: result.get(key) for key in (*UNIT_COUNTS, *SLIDE_STAGE_COUNTS[stage])}
     elif stage in ("train-clip", "train-llava"):
         trained = ", ".join(f"{s['stage']} {s['status']}" for s in result["stages"])
         counts = {"run": result.get("run"), "stages": trained}
-    elif stage == "features":
-        counts = {key: result.get(key) for key in ("ok", "skipped", "failed", "pending", "features_hash", "encoder")}
-        counts["patches"] = result.get("patches", result.get("items"))
     elif stage == "train-mil":
         counts = {key: result.get(key) for key in ("run", "status", "model", "features", "chosen_lr", "eval")}
         counts["auc"] = mean_std_text(*((result.get(k) or {}).get("auc") for k in ("mean", "std")), missing=None)
@@ -253,15 +257,9 @@ def _publish(settings: Settings, rows: list[dict[str, Any]]) -> str:
 
 
 def _contact_sheet(store: Store) -> None:
-    """``reports/contact-sheet.png``: sample patches with their captions (``pathgen inspect``), for the report."""
-    import contextlib
-    import io
-    import tempfile
-    from pathlib import Path
-
-    from pathgen.inspect import inspect_url
-
-    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
-        sheet = Path(folder) / "contact-sheet.png"
-        if inspect_url(store.url, out=str(sheet)) == 0 and sheet.exists():
-            store.put_file(sheet, "reports/contact-sheet.png")
+    """``reports/contact-sheet.png``: sample patches (as ``pathgen inspect`` draws them), for the report; a shard
+    that cannot be read as Parquet leaves the report without it."""
+    shards = store.list("patches", ".parquet")
+    if shards:
+        with contextlib.suppress(UnreadableShard):
+            write_contact_sheet(store, sample_patches(store, shards))

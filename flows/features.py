@@ -16,15 +16,15 @@ from prefect import flow, get_run_logger
 from pathgen.errors import redact_urls
 from pathgen.settings import Settings, run_settings
 from tasks.features.encoder import RANDOM_WEIGHTS_WARNING, encoder_identity, resolve_encoder_spec
-from tasks.features.extract import feature_slides_task
+from tasks.features.extract import feature_slides_task, plan_featuring
 from tasks.features.hashing import features_hash, hash_inputs
 from tasks.features.store import features_prefix, manifest_key
 from tasks.models import RandomWeightsRefused
-from tasks.slides.sources import resolve_sources
+from tasks.slides.extract import part_refs
 from tasks.store.objects import Store
-from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts, source_label
-from tasks.work.runner import Stage, open_store, run_units
-from tasks.work.units import NoSlideSucceeded, finish_slides, groups_of, in_part, summarize
+from tasks.work.parts import source_label
+from tasks.work.runner import Finish, Parts, Stage, open_store, run_stage
+from tasks.work.units import UnitPlan
 
 
 @flow(name="features", description="Every tissue patch of each slide through an encoder (features/ in the store).")
@@ -45,25 +45,41 @@ def features_flow(
     identity = encoder_identity(spec)  # ModelUnavailable here: nothing starts, every slide stays pending
     _refuse_random(settings, identity)
     fhash = features_hash(settings, identity)
-    if parts > 1 and part is None:
-        # Prefect records flow parameters: a spec holding credentials (NAME:s3://user:secret@...) is resolved again
-        # by each part from its settings (the environment) instead of travelling as a parameter.
-        parameters = {
-            "sources": sources,
-            "encoder": spec if redact_urls(spec) == spec else None,
-            "store": store,
-            "config": config,
-            "overrides": overrides,
-            "processes": processes,
-        }
-        summary = run_parts("features", features_flow, parameters, parts, logger, settings.parts.timeout_seconds)
-        return _finish(summary, target, identity, fhash, logger)
-    record_worker("features", part, parts)
-    refs = in_part(resolve_sources(list(sources) or settings.sources, settings), part, parts, key=lambda r: r.slide_id)
-    if not refs and part is None:
-        raise NoSlideSucceeded(f"no slides found in {list(sources) or settings.sources}; check the source paths")
-    write_manifest(target, settings, identity, fhash)
-    stage = Stage(
+    chosen = list(sources) or settings.sources
+    # Prefect records flow parameters: a spec holding credentials (NAME:s3://user:secret@...) is resolved again by
+    # each part from its settings (the environment) instead of travelling as a parameter.
+    parameters = {
+        "sources": sources,
+        "encoder": spec if redact_urls(spec) == spec else None,
+        "store": store,
+        "config": config,
+        "overrides": overrides,
+        "processes": processes,
+    }
+    parts_of_run = Parts(parts, part, features_flow, parameters)
+    stage = features_stage(settings, target, spec, identity, fhash, processes, parts_of_run, source_label(chosen))
+
+    def plan() -> UnitPlan:
+        refs = part_refs(chosen, settings, part, parts)
+        write_manifest(target, settings, identity, fhash)
+        return plan_featuring(refs, settings, target, identity, fhash)
+
+    return run_stage(stage, plan, settings, logger)
+
+
+def features_stage(
+    settings: Settings,
+    store: Store,
+    spec: str,
+    identity: dict[str, Any],
+    fhash: str,
+    processes: bool,
+    parts: Parts,
+    label: str,
+) -> Stage:
+    """Slide groups of ``features.group_size``, ``features.concurrency`` at once, through the encoder ``spec``."""
+    where = store.uri(features_prefix(fhash))
+    return Stage(
         "features",
         feature_slides_task,
         unit_id=lambda ref: ref.slide_id,
@@ -71,18 +87,25 @@ def features_flow(
         processes=processes,
         tags=["gpu"],  # the encoder runs on the worker's GPU: a tag concurrency limit can match the GPUs
         extra={"encoder": spec, "identity": identity, "features_hash": fhash},
-        table_description=f"Features {fhash} ({identity['spec']}) into {target.url}",
+        table_description=f"Features {fhash} ({identity['spec']}) into {store.url}",
+        group_size=settings.features.group_size,
+        run_name=f"features-{label}",
+        parts=parts,
+        finish=Finish(
+            items="patches",
+            where=where,
+            random_warning=RANDOM_WEIGHTS_WARNING.format(model=identity["spec"]),
+            random_weights=bool(identity["random_weights"]),
+            required=True,
+            fields={
+                "store": store.url,
+                "features_hash": fhash,
+                "encoder": identity["spec"],
+                "dim": identity["dim"],
+                "features": where,
+            },
+        ),
     )
-    name_flow_run(f"features-{source_label(list(sources) or settings.sources)}-{len(refs)}-slides", part, parts)
-    groups = groups_of(refs, settings.features.group_size)
-    logger.info(
-        "%d slides in %d groups through %s (features %s) into %s",
-        *(len(refs), len(groups), identity["spec"], fhash, target.url),
-    )
-    summary = summarize("features", run_units(stage, groups, settings, logger))
-    summary["random_weights"] = summary["random_weights"] or bool(identity["random_weights"])
-    publish_summary(summary)
-    return _finish(summary, target, identity, fhash, logger, required=part is None)
 
 
 def _refuse_random(settings: Settings, identity: dict[str, Any]) -> None:
@@ -108,13 +131,3 @@ def write_manifest(store: Store, settings: Settings, identity: dict[str, Any], f
         },
     )
     return key
-
-
-def _finish(
-    summary: dict[str, Any], store: Store, identity: dict[str, Any], fhash: str, logger, required: bool = True
-) -> dict[str, Any]:
-    summary.update(store=store.url, features_hash=fhash, encoder=identity["spec"], dim=identity["dim"])
-    summary["features"] = store.uri(features_prefix(fhash))
-    summary["random_weights"] = bool(summary.get("random_weights")) or bool(identity["random_weights"])
-    warning = RANDOM_WEIGHTS_WARNING.format(model=identity["spec"])
-    return finish_slides(summary, summary["features"], logger, warning, required)

@@ -22,9 +22,8 @@ from tasks.instruct.plan import plan_instruct, source_agents_hash
 from tasks.instruct.records import instruct_failed_prefix, instruct_prefix
 from tasks.models import require_real_models
 from tasks.store.objects import Store
-from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
-from tasks.work.runner import Stage, open_store, run_plan
-from tasks.work.units import log_pending, tally
+from tasks.work.runner import Finish, Parts, Stage, open_store, run_stage
+from tasks.work.units import UnitPlan
 
 
 def resolve_hashes(settings: Settings) -> tuple[str, str]:
@@ -49,60 +48,42 @@ def instruct_flow(
     settings = run_settings(store, config, overrides)
     require_real_models(settings, ["instruct"])  # before any work: production refuses a random-weight model
     agents_hash, instruct_hash = resolve_hashes(settings)
-    if parts > 1 and part is None:
-        parameters = {"store": store, "config": config, "overrides": overrides}
-        summary = run_parts("instruct", instruct_flow, parameters, parts, logger, settings.parts.timeout_seconds)
-        return _finish(summary, settings, logger, agents_hash, instruct_hash)
-    record_worker("instruct", part, parts)
-    prefixes = [instruct_prefix(instruct_hash), instruct_failed_prefix(instruct_hash)]
-    target = open_store(settings, prefixes, logger)
-    plan = plan_instruct(target, agents_hash, instruct_hash, part, parts)
-    name_flow_run(f"instruct-{instruct_hash}-{len(plan.pending)}-slides", part, parts)
-    logger.info(
-        "instruct %s from pairs %s: %d slides done, %d pending",
-        instruct_hash,
-        agents_hash,
-        len(plan.done),
-        len(plan.pending),
-    )
-    stage = Stage(
+    parameters = {"store": store, "config": config, "overrides": overrides}
+    stage = instruct_stage(settings, agents_hash, instruct_hash, Parts(parts, part, instruct_flow, parameters))
+
+    def plan() -> UnitPlan:
+        prefixes = [instruct_prefix(instruct_hash), instruct_failed_prefix(instruct_hash)]
+        target = open_store(settings, prefixes, logger)
+        return plan_instruct(target, agents_hash, instruct_hash, part, parts)
+
+    return run_stage(stage, plan, settings, logger)
+
+
+def instruct_stage(settings: Settings, agents_hash: str, instruct_hash: str, parts: Parts) -> Stage:
+    """Slide groups of ``instruct.slides_per_task`` (one model batch per group), ``instruct.concurrency`` at once;
+    its items are conversations."""
+    where = f"{settings.store.rstrip('/')}/{instruct_prefix(instruct_hash)}"
+    return Stage(
         "instruct",
         instruct_slides_task,
         unit_id=str,
         concurrency=settings.instruct.concurrency,
         tags=["gpu"],
         extra={"instruct_hash": instruct_hash, "agents_hash": agents_hash},
-        table_description=f"Instruction conversations into {target.uri(instruct_prefix(instruct_hash))}",
+        table_description=f"Instruction conversations into {where}",
+        group_size=settings.instruct.slides_per_task,
+        run_name=f"instruct-{instruct_hash}",
+        parts=parts,
+        finish=Finish(
+            items="conversations",
+            where=where,
+            random_warning="instruction data from RANDOM WEIGHTS (the instruct model or the captions): it is noise",
+            fields={
+                "store": settings.store,
+                "agents_hash": agents_hash,
+                "instruct_hash": instruct_hash,
+                "instruct_prefix": where,
+            },
+            tallies=("failures", "kinds"),
+        ),
     )
-    summary, outcomes = run_plan(stage, plan, settings.instruct.slides_per_task, settings, logger)
-    summary = _finish(summary, settings, logger, agents_hash, instruct_hash, outcomes)
-    publish_summary(summary)
-    return summary
-
-
-def _finish(
-    summary: dict, settings: Settings, logger, agents_hash: str, instruct_hash: str, outcomes=None
-) -> dict[str, Any]:
-    outcomes = outcomes or []
-    summary.update(
-        store=settings.store,
-        agents_hash=agents_hash,
-        instruct_hash=instruct_hash,
-        conversations=summary["items"],
-        instruct_prefix=f"{settings.store.rstrip('/')}/{instruct_prefix(instruct_hash)}",
-        failures=tally(outcomes, "failures") or summary.get("failures", {}),
-        kinds=tally(outcomes, "kinds") or summary.get("kinds", {}),
-    )
-    log_pending(
-        summary, logger, "instruction data from RANDOM WEIGHTS (the instruct model or the captions): it is noise"
-    )
-    logger.info(
-        "%d conversations %s, %d failed items (%s), %d slides pending, in %s",
-        summary["conversations"],
-        summary["kinds"],
-        summary["failed"],
-        summary["failures"],
-        summary["pending"],
-        summary["instruct_prefix"],
-    )
-    return summary

@@ -29,7 +29,7 @@ from tasks.clip.webdataset import HOLDOUT
 from tasks.clip.work import evaluate_task, export_task, train_task
 from tasks.models import require_real_models
 from tasks.work.parts import name_flow_run
-from tasks.work.runner import Stage, open_store, run_units
+from tasks.work.runner import Stage, finish_training, open_store, run_units
 from tasks.work.units import UnitOutcome
 
 
@@ -113,14 +113,8 @@ def _model_name(settings: Settings) -> str:
 
 
 def _finish(summary: dict[str, Any], settings: Settings, logger, error: str | None = None) -> dict[str, Any]:
-    summary["error"] = error
     start = start_spec(settings.clip)
     summary["model"] = start.name
     summary["random_weights"] = has_random_weights(start)  # as run.json records it
-    if error:
-        logger.error("train-clip: %s", error)
-    if summary["random_weights"]:
-        logger.warning(random_start_warning("PathGen-CLIP", summary["model"]))
-    for stage in summary["stages"]:
-        logger.info("%s: %s %s", stage["stage"], stage["status"], stage.get("checkpoint") or stage.get("error") or "")
-    return summary
+    warning = random_start_warning("PathGen-CLIP", start.name) if summary["random_weights"] else ""
+    return finish_training(summary, "train-clip", logger, warning, error)

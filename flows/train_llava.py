@@ -17,14 +17,14 @@ from prefect import flow, get_run_logger
 
 from pathgen.settings import Settings, run_settings
 from tasks.llava.data import data_digest, empty_stage
+from tasks.llava.plan import RUNS
 from tasks.llava.spec import random_llava_models, require_real_llava
 from tasks.llava.stages import data_stages, run_name, work_root, write_run_record
-from tasks.llava.train import RUNS
 from tasks.llava.vision import VisionSource, vision_source
 from tasks.llava.work import export_task, train_task
 from tasks.store.objects import Store
 from tasks.work.parts import name_flow_run
-from tasks.work.runner import Stage, open_store, run_units
+from tasks.work.runner import Stage, finish_training, open_store, run_units
 
 MAKE_DATA = "run pathgen export llava --out DIR first, then pass --data DIR"
 
@@ -115,13 +115,7 @@ def _random_data(folder: Path) -> list[str]:
 
 
 def _finish(summary: dict[str, Any], random: list[str], logger, error: str | None = None) -> dict[str, Any]:
-    summary["error"] = error
     summary["random_weights"] = bool(random)
     summary["random_models"] = random
-    if error:
-        logger.error("train-llava: %s", error)
-    if random:
-        logger.warning("PathGen-LLaVA has RANDOM WEIGHTS: %s", "; ".join(random))
-    for stage in summary["stages"]:
-        logger.info("%s: %s %s", stage["stage"], stage["status"], stage.get("model") or stage.get("error") or "")
-    return summary
+    warning = f"PathGen-LLaVA has RANDOM WEIGHTS: {'; '.join(random)}" if random else ""
+    return finish_training(summary, "train-llava", logger, warning, error)

@@ -88,10 +88,12 @@ def test_one_pair_shard_and_failed_table_per_slide_with_budget_provenance_and_re
     summary = state.result()
     assert (summary["slides"], summary["ok"], summary["skipped"], summary["pending"]) == (2, 2, 0, 0)
     assert summary["failed_slides"] == summary["pending_slides"] == [] and summary["random_weights"] is True
-    assert summary["pairs"] == summary["items"] and summary["pairs"] + summary["failed"] == 12 and summary["pairs"]
+    assert (
+        summary["pairs"] == summary["items"] and summary["pairs"] + summary["failed_items"] == 12 and summary["pairs"]
+    )
     agents_hash = summary["agents_hash"]
     assert summary["pairs_prefix"] == f"{store}/pairs/{agents_hash}" and 0 < summary["max_tokens"] <= 77
-    assert sum(summary["failures"].values()) == summary["failed"]
+    assert sum(summary["failures"].values()) == summary["failed_items"]
 
     # Per slide: its pair shard (the marker) and its failed table, nothing else; together they hold its patches.
     pair_files = [store / "pairs" / agents_hash / f"{slide}.parquet" for slide in SLIDES]
@@ -148,7 +150,7 @@ def test_replies_that_fail_validation_go_to_the_failed_tables(prefect_api, tiny_
     # Greedy describe: whether a random model's reply runs past the limit must not hang on the sampling seeds.
     overrides = {"agents.model_cache": str(cache), "agents.describe.max_words": 2, "agents.describe.temperature": 0.0}
     summary = caption_flow(store=str(store), overrides=overrides)
-    assert summary["pairs"] == 0 and summary["failed"] == 12 and summary["ok"] == 2
+    assert summary["pairs"] == 0 and summary["failed_items"] == 12 and summary["failed"] == 0 and summary["ok"] == 2
     # Random models ramble past two words, or now and then stop at once (empty): both are recorded as such.
     assert set(summary["failures"]) <= {"describe:over-long", "describe:empty"}
     assert summary["failures"]["describe:over-long"] >= 6
@@ -223,7 +225,7 @@ def test_a_lost_task_leaves_its_slide_pending_and_a_rerun_completes_it(prefect_a
     assert (store / "pairs" / folder / f"{done}.parquet").exists()
     assert not (store / "pairs" / folder / f"{lost}.parquet").exists()  # nothing committed for the lost slide
     assert not (store / "failed" / folder / f"{lost}.parquet").exists()
-    assert summary["pairs"] + summary["failed"] == 6  # the other slide completed
+    assert summary["pairs"] + summary["failed_items"] == 6  # the other slide completed
     table = {r["slide"]: r["status"] for r in _artifact_rows("caption-slides", state.state_details.flow_run_id)}
     assert table == {done: "ok", lost: "pending"}
 
@@ -231,7 +233,7 @@ def test_a_lost_task_leaves_its_slide_pending_and_a_rerun_completes_it(prefect_a
     monkeypatch.setattr(caption_module, "_load", real)
     again = caption_flow(store=str(store), overrides=overrides)
     assert (again["ok"], again["skipped"], again["pending"]) == (1, 1, 0) and again["agents_hash"] == folder
-    assert again["pairs"] + again["failed"] == 6  # the lost slide's patches, captioned now
+    assert again["pairs"] + again["failed_items"] == 6  # the lost slide's patches, captioned now
     assert (store / "pairs" / folder / f"{lost}.parquet").exists()
     assert (store / "failed" / folder / f"{lost}.parquet").exists()
     assert all(p.stat().st_mtime_ns == t for p, t in files.items())  # the slide done before is untouched

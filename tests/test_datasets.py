@@ -27,4 +27,4 @@ def test_pairs_load_as_one_dataset_with_pyarrow_and_duckdb(prefect_api, tiny_mod
     ((rows,),) = duckdb.sql(f"select count(*) from read_parquet('{glob}')").fetchall()
     assert rows == summary["pairs"]
     failed = pq.read_table(next((store / "failed" / summary["agents_hash"]).glob("*.parquet")))
-    assert failed.num_rows == summary["failed"] and rows + failed.num_rows == 12
+    assert failed.num_rows == summary["failed_items"] and rows + failed.num_rows == 12

@@ -147,14 +147,15 @@ def test_a_crash_mid_shard_leaves_no_partial_shard(tmp_path, monkeypatch):
 def test_transient_errors_are_retried_then_left_pending(tmp_path, monkeypatch):
     attempts = {"n": 0}
 
-    class Flaky(extract_module.SlideReader):
-        def __init__(self, *args, **kwargs):
-            attempts["n"] += 1
-            if attempts["n"] < 3:
-                raise ConnectionResetError(104, "connection reset by peer")
-            super().__init__(*args, **kwargs)
+    real_open = extract_module.open_slide
 
-    monkeypatch.setattr(extract_module, "SlideReader", Flaky)
+    def flaky_open(*args, **kwargs):
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise ConnectionResetError(104, "connection reset by peer")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "open_slide", flaky_open)
     settings = _settings(tmp_path / "store", **{"retries.io_retries": 3, "retries.backoff_seconds": 0.01})
     outcome, _ = _run(CMU, settings)
     assert outcome.status == "ok" and attempts["n"] == 3

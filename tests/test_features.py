@@ -73,9 +73,9 @@ def test_every_tissue_patch_is_featured_with_level0_boxes_and_counts(tmp_path, s
     table = read_features(job.store, job.features_hash, "small")
     meta = table.meta
     # the grid of every tissue cell, computed here from the same mask: the rows are those cells minus the rejected
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
 
-    with SlideReader(str(small_slide)) as reader:
+    with open_slide(str(small_slide)) as reader:
         overview, downsample = reader.overview(settings.tissue.mask_downsample)
         mask = tissue_mask(overview, downsample, MPP, settings.tissue)
     cells = grid_cells(mask, downsample, (1280, 1024), SIDE0, settings.tissue.threshold)

@@ -383,7 +383,7 @@ def test_the_flow_writes_one_shard_and_failed_table_per_slide_then_skips_them(in
         whole = {f["patch_id"] for f in failures if f["conversation"] is None}
         assert {r["patch_id"] for r in rows} | whole == set(by_patch) and not whole & {r["patch_id"] for r in rows}
         total += len(rows)
-    assert total == summary["conversations"] > 0 and summary["failed"] == sum(summary["failures"].values()) > 0
+    assert total == summary["conversations"] > 0 and summary["failed_items"] == sum(summary["failures"].values()) > 0
     assert set(summary["kinds"]) == {"open", "yes-no", "multiple-choice"}
 
     mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}

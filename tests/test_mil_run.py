@@ -413,11 +413,11 @@ def test_a_finished_folder_whose_push_failed_reaches_the_store_on_the_retry(feat
 
 
 def test_a_slide_read_timeout_leaves_the_run_unfinished_not_its_heatmap_skipped(featured, tmp_path, monkeypatch):
-    import tasks.slides.reader as reader
+    import tasks.slides.readers as readers
 
     store, task = featured
     settings = settings_for(tmp_path / "store", tmp_path / "work", learning_rates=[5e-3], epochs=1)
-    real_reader = reader.SlideReader
+    real_open = readers.open_slide
 
     class ReadTimeoutError(Exception):  # what botocore raises when S3 does not answer (matched by type name)
         pass
@@ -425,13 +425,13 @@ def test_a_slide_read_timeout_leaves_the_run_unfinished_not_its_heatmap_skipped(
     def timing_out(*args, **kwargs):
         raise ReadTimeoutError("Read timeout on endpoint URL")
 
-    monkeypatch.setattr(reader, "SlideReader", timing_out)
+    monkeypatch.setattr(readers, "open_slide", timing_out)
     run = plan_run(task, HASH, "mean", settings, store)
     with pytest.raises(ReadTimeoutError):
         train_and_evaluate(run, store, LOG)
     assert store.read_json(f"models/mil/{run.name}/run.json")["status"] == "training"
     assert not store.exists(run.eval_key)  # not finished: the retry draws the heatmaps
-    monkeypatch.setattr(reader, "SlideReader", real_reader)
+    monkeypatch.setattr(readers, "open_slide", real_open)
     evaluated = train_and_evaluate(run, store, LOG)
     assert len(evaluated["heatmaps"]) == SPLITS["test"] and evaluated["heatmaps_skipped"] == []
 

@@ -114,7 +114,7 @@ def test_extract_flow_writes_to_s3_and_reports(prefect_api, bucket):
 
 def test_remote_reads_fetch_tiles_not_the_whole_slide(bucket, tmp_path):
     from bench.synthetic_slide import build_slide
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
 
     local = build_slide(tmp_path / "big.svs", width=12_000, height=9_000)
     fs = Store(bucket).fs
@@ -123,7 +123,7 @@ def test_remote_reads_fetch_tiles_not_the_whole_slide(bucket, tmp_path):
     from pathgen.settings import S3Settings
     from tasks.store.objects import storage_options
 
-    with SlideReader(remote, storage_opts=storage_options(remote, S3Settings(block_size=2**18))) as reader:
+    with open_slide(remote, storage_opts=storage_options(remote, S3Settings(block_size=2**18))) as reader:
         assert reader.info.backend == "tiffslide" and reader.info.fast_tiles
         patches = list(reader.read_boxes([(4000, 3000, 512, 512), (4512, 3000, 512, 512)], 0.25, 512))
         handle = reader._slide.ts_tifffile.filehandle._fh

@@ -28,7 +28,7 @@ from pathgen.serve.queries import PairFilter, PairIndex, page_pairs
 from pathgen.settings import load_settings
 from tasks.captions.records import FAILED_SCHEMA, PAIR_SCHEMA, failed_key, pair_key, patches_key
 from tasks.reviews.store import Review, review_key, save_review
-from tasks.slides.reader import SlideReader
+from tasks.slides.readers import open_slide
 from tasks.slides.shard import PatchRecord, PatchShardWriter, patch_id_for
 from tasks.store.objects import Store
 from tests.conftest import CMU
@@ -46,7 +46,7 @@ HOSTILE = "<script>alert('x')</script> & <b>bold</b>"
 def _patches(slide_uri: str) -> list[PatchRecord]:
     """12 real patches of the CMU slide on a grid over its tissue, in 3 clusters, one retrieval pick."""
     records = []
-    with SlideReader(slide_uri) as reader:
+    with open_slide(slide_uri) as reader:
         info = reader.info
         side = round(PATCH_PX * PATCH_MPP / info.mpp)
         for i in range(12):
@@ -83,7 +83,7 @@ def _patches(slide_uri: str) -> list[PatchRecord]:
 
 
 def _slide_record(slide_uri: str, kept: int) -> dict:
-    with SlideReader(slide_uri) as reader:
+    with open_slide(slide_uri) as reader:
         info = reader.info
     return {
         "slide_id": SLIDE, "status": "ok", "source_uri": slide_uri, "origin": slide_uri, "project": "TCGA-TEST",

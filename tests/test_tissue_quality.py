@@ -5,7 +5,7 @@ import pytest
 from pathgen.errors import SlideError
 from pathgen.settings import QualitySettings, TissueSettings
 from tasks.slides.quality import rejection_reason, score_patch
-from tasks.slides.reader import SlideReader
+from tasks.slides.readers import open_slide
 from tasks.slides.tissue import grid_cells, stained_share, tissue_mask
 
 from .conftest import CMU, DAPI, SHARED, write_tiff_slide
@@ -14,7 +14,7 @@ KATHER = SHARED / "patches" / "kather2016-samples"
 
 
 def _overview(path):
-    with SlideReader(str(path)) as reader:
+    with open_slide(str(path)) as reader:
         image, ds = reader.overview(32)
         return image, ds, reader.info
 

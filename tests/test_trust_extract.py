@@ -492,7 +492,7 @@ def test_selection_with_a_checkpoint_trained_from_random_says_random_weights(tmp
 
 def test_one_cuda_cache_helper_serves_selection_and_the_caption_backends():
     import agents.backends
-    from tasks import devices
+    from pathgen import devices
     from tasks.selection import embedding
 
     assert agents.backends.empty_cuda_cache is devices.empty_cuda_cache is embedding.empty_cuda_cache

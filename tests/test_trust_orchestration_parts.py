@@ -164,7 +164,7 @@ def test_the_parent_gives_up_after_parts_timeout_seconds_and_reports_the_lost_pa
 
 
 def test_the_command_prints_why_a_part_never_started(capsys):
-    from pathgen.cli import report_parts_and_pending
+    from pathgen.cli.runs import report_parts_and_pending
 
     reason = "no worker is online on work pool gpus (start one: prefect worker start --pool gpus)"
     part = {"part": 1, "state": "never started (Scheduled)", "flow_run": "caption-part-1-of-2", "reason": reason}

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from tasks.captions.records import pairs_prefix
 from tasks.store.objects import Store
-from tasks.work.shards import SlidePlan, plan_slides
+from tasks.work.shards import plan_slides
+from tasks.work.units import UnitPlan
 
 
-class CaptionPlan(SlidePlan):
-    """The slides a caption run has to do, and those already done."""
-
-
-def plan_captions(store: Store, agents_hash: str, part: int | None = None, parts: int = 1) -> CaptionPlan:
-    return CaptionPlan(*plan_slides(store, "patches", pairs_prefix(agents_hash), part, parts))
+def plan_captions(store: Store, agents_hash: str, part: int | None = None, parts: int = 1) -> UnitPlan:
+    return plan_slides(store, "patches", pairs_prefix(agents_hash), part, parts)

@@ -22,7 +22,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,15 +47,16 @@ from pathgen.settings import Settings
 from tasks.features.encoder import FeatureEncoder, load_encoder
 from tasks.features.hashing import L2_NORMALISED
 from tasks.features.store import FeatureTable, failed_key, features_key, read_meta, write_features
-from tasks.slides.extract import check_download, examine_source, resolve_mpp, store_io
+from tasks.slides.extract import PLAN_THREADS, check_download, examine_source, resolve_mpp, store_io
 from tasks.slides.hashing import mpp_override
 from tasks.slides.quality import rejection_reason, score_patch
-from tasks.slides.reader import MPP_TOLERANCE, SlideReader
+from tasks.slides.readers import SlideInfo, SlideReader, open_slide
 from tasks.slides.record import SourceIdentity
 from tasks.slides.sources import SlideRef, slide_id_problem
 from tasks.slides.tissue import GridCell, grid_cells, tissue_mask
 from tasks.store.objects import Store, storage_options
-from tasks.work.units import PendingWork, UnitOutcome, counts_text
+from tasks.work.commit import pending_raises
+from tasks.work.units import PendingWork, UnitOutcome, UnitPlan, counts_text
 
 log = logging.getLogger("pathgen.features")
 T = TypeVar("T")
@@ -89,18 +92,26 @@ def slide_inputs(ref: SlideRef, settings: Settings, source: SourceIdentity | Non
 def _committed(job: FeatureJob, slide_id: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """("skipped", metadata) when the slide's features are committed for these inputs, ("failed", record) when
     its content failed for them, else None (to do)."""
-    store, key = job.store, features_key(job.features_hash, slide_id)
+    return committed_features(job.store, job.features_hash, slide_id, inputs, job.logger)
+
+
+def committed_features(
+    store: Store, features_hash: str, slide_id: str, inputs: dict[str, Any], logger: logging.Logger
+) -> tuple[str, dict[str, Any]] | None:
+    """("skipped", metadata) when the slide's features are committed for these inputs, ("failed", record) when
+    its content failed for them, else None (to do)."""
+    key = features_key(features_hash, slide_id)
     if store.exists(key):
         try:
             meta = read_meta(store, key)
         except ValueError as exc:  # a corrupt file is redone, never a reason to stop the batch
-            job.logger.warning("%s: its features file cannot be read (%s); featured again", slide_id, short_error(exc))
+            logger.warning("%s: its features file cannot be read (%s); featured again", slide_id, short_error(exc))
             meta = {}
         if meta.get("slide_inputs") == inputs:
             return "skipped", meta
         if meta:
-            job.logger.info("%s: its source or MPP override changed since it was featured; featured again", slide_id)
-    failed = failed_key(job.features_hash, slide_id)
+            logger.info("%s: its source or MPP override changed since it was featured; featured again", slide_id)
+    failed = failed_key(features_hash, slide_id)
     if store.exists(failed):
         try:
             record = store.read_json(failed)
@@ -109,6 +120,48 @@ def _committed(job: FeatureJob, slide_id: str, inputs: dict[str, Any]) -> tuple[
         if isinstance(record, dict) and record.get("slide_inputs") == inputs:
             return "failed", record
     return None
+
+
+def _final_outcome(slide_id: str, found: tuple[str, dict[str, Any]], random_weights: bool) -> UnitOutcome:
+    """A slide's outcome from what the store holds for its current inputs: its features (skipped) or its content
+    failure (failed, final until its inputs change)."""
+    status, record = found
+    if status == "failed":
+        return UnitOutcome(slide_id, "failed", error=record.get("error"), random_weights=random_weights)
+    kept = int((record.get("counts") or {}).get("kept", 0))
+    return UnitOutcome(slide_id, "skipped", kept, random_weights=random_weights)
+
+
+def _planned(
+    ref: SlideRef, settings: Settings, store: Store, features_hash: str, logger: logging.Logger
+) -> tuple[str, dict[str, Any]] | None:
+    """What the store holds for the slide's current inputs, or None: to do (also when it cannot be read now: the
+    task reads it again and reports it pending if it still cannot)."""
+    if slide_id_problem(ref.slide_id):
+        return None
+    try:
+        inputs = slide_inputs(ref, settings, examine_source(ref, settings))
+        read = partial(committed_features, store, features_hash, ref.slide_id, inputs, logger)
+        return store_io(settings, store, read, f"reading {ref.slide_id}")
+    except (TransientIOError, StorageError):
+        return None
+
+
+def plan_featuring(
+    refs: list[SlideRef], settings: Settings, store: Store, identity: dict[str, Any], features_hash: str
+) -> UnitPlan:
+    """The slides still to feature, and those whose outcome for their current inputs is in the store: features
+    committed (skipped) or a content failure recorded (failed); ``PLAN_THREADS`` slides read at a time."""
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        found = list(pool.map(lambda ref: _planned(ref, settings, store, features_hash, log), refs))
+    random_weights = bool(identity["random_weights"])
+    final = {
+        ref.slide_id: _final_outcome(ref.slide_id, what, random_weights)
+        for ref, what in zip(refs, found, strict=True)
+        if what is not None
+    }
+    pending = [ref for ref, what in zip(refs, found, strict=True) if what is None]
+    return UnitPlan(sorted(pending, key=lambda ref: ref.slide_id), sorted(final), final)
 
 
 def feature_slide(ref: SlideRef, job: FeatureJob) -> UnitOutcome:
@@ -130,12 +183,8 @@ def feature_slide(ref: SlideRef, job: FeatureJob) -> UnitOutcome:
         job.logger.warning("%s: stays pending: %s", ref.slide_id, exc)
         return UnitOutcome(ref.slide_id, "pending", error=str(exc))
     if done is not None:
-        status, found = done
-        job.logger.info("%s: already %s with this encoder, these settings and this source", ref.slide_id, status)
-        if status == "failed":
-            return UnitOutcome(ref.slide_id, "failed", error=found.get("error"), random_weights=random_weights)
-        kept = int((found.get("counts") or {}).get("kept", 0))
-        return UnitOutcome(ref.slide_id, "skipped", kept, random_weights=random_weights)
+        job.logger.info("%s: already %s with this encoder, these settings and this source", ref.slide_id, done[0])
+        return _final_outcome(ref.slide_id, done, random_weights)
     result = _attempt(ref, job, source, inputs)
     seconds = time.perf_counter() - start
     if isinstance(result, str):
@@ -215,45 +264,69 @@ def _commit(ref: SlideRef, job: FeatureJob, inputs: dict[str, Any], result: Any,
 def _feature(
     ref: SlideRef, job: FeatureJob, source: SourceIdentity | None, inputs: dict[str, Any]
 ) -> tuple[FeatureTable, dict[str, Any]]:
-    settings, encoder = job.settings, job.encoder
-    mpp, side = settings.features.target_mpp, encoder.image_size
+    """The slide's features and their metadata: every tissue cell at the features scale through the encoder."""
+    settings = job.settings
     check_download(ref, settings)
-    with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
+    with open_slide(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
         resolve_mpp(ref, reader, settings)
-        info = reader.info
-        overview, downsample = reader.overview(settings.tissue.mask_downsample)
-        mask = tissue_mask(overview, downsample, info.mpp, settings.tissue)
-        cells = grid_cells(
-            mask, downsample, (info.width, info.height), side * mpp / info.mpp, settings.tissue.threshold
-        )
-        if not cells:
-            raise SlideError(
-                f"no {side} px patch at {mpp} µm/px reaches the tissue threshold {settings.tissue.threshold}; the "
-                "tissue is smaller than one patch: lower tissue.threshold or features.target_mpp"
-            )
-        if mpp < info.mpp * (1 - MPP_TOLERANCE):
-            job.logger.warning(
-                "%s: patches at %.3g µm/px are finer than the scan (%.3g µm/px): they are upsampled",
-                ref.slide_id, mpp, info.mpp,
-            )  # fmt: skip
+        cells = _tissue_cells(ref, reader, job)
         features, kept, counts = encode_cells(reader, cells, job)
-        read_level = reader.best_level(mpp)
+        read_level = reader.best_level(settings.features.target_mpp)
     if not kept:
         raise SlideError(
             f"no patch passed the quality filters ({counts['read']} read; rejected: {counts['rejected']}); check the "
             "slide or relax quality.max_background_fraction, quality.min_sharpness or quality.max_pen_fraction"
         )
     table = FeatureTable(ref.slide_id, features, [c.box for c in kept], [c.tissue_fraction for c in kept])
-    meta = {
+    where = {"patch_size_level0": int(cells[0].w0), "read_level": int(read_level)}
+    return table, _features_meta(ref, job, reader.info, where, source, inputs, counts)
+
+
+def _tissue_cells(ref: SlideRef, reader: SlideReader, job: FeatureJob) -> list[GridCell]:
+    """The grid's cells on tissue at the features scale; a SlideError when none reaches the threshold, a warning
+    when the patches are finer than the scan."""
+    settings, info = job.settings, reader.info
+    mpp, side = settings.features.target_mpp, job.encoder.image_size
+    overview, downsample = reader.overview(settings.tissue.mask_downsample)
+    mask = tissue_mask(overview, downsample, info.mpp, settings.tissue)
+    cells = grid_cells(
+        mask, downsample, (info.width, info.height), info.level0_px(side * mpp), settings.tissue.threshold
+    )
+    if not cells:
+        raise SlideError(
+            f"no {side} px patch at {mpp} µm/px reaches the tissue threshold {settings.tissue.threshold}; the "
+            "tissue is smaller than one patch: lower tissue.threshold or features.target_mpp"
+        )
+    if info.upsampled_at(mpp):
+        job.logger.warning(
+            "%s: patches at %.3g µm/px are finer than the scan (%.3g µm/px): they are upsampled",
+            ref.slide_id, mpp, info.mpp,
+        )  # fmt: skip
+    return cells
+
+
+def _features_meta(
+    ref: SlideRef,
+    job: FeatureJob,
+    info: SlideInfo,
+    where: dict[str, int],
+    source: SourceIdentity | None,
+    inputs: dict[str, Any],
+    counts: dict[str, Any],
+) -> dict[str, Any]:
+    """The features file's metadata: the encoder, the scale, the slide (``info``, the reader's), where the patches
+    were read (``where``: their level-0 size and read level), the source and inputs, the counts."""
+    encoder = job.encoder
+    return {
         "encoder": encoder.identity,
-        "mpp": mpp,
-        "patch_px": side,
-        "patch_size_level0": int(cells[0].w0),
+        "mpp": job.settings.features.target_mpp,
+        "patch_px": encoder.image_size,
+        "patch_size_level0": where["patch_size_level0"],
         "slide_mpp": float(info.mpp),
         "mpp_source": info.extra.get("mpp_source", "metadata"),
         "width": int(info.width),
         "height": int(info.height),
-        "read_level": int(read_level),
+        "read_level": where["read_level"],
         "source_uri": without_userinfo(ref.uri),
         "source": source.model_dump(mode="json") if source is not None else None,
         "slide_inputs": inputs,
@@ -262,7 +335,6 @@ def _feature(
         "counts": counts,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    return table, meta
 
 
 def read_batches(reader: SlideReader, cells: list[GridCell], job: FeatureJob) -> Iterator[Batch]:
@@ -388,11 +460,7 @@ def feature_slides(
         logger.warning("%d slides stay pending: %s", len(units), exc)
         raise PendingWork(str(exc), [UnitOutcome(ref.slide_id, "pending", error=str(exc)) for ref in units]) from exc
     job = FeatureJob(settings, store, loaded, features_hash, logger)
-    outcomes = [feature_slide(ref, job) for ref in units]
-    pending = [o for o in outcomes if o.status == "pending"]
-    if pending:
-        raise PendingWork(f"{len(pending)} slides stay pending: {pending[0].unit}: {pending[0].error}", outcomes)
-    return outcomes
+    return pending_raises([feature_slide(ref, job) for ref in units])
 
 
 @task(name="feature-slides", retry_condition_fn=retry_infrastructure, tags=["features", "gpu"])

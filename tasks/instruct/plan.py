@@ -13,15 +13,13 @@ from tasks.captions.export import agents_hashes
 from tasks.captions.records import pairs_prefix
 from tasks.instruct.records import instruct_prefix
 from tasks.store.objects import Store
-from tasks.work.shards import SlidePlan, plan_slides
+from tasks.work.shards import plan_slides
+from tasks.work.units import UnitPlan
 
 
 class NoPairsError(ValueError):
     """The store holds no pair shards: nothing to write conversations from until ``pathgen caption`` has run."""
 
-
-class InstructPlan(SlidePlan):
-    """The slides an instruct run has to do, and those already done."""
 
 
 def source_agents_hash(store: Store, wanted: str | None) -> str:
@@ -43,5 +41,5 @@ def source_agents_hash(store: Store, wanted: str | None) -> str:
 
 def plan_instruct(
     store: Store, agents_hash: str, instruct_hash: str, part: int | None = None, parts: int = 1
-) -> InstructPlan:
-    return InstructPlan(*plan_slides(store, pairs_prefix(agents_hash), instruct_prefix(instruct_hash), part, parts))
+) -> UnitPlan:
+    return plan_slides(store, pairs_prefix(agents_hash), instruct_prefix(instruct_hash), part, parts)

@@ -15,9 +15,9 @@ from prefect import get_run_logger, task
 
 from pathgen.errors import retry_infrastructure, short_error
 from pathgen.settings import Settings
+from tasks.llava.plan import RUNS
 from tasks.llava.spec import random_llava_models
 from tasks.llava.stages import build_base, fetch_model, stage_plan, train_stage, work_root
-from tasks.llava.train import RUNS
 from tasks.llava.vision import vision_source
 from tasks.store.objects import Store
 from tasks.work.units import UnitOutcome

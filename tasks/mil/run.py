@@ -647,15 +647,22 @@ def train_run(run: MilRun, store: Store, logger: logging.Logger, lease: RunLease
         on_run_done=on_run_done,
         device=resolve_device(run.settings.device),
     )
-    # every (lr, seed), also those found done locally: a push that failed after done.json (a store outage, then a
-    # retry on this worker) or a worker killed in that window left them local only; already pushed files are skipped
+    _push_results(run, mirror)
+    return result
+
+
+def _push_results(run: MilRun, mirror: RunMirror) -> None:
+    """Every (lr, seed) folder, the combined metrics and the lr selection and test results, to the store.
+
+    Every (lr, seed), also those found done locally: a push that failed after done.json (a store outage, then a
+    retry on this worker) or a worker killed in that window left them local only; already pushed files are skipped.
+    """
     for lr in run.recipe.learning_rates:
         for seed in run.recipe.seeds:
             mirror.push_folder(lr, seed, force=True)
     _push_metrics(run, mirror)
     for name in ("selection.json", "test.json"):
         mirror.push(name)
-    return result
 
 
 def _push_metrics(run: MilRun, mirror: RunMirror) -> None:
@@ -677,9 +684,7 @@ def finish_run(run: MilRun, result: MilResult, evaluation: dict[str, Any], store
 def evaluation(run: MilRun, result: MilResult) -> dict[str, Any]:
     """The eval JSON (contract fields) from the test results of the chosen lr's best checkpoints over seeds."""
     per_seed = result.test["per_seed"]
-    confusion = np.sum([np.asarray(m["confusion_matrix"]) for m in per_seed.values()], axis=0)
-    support = confusion.sum(axis=1)
-    recall = {c: (float(confusion[i, i] / support[i]) if support[i] else None) for i, c in enumerate(result.classes)}
+    confusion, recall = _summed_confusion(per_seed, result.classes)
     summary = {name: mean_std([m[name] for m in per_seed.values()]) for name in HEADLINE}
     return {
         "task": run.task_name,
@@ -687,12 +692,7 @@ def evaluation(run: MilRun, result: MilResult) -> dict[str, Any]:
         "task_sha256": run.task_sha256,
         "run": run.name,
         "model": run.model,
-        "features": {
-            "source": run.identity["source"],
-            "features_hash": run.identity.get("features_hash"),
-            "encoder": run.identity.get("encoder"),
-            "random_weights": run.random_weights,
-        },
+        "features": _features_identity(run),
         "classes": result.classes,
         "chosen_lr": result.chosen_lr,
         "selection_metric": run.recipe.selection_metric,
@@ -708,6 +708,24 @@ def evaluation(run: MilRun, result: MilResult) -> dict[str, Any]:
         "confusion": confusion.tolist(),
         "confusion_of": f"summed over the {len(per_seed)} seed(s)' best checkpoints of the chosen lr; rows true, "
         "columns predicted",
+        "random_weights": run.random_weights,
+    }
+
+
+def _summed_confusion(per_seed: dict[str, dict], classes: list[str]) -> tuple[np.ndarray, dict[str, float | None]]:
+    """The seeds' confusion matrices summed, and each class's recall from it (None for a class with no test
+    slide)."""
+    confusion = np.sum([np.asarray(m["confusion_matrix"]) for m in per_seed.values()], axis=0)
+    support = confusion.sum(axis=1)
+    recall = {c: (float(confusion[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    return confusion, recall
+
+
+def _features_identity(run: MilRun) -> dict[str, Any]:
+    return {
+        "source": run.identity["source"],
+        "features_hash": run.identity.get("features_hash"),
+        "encoder": run.identity.get("encoder"),
         "random_weights": run.random_weights,
     }
 
@@ -777,7 +795,7 @@ def heatmap_png(
 ) -> bytes:
     """One test slide's heatmap; HeatmapUnavailable when its slide cannot be read."""
     from tasks.mil.heatmap import THUMBNAIL_MAX_PX, render_heatmap
-    from tasks.slides.reader import SlideReader
+    from tasks.slides.readers import open_slide
 
     boxes = slide_boxes(slide)
     uri = slide.attrs.get("source_uri")
@@ -787,10 +805,10 @@ def heatmap_png(
     predicted = int(probabilities.argmax())
     mpp = slide.attrs.get("slide_mpp")
     try:
-        with SlideReader(str(uri), mpp_override=float(mpp) if mpp else None) as reader:
+        with open_slide(str(uri), mpp_override=float(mpp) if mpp else None) as reader:
             side = max(reader.info.width, reader.info.height)
             thumbnail, downsample = reader.overview(max(1.0, side / THUMBNAIL_MAX_PX))
-            level0 = reader.info.mpp
+            level0 = (reader.info.mpp_x, reader.info.mpp_y)
 
             def patch(i: int) -> np.ndarray:  # at level-0 resolution: the pixels the slide has, cells visible
                 x, y, w, h = (int(v) for v in boxes[i])

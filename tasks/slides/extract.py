@@ -9,6 +9,10 @@ patches, and the slide is redone), and a re-run that fails never removes such a 
 
 The slide's source identity (:func:`source_identity`) is part of its extraction hash, so a slide whose file changed
 at the same path is extracted again (and its pairs become pending), while an unchanged one is skipped.
+
+Extraction follows the slide stages' one commit protocol (tasks/work/commit.py): the flow plans from these records
+(:func:`plan_extraction`), so a slide whose current extraction is committed never reaches a task; a task reads the
+record again before its work (another run may have committed the slide since), and ``slide.json`` is its marker.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
 import posixpath
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 from prefect import get_run_logger, task
@@ -51,17 +58,19 @@ from tasks.slides.passes import (
     write_representative,
 )
 from tasks.slides.pictures import draw_selection, draw_thumbnail
-from tasks.slides.reader import MPP_TOLERANCE, SlideReader, missing_mpp_message
+from tasks.slides.readers import SlideReader, missing_mpp_message, open_slide
 from tasks.slides.record import LevelInfo, PositionProblem, SlideRecord, SourceIdentity
 from tasks.slides.shard import SCHEMA_VERSION, PatchShardWriter
-from tasks.slides.sources import SlideRef, slide_id_problem, source_identity
-from tasks.slides.tissue import GridCell, grid_cells, mask_fraction, tissue_mask
+from tasks.slides.sources import SlideRef, resolve_sources, slide_id_problem, source_identity
+from tasks.slides.tissue import GridCell, grid_cells, grid_shape, mask_fraction, tissue_mask
 from tasks.store.objects import Store, is_remote, storage_options, url_to_fs
 from tasks.work.commit import metadata as parquet_metadata
-from tasks.work.units import PendingWork, UnitOutcome
+from tasks.work.commit import pending_raises
+from tasks.work.units import NoUnitSucceeded, UnitOutcome, UnitPlan, in_part
 
 log = logging.getLogger("pathgen.extract")
 MD5_CHUNK = 8 * 2**20
+PLAN_THREADS = 16  # slides whose record and shard footer a plan reads at once
 
 
 @dataclass
@@ -196,11 +205,59 @@ def examine_source(ref: SlideRef, settings: Settings) -> SourceIdentity | None:
         return None
 
 
+def committed_extraction(
+    ref: SlideRef, settings: Settings, store: Store
+) -> tuple[str, SourceIdentity | None, SlideRecord | None]:
+    """(the slide's extraction hash now, its source identity, its committed record when that holds this very
+    extraction); TransientIOError or StorageError when the source or the store cannot be read."""
+    source = examine_source(ref, settings)
+    extraction_hash = slide_extraction_hash(ref, settings, source)
+    done = store_io(
+        settings, store, lambda: _committed(store, ref, settings, source, extraction_hash), f"reading {ref.slide_id}"
+    )
+    return extraction_hash, source, done
+
+
+def _planned_record(ref: SlideRef, settings: Settings, store: Store) -> SlideRecord | None:
+    """The slide's committed record of its current extraction, or None: to do (also when it cannot be read now: the
+    task reads it again and reports it pending if it still cannot)."""
+    if slide_id_problem(ref.slide_id):
+        return None
+    try:
+        return committed_extraction(ref, settings, store)[2]
+    except (TransientIOError, StorageError):
+        return None
+
+
+def plan_extraction(refs: list[SlideRef], settings: Settings, store: Store) -> UnitPlan:
+    """The slides still to extract, and those whose current extraction is committed (skipped, with their kept
+    patches), from each slide's record and shard footer: read ``PLAN_THREADS`` slides at a time, as a remote store
+    answers each read in a round trip."""
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        records = list(pool.map(lambda ref: _planned_record(ref, settings, store), refs))
+    committed = {
+        ref.slide_id: SlideOutcome(ref.slide_id, "skipped", record.kept, 0.0, None, record).unit()
+        for ref, record in zip(refs, records, strict=True)
+        if record is not None
+    }
+    pending = [ref for ref, record in zip(refs, records, strict=True) if record is None]
+    return UnitPlan(sorted(pending, key=lambda ref: ref.slide_id), sorted(committed), committed)
+
+
+def part_refs(sources: list[str], settings: Settings, part: int | None, parts: int) -> list[SlideRef]:
+    """This part's slides of ``sources``; NoUnitSucceeded when a whole run's sources name no slide at all."""
+    refs = in_part(resolve_sources(sources, settings), part, parts, key=lambda ref: ref.slide_id)
+    if not refs and part is None:
+        raise NoUnitSucceeded(f"no slides found in {sources}; check the source paths")
+    return refs
+
+
 def extract_slide(
     ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger | None = None
 ) -> SlideOutcome:
     """Extract one slide into the store. A bad slide becomes a failed ``slide.json``; a storage failure that
-    outlasts its retries leaves the slide pending (nothing written); neither raises."""
+    outlasts its retries leaves the slide pending (nothing written); neither raises. A slide whose current
+    extraction is committed (another run's, since the plan) is skipped."""
     logger = logger or log
     problem = slide_id_problem(ref.slide_id)
     if problem:  # nothing can be recorded under such an id: it is reported, and the batch goes on
@@ -209,14 +266,7 @@ def extract_slide(
         return SlideOutcome(ref.slide_id, "failed", 0, 0.0, error)
     start = time.perf_counter()
     try:
-        source = examine_source(ref, settings)
-        extraction_hash = slide_extraction_hash(ref, settings, source)
-        done = store_io(
-            settings,
-            store,
-            lambda: _committed(store, ref, settings, source, extraction_hash),
-            f"reading {ref.slide_id}",
-        )
+        extraction_hash, source, done = committed_extraction(ref, settings, store)
     except (TransientIOError, StorageError) as exc:
         logger.warning("%s: stays pending: %s", ref.slide_id, exc)
         return SlideOutcome(ref.slide_id, "pending", 0, 0.0, str(exc))
@@ -400,89 +450,36 @@ def resolve_mpp(ref: SlideRef, reader: SlideReader, settings: Settings) -> None:
         reader.info.extra["mpp_source"] = "default_mpp"
 
 
+@dataclass
+class _Tissue:
+    """Where a slide's patches come from: its overview and tissue mask, the level-0 size of a patch cell, the cells
+    on tissue (or at the given positions), and the plan that reads and chooses among them."""
+
+    overview: Any
+    downsample: float
+    mask: Any
+    cell: Any  # a patch cell's level-0 size (across, down)
+    cells: list[GridCell]
+    plan: SelectionPlan
+
+
 def _extract(
     ref: SlideRef, settings: Settings, store: Store, logger: logging.Logger, record: SlideRecord
 ) -> SlideRecord:
+    """Open the slide, find its tissue, write its chosen patches and its pictures: its record, filled in."""
     check_download(ref, settings)
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    with SlideReader(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
-        resolve_mpp(ref, reader, settings)
-        info = reader.info
-        _describe_slide(record, reader)
+    with open_slide(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
+        _open_scale(ref, settings, reader, record, logger)
         timings["open"] = time.perf_counter() - tick
-        patch_mpp, patch_px = patch_scale(ref, settings, info.mpp)
-        if ref.positions is not None:  # what the positions' patches are: the paper's level-0 boxes, at this scale
-            record.target_mpp, record.patch_px = patch_mpp, patch_px
-        record.upsampled = patch_mpp < info.mpp * (1 - MPP_TOLERANCE)
-        if record.upsampled:
-            logger.warning(
-                "%s: patches at %.3g µm/px are finer than the scan (%.3g µm/px): they are upsampled and hold no more "
-                "detail than the slide",
-                ref.slide_id,
-                patch_mpp,
-                info.mpp,
-            )
-
         tick = time.perf_counter()
-        overview, downsample = reader.overview(settings.tissue.mask_downsample)
-        mask = tissue_mask(overview, downsample, info.mpp, settings.tissue)
-        cell = settings.patch.patch_px * settings.patch.target_mpp / info.mpp
-        if ref.positions is not None:
-            side = settings.patch.positions_box_px
-            inside = _positions_inside(ref, record, side, logger)
-            cells = [
-                GridCell(x, y, side, side, round(mask_fraction(mask, downsample, (x, y, side, side)), 4))
-                for x, y in inside
-            ]
-            plan = SelectionPlan("positions", None, iter([ReadBatch(cells, list(range(len(cells))))]))
-        else:
-            cells = grid_cells(mask, downsample, (info.width, info.height), cell, settings.tissue.threshold)
-            if not cells:
-                raise SlideError(
-                    f"no {settings.patch.patch_px} px cell at {settings.patch.target_mpp} µm/px reaches the tissue "
-                    f"threshold {settings.tissue.threshold}; the tissue is smaller than one patch: lower "
-                    "tissue.threshold or patch.patch_px"
-                )
-            plan = plan_selection(cells, settings.selection, ref.slide_id)
+        tissue = _find_tissue(ref, settings, reader, record, logger)
         timings["mask"] = time.perf_counter() - tick
-
-        tick = time.perf_counter()
-        slide = SlidePass(ref, settings, reader, logger)
-        record.read_level = slide.read_level
-
-        def pictures(result: PassResult) -> dict[str, bytes]:
-            started = time.perf_counter()
-            encoded = _encode_pictures(reader, settings, ref.slide_id, plan.name, (overview, downsample, mask), result)
-            timings["thumbnail"] = time.perf_counter() - started
-            return encoded
-
-        result, pngs = _write_shard(slide, store, plan, cells, record.extraction_hash, pictures)
-        timings["patches"] = time.perf_counter() - tick - timings["thumbnail"]
-        counts = dict(
-            result.counts, tissue_cells=len(cells), grid_cells=int(info.width // cell) * int(info.height // cell)
-        )
-        if record.failed_positions:
-            counts["rejected"] = dict(counts["rejected"], outside_slide=len(record.failed_positions))
-        if result.selection:
-            record.selection = dict(record.selection, **result.selection)
-        record.random_weights = result.random_weights
-
-        tick = time.perf_counter()
-        for key, png in pngs.items():
-            _write_png(store, key, png)
-        if selection_key(ref.slide_id) in pngs:
-            record.selection_png = selection_key(ref.slide_id)
-        timings["thumbnail"] += time.perf_counter() - tick
-
+        counts = _write_patches(SlidePass(ref, settings, reader, logger), store, record, tissue, timings)
     logger.info(
         "%s: %d patches kept of %d tissue cells (%s, level %d, %.1fs)",
-        ref.slide_id,
-        counts["kept"],
-        len(cells),
-        plan.name,
-        record.read_level,
-        timings["patches"],
+        *(ref.slide_id, counts["kept"], len(tissue.cells), tissue.plan.name, record.read_level, timings["patches"]),
     )
     record.counts = counts
     record.seconds = {k: round(v, 3) for k, v in timings.items()}
@@ -490,6 +487,86 @@ def _extract(
     record.thumbnail = thumbnail_key(ref.slide_id)
     record.status = "ok"
     return record
+
+
+def _open_scale(
+    ref: SlideRef, settings: Settings, reader: SlideReader, record: SlideRecord, logger: logging.Logger
+) -> None:
+    """The slide's MPP and levels into its record, and the patches' scale; a warning when they are upsampled."""
+    resolve_mpp(ref, reader, settings)
+    info = reader.info
+    _describe_slide(record, reader)
+    patch_mpp, patch_px = patch_scale(ref, settings, info.mpp)
+    if ref.positions is not None:  # what the positions' patches are: the paper's level-0 boxes, at this scale
+        record.target_mpp, record.patch_px = patch_mpp, patch_px
+    record.upsampled = info.upsampled_at(patch_mpp)
+    if record.upsampled:
+        logger.warning(
+            "%s: patches at %.3g µm/px are finer than the scan (%.3g µm/px): they are upsampled and hold no more "
+            "detail than the slide",
+            *(ref.slide_id, patch_mpp, info.mpp),
+        )
+
+
+def _find_tissue(
+    ref: SlideRef, settings: Settings, reader: SlideReader, record: SlideRecord, logger: logging.Logger
+) -> _Tissue:
+    """The tissue mask and the cells to read: the given positions on the slide, else the grid's cells on tissue
+    (a SlideError when none reaches the threshold), with the selection's plan."""
+    info = reader.info
+    overview, downsample = reader.overview(settings.tissue.mask_downsample)
+    mask = tissue_mask(overview, downsample, info.mpp, settings.tissue)
+    cell = info.level0_px(settings.patch.patch_px * settings.patch.target_mpp)  # (across, down)
+    if ref.positions is not None:
+        side = settings.patch.positions_box_px
+        cells = [
+            GridCell(x, y, side, side, round(mask_fraction(mask, downsample, (x, y, side, side)), 4))
+            for x, y in _positions_inside(ref, record, side, logger)
+        ]
+        plan = SelectionPlan("positions", None, iter([ReadBatch(cells, list(range(len(cells))))]))
+        return _Tissue(overview, downsample, mask, cell, cells, plan)
+    cells = grid_cells(mask, downsample, (info.width, info.height), cell, settings.tissue.threshold)
+    if not cells:
+        raise SlideError(
+            f"no {settings.patch.patch_px} px cell at {settings.patch.target_mpp} µm/px reaches the tissue "
+            f"threshold {settings.tissue.threshold}; the tissue is smaller than one patch: lower "
+            "tissue.threshold or patch.patch_px"
+        )
+    return _Tissue(overview, downsample, mask, cell, cells, plan_selection(cells, settings.selection, ref.slide_id))
+
+
+def _write_patches(
+    slide: SlidePass, store: Store, record: SlideRecord, tissue: _Tissue, timings: dict[str, float]
+) -> dict[str, Any]:
+    """Read, filter and choose the patches into the committed shard, then write the slide's pictures; the counts.
+    ``timings`` gets the seconds of the patches and of the pictures."""
+    tick = time.perf_counter()
+    ref, settings, reader = slide.ref, slide.settings, slide.reader
+    record.read_level = slide.read_level
+
+    def pictures(result: PassResult) -> dict[str, bytes]:
+        started = time.perf_counter()
+        drawn = (tissue.overview, tissue.downsample, tissue.mask)
+        encoded = _encode_pictures(reader, settings, ref.slide_id, tissue.plan.name, drawn, result)
+        timings["thumbnail"] = time.perf_counter() - started
+        return encoded
+
+    result, pngs = _write_shard(slide, store, tissue.plan, tissue.cells, record.extraction_hash, pictures)
+    timings["patches"] = time.perf_counter() - tick - timings["thumbnail"]
+    grid = math.prod(grid_shape((reader.info.width, reader.info.height), tissue.cell))
+    counts = dict(result.counts, tissue_cells=len(tissue.cells), grid_cells=grid)
+    if record.failed_positions:
+        counts["rejected"] = dict(counts["rejected"], outside_slide=len(record.failed_positions))
+    if result.selection:
+        record.selection = dict(record.selection, **result.selection)
+    record.random_weights = result.random_weights
+    tick = time.perf_counter()
+    for key, png in pngs.items():
+        _write_png(store, key, png)
+    if selection_key(ref.slide_id) in pngs:
+        record.selection_png = selection_key(ref.slide_id)
+    timings["thumbnail"] += time.perf_counter() - tick
+    return counts
 
 
 def _positions_inside(ref: SlideRef, record: SlideRecord, side: int, logger: logging.Logger) -> list[tuple[int, int]]:
@@ -526,6 +603,7 @@ def _describe_slide(record: SlideRecord, reader: SlideReader) -> None:
         for i, ((w, h), ds) in enumerate(zip(info.level_dimensions, info.level_downsamples, strict=True))
     ]
     record.mpp, record.mpp_source = info.mpp, info.extra.get("mpp_source")
+    record.mpp_x, record.mpp_y = info.mpp_x, info.mpp_y
     record.objective_power = info.objective_power
 
 
@@ -613,11 +691,7 @@ def extract_slides(
     whose storage failed through every retry make the task raise (so that Prefect retries it) after the others
     are done; committed slides are skipped on the retry."""
     store = Store(settings.store, settings.s3)
-    outcomes = [extract_slide(ref, settings, store, logger).unit() for ref in units]
-    pending = [o for o in outcomes if o.status == "pending"]
-    if pending:
-        raise PendingWork(f"{len(pending)} slides stay pending: {pending[0].unit}: {pending[0].error}", outcomes)
-    return outcomes
+    return pending_raises([extract_slide(ref, settings, store, logger).unit() for ref in units])
 
 
 @task(name="extract-slides", retry_condition_fn=retry_infrastructure, tags=["extract"])

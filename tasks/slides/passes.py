@@ -19,14 +19,14 @@ from typing import Any
 import imagecodecs
 import numpy as np
 
-from pathgen.settings import Settings
+from pathgen.settings import SelectionSettings, Settings
 from tasks.selection.embedding import EmbeddingModel, PatchEmbedder, load_embedding_model
 from tasks.selection.plan import SelectionPlan
 from tasks.selection.representative import Selection, select_representative
-from tasks.selection.retrieval import prompts_for, retrieval_scores
+from tasks.selection.retrieval import SlidePrompts, prompts_for, retrieval_scores
 from tasks.slides.projects import ResolvedProject, resolve_project
 from tasks.slides.quality import QualityScores, rejection_reason, score_patch
-from tasks.slides.reader import SlideReader
+from tasks.slides.readers import SlideReader
 from tasks.slides.shard import PatchRecord, PatchShardWriter, patch_id_for
 from tasks.slides.sources import SlideRef
 from tasks.slides.tissue import GridCell
@@ -181,21 +181,43 @@ class _Candidates:
 
 
 def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchShardWriter) -> PassResult:
-    settings, cfg = slide.settings, slide.settings.selection
-    model = load_embedding_model(settings.embedding, slide.logger)
+    """Embed the slide's candidates, choose the representative ones (clusters, retrieval, near-duplicate filter) and
+    write them; the result says how they were chosen."""
+    cfg = slide.settings.selection
+    model = load_embedding_model(slide.settings.embedding, slide.logger)
     threshold = _duplicate_threshold(slide, model)
     # Choosing needs every candidate's embedding, so the chosen patches are either encoded now, while their pixels
     # are at hand, or read again afterwards. Encoding costs ~1 ms a patch and re-reading ~3 ms (its tiles decode
     # again), so a slide with few candidates per kept patch (biopsies) encodes all of them now; a large one
     # re-reads only what is kept.
     encode_now = len(cells) <= REREAD_FACTOR * cfg.max_per_slide
-    embedder = PatchEmbedder(model, settings.embedding.batch_size, slide.logger)
+    embedder = PatchEmbedder(model, slide.settings.embedding.batch_size, slide.logger)
     found = _embed_candidates(slide, cells, embedder, encode_now)
     prompts = prompts_for(slide.ref.slide_id, slide.project.project, cfg.prompts_file, cfg.findings_file, slide.logger)
     attributes, findings = retrieval_scores(
         found.embeddings, _text_embeddings(model, prompts.attributes), _text_embeddings(model, prompts.findings)
     )
-    chosen = select_representative(
+    chosen = _choose(found, attributes, findings, cfg, threshold)
+    kept = _write_chosen(slide, found, chosen, attributes, findings, writer, encode_now)
+    counts = {
+        "read": len(cells) + (0 if encode_now else len(chosen.indices)),
+        "candidates": len(found.cells),
+        "rejected": dict(found.rejected),
+        "kept": len(kept),
+    }
+    selection = _selection_record(slide, model, found, chosen, prompts, threshold)
+    return PassResult(kept, counts, selection, model.random_weights)
+
+
+def _choose(
+    found: _Candidates,
+    attributes: np.ndarray,
+    findings: np.ndarray | None,
+    cfg: SelectionSettings,
+    threshold: float | None,
+) -> Selection:
+    """The representative picks among the embedded candidates, with ``selection``'s settings."""
+    return select_representative(
         found.embeddings,
         attributes,
         findings,
@@ -206,8 +228,19 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
         clusters=cfg.clusters,
         cluster_rule_factor=cfg.cluster_rule_factor,
     )
-    kept = _write_chosen(slide, found, chosen, attributes, findings, writer, encode_now)
-    selection = {
+
+
+def _selection_record(
+    slide: SlidePass,
+    model: EmbeddingModel,
+    found: _Candidates,
+    chosen: Selection,
+    prompts: SlidePrompts,
+    threshold: float | None,
+) -> dict[str, Any]:
+    """How the slide's patches were chosen, for its ``slide.json``."""
+    cfg = slide.settings.selection
+    return {
         "method": "representative",
         "candidates": len(found.cells),
         "k": chosen.k,
@@ -226,13 +259,6 @@ def write_representative(slide: SlidePass, cells: list[GridCell], writer: PatchS
         },
         "embedding": model.describe(),
     }
-    counts = {
-        "read": len(cells) + (0 if encode_now else len(chosen.indices)),
-        "candidates": len(found.cells),
-        "rejected": dict(found.rejected),
-        "kept": len(kept),
-    }
-    return PassResult(kept, counts, selection, model.random_weights)
 
 
 def _duplicate_threshold(slide: SlidePass, model: EmbeddingModel) -> float | None:

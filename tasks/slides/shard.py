@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pathgen import __version__
+from tasks.work.shards import SCHEMA_VERSION as SCHEMA_VERSION  # re-exported: the patch records' version
+from tasks.work.shards import shard_metadata
 
-SCHEMA_VERSION = "1"
 ROWS_PER_GROUP = 64  # ~5 MB of JPEG per row group: readers can stream a shard without loading it whole
 
 PATCH_SCHEMA = pa.schema(
@@ -76,12 +76,6 @@ class PatchRecord:
     findings_score: float | None = None
     embedding: list[float] | None = None
     source_caption: str | None = None
-
-
-def shard_metadata(kind: str, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
-    meta = {"pathgen.schema_version": SCHEMA_VERSION, "pathgen.kind": kind, "pathgen.factory_version": __version__}
-    meta.update(extra or {})
-    return {k.encode(): str(v).encode() for k, v in meta.items()}
 
 
 class PatchShardWriter:

@@ -1,9 +1,23 @@
-"""Committing a slide stage's work slide by slide: its failed table first, then its shard, the marker.
+"""The one commit protocol of the slide stages (extract, features, caption, instruct), and its shared steps.
 
-Only content failures are recorded. Two runs that overlap commit whole objects onto the same keys. Both objects of
-a slide carry the id of the commit they belong to, and the shard also carries its failed rows (metadata
-``pathgen.failed_rows``): whoever finds the failed table of another commit than the shard's (an overlapping run wrote
-it between two commits) rebuilds it from the shard, so the two always describe the same run.
+1. The flow plans from the store (tasks.work.runner.run_stage): a slide whose marker holds its current inputs is
+   done (skipped, or failed where the stage records content failures); the others are to do.
+2. A task reads a slide's marker again before its work: another run may have committed it since the plan (skipped).
+3. A slide's content objects are written first and its marker last, each whole (a staged file, a single PUT); the
+   marker records the inputs it was made from, so that a stopped run's leftovers are never taken for done.
+4. A content failure is recorded and final until the slide's inputs change; an infrastructure failure (storage
+   through its retries, a model server, the GPU) commits nothing: the task raises PendingWork carrying the outcomes
+   of the slides that did finish, Prefect retries it, and what still fails stays pending for the next run.
+
+The markers: extract's ``slides/<id>/slide.json`` (ok, its extraction hash in the shard's footer) after the patch
+shard and pictures; features' ``features/<hash>/<id>.parquet`` (its ``slide_inputs``) or its failure record; caption's
+and instruct's shard after their failed table, below.
+
+Caption and instruct commit slide by slide: the failed table first, then the shard, the marker. Only content failures
+are recorded. Two runs that overlap commit whole objects onto the same keys. Both objects of a slide carry the id of
+the commit they belong to, and the shard also carries its failed rows (metadata ``pathgen.failed_rows``): whoever
+finds the failed table of another commit than the shard's (an overlapping run wrote it between two commits) rebuilds
+it from the shard, so the two always describe the same run.
 """
 
 from __future__ import annotations
@@ -17,9 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pathgen.errors import redact_urls, short_error
-from tasks.slides.shard import shard_metadata
 from tasks.store.objects import Store
-from tasks.work.shards import SlideShards
+from tasks.work.shards import SlideShards, shard_metadata
 from tasks.work.units import PendingWork, UnitOutcome, counts_text
 
 
@@ -132,4 +145,13 @@ def commit_each(
         except Exception as exc:  # storage failed: this slide and the ones after it stay pending
             message = f"committing {slide.slide_id} failed: {short_error(exc)}"
             raise still_pending(message, outcomes, work[index:], exc) from exc
+    return outcomes
+
+
+def pending_raises(outcomes: list[UnitOutcome]) -> list[UnitOutcome]:
+    """``outcomes``, or PendingWork carrying them when some slides stayed pending (step 4): Prefect retries the task,
+    and the retry skips the slides committed meanwhile."""
+    pending = [o for o in outcomes if o.status == "pending"]
+    if pending:
+        raise PendingWork(f"{len(pending)} slides stay pending: {pending[0].unit}: {pending[0].error}", outcomes)
     return outcomes

@@ -299,21 +299,22 @@ def _part_report(part: int, run: Any, unfinished: tuple[str, str] | None) -> dic
     }
 
 
-COUNTS = ("slides", "ok", "skipped", "failed", "pending", "items")
+COUNTS = ("ok", "skipped", "failed", "pending", "items", "failed_items")
 
 
-def publish_summary(summary: dict[str, Any]) -> None:
+def publish_summary(summary: dict[str, Any], units: str = "slides") -> None:
     """This run's counts as the ``summary`` artifact, which a parent run adds up over its parts."""
-    row = {key: summary.get(key, 0) for key in COUNTS} | {"random_weights": bool(summary.get("random_weights"))}
+    row = {key: summary.get(key, 0) for key in (units, *COUNTS)}
+    row["random_weights"] = bool(summary.get("random_weights"))
     if "max_tokens" in summary:
         row["max_tokens"] = summary["max_tokens"]
-    create_table_artifact([row], key="summary", description="what this run did, slide by slide counts")
+    create_table_artifact([row], key="summary", description=f"what this run did, counted in {units}")
 
 
-def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {key: sum(int(s.get(key, 0) or 0) for s in summaries) for key in COUNTS}
-    merged["failed_slides"] = [f for s in summaries for f in s.get("failed_slides", [])]
-    merged["pending_slides"] = [p for s in summaries for p in s.get("pending_slides", [])]
+def merge_summaries(summaries: list[dict[str, Any]], units: str = "slides") -> dict[str, Any]:
+    merged: dict[str, Any] = {key: sum(int(s.get(key, 0) or 0) for s in summaries) for key in (units, *COUNTS)}
+    merged[f"failed_{units}"] = [f for s in summaries for f in s.get(f"failed_{units}", [])]
+    merged[f"pending_{units}"] = [p for s in summaries for p in s.get(f"pending_{units}", [])]
     merged["max_tokens"] = max((int(s.get("max_tokens", 0) or 0) for s in summaries), default=0)
     merged["random_weights"] = any(str(s.get("random_weights")).lower() == "true" for s in summaries)
     return merged
@@ -326,6 +327,7 @@ def run_parts(
     parts: int,
     logger: logging.Logger,
     timeout_seconds: float,
+    units: str = "slides",
 ) -> dict:
     """The parent of a ``parts=N`` run: child runs on the pool's workers when this run is a deployment's (waiting at
     most ``timeout_seconds``, the run's ``parts.timeout_seconds``), else the parts one after another here (as
@@ -334,14 +336,14 @@ def run_parts(
     reports = _parts_on_workers(stage, parameters, parts, logger, timeout_seconds) if current_deployment_id() else None
     if reports is None:
         reports = _parts_here(flow_fn, parameters, parts)
-    summary = merge_summaries(reports)
+    summary = merge_summaries(reports, units)
     lost = [r for r in reports if r["state"] != "Completed"]
     summary["parts"] = [{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in reports]
     summary["lost_parts"] = [r["part"] for r in lost]
     for report in lost:
         why = f" ({report['reason']})" if report.get("reason") else ""
         logger.error(
-            "part %s ended %s%s: its slides stay pending for the next run", report["part"], report["state"], why
+            "part %s ended %s%s: its %s stay pending for the next run", report["part"], report["state"], why, units
         )
     return summary
 

@@ -3,6 +3,11 @@ concurrency, collect their outcomes, keep a progress artifact and a terminal bar
 
 A group whose task fails after its retries never sinks the run: its units are reported ``pending`` with the
 error (infrastructure failed, nothing was committed for them), and the next run picks them up.
+
+:func:`run_stage` is a whole run of a stage that plans from the store: the parent of ``parts=N`` runs its parts
+(tasks/work/parts.py); any other run records its worker, plans (the units still to do, and those done, which count
+as skipped), runs the pending units in groups, and finishes: the summary, its log lines and its ``summary`` artifact.
+A flow reads: resolve its inputs, build the stage, run it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,36 @@ from pathgen.errors import short_error
 from pathgen.processes import bound_threads, worker_process_setup
 from pathgen.settings import Settings
 from tasks.store.objects import Store, remove_stale_staging
-from tasks.work.shards import SlidePlan
-from tasks.work.units import PendingWork, UnitOutcome, groups_of, summarize
+from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
+from tasks.work.units import NoUnitSucceeded, PendingWork, UnitOutcome, UnitPlan, groups_of, summarize, tally
+
+
+@dataclass
+class Parts:
+    """A run's share of a stage: part ``part`` of ``count`` (None: every unit, or the parent of ``count`` parts)."""
+
+    count: int = 1
+    part: int | None = None
+    flow: Any = None  # the stage's flow, which the parent runs once per part
+    parameters: dict[str, Any] = field(default_factory=dict)  # the flow's parameters, but parts and part
+
+    @property
+    def parent(self) -> bool:
+        return self.count > 1 and self.part is None
+
+
+@dataclass
+class Finish:
+    """How a run of a stage is summed up: what its items are, where they went, what the summary adds."""
+
+    items: str = "items"  # what a unit's items are called in the summary and the log: patches, pairs...
+    where: str = ""  # where the output went, for the log
+    random_warning: str = ""  # logged when random weights made the output
+    random_weights: bool = False  # known before the run: the stage's model has random weights
+    required: bool = False  # the run fails (NoUnitSucceeded) when no unit is done
+    fields: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries: store, hashes, prefixes
+    tallies: tuple[str, ...] = ()  # "name: count" columns of the units, added up into the summary
+    maxima: tuple[str, ...] = ()  # number columns of the units whose largest value goes into the summary
 
 
 @dataclass
@@ -40,8 +73,13 @@ class Stage:
     tags: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     table_description: str = ""
-    units: str = "slides"  # what a unit is, in artifact keys and progress text
+    units: str = "slides"  # what a unit is, in artifact keys, progress text and summary keys
     unit_column: str = "slide"  # the first column of the table artifact
+    unit_key: str = "slide_id"  # the id's key in the summary's lists of failed and pending units
+    group_size: int = 1  # units to a task
+    run_name: str = ""  # the flow run's name: the count of units to do (and the part) are added
+    parts: Parts = field(default_factory=Parts)
+    finish: Finish = field(default_factory=Finish)
 
 
 def _task_options(stage: Stage, settings: Settings) -> Any:
@@ -164,13 +202,72 @@ def open_store(settings: Settings, prefixes: list[str], logger: logging.Logger) 
     return store
 
 
-def run_plan(
-    stage: Stage, plan: SlidePlan, slides_per_task: int, settings: Settings, logger: logging.Logger
-) -> tuple[dict[str, Any], list[UnitOutcome]]:
-    """Run a plan's pending slides, ``slides_per_task`` to a task, its done ones counting as skipped; returns the
-    run's summary and the outcomes. The summary's ``failed`` counts the failed items the tasks report, not slides."""
-    outcomes = run_units(stage, groups_of(plan.pending, slides_per_task), settings, logger)
-    outcomes += [UnitOutcome(slide_id, "skipped") for slide_id in plan.done]
-    summary = summarize(stage.name, outcomes)
-    summary["failed"] = sum(int(o.columns.get("failed", 0)) for o in outcomes)  # items, not slides
-    return summary, outcomes
+def run_stage(stage: Stage, plan: Callable[[], UnitPlan], settings: Settings, logger: logging.Logger) -> dict:
+    """A run of the stage: its parts when it is their parent, else ``plan()``'s pending units in groups of
+    ``stage.group_size``, its done ones counting as skipped; returns the finished summary."""
+    parts = stage.parts
+    if parts.parent:
+        timeout = settings.parts.timeout_seconds
+        summary = run_parts(stage.name, parts.flow, parts.parameters, parts.count, logger, timeout, stage.units)
+        return finish_stage(stage, summary, [], logger)
+    record_worker(stage.name, parts.part, parts.count)
+    planned = plan()
+    if stage.run_name:
+        name_flow_run(f"{stage.run_name}-{len(planned.pending)}-{stage.units}", parts.part, parts.count)
+    logger.info("%s: %d %s done, %d to do", stage.name, len(planned.done), stage.units, len(planned.pending))
+    outcomes = run_units(stage, groups_of(planned.pending, stage.group_size), settings, logger) + planned.skipped()
+    summary = finish_stage(stage, summarize(stage.name, outcomes, stage.units, stage.unit_key), outcomes, logger)
+    publish_summary(summary, stage.units)
+    return summary
+
+
+def finish_stage(stage: Stage, summary: dict, outcomes: list[UnitOutcome], logger: logging.Logger) -> dict:
+    """The summary with the stage's own entries (``stage.finish``), logged; NoUnitSucceeded when the stage requires
+    a unit done and none is (a part's run never requires it: its parent judges the whole)."""
+    finish = stage.finish
+    summary.update(finish.fields)
+    summary[finish.items] = summary["items"]
+    for column in finish.tallies:  # a parent's outcomes are its parts': their tallies are not in its summary
+        summary[column] = tally(outcomes, column) or summary.get(column, {})
+    for column in finish.maxima:
+        summary[column] = max([int(o.columns.get(column, 0)) for o in outcomes] + [int(summary.get(column, 0) or 0)])
+    summary["random_weights"] = bool(summary.get("random_weights")) or finish.random_weights
+    _log_summary(stage, summary, logger)
+    done = summary["ok"] + summary["skipped"]
+    if finish.required and stage.parts.part is None and done == 0:
+        raise NoUnitSucceeded(
+            f"no {stage.units[:-1]} succeeded ({summary['failed']} failed, {summary['pending']} pending); "
+            "see the errors above"
+        )
+    return summary
+
+
+def _log_summary(stage: Stage, summary: dict, logger: logging.Logger) -> None:
+    for failed in summary.get(f"failed_{stage.units}", []):
+        logger.warning("failed: %s: %s", failed[stage.unit_key], failed["error"])
+    for pending in summary.get(f"pending_{stage.units}", []):
+        logger.warning("pending (run again): %s: %s", pending[stage.unit_key], pending["error"])
+    finish = stage.finish
+    logger.info(
+        "%d ok, %d already done, %d failed, %d pending; %d %s (%d failed items) in %s",
+        *(summary["ok"], summary["skipped"], summary["failed"], summary["pending"], summary["items"]),
+        *(finish.items, summary.get("failed_items", 0), finish.where),
+    )
+    if summary["random_weights"] and finish.random_warning:
+        logger.warning(finish.random_warning)
+
+
+def finish_training(
+    summary: dict[str, Any], name: str, logger: logging.Logger, random_warning: str = "", error: str | None = None
+) -> dict[str, Any]:
+    """A training flow's summary (its units are its stages, run one after another), logged: the error that stopped
+    it (None when every stage is done), the random-weights warning, and each stage with what it made."""
+    summary["error"] = error
+    if error:
+        logger.error("%s: %s", name, error)
+    if random_warning:
+        logger.warning(random_warning)
+    for stage in summary["stages"]:
+        made = stage.get("checkpoint") or stage.get("model") or stage.get("error") or ""
+        logger.info("%s: %s %s", stage["stage"], stage["status"], made)
+    return summary

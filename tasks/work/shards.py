@@ -1,4 +1,4 @@
-"""A slide stage's objects in the store, and which slides a run of it still has to do.
+"""A slide stage's objects in the store, their metadata, and which slides a run of it still has to do.
 
 Under one settings hash a stage writes, per slide, a shard ``<folder>/<hash>/<slide_id>.parquet`` whose existence marks
 the slide done, and a failed table ``<failed folder>/<hash>/<slide_id>.parquet``: a folder of its own, so that the
@@ -11,9 +11,19 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from pathgen import __version__
 from tasks.store.listing import list_mtimes
 from tasks.store.objects import Store
-from tasks.work.units import in_part
+from tasks.work.units import UnitPlan, in_part
+
+SCHEMA_VERSION = "1"  # of every shard the factory writes: patches, pairs, instruct, failed tables, reviews
+
+
+def shard_metadata(kind: str, extra: dict[str, str] | None = None) -> dict[bytes, bytes]:
+    """A shard's Parquet key-value metadata: its kind, the schema and factory versions, then ``extra``."""
+    meta = {"pathgen.schema_version": SCHEMA_VERSION, "pathgen.kind": kind, "pathgen.factory_version": __version__}
+    meta.update(extra or {})
+    return {k.encode(): str(v).encode() for k, v in meta.items()}
 
 
 def slide_key(prefix: str, slide_id: str) -> str:
@@ -52,18 +62,8 @@ class SlideShards:
         return slide_key(self.failed_prefix(settings_hash), slide_id)
 
 
-@dataclass(frozen=True)
-class SlidePlan:
-    """The slides a run of a stage has to do, and those already done."""
-
-    pending: list[str]  # slide ids, sorted
-    done: list[str]
-
-
-def plan_slides(
-    store: Store, sources: str, outputs: str, part: int | None = None, parts: int = 1
-) -> tuple[list[str], list[str]]:
-    """(pending, done) slide ids of this part, sorted, from two listings: a slide is done when its object below
+def plan_slides(store: Store, sources: str, outputs: str, part: int | None = None, parts: int = 1) -> UnitPlan:
+    """The pending and done slide ids of this part, sorted, from two listings: a slide is done when its object below
     ``outputs`` is newer than its object below ``sources``."""
     source_mtimes = list_mtimes(store, sources, ".parquet")
     output_mtimes = list_mtimes(store, outputs, ".parquet")
@@ -73,4 +73,4 @@ def plan_slides(
         output_mtime = output_mtimes.get(slide_key(outputs, slide_id))
         # An output as old as its source may come from an earlier source: planned, and the task decides.
         (done if output_mtime is not None and output_mtime > source_mtime else pending).append(slide_id)
-    return in_part(pending, part, parts), in_part(done, part, parts)
+    return UnitPlan(in_part(pending, part, parts), in_part(done, part, parts))

@@ -1,18 +1,23 @@
-"""Work units: one slide per unit, for every stage, and what became of each.
+"""Work units and what became of each: a slide for the slide stages (extract, features, caption, instruct), a
+dataset, a training stage or an export for the others.
 
 A unit's output under one settings hash is one object whose existence marks it done. A unit ends in one of four
 states: ``ok`` (committed now), ``skipped`` (already committed), ``failed`` (its content is the problem: final,
 recorded with the reason) or ``pending`` (infrastructure failed: nothing committed, the next run does it).
+
+In every summary ``failed`` counts failed units; items that failed inside a unit that was committed (a patch no
+caption could be written for) are counted apart, as ``failed_items``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pathgen.errors import WorkPending
 
 Status = Literal["ok", "skipped", "failed", "pending"]
 DONE: tuple[Status, ...] = ("ok", "skipped")
@@ -20,9 +25,9 @@ DONE: tuple[Status, ...] = ("ok", "skipped")
 
 @dataclass
 class UnitOutcome:
-    unit: str  # the slide id
+    unit: str  # the unit's id: a slide id, a dataset's name, a training stage
     status: Status
-    items: int = 0  # patches kept, pairs written
+    items: int = 0  # what the unit made: patches kept, pairs written
     seconds: float = 0.0
     error: str | None = None
     random_weights: bool = False
@@ -41,7 +46,7 @@ class UnitOutcome:
         }
 
 
-class PendingWork(RuntimeError):
+class PendingWork(WorkPending):
     """Raised by a task when infrastructure failed for some of its units, so that Prefect retries the task; it
     carries the outcomes of the units that did finish, which the runner keeps if the retries fail too."""
 
@@ -67,50 +72,39 @@ def groups_of(units: list[Any], size: int) -> list[list[Any]]:
     return [units[i : i + size] for i in range(0, len(units), size)]
 
 
-def summarize(stage: str, outcomes: list[UnitOutcome]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class UnitPlan:
+    """What a run of a stage has to do, from the store: the units still to do, and the ids of those whose outcome the
+    store already holds (committed: skipped; or, where a stage records them, a content failure for the same inputs)."""
+
+    pending: list[Any]  # the units themselves (slide ids, slide references), sorted by id
+    done: list[str]  # ids of units with a final outcome in the store: reported skipped unless ``committed`` says else
+    committed: dict[str, UnitOutcome] = field(default_factory=dict)  # a done unit's outcome when the store says more
+
+    def skipped(self) -> list[UnitOutcome]:
+        """The done units' outcomes: skipped, or what the store says of them."""
+        return [self.committed.get(unit, UnitOutcome(unit, "skipped")) for unit in self.done]
+
+
+def summarize(stage: str, outcomes: list[UnitOutcome], units: str = "slides", unit_key: str = "slide_id") -> dict:
+    """A run's counts by status, named after what a unit is (``units``: ``slides`` gives ``slides``,
+    ``failed_slides``, ``pending_slides`` with ``slide_id`` entries). ``failed`` counts units; ``failed_items`` the
+    items that failed inside committed units (a unit's ``failed`` column)."""
     by = {s: [o for o in outcomes if o.status == s] for s in ("ok", "skipped", "failed", "pending")}
     return {
         "stage": stage,
-        "slides": len(outcomes),
+        units: len(outcomes),
         **{status: len(found) for status, found in by.items()},
         "items": sum(o.items for o in outcomes if o.status in DONE),
-        "failed_slides": [{"slide_id": o.unit, "error": o.error} for o in by["failed"]],
-        "pending_slides": [{"slide_id": o.unit, "error": o.error} for o in by["pending"]],
+        "failed_items": sum(int(o.columns.get("failed", 0) or 0) for o in outcomes),
+        f"failed_{units}": [{unit_key: o.unit, "error": o.error} for o in by["failed"]],
+        f"pending_{units}": [{unit_key: o.unit, "error": o.error} for o in by["pending"]],
         "random_weights": any(o.random_weights for o in outcomes),
     }
 
 
-class NoSlideSucceeded(RuntimeError):
-    """A slide stage's run in which no slide succeeded (or none was found): the run fails."""
-
-
-def finish_slides(
-    summary: dict[str, Any], where: str, logger: logging.Logger, random_warning: str | None, required: bool = True
-) -> dict[str, Any]:
-    """Log a slide stage's failed and pending slides, its counts and (when random weights made its output)
-    ``random_warning``; NoSlideSucceeded when ``required`` and no slide is done. ``items`` become ``patches``."""
-    summary["patches"] = summary["items"]
-    for failed in summary["failed_slides"]:
-        logger.warning("failed: %s: %s", failed["slide_id"], failed["error"])
-    for pending in summary["pending_slides"]:
-        logger.warning("pending (run again): %s: %s", pending["slide_id"], pending["error"])
-    counts = (summary["ok"], summary["skipped"], summary["failed"], summary["pending"], summary["patches"], where)
-    logger.info("%d ok, %d already done, %d failed, %d pending; %d patches in %s", *counts)
-    if summary["random_weights"] and random_warning:
-        logger.warning(random_warning)
-    if required and summary["ok"] + summary["skipped"] == 0:
-        raise NoSlideSucceeded(
-            f"no slide succeeded ({summary['failed']} failed, {summary['pending']} pending); see the errors above"
-        )
-    return summary
-
-
-def log_pending(summary: dict[str, Any], logger: logging.Logger, random_weights_warning: str) -> None:
-    """Log each slide a run left pending, and warn when random weights made its data."""
-    for pending in summary["pending_slides"]:
-        logger.error("pending (run again): %s: %s", pending["slide_id"], pending["error"])
-    if summary["random_weights"]:
-        logger.warning(random_weights_warning)
+class NoUnitSucceeded(RuntimeError):
+    """A run in which no unit succeeded (or none was found), where the stage needs one: the run fails."""
 
 
 def counts_text(counts: dict[str, int]) -> str:
@@ -119,7 +113,7 @@ def counts_text(counts: dict[str, int]) -> str:
 
 
 def tally(outcomes: list[UnitOutcome], column: str) -> dict[str, int]:
-    """Add up a "name: count, ..." column of the slides' outcomes."""
+    """Add up a "name: count, ..." column of the units' outcomes."""
     counts: dict[str, int] = {}
     for outcome in outcomes:
         for item in filter(None, str(outcome.columns.get(column, "")).split(", ")):

@@ -21,7 +21,6 @@ class NoPairsError(ValueError):
     """The store holds no pair shards: nothing to write conversations from until ``pathgen caption`` has run."""
 
 
-
 def source_agents_hash(store: Store, wanted: str | None) -> str:
     """The pairs to read: ``wanted`` (instruct.agents_hash) or the only agents_hash in the store."""
     hashes = agents_hashes(store)

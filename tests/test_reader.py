@@ -1,3 +1,5 @@
+import dataclasses
+
 import cv2
 import imagecodecs
 import numpy as np
@@ -136,3 +138,26 @@ def test_an_anisotropic_slide_is_extracted_in_physically_square_patches(tmp_path
     resized = cv2.resize(box, (128, 128), interpolation=cv2.INTER_AREA)
     expected = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(resized, level=settings.patch.jpeg_quality))
     assert np.array_equal(patch, expected)
+
+
+def test_positions_on_an_anisotropic_slide_are_saved_as_exactly_their_level0_box(tmp_path, cmu_rgb):
+    """A PathGen JSON position is a square level-0 box: with non-square pixels it is read at each axis's own scale,
+    so the saved patch is those level-0 pixels and nothing resampled."""
+    level0 = np.ascontiguousarray(cmu_rgb[:1536, :2048])
+    path = _anisotropic_slide(tmp_path / "aniso.tif", level0, (0.25, 0.5))
+    overrides = {"store": str(tmp_path / "store"), "patch.positions_box_px": 256, "selection.method": "all"}
+    settings = load_settings(overrides={**overrides, "retries.io_retries": 0, "quality.min_sharpness": 0}, environ={})
+    (ref,) = resolve_sources([str(path)], settings)
+    ref = dataclasses.replace(ref, positions=[(128, 256), (512, 512)])
+    outcome = extract_slide(ref, settings, Store(settings.store))
+    assert outcome.status == "ok", outcome.error
+    with Store(settings.store).open(shard_key(ref.slide_id)) as handle:
+        rows = read_shard(handle).to_pylist()
+    assert rows, "no patch kept"
+    for row in rows:
+        assert (row["w0"], row["h0"], row["patch_px"], row["level"]) == (256, 256, 256, 0)
+        x, y = row["x"], row["y"]
+        expected = level0[y : y + 256, x : x + 256]
+        patch = imagecodecs.jpeg8_decode(row["image"])
+        encoded = imagecodecs.jpeg8_encode(expected, level=settings.patch.jpeg_quality)
+        assert np.array_equal(patch, imagecodecs.jpeg8_decode(encoded))

@@ -54,6 +54,7 @@ from tasks.slides.passes import (
     PassResult,
     SlidePass,
     patch_scale,
+    read_resolution,
     write_planned,
     write_representative,
 )
@@ -499,7 +500,7 @@ def _open_scale(
     patch_mpp, patch_px = patch_scale(ref, settings, info.mpp)
     if ref.positions is not None:  # what the positions' patches are: the paper's level-0 boxes, at this scale
         record.target_mpp, record.patch_px = patch_mpp, patch_px
-    record.upsampled = info.upsampled_at(patch_mpp)
+    record.upsampled = info.upsampled_at(read_resolution(ref, settings, info, patch_mpp, patch_px))
     if record.upsampled:
         logger.warning(
             "%s: patches at %.3g µm/px are finer than the scan (%.3g µm/px): they are upsampled and hold no more "

@@ -26,7 +26,7 @@ from tasks.selection.representative import Selection, select_representative
 from tasks.selection.retrieval import SlidePrompts, prompts_for, retrieval_scores
 from tasks.slides.projects import ResolvedProject, resolve_project
 from tasks.slides.quality import QualityScores, rejection_reason, score_patch
-from tasks.slides.readers import SlideReader
+from tasks.slides.readers import Resolution, SlideInfo, SlideReader
 from tasks.slides.shard import PatchRecord, PatchShardWriter, patch_id_for
 from tasks.slides.sources import SlideRef
 from tasks.slides.tissue import GridCell
@@ -67,6 +67,16 @@ def patch_scale(ref: SlideRef, settings: Settings, slide_mpp: float) -> tuple[fl
     return slide_mpp, box
 
 
+def read_resolution(ref: SlideRef, settings: Settings, info: SlideInfo, mpp: float, patch_px: int) -> Resolution:
+    """The (x, y) µm/px a slide's patches are read at. A grid patch is square in microns (``mpp`` on both axes); a
+    PathGen JSON position is a square level-0 box, so on a slide with non-square pixels each axis keeps its own
+    scale and the read shows exactly the box (``mpp``, their mean, is what the records carry)."""
+    if ref.positions is None:
+        return mpp
+    factor = settings.patch.positions_box_px / patch_px
+    return (info.mpp_x * factor, info.mpp_y * factor)
+
+
 @dataclass
 class SlidePass:
     """What every pass needs about one slide: where to read, how to score, how to make a record."""
@@ -79,7 +89,8 @@ class SlidePass:
     def __post_init__(self) -> None:
         # once, not per patch: the scale of every patch of this slide and the level it is read from
         self.mpp, self.patch_px = patch_scale(self.ref, self.settings, float(self.reader.info.mpp))
-        self.read_level = self.reader.best_level(self.mpp)
+        self.read_mpp = read_resolution(self.ref, self.settings, self.reader.info, self.mpp, self.patch_px)
+        self.read_level = self.reader.best_level(self.read_mpp)
         # the project its prompts and its hash use (tasks.slides.hashing.slide_project), recorded on every patch
         self.project: ResolvedProject = resolve_project(self.ref, self.settings)
         if self.project.source == "barcode":
@@ -92,7 +103,7 @@ class SlidePass:
         boxes = [c.box for c in cells]
         # patch_px at mpp spans patch_px * mpp / slide_mpp level-0 px from the box's corner: the grid cell's side,
         # and for positions exactly the box side, so every patch shows its recorded box and nothing else.
-        pixels = self.reader.read_boxes(boxes, self.mpp, self.patch_px, self.settings.extract.read_ahead)
+        pixels = self.reader.read_boxes(boxes, self.read_mpp, self.patch_px, self.settings.extract.read_ahead)
         yield from zip(cells, pixels, strict=True)
 
     def score(self, rgb: np.ndarray) -> tuple[QualityScores, str | None]:

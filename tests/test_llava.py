@@ -121,11 +121,10 @@ def test_the_open_clip_tower_converts_to_a_clip_vision_model_with_the_same_featu
     import torch
     from PIL import Image
 
-    from tasks.clip.spec import TINY_RANDOM
+    from tasks.clip.spec import TINY_RANDOM, register_model_configs
     from tasks.llava.vision import TOLERANCE, check_conversion, convert_visual, image_processor_of, vision_config
-    from tasks.selection.embedding import _register_configs
 
-    _register_configs()
+    register_model_configs()
     images = [Image.open(p).convert("RGB") for p in sorted(kather.KATHER.glob("*/*.tif"))[::3]]
     for quick_gelu in (False, True):  # tiny-random uses GELU; OpenAI's towers QuickGELU
         torch.manual_seed(1)
@@ -150,11 +149,11 @@ def test_an_unset_tower_is_the_newest_pathgen_clip_checkpoint_of_the_store(tmp_p
     import torch
 
     from flows.train_llava import default_vision
+    from tasks.clip.spec import register_model_configs
     from tasks.llava.vision import load_vision_tower, vision_source
-    from tasks.selection.embedding import _register_configs
     from tasks.store.objects import Store
 
-    _register_configs()
+    register_model_configs()
     torch.manual_seed(5)
     clip = open_clip.create_model("tiny-random")
     stage = tmp_path / "store" / "models" / "clip" / "clip-x" / "stage1"
@@ -481,6 +480,62 @@ def test_stage1_resumes_from_a_checkpoint_of_the_projector_alone_to_the_same_wei
     rows = [tmp_path / run / "store" / "models" / "llava" / "test" / "stage1" / "metrics.jsonl" for run in "ab"]
     losses = [[json.loads(line)["loss"] for line in path.read_text().splitlines()] for path in rows]
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def _plan(root: Path, **more):
+    """A stage plan for the checkpoint bookkeeping alone: nothing trains with it."""
+    from tasks.llava.plan import TrainPlan
+
+    fields = dict(run="test", stage="stage2", data="", start="", out=str(root / "stage"), store=str(root / "store"),
+                  s3={}, mode="full", lr=1e-3, epochs=1, max_steps=None, batch_size=1, grad_accum=1, max_length=64,
+                  warmup_ratio=0.0, weight_decay=0.0, lora_r=4, lora_alpha=8, lora_dropout=0.0, precision="fp32",
+                  gradient_checkpointing=False, devices=2, workers=0, save_steps=1, seed=0, random_weights=True,
+                  sharding="full_shard")  # fmt: skip
+    return TrainPlan(**fields | more)
+
+
+def test_a_stage_resumes_only_from_a_checkpoint_of_its_own_format_mode_sharding_and_devices(tmp_path, caplog):
+    """A checkpoint written before the move onto the Trainer, or with another sharding or number of devices (none of
+    them in the run name), cannot be loaded: it is ignored, here and in the store, and the stage resumes from the
+    newest one it can load, or starts over."""
+    from dataclasses import replace
+
+    from tasks.llava import checkpoints
+
+    plan = _plan(tmp_path)
+    store = plan.open_store()
+    folder = plan.checkpoint_dir / "checkpoint-2"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_text("step 2")
+    checkpoints.commit(plan, store, folder, [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}])
+    marker = store.read_json(f"{plan.prefix}/checkpoints/step_0000002/state.json")
+    assert marker | {"step": None} == {"step": None, "stage": "stage2", "run": "test", "format": "hf-trainer-1",
+                                       "mode": "full", "sharding": "full_shard", "devices": 2}  # fmt: skip
+    (folder / "state.json").unlink()  # gone here: the store's copy is the one to fetch
+
+    def written(step: int, marker: dict, local: bool = False) -> None:
+        if local:
+            (plan.checkpoint_dir / f"checkpoint-{step}").mkdir()
+            (plan.checkpoint_dir / f"checkpoint-{step}" / "state.json").write_text(json.dumps(marker))
+        else:
+            store.write_json(f"{plan.prefix}/checkpoints/step_{step:07d}/state.json", marker)
+
+    name = {"stage": "stage2", "run": "test"}
+    written(5, {"step": 5, "mode": "full"} | name)  # before the Trainer: trainable.safetensors, optimizer.pt
+    written(4, {"step": 4} | name | checkpoints.layout(replace(plan, sharding="none")))  # unsharded trained weights
+    written(6, {"step": 6} | name | checkpoints.layout(replace(plan, devices=4)), local=True)  # FSDP over 4
+    with caplog.at_level(logging.WARNING, logger="pathgen.llava"):
+        newest = checkpoints.fetch_newest(plan, store)
+    assert newest == plan.checkpoint_dir / "checkpoint-2" and (newest / "model.safetensors").read_text() == "step 2"
+    assert checkpoints.local_checkpoints(plan) == [newest]  # the one over 4 devices is gone from here
+    assert checkpoints.resumed_rows(newest) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}]
+    ignored = [r.getMessage() for r in caplog.records if "ignoring checkpoint" in r.getMessage()]
+    assert len(ignored) == 3 and any("step_0000005" in m and "'format': None" in m for m in ignored)
+
+    unsharded = replace(plan, sharding="none")  # llava.sharding changed: step 4 is the newest it can load
+    assert checkpoints.fetch_newest(unsharded, store) == plan.checkpoint_dir / "checkpoint-4"
+    assert checkpoints.local_checkpoints(unsharded) == [plan.checkpoint_dir / "checkpoint-4"]
+    assert checkpoints.fetch_newest(replace(plan, mode="lora"), store) is None  # nothing fits: starts over
 
 
 def test_the_flow_trains_both_stages_and_a_rerun_skips_them(prefect_api, llava_data, tiny_models, tmp_path, capsys):

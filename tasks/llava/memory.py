@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tasks.llava.plan import TrainPlan
-from tasks.llava.train import LORA_TARGETS, set_trainable
+from tasks.llava.train import lora_model, set_trainable
 
 GIB = 1024**3
 COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -28,7 +28,6 @@ WEIGHT_BYTES = 4  # fp32 weights, gradients, AdamW moments: mixed precision keep
 ADAM_MOMENTS = 2
 LAYER_ACTIVATION_FACTOR = 17  # 34 bytes per (token x hidden) at 2 bytes an element: 17 elements
 CONTEXT_BYTES = 1 * GIB  # CUDA context, NCCL buffers and the allocator's slack, roughly
-SHARDINGS = ("full_shard", "none")
 
 
 @dataclass(frozen=True)
@@ -176,7 +175,8 @@ def memory_plan(plan: TrainPlan) -> MemoryPlan:
 def check_stage(plan: TrainPlan, logger: logging.Logger) -> MemoryEstimate:
     """Log the stage's per-device estimate before it trains; refuse (ValueError: the stage fails with the reason,
     nothing retries it) a plan that does not fit the devices."""
-    shape = folder_shape(plan.start, plan.mode, {"r": plan.lora_r, "alpha": plan.lora_alpha})
+    shape = folder_shape(plan.start, plan.mode, {"r": plan.lora_r, "alpha": plan.lora_alpha,
+                                                   "dropout": plan.lora_dropout})  # fmt: skip
     found = estimate(shape, memory_plan(plan))
     logger.info("%s %s memory: %s", plan.run, plan.stage, found.describe())
     import torch
@@ -201,7 +201,8 @@ def model_shape(model: Any, mode: str, lora: dict[str, Any] | None = None) -> Mo
     in_layers = sum(p.numel() for p in layers.parameters())
     set_trainable(model, mode)
     if mode == "lora":
-        model = lora_on(model, lora or {})
+        lora = lora or {}
+        model = lora_model(model, lora.get("r", 128), lora.get("alpha", 256), lora.get("dropout", 0.05))
     total = sum(p.numel() for p in model.parameters())
     return ModelShape(
         total=total,
@@ -212,14 +213,6 @@ def model_shape(model: Any, mode: str, lora: dict[str, Any] | None = None) -> Mo
         layers=int(text.num_hidden_layers),
         vocab=int(text.vocab_size),
     )
-
-
-def lora_on(model: Any, lora: dict[str, Any]):
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora.get("r", 128), lora_alpha=lora.get("alpha", 256), target_modules=LORA_TARGETS,
-                        modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, config)
 
 
 def meta_model(config: Any):

@@ -40,13 +40,14 @@ def set_trainable(model, mode: str):
     return model
 
 
-def lora_model(model, plan: TrainPlan):
+def lora_model(model, r: int, alpha: int, dropout: float):
+    """The model wrapped with LoRA adapters (peft): the one configuration training and the memory estimate use."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=plan.lora_r,
-        lora_alpha=plan.lora_alpha,
-        lora_dropout=plan.lora_dropout,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
         target_modules=LORA_TARGETS,
         modules_to_save=["multi_modal_projector"],  # LLaVA-1.5's LoRA recipe trains the projector in full
         task_type="CAUSAL_LM",
@@ -63,7 +64,7 @@ def prepare_model(plan: TrainPlan):
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.mode == "lora":
-        model = lora_model(model, plan)
+        model = lora_model(model, plan.lora_r, plan.lora_alpha, plan.lora_dropout)
     return model, processor
 
 
@@ -103,7 +104,7 @@ def run_training(plan: TrainPlan, logger: logging.Logger | None = None) -> dict[
     trainer, processor = build_trainer(plan, rows, logger)
     store, main = plan.open_store(), trainer.accelerator.is_main_process
     if main:
-        checkpoints.fetch_newest(plan, store)
+        checkpoints.fetch_newest(plan, store, logger)
     trainer.accelerator.wait_for_everyone()
     newest = checkpoints.local_checkpoints(plan)
     if newest:
@@ -132,7 +133,8 @@ def sharding_record(trainer) -> dict[str, Any]:
 
 def final_model(trainer, plan: TrainPlan):
     """The trained model, whole, on rank 0 (None elsewhere), LoRA merged: sharded, its full state is gathered from
-    the devices into the start model built again; otherwise it is the trainer's own model."""
+    the devices into rank 0's memory (the 13B's fp32 state: about 53 GB of RAM) and becomes the model itself;
+    otherwise it is the trainer's own model."""
     main = trainer.accelerator.is_main_process
     if not trainer.is_fsdp_enabled:
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -140,9 +142,21 @@ def final_model(trainer, plan: TrainPlan):
         state = gathered_state(trainer.model, keep=main)
         if not main:
             return None
-        model, _ = prepare_model(plan)
-        model.load_state_dict(state)
+        model = model_holding(state, plan.start)
     return model.merge_and_unload() if plan.mode == "lora" else model  # LoRA: a plain LLaVA again, adapters folded in
+
+
+def model_holding(state: dict[str, Any], start: str):
+    """The start folder's model with ``state``'s tensors as its weights: built without weights (meta) and given the
+    tensors themselves, so the gathered state is held once, not copied into a second whole model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(start))
+    model.load_state_dict(state, assign=True)
+    model.generation_config = GenerationConfig.from_pretrained(start)  # the start folder's defaults, as loaded
+    return model
 
 
 def gathered_state(model, keep: bool) -> dict[str, Any]:

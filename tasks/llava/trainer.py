@@ -31,6 +31,11 @@ from tasks.llava.plan import TrainPlan
 
 MAX_GRAD_NORM = 1.0  # LLaVA-1.5's
 SAVE_TOTAL_LIMIT = 1  # LLaVA-1.5's scripts keep the newest checkpoint only
+# How long a process waits in a collective (the Trainer's default is 30 minutes). Rank 0 uploads each whole
+# checkpoint to the store while the others wait in the next collective: stage 2 of the 13B in full is about 160 GB
+# (fp32 weights and AdamW's two moments), 45 minutes at 60 MB/s. Six hours allow for slow links to S3; a process that
+# truly hangs is found that much later.
+COLLECTIVE_TIMEOUT_S = 6 * 3600
 
 
 class StageOrder(torch.utils.data.Sampler):
@@ -129,6 +134,7 @@ def training_arguments(plan: TrainPlan, world: int, total: int, model, text_only
         save_total_limit=SAVE_TOTAL_LIMIT,
         dataloader_num_workers=plan.workers,
         remove_unused_columns=False,
+        ddp_timeout=COLLECTIVE_TIMEOUT_S,
         ddp_find_unused_parameters=text_only,  # a text-only batch leaves the projector without a gradient
         report_to="none",
         disable_tqdm=True,

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from agents.openai_http import auth_headers, failure_name, worth_retrying
+from agents.openai_http import attempts_note, auth_headers, failure_name, worth_retrying
 from agents.prompts import load_prompt
 from pathgen.digest import folder_digest
 from pathgen.errors import BackendError, RetryableStatus, retrying, without_userinfo
@@ -58,8 +58,9 @@ def served_model(base_url: str, model: str, timeout: float, retries: RetrySettin
         response = policy(listing)
     except (httpx.TransportError, RetryableStatus) as exc:
         raise BackendError(
-            f"the model server at {endpoint} cannot be reached ({failure_name(exc)}, after {retries.io_retries + 1} "
-            "attempts); start it or fix agents.openai_base_url, then run again: the slides stay pending"
+            f"the model server at {endpoint} cannot be reached ({failure_name(exc)}"
+            f"{attempts_note(exc, retries.io_retries + 1)}); start it or fix agents.openai_base_url, then run again: "
+            "the slides stay pending"
         ) from exc
     if response.status_code != 200:
         raise BackendError(f"the model server at {endpoint} answered HTTP {response.status_code} to GET /models")

@@ -21,8 +21,17 @@ def auth_headers() -> dict[str, str]:
 
 
 def worth_retrying(exc: BaseException) -> bool:
-    """A dropped connection or a timeout (httpx's TransportError covers both), or an answer to ask again."""
+    """A dropped connection or a timeout (httpx's TransportError covers both), or an answer to ask again; not a URL
+    httpx cannot use (UnsupportedProtocol) nor a request it refuses to send (LocalProtocolError): asking again
+    gives the same, as the configuration is wrong, not the server."""
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
+        return False
     return isinstance(exc, httpx.TransportError | RetryableStatus)
+
+
+def attempts_note(exc: BaseException, attempts: int) -> str:
+    """``, after N attempts`` for a failure that was asked again; nothing for one tried once."""
+    return f", after {attempts} attempts" if worth_retrying(exc) else ""
 
 
 def failure_name(exc: BaseException) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
-import re
 import signal
 import subprocess
 import time
@@ -20,6 +19,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from pathgen.errors import redact_urls
 
 KILL_EXTRA_WAIT = 5.0  # seconds a process group gets to vanish after SIGKILL
 POLL = 0.2
@@ -70,11 +71,6 @@ def _group_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def mask_credentials(text: str) -> str:
-    """user:password@ in URLs becomes user:***@, for what goes into the logs."""
-    return re.sub(r"(://[^:/@ ]+:)[^@ ]+@", r"\1***@", text)
 
 
 class LockBusy(RuntimeError):
@@ -133,7 +129,7 @@ class ProcessTable:
         log_path = self.state / f"{name}.log"
         with open(log_path, "a") as log:
             log.write(f"=== {datetime.now().astimezone().isoformat(timespec='seconds')}: ")
-            log.write(mask_credentials(" ".join(argv)) + "\n")
+            log.write(redact_urls(" ".join(argv)) + "\n")  # a URL's user and password never logged
             log.flush()
             process = subprocess.Popen(
                 argv,

@@ -257,9 +257,9 @@ def _resolve_open_clip(spec, settings: Settings) -> None:
     # tiny random-weight model, or every slide already done) should not pay before it starts.
     import open_clip
 
-    from tasks.selection.embedding import _register_configs
+    from tasks.clip.spec import register_model_configs
 
-    _register_configs()
+    register_model_configs()
     if "://" in spec.pretrained and not spec.pretrained.startswith("file://"):
         local_checkpoint(spec.pretrained)  # fetched once into the local cache, as loading does
         return

@@ -74,9 +74,9 @@ def _random_checkpoint(store: Path) -> Path:
     import open_clip
     import torch
 
-    from tasks.selection.embedding import _register_configs
+    from tasks.clip.spec import register_model_configs
 
-    _register_configs()  # tiny-random's config, as the tests that build it do
+    register_model_configs()  # tiny-random's config, as the tests that build it do
     stage = store / "models" / "clip" / "r1" / "stage1"
     (stage / "checkpoints").mkdir(parents=True)
     (stage.parent / "run.json").write_text(json.dumps({"random_weights": True}))

@@ -59,9 +59,9 @@ def test_export_puts_every_pair_in_exactly_one_tar_and_open_clip_train_reads_the
     import open_clip
     from open_clip_train.data import get_wds_dataset
 
-    from tasks.selection.embedding import _register_configs
+    from tasks.clip.spec import register_model_configs
 
-    _register_configs()
+    register_model_configs()
     _, preprocess, _ = open_clip.create_model_and_transforms("tiny-random")
     args = types.SimpleNamespace(
         train_data=str(out / f"{CMU.stem}.tar"), train_num_samples=None, dataset_resampled=False, seed=0,

@@ -171,3 +171,12 @@ def test_a_quickgelu_twin_changes_exactly_the_hashes_of_the_openai_specs(tmp_pat
     plain, twin = encoder_identity("ViT-B-16:openai"), encoder_identity("ViT-B-16-quickgelu:openai")
     assert plain["name"] == "ViT-B-16-quickgelu" and features_hash(settings, plain) == features_hash(settings, twin)
     assert encoder_identity("ViT-B-16:laion2b_s34b_b88k")["name"] == "ViT-B-16"
+
+
+def test_non_square_pixels_add_a_key_and_square_ones_keep_their_hash():
+    """Non-square pixels are read per axis (not at their mean as before): their hash changes, no other does."""
+    base = _settings()
+    plain = slide_extraction_hash(A, base)
+    assert slide_extraction_hash(A, base, None, (0.25, 0.25)) == plain
+    assert slide_extraction_hash(A, base, None, 0.25) == plain
+    assert slide_extraction_hash(A, base, None, (0.25, 0.5)) != plain

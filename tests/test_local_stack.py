@@ -448,6 +448,16 @@ def test_the_process_manager_kills_what_ignores_sigterm_and_finds_leftovers_by_t
     assert table.marked() == []
 
 
+def test_the_launch_log_never_shows_a_urls_user_or_password(tmp_path):
+    table = ProcessTable(tmp_path, f"PATHGEN_STACK_STATE={tmp_path}", tmp_path)
+    argv = ["sh", "-c", "true", "postgresql+asyncpg://pathgen:hunter2@127.0.0.1:5433/prefect"]
+    table.launch("quick", argv, dict(os.environ))
+    logged = (tmp_path / "quick.log").read_text()
+    assert "postgresql+asyncpg://***@127.0.0.1:5433/prefect" in logged and "hunter2" not in logged
+    assert "pathgen" not in logged
+    table.stop([StopPolicy("quick", grace=0.1)])
+
+
 def test_a_stale_record_is_removed_and_the_process_now_under_its_pid_left_alone(tmp_path):
     table = ProcessTable(tmp_path, f"PATHGEN_STACK_STATE={tmp_path}", tmp_path)
     (tmp_path / "old.pid").write_text(f"{os.getpid()}\n")  # this test's own pid: SIGTERM would end the test

@@ -9,7 +9,9 @@ import tifffile
 
 from pathgen.errors import SlideError
 from pathgen.settings import load_settings
-from tasks.slides.extract import extract_slide, shard_key
+from tasks.slides import extract
+from tasks.slides.extract import committed_extraction, extract_slide, shard_key
+from tasks.slides.hashing import slide_extraction_hash
 from tasks.slides.readers import open_slide
 from tasks.slides.shard import read_shard
 from tasks.slides.sources import resolve_sources
@@ -138,6 +140,37 @@ def test_an_anisotropic_slide_is_extracted_in_physically_square_patches(tmp_path
     resized = cv2.resize(box, (128, 128), interpolation=cv2.INTER_AREA)
     expected = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(resized, level=settings.patch.jpeg_quality))
     assert np.array_equal(patch, expected)
+
+
+def test_an_earlier_mean_mpp_extraction_of_an_anisotropic_slide_is_not_current(tmp_path, cmu_rgb, monkeypatch):
+    level0 = np.ascontiguousarray(cmu_rgb[:1536, :2048])
+    aniso = _anisotropic_slide(tmp_path / "aniso.tif", level0, (0.25, 0.5))
+    square = _anisotropic_slide(tmp_path / "square.tif", level0, (0.5, 0.5))
+    overrides = {"store": str(tmp_path / "store"), "patch.patch_px": 128, "patch.target_mpp": 1.0}
+    settings = load_settings(overrides={**overrides, "selection.method": "random", "retries.io_retries": 0}, environ={})
+    aniso_ref, square_ref = resolve_sources([str(aniso), str(square)], settings)
+    store = Store(settings.store)
+    record = extract_slide(aniso_ref, settings, store).record
+    assert record.status == "ok", record.error
+    plain = slide_extraction_hash(aniso_ref, settings, record.source)
+    assert record.extraction_hash != plain  # its non-square pixels are in its hash
+    assert extract_slide(aniso_ref, settings, store).status == "skipped"  # and it stays current
+    # Records written before the axes were kept apart (no mpp_x, mpp_y) under the hash without the key:
+    earlier = record.model_copy(update={"mpp_x": None, "mpp_y": None, "extraction_hash": plain})
+    monkeypatch.setattr(extract, "_good_record", lambda store, slide_id: earlier)
+    assert committed_extraction(aniso_ref, settings, store)[2] is None  # read at the mean MPP: extracted again
+    with_axes = earlier.model_copy(update={"mpp_x": 0.25, "mpp_y": 0.5})
+    monkeypatch.setattr(extract, "_good_record", lambda store, slide_id: with_axes)
+    assert committed_extraction(aniso_ref, settings, store)[2] is None
+    square_hash, source, _ = committed_extraction(square_ref, settings, store)
+    square_record = earlier.model_copy(
+        update={"slide_id": square_ref.slide_id, "extraction_hash": square_hash, "source": source}
+    )
+    monkeypatch.setattr(extract, "_good_record", lambda store, slide_id: square_record)
+    assert committed_extraction(square_ref, settings, store)[2] is not None  # square pixels: still current
+    # and its axes are recorded, so that later plans need not open the slide's header again
+    upgraded = store.read_json(extract.slide_json_key(square_ref.slide_id))
+    assert (upgraded["mpp_x"], upgraded["mpp_y"], upgraded["extraction_hash"]) == (0.5, 0.5, square_hash)
 
 
 def test_positions_on_an_anisotropic_slide_are_saved_as_exactly_their_level0_box(tmp_path, cmu_rgb):

@@ -11,10 +11,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agents.backends.openai_compat import OpenAIBackend
 from agents.identity import _hub_revision, served_model
+from agents.openai_http import worth_retrying
 from agents.protocol import ChatRequest, Sampling
 from pathgen import errors
 from pathgen.errors import (
@@ -27,6 +29,7 @@ from pathgen.errors import (
     is_infrastructure,
     parse_retry_after,
     retry_io,
+    retrying,
 )
 from pathgen.settings import RetrySettings
 from tasks.work.units import PendingWork
@@ -83,6 +86,20 @@ def test_permanent_errors_are_not_retried(waits, permanent):
     with pytest.raises(type(permanent)) as err:
         retry_io(call, retries=5, backoff_seconds=0.01, what="reading x")
     assert err.value is permanent and calls["n"] == 1 and waits == []
+
+
+@pytest.mark.parametrize("wrong", [httpx.UnsupportedProtocol("ftp://"), httpx.LocalProtocolError("bad header")])
+def test_a_url_or_request_httpx_cannot_send_is_tried_once(waits, wrong):
+    """A bad URL or configuration, not an outage: asking again would fail the same way."""
+    call, calls = _flaky([wrong])
+    with pytest.raises(type(wrong)):
+        retrying(retries=3, backoff_seconds=0.01, retry_on=worth_retrying)(call)
+    assert calls["n"] == 1 and waits == []
+    call, calls = _flaky([httpx.ConnectError("refused")])  # an outage is still asked again
+    assert retrying(retries=3, backoff_seconds=0.01, retry_on=worth_retrying)(call) == "done" and calls["n"] == 2
+    with pytest.raises(BackendError, match=r"cannot be reached \(UnsupportedProtocol\); start it") as err:
+        served_model("ftp://127.0.0.1:9/v1", "m", 5, RetrySettings(io_retries=3, backoff_seconds=0.01))
+    assert isinstance(err.value.__cause__, httpx.UnsupportedProtocol) and len(waits) == 1
 
 
 def test_retry_after_is_read_as_seconds_or_a_date_capped_and_only_for_429_and_503():

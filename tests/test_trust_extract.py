@@ -465,11 +465,11 @@ def test_selection_with_a_checkpoint_trained_from_random_says_random_weights(tmp
     import torch
 
     from pathgen.settings import load_settings
-    from tasks.clip.spec import ModelSpec
+    from tasks.clip.spec import ModelSpec, register_model_configs
     from tasks.models import random_weight_models
-    from tasks.selection.embedding import _register_configs, load_clip_model
+    from tasks.selection.embedding import load_clip_model
 
-    _register_configs()
+    register_model_configs()
     model = open_clip.create_model("tiny-random")
     checkpoints = tmp_path / "run" / "stage1" / "checkpoints"
     checkpoints.mkdir(parents=True)

@@ -15,7 +15,7 @@ import threading
 import httpx
 
 from agents.backends.messages import openai_messages
-from agents.openai_http import auth_headers, failure_name, worth_retrying
+from agents.openai_http import attempts_note, auth_headers, failure_name, worth_retrying
 from agents.protocol import ChatReply, ChatRequest, Sampling
 from pathgen.errors import BackendError, RetryableStatus, async_retrying, redact_urls, without_userinfo
 
@@ -85,8 +85,8 @@ class OpenAIBackend:
             response = await policy(self._post, client, body)
         except (httpx.TransportError, RetryableStatus) as exc:
             raise BackendError(
-                f"the model server at {self.endpoint} failed: {failure_name(exc)}, after {self.retries + 1} "
-                "attempts; the slides stay pending"
+                f"the model server at {self.endpoint} failed: {failure_name(exc)}"
+                f"{attempts_note(exc, self.retries + 1)}; the slides stay pending"
             ) from exc
         return self._reply(response)
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
+from pathgen.cli.runs import run_training_flow
 from pathgen.local_api import api_server
 
 
@@ -41,17 +42,10 @@ def train_clip(args: argparse.Namespace) -> int:
     overrides = overrides_of(args)
     from flows.train_clip import train_clip_flow
 
-    with api_server():
-        state = train_clip_flow(config=args.config, overrides=overrides, return_state=True)
-    if not state.is_completed():
-        print(f"pathgen train-clip: {state.result(raise_on_failure=False)}", file=sys.stderr)
-        return EXIT_FAILED
-    summary = state.result()
-    print_training(summary)
-    if summary["error"]:
-        print(f"pathgen train-clip: {summary['error']}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    def run():
+        return train_clip_flow(config=args.config, overrides=overrides, return_state=True)
+
+    return run_training_flow("train-clip", run, print_training)
 
 
 def print_training(summary: dict) -> None:

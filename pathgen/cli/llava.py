@@ -4,10 +4,9 @@ steps, first and last loss and the Hugging Face folder it made."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pathgen.cli.args import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Commands, overrides_of, settings_args, store_arg
-from pathgen.local_api import api_server
+from pathgen.cli.args import Commands, overrides_of, settings_args, store_arg
+from pathgen.cli.runs import run_training_flow
 
 
 def register(commands: Commands) -> None:
@@ -29,18 +28,11 @@ def train_llava(args: argparse.Namespace) -> int:
     overrides = overrides_of(args)  # a bad setting fails here, before Prefect starts
     from flows.train_llava import train_llava_flow
 
-    with api_server():
-        state = train_llava_flow(config=args.config, overrides=overrides, data=args.data, return_state=True)
-    if not state.is_completed():
-        error = state.result(raise_on_failure=False)
-        print(f"pathgen train-llava: {error}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, ValueError) else EXIT_FAILED
-    summary = state.result()
-    print_summary(summary)
-    if summary["error"]:
-        print(f"pathgen train-llava: {summary['error']}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    def run():
+        return train_llava_flow(config=args.config, overrides=overrides, data=args.data, return_state=True)
+
+    # a ValueError: the data folder or the settings are wrong, not the run
+    return run_training_flow("train-llava", run, print_summary, usage_errors=(ValueError,))
 
 
 def print_summary(summary: dict) -> None:

@@ -97,6 +97,29 @@ def run_stage_flow(command: str, flow: Any, args: argparse.Namespace, overrides:
     return state.result()
 
 
+def run_training_flow(
+    command: str,
+    run: Callable[[], Any],
+    print_summary: Callable[[dict], None],
+    usage_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run a training flow (``run`` starts it and returns its final state) beside the local API, print its summary,
+    then its error on stderr; the exit code. A run that did not complete fails with its reason (a usage error when
+    it is one of ``usage_errors``)."""
+    with api_server():  # no API configured: the shared local server (pathgen/local_api.py)
+        state = run()
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        print(f"pathgen {command}: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, usage_errors) else EXIT_FAILED
+    summary = state.result()
+    print_summary(summary)
+    if summary["error"]:
+        print(f"pathgen {command}: {summary['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def report_parts_and_pending(command: str, summary: dict, random_weights_note: str, next_step: str) -> bool:
     """Print each part's run, the note when random weights made the data and the next step; then, on stderr, why
     slides remain pending. Returns whether any do."""

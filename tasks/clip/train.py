@@ -25,7 +25,7 @@ from typing import Any
 
 from pathgen.settings import clip_batch_per_device
 from tasks.clip import scalars
-from tasks.clip.spec import ModelSpec, fetch_whole, local_checkpoint
+from tasks.clip.spec import ModelSpec, fetch_whole, local_checkpoint, register_model_configs
 from tasks.store.objects import Store
 
 CHECKPOINT = re.compile(r"epoch_(\d+)\.pt$")
@@ -166,9 +166,7 @@ def run_trainer(plan: StagePlan, logger: logging.Logger) -> None:
     if plan.launcher == "in-process" or (plan.launcher == "auto" and plan.devices == 1):
         import open_clip_train.main as trainer
 
-        from tasks.selection.embedding import _register_configs
-
-        _register_configs()
+        register_model_configs()
         scalars.install(trainer)
         with _isolated_logging(trainer):
             status = trainer.main(args)

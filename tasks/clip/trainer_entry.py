@@ -30,11 +30,11 @@ def main() -> int:
 
     from pathgen.processes import die_with_parent
     from tasks.clip import scalars
-    from tasks.selection.embedding import _register_configs
+    from tasks.clip.spec import register_model_configs
 
     die_with_parent(pdeathsig=False)  # torchrun's agent gone (killed run): no trainer left holding a GPU
 
-    _register_configs()
+    register_model_configs()
     _progress_on_the_terminal(trainer)
     scalars.install(trainer)  # the metrics pathgen reads
     args = sys.argv[1:]

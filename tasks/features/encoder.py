@@ -20,7 +20,14 @@ from typing import Any
 
 from pathgen.digest import file_digest, folder_digest
 from pathgen.errors import ModelUnavailable, redact_urls, short_error
-from tasks.clip.spec import TINY_RANDOM, ModelSpec, has_random_weights, local_checkpoint, parse_model_spec
+from tasks.clip.spec import (
+    TINY_RANDOM,
+    ModelSpec,
+    has_random_weights,
+    local_checkpoint,
+    parse_model_spec,
+    register_model_configs,
+)
 from tasks.clip.stages import RUNS, newest_checkpoint
 from tasks.selection.embedding import EmbeddingModel, load_clip_model
 from tasks.store.objects import Store
@@ -69,9 +76,7 @@ def _model_config(spec: ModelSpec) -> dict[str, Any] | None:
     """open_clip's config of the model (image size and output dimension) without building it."""
     import open_clip
 
-    from tasks.selection.embedding import _register_configs
-
-    _register_configs()
+    register_model_configs()
     if spec.name.startswith("local-dir:"):
         path = Path(spec.name.removeprefix("local-dir:")) / "open_clip_config.json"
         return json.loads(path.read_text()).get("model_cfg") if path.is_file() else None

@@ -94,9 +94,9 @@ def is_open_clip(text: str) -> bool:
         return True
     import open_clip
 
-    from tasks.selection.embedding import _register_configs
+    from tasks.clip.spec import register_model_configs
 
-    _register_configs()
+    register_model_configs()
     return text.partition(":")[0] in open_clip.list_models()
 
 
@@ -118,9 +118,9 @@ def load_open_clip_visual(spec: ModelSpec):
     import open_clip
     import torch
 
-    from tasks.selection.embedding import _register_configs
+    from tasks.clip.spec import register_model_configs
 
-    _register_configs()
+    register_model_configs()
     pretrained = local_checkpoint(spec.pretrained)
     if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
         raise FileNotFoundError(f"checkpoint {pretrained!r} of {spec.name} does not exist")

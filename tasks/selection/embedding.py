@@ -42,9 +42,6 @@ _models: dict[tuple, EmbeddingModel] = {}
 _models_lock = threading.Lock()
 
 
-_register_configs = register_model_configs  # the name the other stages and the tests import
-
-
 @dataclass(eq=False)  # identity hash: one loaded model per process, usable as a cache key
 class EmbeddingModel:
     name: str
@@ -138,7 +135,7 @@ def load_clip_model(spec: ModelSpec, device: str = "auto", logger: logging.Logge
         import open_clip
         import torch
 
-        _register_configs()
+        register_model_configs()
         pretrained = local_checkpoint(spec.pretrained)
         if pretrained and Path(pretrained).suffix and not Path(pretrained).exists():
             raise FileNotFoundError(

@@ -49,7 +49,13 @@ from pathgen.errors import (
 from pathgen.processes import worker_process_setup
 from pathgen.settings import Settings
 from tasks.selection.plan import ReadBatch, SelectionPlan, plan_selection
-from tasks.slides.hashing import legacy_extraction_hash, mpp_override, slide_extraction_hash, slide_project
+from tasks.slides.hashing import (
+    legacy_extraction_hash,
+    mpp_override,
+    non_square_pixels,
+    slide_extraction_hash,
+    slide_project,
+)
 from tasks.slides.passes import (
     PassResult,
     SlidePass,
@@ -151,11 +157,43 @@ def _committed(
     """The slide's committed record when it holds this extraction: the same hash, or a record from before source
     identities were kept whose settings match and whose source is provably unchanged since it was written."""
     found = _good_record(store, ref.slide_id)
-    if found is None or found.extraction_hash == extraction_hash:
-        return found
-    if found.source is None and found.extraction_hash == legacy_extraction_hash(ref, settings):
-        return found if _unchanged_since(found, source) else None
-    return None
+    if found is None:
+        return None
+    if non_square_pixels(found.mpp_x, found.mpp_y):  # its pixels' shape is part of its hash
+        return found if found.extraction_hash == slide_extraction_hash(ref, settings, source, _axes(found)) else None
+    plain = found.extraction_hash == extraction_hash
+    if not plain and not (found.source is None and found.extraction_hash == legacy_extraction_hash(ref, settings)):
+        return None
+    if not (plain or _unchanged_since(found, source)):
+        return None
+    if found.mpp_x is None:  # written before the MPP was kept per axis
+        axes = _square_axes(ref, settings, found)
+        if axes is None:
+            return None  # read at its mean MPP: now each axis is read at its own, so the slide is extracted again
+        # recorded once, so that later plans need not open the slide's header again
+        found = found.model_copy(update={"mpp_x": axes[0], "mpp_y": axes[1]})
+        store.write_json(slide_json_key(ref.slide_id), found.model_dump(mode="json"))
+    return found
+
+
+def _axes(record: SlideRecord) -> tuple[float, float]:
+    assert record.mpp_x is not None and record.mpp_y is not None
+    return record.mpp_x, record.mpp_y
+
+
+def _square_axes(ref: SlideRef, settings: Settings, record: SlideRecord) -> tuple[float, float] | None:
+    """The (x, y) MPP of the slide of a record written before the MPP was kept per axis, when its pixels are square;
+    None when they are not (or its header cannot be read: its extraction meets that and reports it). An override or
+    the default MPP is one figure."""
+    if record.mpp_source in ("mpp_overrides", "default_mpp"):
+        return record.mpp, record.mpp
+    try:
+        with open_slide(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
+            resolve_mpp(ref, reader, settings)
+            axes = (reader.info.mpp_x, reader.info.mpp_y)
+    except Exception:  # noqa: BLE001 - whatever stops the slide from opening, its extraction meets and reports
+        return None
+    return None if non_square_pixels(*axes) else axes
 
 
 def _unchanged_since(record: SlideRecord, source: SourceIdentity | None) -> bool:
@@ -497,6 +535,8 @@ def _open_scale(
     resolve_mpp(ref, reader, settings)
     info = reader.info
     _describe_slide(record, reader)
+    # the hash the shard and the record hold: non-square pixels, now known, add their key (tasks.slides.hashing)
+    record.extraction_hash = slide_extraction_hash(ref, settings, record.source, (info.mpp_x, info.mpp_y))
     patch_mpp, patch_px = patch_scale(ref, settings, info.mpp)
     if ref.positions is not None:  # what the positions' patches are: the paper's level-0 boxes, at this scale
         record.target_mpp, record.patch_px = patch_mpp, patch_px

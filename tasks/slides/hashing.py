@@ -5,7 +5,8 @@ project as resolved from the settings, the source's GDC metadata or the slide's 
 and the contents of the files the settings name, as this slide uses them: the attribute prompts of its project,
 its own findings sentences and the embedding checkpoint (sha256), and the identity of the slide's own bytes
 (:func:`tasks.slides.sources.source_identity`: the manifest's md5, else size and modification time of a file or the
-ETag and version id of an object), so that a changed slide at the same path is extracted again. `slide.json` records
+ETag and version id of an object), so that a changed slide at the same path is extracted again; a slide whose pixels
+are not square (read per axis) adds a key once its MPP is known (:func:`non_square_pixels`). `slide.json` records
 it; a re-run re-extracts exactly the slides whose hash changed.
 """
 
@@ -22,6 +23,7 @@ from pathgen.settings import Settings
 from tasks.clip.spec import quick_gelu_name
 from tasks.selection.retrieval import prompts_for
 from tasks.slides.projects import resolve_project
+from tasks.slides.readers import Resolution
 from tasks.slides.record import SourceIdentity
 from tasks.slides.sources import SlideRef
 
@@ -84,11 +86,23 @@ def _selection_inputs(ref: SlideRef, settings: Settings) -> dict[str, Any]:
     return selection
 
 
-def slide_extraction_hash(ref: SlideRef, settings: Settings, source: SourceIdentity | None = None) -> str:
+def non_square_pixels(mpp_x: float | None, mpp_y: float | None) -> bool:
+    """Whether a slide's pixels are not square: its grid and its patches are then read with each axis at its own
+    MPP, not both at their mean as before the axes were kept apart (any difference moves them, so no tolerance)."""
+    return mpp_x is not None and mpp_y is not None and mpp_x != mpp_y
+
+
+def slide_extraction_hash(
+    ref: SlideRef, settings: Settings, source: SourceIdentity | None = None, pixel_mpp: Resolution | None = None
+) -> str:
     """12 hex digits of sha256 over this slide's extraction inputs (not where they are stored). ``source`` is the
     slide's identity (:func:`tasks.slides.sources.source_identity`, looked up by the caller under its I/O retries);
-    None for a slide that could not be examined."""
+    None for a slide that could not be examined. ``pixel_mpp`` is the slide's (x, y) MPP once known (its record,
+    or the opened slide): non-square pixels add a key, so their earlier mean-MPP extractions are not current, and
+    every other slide keeps the hash it had (the caller before opening the slide passes None)."""
     inputs = {"source": source.key if source is not None else None, **_settings_inputs(ref, settings)}
+    if isinstance(pixel_mpp, tuple) and non_square_pixels(*pixel_mpp):
+        inputs["pixels"] = "per-axis MPP"
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 

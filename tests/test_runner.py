@@ -10,6 +10,8 @@ import logging
 import pytest
 
 import tasks.work.runner as runner
+from pathgen.errors import StorageError
+from tasks.work.planning import read_committed
 from tasks.work.runner import Finish, Parts, Stage, finish_stage, run_stage
 from tasks.work.units import NoUnitSucceeded, UnitOutcome, UnitPlan, summarize
 
@@ -115,3 +117,27 @@ def test_extraction_plans_from_the_store_a_committed_slide_never_reaches_a_task(
     other = load_settings(overrides={**as_extracted, "patch.patch_px": 256}, environ={})
     replanned = plan_extraction(resolve_sources([str(CMU)], other), other, Store(other.store))
     assert [ref.slide_id for ref in replanned.pending] == [CMU.stem] and replanned.done == []
+
+
+def test_a_plan_leaves_unreadable_slides_to_their_tasks_and_stops_reading_a_store_that_does_not_answer(caplog):
+    logger = logging.getLogger("test.planning")
+
+    def read(unit: str):
+        if unit == "bad":
+            raise ValueError("its record's created_at is not a time")
+        return f"record of {unit}"
+
+    units = ["a", "bad", "c"]
+    assert read_committed(units, read, str, logger) == ["record of a", None, "record of c"]
+    assert "bad: cannot be planned" in caplog.text
+
+    tried: list[str] = []
+
+    def down(unit: str):
+        tried.append(unit)
+        raise StorageError("the store does not answer")
+
+    many = [f"s{i:03d}" for i in range(200)]
+    assert read_committed(many, down, str, logger) == [None] * 200
+    assert len(tried) < 50  # after the first infrastructure error the rest are not read, each with its retries
+    assert f"{200 - len(tried)} more slides are left to their tasks" in caplog.text

@@ -22,7 +22,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -47,7 +46,7 @@ from pathgen.settings import Settings
 from tasks.features.encoder import FeatureEncoder, load_encoder
 from tasks.features.hashing import L2_NORMALISED
 from tasks.features.store import FeatureTable, failed_key, features_key, read_meta, write_features
-from tasks.slides.extract import PLAN_THREADS, check_download, examine_source, resolve_mpp, store_io
+from tasks.slides.extract import check_download, examine_source, resolve_mpp, store_io
 from tasks.slides.hashing import mpp_override
 from tasks.slides.quality import rejection_reason, score_patch
 from tasks.slides.readers import SlideInfo, SlideReader, open_slide
@@ -56,6 +55,7 @@ from tasks.slides.sources import SlideRef, slide_id_problem
 from tasks.slides.tissue import GridCell, grid_cells, tissue_mask
 from tasks.store.objects import Store, storage_options
 from tasks.work.commit import pending_raises
+from tasks.work.planning import read_committed
 from tasks.work.units import PendingWork, UnitOutcome, UnitPlan, counts_text
 
 log = logging.getLogger("pathgen.features")
@@ -139,21 +139,19 @@ def _planned(
     task reads it again and reports it pending if it still cannot)."""
     if slide_id_problem(ref.slide_id):
         return None
-    try:
-        inputs = slide_inputs(ref, settings, examine_source(ref, settings))
-        read = partial(committed_features, store, features_hash, ref.slide_id, inputs, logger)
-        return store_io(settings, store, read, f"reading {ref.slide_id}")
-    except (TransientIOError, StorageError):
-        return None
+    inputs = slide_inputs(ref, settings, examine_source(ref, settings))
+    read = partial(committed_features, store, features_hash, ref.slide_id, inputs, logger)
+    return store_io(settings, store, read, f"reading {ref.slide_id}")
 
 
 def plan_featuring(
     refs: list[SlideRef], settings: Settings, store: Store, identity: dict[str, Any], features_hash: str
 ) -> UnitPlan:
     """The slides still to feature, and those whose outcome for their current inputs is in the store: features
-    committed (skipped) or a content failure recorded (failed); ``PLAN_THREADS`` slides read at a time."""
-    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
-        found = list(pool.map(lambda ref: _planned(ref, settings, store, features_hash, log), refs))
+    committed (skipped) or a content failure recorded (failed), a few slides at a time (tasks.work.planning)."""
+    found = read_committed(
+        refs, lambda ref: _planned(ref, settings, store, features_hash, log), lambda ref: ref.slide_id, log
+    )
     random_weights = bool(identity["random_weights"])
     final = {
         ref.slide_id: _final_outcome(ref.slide_id, what, random_weights)

@@ -26,7 +26,6 @@ import posixpath
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,11 +72,11 @@ from tasks.slides.tissue import GridCell, grid_cells, grid_shape, mask_fraction,
 from tasks.store.objects import Store, is_remote, storage_options, url_to_fs
 from tasks.work.commit import metadata as parquet_metadata
 from tasks.work.commit import pending_raises
+from tasks.work.planning import read_committed
 from tasks.work.units import NoUnitSucceeded, UnitOutcome, UnitPlan, in_part
 
 log = logging.getLogger("pathgen.extract")
 MD5_CHUNK = 8 * 2**20
-PLAN_THREADS = 16  # slides whose record and shard footer a plan reads at once
 
 
 @dataclass
@@ -205,7 +204,11 @@ def _unchanged_since(record: SlideRecord, source: SourceIdentity | None) -> bool
         return (record.md5 or "").strip().lower() == source.md5
     if source.kind == "folder" or source.modified is None:
         return False
-    return source.modified < dt.datetime.fromisoformat(record.created_at).timestamp()
+    try:
+        written = dt.datetime.fromisoformat(record.created_at).timestamp()
+    except ValueError:  # a record whose time cannot be read proves nothing: the slide is extracted again
+        return False
+    return source.modified < written
 
 
 def _io(settings: Settings, fn, what: str, on_retry=None):
@@ -259,21 +262,16 @@ def committed_extraction(
 
 def _planned_record(ref: SlideRef, settings: Settings, store: Store) -> SlideRecord | None:
     """The slide's committed record of its current extraction, or None: to do (also when it cannot be read now: the
-    task reads it again and reports it pending if it still cannot)."""
+    task reads it again and reports it failed or pending)."""
     if slide_id_problem(ref.slide_id):
         return None
-    try:
-        return committed_extraction(ref, settings, store)[2]
-    except (TransientIOError, StorageError):
-        return None
+    return committed_extraction(ref, settings, store)[2]
 
 
 def plan_extraction(refs: list[SlideRef], settings: Settings, store: Store) -> UnitPlan:
     """The slides still to extract, and those whose current extraction is committed (skipped, with their kept
-    patches), from each slide's record and shard footer: read ``PLAN_THREADS`` slides at a time, as a remote store
-    answers each read in a round trip."""
-    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
-        records = list(pool.map(lambda ref: _planned_record(ref, settings, store), refs))
+    patches), from each slide's record and shard footer, a few slides at a time (tasks.work.planning)."""
+    records = read_committed(refs, lambda ref: _planned_record(ref, settings, store), lambda ref: ref.slide_id, log)
     committed = {
         ref.slide_id: SlideOutcome(ref.slide_id, "skipped", record.kept, 0.0, None, record).unit()
         for ref, record in zip(refs, records, strict=True)

@@ -30,7 +30,16 @@ from pathgen.processes import bound_threads, worker_process_setup
 from pathgen.settings import Settings
 from tasks.store.objects import Store, remove_stale_staging
 from tasks.work.parts import name_flow_run, publish_summary, record_worker, run_parts
-from tasks.work.units import NoUnitSucceeded, PendingWork, UnitOutcome, UnitPlan, groups_of, summarize, tally
+from tasks.work.units import (
+    NoUnitSucceeded,
+    PendingWork,
+    UnitOutcome,
+    UnitPlan,
+    counts_text,
+    groups_of,
+    summarize,
+    tally,
+)
 
 
 @dataclass
@@ -248,10 +257,14 @@ def _log_summary(stage: Stage, summary: dict, logger: logging.Logger) -> None:
     for pending in summary.get(f"pending_{stage.units}", []):
         logger.warning("pending (run again): %s: %s", pending[stage.unit_key], pending["error"])
     finish = stage.finish
+    failed_items = summary.get("failed_items", 0)
+    # the failures by reason (caption, instruct) and the other tallies: what a person watching a worker looks for
+    tallies = "".join(f"; {column}: {counts_text(summary[column])}" for column in finish.tallies if summary[column])
     logger.info(
-        "%d ok, %d already done, %d failed, %d pending; %d %s (%d failed items) in %s",
-        *(summary["ok"], summary["skipped"], summary["failed"], summary["pending"], summary["items"]),
-        *(finish.items, summary.get("failed_items", 0), finish.where),
+        "%d ok, %d already done, %d failed, %d pending; %d %s%s in %s%s",
+        *(summary["ok"], summary["skipped"], summary["failed"], summary["pending"], summary["items"], finish.items),
+        f" ({failed_items} failed items)" if failed_items else "",
+        *(finish.where, tallies),
     )
     if summary["random_weights"] and finish.random_warning:
         logger.warning(finish.random_warning)

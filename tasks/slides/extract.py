@@ -190,7 +190,9 @@ def _square_axes(ref: SlideRef, settings: Settings, record: SlideRecord) -> tupl
         with open_slide(ref.uri, storage_opts=storage_options(ref.uri, settings.s3)) as reader:
             resolve_mpp(ref, reader, settings)
             axes = (reader.info.mpp_x, reader.info.mpp_y)
-    except Exception:  # noqa: BLE001 - whatever stops the slide from opening, its extraction meets and reports
+    except Exception as exc:  # noqa: BLE001 - the slide's own trouble its extraction meets and reports
+        if is_infrastructure(exc):
+            raise  # the source cannot be read now: the slide stays pending, not extracted again for nothing
         return None
     return None if non_square_pixels(*axes) else axes
 
